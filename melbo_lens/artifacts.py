@@ -1,0 +1,249 @@
+"""A steering-vector artifact: the vectors plus everything needed to trust and reuse them.
+
+`SteeringVectors` holds n vectors for one source site together with where and how they
+were made: the target site, the method and its config, the model name, the prompts,
+the objective per training step and at the end. It can apply itself to a model
+(`with vectors.apply(model, 3): ...`), be indexed and sliced like a list, and be saved
+to a single safetensors file whose metadata carries the rest as JSON.
+
+Files are written atomically (temporary file, then rename), so an interrupted save never
+leaves a half-written artifact. Loading reads tensors with safetensors only; a file that
+is not a melbo_lens artifact, or a pickle, is refused and never unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from jaxtyping import Float, Int
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import Tensor
+
+from .sites import HookSite
+from .steering import steer
+
+__all__ = ["SteeringVectors", "ArtifactError", "FORMAT", "atomic_save_tensors"]
+
+FORMAT = "melbo_lens.steering_vectors/1"
+_RESUME = "resume."
+
+
+class ArtifactError(ValueError):
+    """A file is not a readable melbo_lens artifact."""
+
+
+@dataclass
+class SteeringVectors:
+    """n steering vectors at one site, with provenance.
+
+    Examples:
+        >>> sv = SteeringVectors(torch.eye(3)[:2] * 4.0, HookSite(1), method="random")
+        >>> len(sv), sv[1].vectors.tolist()
+        (2, [[0.0, 4.0, 0.0]])
+    """
+
+    vectors: Float[Tensor, "n d_model"]
+    site: HookSite
+    target: HookSite | None = None
+    method: str = "melbo"
+    config: dict[str, Any] = field(default_factory=dict)
+    model_name: str | None = None
+    prompts: dict[str, Any] | None = None
+    losses: Float[Tensor, "n steps"] | None = None
+    objective: Float[Tensor, " n"] | None = None
+    steps_done: Int[Tensor, " n"] | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+    resume_state: dict[str, Tensor] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.vectors.ndim != 2:
+            raise ValueError(f"vectors must be [n, d_model], got {tuple(self.vectors.shape)}")
+        n = self.vectors.shape[0]
+        for name in ("losses", "objective", "steps_done"):
+            value = getattr(self, name)
+            if value is not None and value.shape[0] != n:
+                raise ValueError(f"{name} has {value.shape[0]} rows but there are {n} vectors")
+
+    # ------------------------------------------------------------------ list-like
+    def __len__(self) -> int:
+        return self.vectors.shape[0]
+
+    def __getitem__(self, index: int | slice | Sequence[int]) -> SteeringVectors:
+        if isinstance(index, int):
+            if not -len(self) <= index < len(self):
+                raise IndexError(f"vector index {index} out of range for {len(self)} vectors")
+            index = [index]
+        idx = torch.arange(len(self))[index]
+
+        def pick(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t[idx]
+
+        return replace(
+            self,
+            vectors=self.vectors[idx],
+            losses=pick(self.losses),
+            objective=pick(self.objective),
+            steps_done=pick(self.steps_done),
+            resume_state={},
+        )
+
+    def __iter__(self) -> Iterator[Float[Tensor, " d_model"]]:
+        return iter(self.vectors)
+
+    @property
+    def d_model(self) -> int:
+        return self.vectors.shape[1]
+
+    @property
+    def radius(self) -> Float[Tensor, " n"]:
+        return self.vectors.norm(dim=-1)
+
+    @property
+    def complete(self) -> bool:
+        """False when training was interrupted before every vector finished."""
+        if self.steps_done is None:
+            return True
+        steps = int(self.config.get("steps", 0))
+        return bool((self.steps_done >= steps).all())
+
+    # ------------------------------------------------------------------ use
+    @contextmanager
+    def apply(
+        self, model: Any, index: int | Sequence[int] = 0, *, scale: float = 1.0
+    ) -> Iterator[Any]:
+        """Steer `model` with vector `index` (or one vector per batch row for a list).
+
+        Examples:
+            >>> with vectors.apply(model, 3):          # doctest: +SKIP
+            ...     logits = model("Hello")
+        """
+        vec = self.vectors[index]
+        with steer(model, self.site, vec, scale=scale) as m:
+            yield m
+
+    # ------------------------------------------------------------------ files
+    def _meta(self) -> dict[str, Any]:
+        return {
+            "site": self.site.to_dict(),
+            "target": None if self.target is None else self.target.to_dict(),
+            "method": self.method,
+            "config": self.config,
+            "model_name": self.model_name,
+            "prompts": self.prompts,
+            "metadata": self.metadata,
+        }
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write one safetensors file (tensors) with JSON metadata; atomic."""
+        tensors: dict[str, Tensor] = {"vectors": self.vectors}
+        for name in ("losses", "objective", "steps_done"):
+            value = getattr(self, name)
+            if value is not None:
+                tensors[name] = value
+        for key, value in self.resume_state.items():
+            tensors[_RESUME + key] = value
+        meta = {"format": FORMAT, "json": json.dumps(self._meta(), default=_jsonable)}
+        return atomic_save_tensors(tensors, path, meta)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> SteeringVectors:
+        """Read an artifact written by `save`. Never unpickles."""
+        tensors, meta = read_artifact(path, FORMAT)
+        info = json.loads(meta["json"])
+        resume = {k[len(_RESUME) :]: v for k, v in tensors.items() if k.startswith(_RESUME)}
+        return cls(
+            vectors=tensors["vectors"],
+            site=HookSite.from_dict(info["site"]),
+            target=None if info.get("target") is None else HookSite.from_dict(info["target"]),
+            method=info.get("method", "melbo"),
+            config=info.get("config", {}),
+            model_name=info.get("model_name"),
+            prompts=info.get("prompts"),
+            losses=tensors.get("losses"),
+            objective=tensors.get("objective"),
+            steps_done=tensors.get("steps_done"),
+            metadata=info.get("metadata", {}),
+            resume_state=resume,
+        )
+
+    def __repr__(self) -> str:
+        target = f" -> {self.target.name}" if self.target is not None else ""
+        return (
+            f"SteeringVectors(n={len(self)}, d_model={self.d_model}, site={self.site.name}"
+            f"{target}, method={self.method!r}, model={self.model_name!r})"
+        )
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, HookSite):
+        return value.to_dict()
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, slice):
+        return {"slice": [value.start, value.stop, value.step]}
+    if isinstance(value, Tensor):
+        return value.tolist()
+    raise TypeError(f"cannot store {type(value).__name__} in artifact metadata")
+
+
+def atomic_save_tensors(
+    tensors: dict[str, Tensor], path: str | os.PathLike[str], metadata: dict[str, str]
+) -> Path:
+    """Save tensors to `path` via a temporary file in the same folder and a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        clean = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+        save_file(clean, tmp, metadata=metadata)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def read_artifact(path: str | os.PathLike[str], fmt: str) -> tuple[dict[str, Tensor], dict]:
+    """Tensors and metadata of a melbo_lens safetensors file of format `fmt`."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no artifact at {path}")
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if head[:1] == b"\x80" or head[:2] == b"PK":
+        raise ArtifactError(
+            f"{path} looks like a pickle / torch.save file; melbo_lens never unpickles. "
+            "Load it yourself if you trust it, then wrap the tensor in SteeringVectors(...) "
+            "and save() it as safetensors"
+        )
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError) as err:
+        raise ArtifactError(
+            f"{path} is not a readable safetensors file ({err}); it may be truncated or "
+            "of another format"
+        ) from err
+    if meta.get("format") != fmt:
+        raise ArtifactError(
+            f"{path} is a safetensors file but not a melbo_lens artifact of format {fmt!r} "
+            f"(found format {meta.get('format')!r}); was it written by another tool?"
+        )
+    try:
+        json.loads(meta["json"])
+    except (KeyError, json.JSONDecodeError) as err:
+        raise ArtifactError(f"{path} has corrupt melbo_lens metadata: {err}") from err
+    return tensors, meta

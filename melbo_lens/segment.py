@@ -1,0 +1,198 @@
+"""A segment is the part of a model between a source site and a later target site.
+
+MELBO adds a vector θ at the source and measures the change at the target. Nothing
+before the source depends on θ and nothing after the target is needed, so a `Segment`
+runs the prefix of the model once, caches the residual stream where θ enters (the input
+of the first block that runs after the source), and from then on runs only the blocks
+between source and target. With K vectors the cached prefix is repeated K times on the
+batch axis, so all vectors share one forward and one backward pass per step.
+
+On a host whose forward takes `start_at_layer` / `stop_at_layer` (HookedTransformer)
+the segment runs exactly those blocks. On other hosts (TransformerBridge) it runs the
+whole model from the tokens, adds θ with a hook and stops at the target by raising from
+a hook, so at least nothing after the target runs.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from .prompts import PromptSet
+from .sites import HookSite, as_site, check_order
+
+__all__ = ["Segment", "check_sites", "n_layers_of", "d_model_of"]
+
+
+class _ReachedTarget(Exception):
+    """Raised from a hook to stop the forward pass once the target is captured."""
+
+
+def n_layers_of(model: Any) -> int:
+    return int(model.cfg.n_layers)
+
+
+def d_model_of(model: Any) -> int:
+    return int(model.cfg.d_model)
+
+
+def check_sites(model: Any, source: HookSite, target: HookSite) -> None:
+    """Fail with a clear message unless both sites exist and target comes after source."""
+    n_layers = n_layers_of(model)
+    source.validate_for(n_layers)
+    target.validate_for(n_layers)
+    check_order(source, target)
+
+
+def _supports_layer_slicing(model: Any) -> bool:
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+    return "start_at_layer" in params and "stop_at_layer" in params
+
+
+def _add_rows(delta: Tensor):
+    """Hook adding one vector per batch row: delta is [rows, d_model] or [d_model]."""
+
+    def hook(act: Tensor, hook: Any = None) -> Tensor:
+        d = delta if delta.ndim == 1 else delta[:, None, :]
+        return act + d.to(act.dtype)
+
+    return hook
+
+
+class Segment:
+    """Cached prefix at `source`; runs source -> target for batches of vectors.
+
+    Examples:
+        >>> seg = Segment(model, HookSite(1), HookSite(3), prompts)      # doctest: +SKIP
+        >>> z = seg.run(theta)        # theta [K, d_model] -> [K, n, pos, d_model]
+        >>> delta = z - seg.unsteered
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        source: HookSite | str | int,
+        target: HookSite | str | int,
+        prompts: PromptSet,
+        *,
+        layer_slicing: bool | None = None,
+    ) -> None:
+        self.model = model
+        self.source = as_site(source)
+        self.target = as_site(target)
+        check_sites(model, self.source, self.target)
+        self.prompts = prompts
+        self.layer_slicing = (
+            _supports_layer_slicing(model) if layer_slicing is None else layer_slicing
+        )
+        self.n_layers = n_layers_of(model)
+        # Blocks that run with θ present: [start, stop).
+        self.start = self.source.next_block
+        self.stop = self.target.layer if self.target.point == "resid_pre" else self.target.layer + 1
+        with torch.no_grad():
+            self.prefix: Float[Tensor, "n pos d_model"] | None = (
+                self._run_prefix() if self.layer_slicing else None
+            )
+            self.unsteered: Float[Tensor, "n pos d_model"] = self._forward(None).detach()
+
+    # ------------------------------------------------------------------ public
+    @property
+    def n_blocks(self) -> int:
+        """Number of transformer blocks run per step (partial blocks count as whole)."""
+        return self.stop - self.start
+
+    def run(self, vectors: Float[Tensor, "k d_model"]) -> Float[Tensor, "k n pos d_model"]:
+        """Target activations with each of K vectors added at the source (all positions)."""
+        if vectors.ndim != 2 or vectors.shape[-1] != d_model_of(self.model):
+            raise ValueError(
+                f"vectors must be [k, d_model={d_model_of(self.model)}], got {tuple(vectors.shape)}"
+            )
+        k, n = vectors.shape[0], len(self.prompts)
+        rows = vectors.repeat_interleave(n, dim=0)  # row r = vector r // n, prompt r % n
+        out = self._forward(rows)
+        return out.view(k, n, *out.shape[1:])
+
+    def run_rows(
+        self, rows: Float[Tensor, "rows d_model"], prompt_index: Tensor
+    ) -> Float[Tensor, "rows pos d_model"]:
+        """Target activations for arbitrary (vector, prompt) rows."""
+        return self._forward(rows, prompt_index)
+
+    # ------------------------------------------------------------------ internals
+    def _run_prefix(self) -> Tensor:
+        # stop_at_layer=k returns the residual entering block k (k=0: the embeddings).
+        return self.model(
+            self.prompts.tokens,
+            attention_mask=self.prompts.attention_mask.long(),
+            stop_at_layer=self.start,
+        )
+
+    def _forward(self, rows: Tensor | None, prompt_index: Tensor | None = None) -> Tensor:
+        n = len(self.prompts)
+        if rows is None:
+            idx = torch.arange(n, device=self.prompts.tokens.device)
+        elif prompt_index is None:
+            idx = torch.arange(rows.shape[0], device=rows.device) % n
+        else:
+            idx = prompt_index
+        mask = self.prompts.attention_mask[idx]
+        if self.layer_slicing:
+            return self._forward_sliced(rows, idx, mask)
+        return self._forward_hooked(rows, idx, mask)
+
+    def _forward_sliced(self, rows: Tensor | None, idx: Tensor, mask: Tensor) -> Tensor:
+        assert self.prefix is not None
+        x = self.prefix[idx]
+        hooks: list[tuple[str, Any]] = []
+        if rows is not None:
+            if self.source.is_block_boundary:
+                x = x + rows[:, None, :].to(x.dtype)
+            else:
+                hooks.append((self.source.name, _add_rows(rows)))
+        captured: dict[str, Tensor] = {}
+        if not self.target.is_block_boundary:
+
+            def capture(act: Tensor, hook: Any = None) -> Tensor:
+                captured["z"] = act
+                return act
+
+            hooks.append((self.target.name, capture))
+        with self.model.hooks(fwd_hooks=hooks):
+            out = self.model(
+                x,
+                start_at_layer=self.start,
+                stop_at_layer=self.stop,
+                attention_mask=mask.long(),
+            )
+        return captured.get("z", out)
+
+    def _forward_hooked(self, rows: Tensor | None, idx: Tensor, mask: Tensor) -> Tensor:
+        tokens = self.prompts.tokens[idx]
+        captured: dict[str, Tensor] = {}
+
+        def capture(act: Tensor, hook: Any = None) -> Tensor:
+            captured["z"] = act
+            raise _ReachedTarget
+
+        hooks: list[tuple[str, Any]] = [(self.target.name, capture)]
+        if rows is not None:
+            hooks.insert(0, (self.source.name, _add_rows(rows)))
+        with self.model.hooks(fwd_hooks=hooks):
+            try:
+                self.model(tokens, attention_mask=mask.long())
+            except _ReachedTarget:
+                pass
+        if "z" not in captured:
+            raise RuntimeError(
+                f"the target hook {self.target.name} never fired; does the model expose "
+                "TransformerLens hook names (for a TransformerBridge, call "
+                "enable_compatibility_mode())?"
+            )
+        return captured["z"]
