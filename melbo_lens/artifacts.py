@@ -159,11 +159,18 @@ class SteeringVectors:
         """Read an artifact written by `save`. Never unpickles."""
         tensors, meta = read_artifact(path, FORMAT)
         info = json.loads(meta["json"])
+        if "vectors" not in tensors:
+            raise ArtifactError(f"{path} has no 'vectors' tensor; the file is incomplete")
         resume = {k[len(_RESUME) :]: v for k, v in tensors.items() if k.startswith(_RESUME)}
+        try:
+            site = HookSite.from_dict(info["site"])
+            target = None if info.get("target") is None else HookSite.from_dict(info["target"])
+        except (KeyError, TypeError, ValueError) as err:
+            raise ArtifactError(f"{path} has corrupt site metadata: {err!r}") from err
         return cls(
             vectors=tensors["vectors"],
-            site=HookSite.from_dict(info["site"]),
-            target=None if info.get("target") is None else HookSite.from_dict(info["target"]),
+            site=site,
+            target=target,
             method=info.get("method", "melbo"),
             config=info.get("config", {}),
             model_name=info.get("model_name"),
@@ -221,8 +228,11 @@ def read_artifact(path: str | os.PathLike[str], fmt: str) -> tuple[dict[str, Ten
     if not path.is_file():
         raise FileNotFoundError(f"no artifact at {path}")
     with open(path, "rb") as f:
-        head = f.read(8)
-    if head[:1] == b"\x80" or head[:2] == b"PK":
+        head = f.read(9)
+    # safetensors: 8-byte little-endian header length, then the JSON header
+    header_len = int.from_bytes(head[:8], "little") if len(head) == 9 else -1
+    looks_safetensors = head[8:9] == b"{" and 0 < header_len <= path.stat().st_size - 8
+    if not looks_safetensors and (head[:1] == b"\x80" or head[:2] == b"PK"):
         raise ArtifactError(
             f"{path} looks like a pickle / torch.save file; melbo_lens never unpickles. "
             "Load it yourself if you trust it, then wrap the tensor in SteeringVectors(...) "

@@ -58,7 +58,7 @@ def _is_per_prompt(spec: Any, n: int) -> bool:
     return all(s is None or isinstance(s, slice | list | tuple) for s in spec)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class PromptSet:
     """Right-padded prompts with attention and target masks.
 
