@@ -15,7 +15,6 @@ a hook, so at least nothing after the target runs.
 
 from __future__ import annotations
 
-import inspect
 from typing import Any
 
 import torch
@@ -49,11 +48,14 @@ def check_sites(model: Any, source: HookSite, target: HookSite) -> None:
 
 
 def _supports_layer_slicing(model: Any) -> bool:
-    try:
-        params = inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        return False
-    return "start_at_layer" in params and "stop_at_layer" in params
+    """HookedTransformer runs a slice of blocks from a residual (`start_at_layer`).
+
+    TransformerBridge accepts the keyword but raises NotImplementedError, so this is a
+    check of the host class rather than of the signature.
+    """
+    from transformer_lens import HookedTransformer
+
+    return isinstance(model, HookedTransformer)
 
 
 def _add_rows(delta: Tensor):

@@ -30,7 +30,8 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Literal
 
@@ -375,11 +376,40 @@ def train_steering_vectors(
         raise ValueError(
             f"cannot train {config.n_vectors} mutually orthogonal vectors in d_model={d_model}"
         )
+    with frozen(model):
+        return _train(
+            model,
+            prompts,
+            config,
+            progress,
+            callback,
+            checkpoint,
+            checkpoint_every,
+            resume,
+            check_every,
+        )
+
+
+@contextmanager
+def frozen(model: Any) -> Iterator[None]:
+    """No weight gradients inside (only θ is trained); restores each flag on exit."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        for p, _ in flags:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+def _train(
+    model, prompts, config, progress, callback, checkpoint, checkpoint_every, resume, check_every
+) -> SteeringVectors:
+    d_model = d_model_of(model)
     lr = config.resolved_lr(d_model)
     dtype = torch.float32
     device = prompts.tokens.device
-    for p in model.parameters():
-        p.requires_grad_(False)
 
     n, steps = config.n_vectors, config.steps
     vectors = torch.zeros(n, d_model, dtype=dtype, device=device)

@@ -1,0 +1,254 @@
+"""The `melbo-lens` command: train, generate, demo and bench from a shell.
+
+melbo-lens demo --out demo_out            # the main job, offline, SmolLM2-135M-Instruct
+melbo-lens train --prompt "Hi" --source 7 --target blocks.22.hook_resid_pre --out run
+melbo-lens generate run/vectors.safetensors --prompt "Tell me a story"
+melbo-lens bench                           # speed against a naive reference
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+__all__ = ["main"]
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+
+def bundled_prompts(key: str = "demo") -> list[str]:
+    """Prompts shipped with the package (`demo` or `varied`)."""
+    text = resources.files("melbo_lens").joinpath("data/prompts.json").read_text()
+    return list(json.loads(text)[key])
+
+
+def _site(value: str, default_point: str):
+    from .sites import HookSite
+
+    return (
+        HookSite.parse(value)
+        if value.startswith("blocks.")
+        else HookSite(int(value), default_point)
+    )
+
+
+def _read_prompts(args: argparse.Namespace) -> list[str]:
+    prompts = list(args.prompt or [])
+    if args.prompts_file:
+        path = Path(args.prompts_file)
+        text = path.read_text()
+        if path.suffix == ".json":
+            data = json.loads(text)
+            prompts += list(data if isinstance(data, list) else data["prompts"])
+        else:
+            prompts += [line for line in text.splitlines() if line.strip()]
+    if not prompts:
+        prompts = bundled_prompts("demo")
+    return prompts
+
+
+def _target_positions(spec: str):
+    if spec == "all":
+        return None
+    if spec.startswith("last:"):
+        return slice(-int(spec.split(":", 1)[1]), None)
+    return [int(p) for p in spec.split(",")]
+
+
+def _prompt_set(model: Any, prompts: list[str], chat: bool, target_spec: str):
+    from .prompts import PromptSet
+
+    positions = _target_positions(target_spec)
+    if chat:
+        convs = [[{"role": "user", "content": p}] for p in prompts]
+        return PromptSet.from_chat(model, convs, target_positions=positions)
+    return PromptSet.from_texts(model, prompts, target_positions=positions)
+
+
+def _add_training_args(p: argparse.ArgumentParser, *, n_vectors: int, steps: int) -> None:
+    p.add_argument("--model", default=DEFAULT_MODEL, help="packaged name or a TransformerLens name")
+    p.add_argument("--bridge", action="store_true", help="use TransformerBridge as the host")
+    p.add_argument("--prompt", action="append", help="a prompt (repeatable)")
+    p.add_argument("--prompts-file", help="a .txt (one prompt per line) or .json list")
+    p.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
+    p.add_argument("--source", default="7", help="layer (resid_post) or hook name")
+    p.add_argument("--target", default="blocks.22.hook_resid_pre", help="layer or hook name")
+    p.add_argument("--target-positions", default="all", help="'all', 'last:N' or '0,3,-1'")
+    p.add_argument("--radius", type=float, default=4.0)
+    p.add_argument("--power", type=float, default=2.0)
+    p.add_argument("--q", type=float, default=1.0)
+    p.add_argument("--n-vectors", type=int, default=n_vectors)
+    p.add_argument("--steps", type=int, default=steps)
+    p.add_argument("--lr", default="auto", help="'auto' (0.011·R/√d_model) or a number")
+    p.add_argument(
+        "--orthogonal",
+        default="sequential",
+        choices=["sequential", "simultaneous", "soft", "none"],
+    )
+    p.add_argument("--solver", default="amsgrad", choices=["amsgrad", "power"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="melbo_out", help="output directory")
+    p.add_argument("--max-new-tokens", type=int, default=40)
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _train(args: argparse.Namespace, prompts: list[str]):
+    import torch
+
+    from .methods.melbo import MelboConfig, train_steering_vectors
+    from .models.zoo import load_model
+
+    model = load_model(args.model, bridge=args.bridge)
+    ps = _prompt_set(model, prompts, not args.no_chat, args.target_positions)
+    config = MelboConfig(
+        source=_site(args.source, "resid_post"),
+        target=_site(args.target, "resid_post"),
+        n_vectors=args.n_vectors,
+        radius=args.radius,
+        power=args.power,
+        q=args.q,
+        steps=args.steps,
+        lr=args.lr if args.lr == "auto" else float(args.lr),
+        orthogonal=args.orthogonal,
+        solver=args.solver,
+        seed=args.seed,
+    )
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "vectors.safetensors"
+    resume = str(path) if getattr(args, "resume", False) and path.exists() else None
+    start = time.perf_counter()
+    with torch.inference_mode(False):
+        vectors = train_steering_vectors(
+            model, ps, config, progress=not args.quiet, checkpoint=str(path), resume=resume
+        )
+    vectors.metadata["load_name"] = args.model
+    vectors.save(path)
+    seconds = time.perf_counter() - start
+    return model, ps, vectors, path, seconds
+
+
+def _print_vectors(vectors) -> None:
+    print(f"{'vector':>6}  {'objective':>12}  {'steps':>5}")
+    for k in range(len(vectors)):
+        obj = float(vectors.objective[k]) if vectors.objective is not None else float("nan")
+        steps = int(vectors.steps_done[k]) if vectors.steps_done is not None else -1
+        print(f"{k:>6}  {obj:>12.5g}  {steps:>5}")
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    _, _, vectors, path, seconds = _train(args, _read_prompts(args))
+    _print_vectors(vectors)
+    state = "complete" if vectors.complete else "INTERRUPTED (resume with --resume)"
+    print(f"\n{len(vectors)} vectors ({state}) in {seconds:.1f} s -> {path}")
+    return 0 if vectors.complete else 130
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from .artifacts import SteeringVectors
+    from .generation import generate_steered
+    from .models.zoo import load_model
+
+    vectors = SteeringVectors.load(args.vectors)
+    model = load_model(args.model or vectors.metadata.get("load_name") or DEFAULT_MODEL)
+    prompts = _read_prompts(args)
+    indices = [int(i) for i in args.indices.split(",")] if args.indices else None
+    gens = generate_steered(
+        model,
+        vectors,
+        prompts,
+        indices=indices,
+        scale=args.scale,
+        max_new_tokens=args.max_new_tokens,
+        do_sample=args.sample,
+        temperature=args.temperature,
+        seed=args.seed,
+        chat=not args.no_chat,
+    )
+    print(gens.table(width=args.width))
+    if args.json:
+        Path(args.json).write_text(json.dumps(gens.to_dict(), indent=2))
+        print(f"\ncompletions -> {args.json}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .generation import generate_steered
+
+    prompts = _read_prompts(args)
+    print(f"melbo-lens demo: {args.model}, {args.n_vectors} vectors, prompt: {prompts[0]!r}")
+    model, ps, vectors, path, seconds = _train(args, prompts)
+    _print_vectors(vectors)
+    gens = generate_steered(model, vectors, ps, max_new_tokens=args.max_new_tokens)
+    print()
+    print(gens.table(width=args.width))
+    completions = Path(args.out) / "completions.json"
+    completions.write_text(json.dumps(gens.to_dict(), indent=2))
+    print(f"\ntrained in {seconds:.1f} s; vectors -> {path}; completions -> {completions}")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import run_benchmark
+
+    run_benchmark(args)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="melbo-lens", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train MELBO steering vectors")
+    _add_training_args(p, n_vectors=8, steps=300)
+    p.add_argument("--resume", action="store_true", help="continue OUT/vectors.safetensors")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("demo", help="the main job: train on SmolLM2 and show steered text")
+    _add_training_args(p, n_vectors=6, steps=100)
+    p.add_argument("--width", type=int, default=110)
+    p.set_defaults(func=cmd_demo, out="demo_out")
+
+    p = sub.add_parser("generate", help="steered completions from a saved vectors file")
+    p.add_argument("vectors")
+    p.add_argument("--model", default=None)
+    p.add_argument("--prompt", action="append")
+    p.add_argument("--prompts-file")
+    p.add_argument("--no-chat", action="store_true")
+    p.add_argument("--indices", help="comma-separated vector indices (default: all)")
+    p.add_argument("--scale", type=float, default=1.0)
+    p.add_argument("--max-new-tokens", type=int, default=40)
+    p.add_argument("--sample", action="store_true")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--width", type=int, default=110)
+    p.add_argument("--json", help="also write the completions as JSON")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("bench", help="time melbo_lens against a naive reference")
+    from .bench import add_arguments
+
+    add_arguments(p)
+    p.set_defaults(func=cmd_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, FileNotFoundError, RuntimeError) as err:
+        print(f"melbo-lens {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
