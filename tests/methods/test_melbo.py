@@ -302,3 +302,13 @@ def test_resume_refuses_a_different_config(tiny_model, tmp_path):
     sv = train_steering_vectors(tiny_model, prompts, cfg(steps=3), progress=False)
     with pytest.raises(ValueError, match="config differs"):
         train_steering_vectors(tiny_model, prompts, cfg(steps=4), progress=False, resume=sv)
+
+
+def test_compiled_segment_gives_the_same_vectors(tiny_model):
+    prompts = PromptSet.from_tokens(tiny_model, TOKENS)
+    config = cfg(n_vectors=2, steps=3, orthogonal="none")
+    plain = train_steering_vectors(tiny_model, prompts, config, progress=False)
+    fast = train_steering_vectors(tiny_model, prompts, config, progress=False, compile=True)
+    assert fast.metadata["compiled"] and not plain.metadata["compiled"]
+    torch.testing.assert_close(fast.vectors, plain.vectors, rtol=0, atol=1e-5)
+    torch.testing.assert_close(fast.losses, plain.losses, rtol=1e-5, atol=0)
