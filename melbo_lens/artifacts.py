@@ -28,10 +28,19 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
+from .adapting import adapt
 from .sites import HookSite
 from .steering import steer
 
-__all__ = ["SteeringVectors", "ArtifactError", "FORMAT", "atomic_save_tensors"]
+__all__ = [
+    "SteeringVectors",
+    "SteeringAdapters",
+    "ArtifactError",
+    "FORMAT",
+    "ADAPTERS_FORMAT",
+    "atomic_save_tensors",
+    "load_artifact",
+]
 
 FORMAT = "melbo_lens.steering_vectors/1"
 _RESUME = "resume."
@@ -257,3 +266,225 @@ def read_artifact(path: str | os.PathLike[str], fmt: str) -> tuple[dict[str, Ten
     except (KeyError, json.JSONDecodeError) as err:
         raise ArtifactError(f"{path} has corrupt melbo_lens metadata: {err}") from err
     return tensors, meta
+
+
+# ---------------------------------------------------------------------- adapters
+ADAPTERS_FORMAT = "melbo_lens.steering_adapters/1"
+
+
+@dataclass
+class SteeringAdapters:
+    """n steering adapters on block `layer`'s MLP output weights, with provenance.
+
+    Adapter k is the weight edit W_out' = W_out + radius · Ω_A[k] Ω_B[k]ᵀ (TransformerLens
+    convention, W_out [d_mlp, d_model]; `melbo_lens.adapting` explains the hooks that
+    apply it). Trained adapters have unit-norm columns, so `radius` is the whole scale.
+
+    Examples:
+        >>> a = torch.eye(4)[:, :1].expand(2, 4, 1); b = torch.eye(3)[:, :1].expand(2, 3, 1)
+        >>> sa = SteeringAdapters(a, b, layer=1, radius=2.0)
+        >>> len(sa), sa.rank, sa[1].weight_deltas().shape
+        (2, 1, torch.Size([1, 4, 3]))
+    """
+
+    omega_a: Float[Tensor, "n d_mlp r"]
+    omega_b: Float[Tensor, "n d_model r"]
+    layer: int
+    radius: float
+    target: HookSite | None = None
+    method: str = "melbo_adapters"
+    config: dict[str, Any] = field(default_factory=dict)
+    model_name: str | None = None
+    prompts: dict[str, Any] | None = None
+    losses: Float[Tensor, "n steps"] | None = None
+    objective: Float[Tensor, " n"] | None = None
+    steps_done: Int[Tensor, " n"] | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+    resume_state: dict[str, Tensor] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        a, b = self.omega_a, self.omega_b
+        if a.ndim != 3 or b.ndim != 3:
+            raise ValueError(
+                f"omega_a must be [n, d_mlp, r] and omega_b [n, d_model, r], got "
+                f"{tuple(a.shape)} and {tuple(b.shape)}"
+            )
+        if a.shape[0] != b.shape[0] or a.shape[2] != b.shape[2]:
+            raise ValueError(
+                f"omega_a {tuple(a.shape)} and omega_b {tuple(b.shape)} disagree on the "
+                "number of adapters n or the rank r"
+            )
+        if isinstance(self.layer, bool) or not isinstance(self.layer, int) or self.layer < 0:
+            raise ValueError(f"layer must be an int >= 0, got {self.layer!r}")
+        self.radius = float(self.radius)
+        if not (self.radius > 0 and self.radius != float("inf")):
+            raise ValueError(f"radius must be a finite number > 0, got {self.radius!r}")
+        n = a.shape[0]
+        for name in ("losses", "objective", "steps_done"):
+            value = getattr(self, name)
+            if value is not None and value.shape[0] != n:
+                raise ValueError(f"{name} has {value.shape[0]} rows but there are {n} adapters")
+
+    # ------------------------------------------------------------------ list-like
+    def __len__(self) -> int:
+        return self.omega_a.shape[0]
+
+    def __getitem__(self, index: int | slice | Sequence[int]) -> SteeringAdapters:
+        if isinstance(index, int):
+            if not -len(self) <= index < len(self):
+                raise IndexError(f"adapter index {index} out of range for {len(self)} adapters")
+            index = [index]
+        idx = torch.arange(len(self))[index]
+
+        def pick(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t[idx]
+
+        return replace(
+            self,
+            omega_a=self.omega_a[idx],
+            omega_b=self.omega_b[idx],
+            losses=pick(self.losses),
+            objective=pick(self.objective),
+            steps_done=pick(self.steps_done),
+            resume_state={},
+        )
+
+    @property
+    def d_mlp(self) -> int:
+        return self.omega_a.shape[1]
+
+    @property
+    def d_model(self) -> int:
+        return self.omega_b.shape[1]
+
+    @property
+    def rank(self) -> int:
+        return self.omega_a.shape[2]
+
+    @property
+    def site(self) -> HookSite:
+        """Where the adapters write: `blocks.{layer}.hook_mlp_out`."""
+        return HookSite(self.layer, "mlp_out")
+
+    @property
+    def complete(self) -> bool:
+        """False when training was interrupted before every adapter finished."""
+        if self.steps_done is None:
+            return True
+        steps = int(self.config.get("steps", 0))
+        return bool((self.steps_done >= steps).all())
+
+    def weight_deltas(self, scale: float = 1.0) -> Float[Tensor, "n d_mlp d_model"]:
+        """ΔW_out of each adapter: radius · scale · Ω_A Ω_Bᵀ, to add to `W_out`."""
+        return self.radius * scale * (self.omega_a @ self.omega_b.transpose(-1, -2))
+
+    # ------------------------------------------------------------------ use
+    @contextmanager
+    def apply(
+        self, model: Any, index: int | Sequence[int] = 0, *, scale: float = 1.0
+    ) -> Iterator[Any]:
+        """Adapt `model` with adapter `index`; a list gives adapter j to the j-th block of
+        batch rows (one adapter per row when the list is as long as the batch).
+
+        Hooks, not weights: they are removed on exit, also when the body raises.
+
+        Examples:
+            >>> with adapters.apply(model, 3):  # doctest: +SKIP
+            ...     logits = model("Hello")  # doctest: +SKIP
+        """
+        if not isinstance(index, int):
+            index = [int(i) for i in index]
+        with adapt(
+            model,
+            self.layer,
+            self.omega_a[index],
+            self.omega_b[index],
+            scale=self.radius * scale,
+        ) as m:
+            yield m
+
+    # ------------------------------------------------------------------ files
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write one safetensors file (tensors) with JSON metadata; atomic."""
+        tensors: dict[str, Tensor] = {"omega_a": self.omega_a, "omega_b": self.omega_b}
+        for name in ("losses", "objective", "steps_done"):
+            value = getattr(self, name)
+            if value is not None:
+                tensors[name] = value
+        for key, value in self.resume_state.items():
+            tensors[_RESUME + key] = value
+        info = {
+            "layer": self.layer,
+            "radius": self.radius,
+            "target": None if self.target is None else self.target.to_dict(),
+            "method": self.method,
+            "config": self.config,
+            "model_name": self.model_name,
+            "prompts": self.prompts,
+            "metadata": self.metadata,
+        }
+        meta = {"format": ADAPTERS_FORMAT, "json": json.dumps(info, default=_jsonable)}
+        return atomic_save_tensors(tensors, path, meta)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> SteeringAdapters:
+        """Read an artifact written by `save`. Never unpickles."""
+        try:
+            tensors, meta = read_artifact(path, ADAPTERS_FORMAT)
+        except ArtifactError as err:
+            if FORMAT in str(err):
+                raise ArtifactError(
+                    f"{path} holds steering vectors, not adapters; load it with "
+                    "SteeringVectors.load"
+                ) from err
+            raise
+        info = json.loads(meta["json"])
+        missing = {"omega_a", "omega_b"} - set(tensors)
+        if missing:
+            raise ArtifactError(f"{path} has no {sorted(missing)} tensor; the file is incomplete")
+        resume = {k[len(_RESUME) :]: v for k, v in tensors.items() if k.startswith(_RESUME)}
+        try:
+            target = None if info.get("target") is None else HookSite.from_dict(info["target"])
+            layer, radius = int(info["layer"]), float(info["radius"])
+        except (KeyError, TypeError, ValueError) as err:
+            raise ArtifactError(f"{path} has corrupt adapter metadata: {err!r}") from err
+        return cls(
+            omega_a=tensors["omega_a"],
+            omega_b=tensors["omega_b"],
+            layer=layer,
+            radius=radius,
+            target=target,
+            method=info.get("method", "melbo_adapters"),
+            config=info.get("config", {}),
+            model_name=info.get("model_name"),
+            prompts=info.get("prompts"),
+            losses=tensors.get("losses"),
+            objective=tensors.get("objective"),
+            steps_done=tensors.get("steps_done"),
+            metadata=info.get("metadata", {}),
+            resume_state=resume,
+        )
+
+    def __repr__(self) -> str:
+        target = f" -> {self.target.name}" if self.target is not None else ""
+        return (
+            f"SteeringAdapters(n={len(self)}, rank={self.rank}, d_mlp={self.d_mlp}, "
+            f"d_model={self.d_model}, layer={self.layer}{target}, radius={self.radius:g}, "
+            f"method={self.method!r}, model={self.model_name!r})"
+        )
+
+
+def load_artifact(path: str | os.PathLike[str]) -> SteeringVectors | SteeringAdapters:
+    """Load whichever melbo_lens artifact `path` holds (vectors or adapters). Never unpickles.
+
+    Examples:
+        >>> art = load_artifact("run/adapters.safetensors")  # doctest: +SKIP
+        >>> isinstance(art, SteeringAdapters)  # doctest: +SKIP
+        True
+    """
+    try:
+        return SteeringVectors.load(path)
+    except ArtifactError as err:
+        if ADAPTERS_FORMAT not in str(err):
+            raise
+    return SteeringAdapters.load(path)

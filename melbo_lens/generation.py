@@ -10,7 +10,7 @@ sampling is seeded and reproducible.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,12 +18,13 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from .artifacts import SteeringVectors
+from .adapting import adapter_hooks, check_adapter_host
+from .artifacts import SteeringAdapters, SteeringVectors
 from .prompts import PromptSet
 from .sites import HookSite, as_site, require_hook
 from .steering import steering_hook
 
-__all__ = ["generate_steered", "SteeredGenerations"]
+__all__ = ["generate_steered", "generate_with_adapters", "SteeredGenerations"]
 
 
 @dataclass
@@ -88,8 +89,8 @@ def _supports_kv_cache(model: Any) -> bool:
 @torch.no_grad()
 def generate_tokens(
     model: Any,
-    site: HookSite,
-    row_vectors: Float[Tensor, "rows d_model"],
+    site: HookSite | None,
+    row_vectors: Float[Tensor, "rows d_model"] | None,
     tokens: Tensor,
     mask: Tensor,
     *,
@@ -100,12 +101,21 @@ def generate_tokens(
     seed: int,
     eos_token_id: int | None,
     use_kv_cache: bool | None = None,
+    hooks: Sequence[tuple[str, Callable[..., Any]]] = (),
 ) -> Tensor:
-    """Decode `max_new_tokens` for left-padded rows, adding one vector per row at `site`."""
+    """Decode `max_new_tokens` for left-padded rows, adding one vector per row at `site`.
+
+    `hooks` (TransformerLens `(name, fn)` pairs, e.g. per-row steering adapters) run in
+    every forward pass as well; with `row_vectors=None` no vector is added.
+    """
     rows = tokens.shape[0]
     gen = torch.Generator(device=tokens.device).manual_seed(seed)
     use_cache = _supports_kv_cache(model) if use_kv_cache is None else use_kv_cache
-    hooks = [(site.name, steering_hook(row_vectors))]
+    hooks = list(hooks)
+    if row_vectors is not None:
+        if site is None:
+            raise ValueError("row_vectors need a site to be added at")
+        hooks.insert(0, (site.name, steering_hook(row_vectors)))
     out = torch.zeros((rows, 0), dtype=torch.long, device=tokens.device)
     finished = torch.zeros(rows, dtype=torch.bool, device=tokens.device)
     with model.hooks(fwd_hooks=hooks):
@@ -148,6 +158,89 @@ def _pick(
     return torch.multinomial(probs, 1, generator=gen).squeeze(-1)
 
 
+def _generate_grid(
+    model: Any,
+    ps: PromptSet,
+    n_groups: int,
+    hooks_for: Callable[[Tensor], list[tuple[str, Any]]],
+    *,
+    max_new_tokens: int,
+    do_sample: bool,
+    temperature: float,
+    top_p: float | None,
+    seed: int,
+    max_rows: int,
+) -> list[list[str]]:
+    """Decode n_groups × n rows (row = group r // n, prompt r % n); texts per group.
+
+    `hooks_for(groups)` returns the hooks for a chunk of rows given each row's group.
+    """
+    tok = model.tokenizer
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    tokens, mask = ps.left_padded(pad)
+    n = len(ps)
+    row_group = torch.arange(n_groups, device=tokens.device).repeat_interleave(n)
+    row_prompt = torch.arange(n, device=tokens.device).repeat(n_groups)
+    pieces = []
+    for start in range(0, n_groups * n, max_rows):
+        sl = slice(start, start + max_rows)
+        pieces.append(
+            generate_tokens(
+                model,
+                None,
+                None,
+                tokens[row_prompt[sl]],
+                mask[row_prompt[sl]],
+                max_new_tokens=max_new_tokens,
+                do_sample=do_sample,
+                temperature=temperature,
+                top_p=top_p,
+                seed=seed + start,
+                eos_token_id=tok.eos_token_id,
+                hooks=hooks_for(row_group[sl]),
+            )
+        )
+    width = max(p.shape[1] for p in pieces)
+    eos = tok.eos_token_id if tok.eos_token_id is not None else pad
+    new = torch.cat(
+        [torch.nn.functional.pad(p, (0, width - p.shape[1]), value=eos) for p in pieces]
+    )
+    texts = [_decode(tok, row, tok.eos_token_id) for row in new]
+    return [texts[g * n : (g + 1) * n] for g in range(n_groups)]
+
+
+def _generations(
+    model: Any,
+    artifact: Any,
+    prompts: PromptSet | str | Sequence[Any],
+    indices: Sequence[int] | None,
+    chat: bool,
+    include_unsteered: bool,
+    make_hooks: Callable[[list[int | None], Tensor], list[tuple[str, Any]]],
+    settings: dict[str, Any],
+    scale: float,
+    max_rows: int,
+) -> SteeredGenerations:
+    """Shared by vectors and adapters: group 0 is the unsteered reference (if asked)."""
+    if getattr(model, "tokenizer", None) is None:
+        raise ValueError("steered generation needs a model with a tokenizer to decode text")
+    ps = _as_prompts(model, prompts, chat)
+    if indices is None:
+        indices = list(range(len(artifact)))
+    indices = [int(i) % len(artifact) for i in indices]
+    groups: list[int | None] = ([None] if include_unsteered else []) + list(indices)
+    decode = {
+        k: settings[k] for k in ("max_new_tokens", "do_sample", "temperature", "top_p", "seed")
+    }
+    grid = _generate_grid(
+        model, ps, len(groups), lambda g: make_hooks(groups, g), max_rows=max_rows, **decode
+    )
+    unsteered = grid.pop(0) if include_unsteered else None
+    tok = model.tokenizer
+    texts = list(ps.texts) if ps.texts is not None else [tok.decode(t) for t in ps.token_lists()]
+    return SteeredGenerations(texts, indices, grid, unsteered, scale, settings)
+
+
 def generate_steered(
     model: Any,
     vectors: SteeringVectors,
@@ -168,72 +261,79 @@ def generate_steered(
     """Complete each prompt under each chosen vector (one batch, KV cache).
 
     `chat=True` formats plain-string prompts with the tokenizer's chat template.
-    Rows are decoded `max_rows` at a time to bound memory.
+    Rows are decoded `max_rows` at a time to bound memory; the unsteered reference rows
+    carry a zero vector.
 
     Examples:
         >>> gens = generate_steered(model, vectors, "Tell me a story", chat=True,
         ...                         max_new_tokens=32)                       # doctest: +SKIP
         >>> print(gens.table())
     """
-    if getattr(model, "tokenizer", None) is None:
-        raise ValueError("generate_steered needs a model with a tokenizer to decode text")
     site = require_hook(model, as_site(site) if site is not None else vectors.site)
-    ps = _as_prompts(model, prompts, chat)
-    if indices is None:
-        indices = list(range(len(vectors)))
-    indices = [int(i) % len(vectors) for i in indices]
-    tok = model.tokenizer
-    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    tokens, mask = ps.left_padded(pad)
-    n = len(ps)
-    vecs = vectors.vectors[indices].to(tokens.device, torch.float32) * scale
-    if include_unsteered:
-        vecs = torch.cat([torch.zeros_like(vecs[:1]), vecs], dim=0)
-    row_vectors = vecs.repeat_interleave(n, dim=0)  # row = (vector, prompt)
-    row_prompt = torch.arange(n, device=tokens.device).repeat(vecs.shape[0])
-    pieces = []
-    for start in range(0, row_vectors.shape[0], max_rows):
-        sl = slice(start, start + max_rows)
-        pieces.append(
-            generate_tokens(
-                model,
-                site,
-                row_vectors[sl],
-                tokens[row_prompt[sl]],
-                mask[row_prompt[sl]],
-                max_new_tokens=max_new_tokens,
-                do_sample=do_sample,
-                temperature=temperature,
-                top_p=top_p,
-                seed=seed + start,
-                eos_token_id=tok.eos_token_id,
-            )
-        )
-    width = max(p.shape[1] for p in pieces)
-    eos = tok.eos_token_id if tok.eos_token_id is not None else pad
-    new = torch.cat(
-        [torch.nn.functional.pad(p, (0, width - p.shape[1]), value=eos) for p in pieces]
+    vecs = vectors.vectors.float() * scale
+
+    def hooks(groups: list[int | None], row_group: Tensor) -> list[tuple[str, Any]]:
+        table = torch.stack([torch.zeros_like(vecs[0]) if g is None else vecs[g] for g in groups])
+        return [(site.name, steering_hook(table.to(row_group.device)[row_group]))]
+
+    settings = dict(
+        max_new_tokens=max_new_tokens,
+        do_sample=do_sample,
+        temperature=temperature,
+        top_p=top_p,
+        seed=seed,
+        site=site.name,
     )
-    texts = [_decode(tok, row, tok.eos_token_id) for row in new]
-    grid = [texts[v * n : (v + 1) * n] for v in range(vecs.shape[0])]
-    unsteered = grid.pop(0) if include_unsteered else None
-    prompt_texts = (
-        list(ps.texts) if ps.texts is not None else [tok.decode(t) for t in ps.token_lists()]
+    return _generations(
+        model, vectors, prompts, indices, chat, include_unsteered, hooks, settings, scale, max_rows
     )
-    return SteeredGenerations(
-        prompts=prompt_texts,
-        indices=indices,
-        steered=grid,
-        unsteered=unsteered,
-        scale=scale,
-        settings={
-            "max_new_tokens": max_new_tokens,
-            "do_sample": do_sample,
-            "temperature": temperature,
-            "top_p": top_p,
-            "seed": seed,
-            "site": site.name,
-        },
+
+
+def generate_with_adapters(
+    model: Any,
+    adapters: SteeringAdapters,
+    prompts: PromptSet | str | Sequence[Any],
+    *,
+    indices: Sequence[int] | None = None,
+    scale: float = 1.0,
+    max_new_tokens: int = 64,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_p: float | None = None,
+    seed: int = 0,
+    chat: bool = False,
+    include_unsteered: bool = True,
+    max_rows: int = 64,
+) -> SteeredGenerations:
+    """Complete each prompt under each chosen adapter (one batch, KV cache).
+
+    Laid out as in `generate_steered`; each row gets its own adapter through per-row
+    hooks, and the reference rows carry an adapter with Ω = 0 (exactly unsteered).
+
+    Examples:
+        >>> gens = generate_with_adapters(model, adapters, "Hi", chat=True)  # doctest: +SKIP
+        >>> print(gens.table())  # doctest: +SKIP
+    """
+    check_adapter_host(model, adapters.layer)
+    a, b = adapters.omega_a.float(), adapters.omega_b.float()
+
+    def hooks(groups: list[int | None], row_group: Tensor) -> list[tuple[str, Any]]:
+        pick = [torch.zeros_like(a[0]) if g is None else a[g] for g in groups]
+        pick_b = [torch.zeros_like(b[0]) if g is None else b[g] for g in groups]
+        dev = row_group.device
+        row_a, row_b = torch.stack(pick).to(dev)[row_group], torch.stack(pick_b).to(dev)[row_group]
+        return adapter_hooks(adapters.layer, row_a, row_b, adapters.radius * scale)
+
+    settings = dict(
+        max_new_tokens=max_new_tokens,
+        do_sample=do_sample,
+        temperature=temperature,
+        top_p=top_p,
+        seed=seed,
+        site=f"blocks.{adapters.layer}.mlp",
+    )
+    return _generations(
+        model, adapters, prompts, indices, chat, include_unsteered, hooks, settings, scale, max_rows
     )
 
 

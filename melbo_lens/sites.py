@@ -18,7 +18,16 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["HookSite", "POINTS", "as_site", "check_order", "require_hook"]
+__all__ = [
+    "HookSite",
+    "POINTS",
+    "STREAM_POINTS",
+    "as_site",
+    "check_order",
+    "mlp_hidden_name",
+    "require_hook",
+    "residual_stream_sites",
+]
 
 # Hook points of a block that carry a [batch, pos, d_model] tensor, in computation order.
 # The integer is the point's order within its block (resid_pre first, resid_post last).
@@ -154,3 +163,44 @@ def require_hook(model: Any, site: HookSite) -> HookSite:
             f"include {nearby} (a TransformerBridge needs enable_compatibility_mode())"
         )
     return site
+
+
+def mlp_hidden_name(layer: int) -> str:
+    """Hook name of block `layer`'s MLP hidden activation, the input of `W_out`.
+
+    It is `d_mlp` wide, so it is not a `HookSite` (those are residual-width); steering
+    adapters read it.
+
+    Examples:
+        >>> mlp_hidden_name(7)
+        'blocks.7.mlp.hook_post'
+    """
+    if isinstance(layer, bool) or not isinstance(layer, int) or layer < 0:
+        raise ValueError(f"layer must be an int >= 0 (blocks count from 0), got {layer!r}")
+    return f"blocks.{layer}.mlp.hook_post"
+
+
+# Points that carry the residual stream itself (not a write into it), in forward order.
+STREAM_POINTS: tuple[str, ...] = ("resid_pre", "resid_mid", "resid_post")
+
+
+def residual_stream_sites(model: Any, points: tuple[str, ...] = STREAM_POINTS) -> list[HookSite]:
+    """Every site of `model` where the residual stream itself can be hooked, in order.
+
+    `resid_pre`, `resid_mid` and `resid_post` of each block by default. Sites the model
+    does not expose are left out: attention-only and parallel attention/MLP blocks
+    (GPT-J, Pythia) have no `resid_mid`. A model without a `hook_dict` gets them all.
+
+    Examples:
+        >>> class Cfg: n_layers = 2
+        >>> class M: cfg = Cfg()
+        >>> [s.name for s in residual_stream_sites(M(), ("resid_mid",))]
+        ['blocks.0.hook_resid_mid', 'blocks.1.hook_resid_mid']
+    """
+    for point in points:
+        if point not in POINTS:
+            raise ValueError(f"unknown hook point {point!r}; expected some of {sorted(POINTS)}")
+    hook_dict = getattr(model, "hook_dict", None)
+    sites = [HookSite(layer, p) for layer in range(int(model.cfg.n_layers)) for p in points]
+    return [s for s in sites if hook_dict is None or s.name in hook_dict]
+
