@@ -4,8 +4,33 @@ The public API is listed in `__all__`; importing the package has no side effects
 does not import sae-lens, plotly or circuitsvis.
 """
 
-from .artifacts import ArtifactError, SteeringVectors
-from .generation import SteeredGenerations, generate_steered
+from .adapting import adapt
+from .analysis.similarity import (
+    compare_vectors,
+    cosine_matrix,
+    delta_similarity,
+    nearest_matches,
+    principal_angles,
+)
+from .artifacts import ArtifactError, SteeringAdapters, SteeringVectors, load_artifact
+from .generation import SteeredGenerations, generate_steered, generate_with_adapters
+from .interventions import (
+    ScaleSweep,
+    ablate_direction,
+    add_vectors,
+    clamp_direction,
+    mean_projection,
+    orthogonalize_weights,
+    scale_sweep,
+    subtract_vectors,
+)
+from .methods.adapters import (
+    AdapterConfig,
+    AdapterTrainingState,
+    adapter_lr,
+    train_steering_adapters,
+)
+from .methods.baselines import hessian_vectors, jacobian_vectors, random_vectors
 from .methods.constraints import gram_schmidt, tangent_project, to_sphere
 from .methods.melbo import (
     MelboConfig,
@@ -15,6 +40,12 @@ from .methods.melbo import (
     train_steering_vectors,
 )
 from .methods.objectives import cosine_penalty, melbo_objective, melbo_objective_per_prompt
+from .methods.supervised import (
+    mean_difference_vectors,
+    pca_vectors,
+    probe_vectors,
+    stability_curve,
+)
 from .prompts import PromptSet
 from .segment import Segment
 from .sites import HookSite
@@ -33,7 +64,35 @@ def __getattr__(name: str):
 
 
 __all__ = [
+    "AdapterConfig",
+    "AdapterTrainingState",
     "ArtifactError",
+    "ScaleSweep",
+    "SteeringAdapters",
+    "ablate_direction",
+    "adapt",
+    "adapter_lr",
+    "add_vectors",
+    "clamp_direction",
+    "compare_vectors",
+    "cosine_matrix",
+    "delta_similarity",
+    "generate_with_adapters",
+    "hessian_vectors",
+    "jacobian_vectors",
+    "load_artifact",
+    "mean_difference_vectors",
+    "mean_projection",
+    "nearest_matches",
+    "orthogonalize_weights",
+    "pca_vectors",
+    "principal_angles",
+    "probe_vectors",
+    "random_vectors",
+    "scale_sweep",
+    "stability_curve",
+    "subtract_vectors",
+    "train_steering_adapters",
     "HookSite",
     "MelboConfig",
     "PACKAGED_MODELS",

@@ -87,8 +87,9 @@ def _add_training_args(p: argparse.ArgumentParser, *, n_vectors: int, steps: int
     p.add_argument("--lr", default="auto", help="'auto' (0.011·R/√d_model) or a number")
     p.add_argument(
         "--orthogonal",
-        default="sequential",
+        default=None,
         choices=["sequential", "simultaneous", "soft", "none"],
+        help="default: sequential (vectors), none (adapters)",
     )
     p.add_argument("--solver", default="amsgrad", choices=["amsgrad", "power"])
     p.add_argument("--seed", type=int, default=0)
@@ -98,8 +99,6 @@ def _add_training_args(p: argparse.ArgumentParser, *, n_vectors: int, steps: int
 
 
 def _train(args: argparse.Namespace, prompts: list[str]):
-    import torch
-
     from .methods.melbo import MelboConfig, train_steering_vectors
     from .models.zoo import load_model
 
@@ -114,7 +113,7 @@ def _train(args: argparse.Namespace, prompts: list[str]):
         q=args.q,
         steps=args.steps,
         lr=args.lr if args.lr == "auto" else float(args.lr),
-        orthogonal=args.orthogonal,
+        orthogonal=args.orthogonal or "sequential",
         solver=args.solver,
         seed=args.seed,
     )
@@ -123,10 +122,9 @@ def _train(args: argparse.Namespace, prompts: list[str]):
     path = out / "vectors.safetensors"
     resume = str(path) if getattr(args, "resume", False) and path.exists() else None
     start = time.perf_counter()
-    with torch.inference_mode(False):
-        vectors = train_steering_vectors(
-            model, ps, config, progress=not args.quiet, checkpoint=str(path), resume=resume
-        )
+    vectors = train_steering_vectors(
+        model, ps, config, progress=not args.quiet, checkpoint=str(path), resume=resume
+    )
     vectors.metadata["load_name"] = args.model
     vectors.save(path)
     seconds = time.perf_counter() - start
@@ -141,7 +139,21 @@ def _print_vectors(vectors) -> None:
         print(f"{k:>6}  {obj:>12.5g}  {steps:>5}")
 
 
+SUPERVISED = {"mean-diff": "mean_difference", "pca": "pca", "probe": "probe"}
+BASELINES = ("random", "jacobian", "hessian")
+
+
 def cmd_train(args: argparse.Namespace) -> int:
+    if args.method == "adapters":
+        from .cli_methods import train_adapters
+
+        return train_adapters(args)
+    if args.method != "melbo":
+        from .cli_methods import train_other
+
+        return train_other(args)
+    if args.radius is None:
+        args.radius = 4.0
     _, _, vectors, path, seconds = _train(args, _read_prompts(args))
     _print_vectors(vectors)
     state = "complete" if vectors.complete else "INTERRUPTED (resume with --resume)"
@@ -150,15 +162,16 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from .artifacts import SteeringVectors
-    from .generation import generate_steered
+    from .artifacts import SteeringAdapters, load_artifact
+    from .generation import generate_steered, generate_with_adapters
     from .models.zoo import load_model
 
-    vectors = SteeringVectors.load(args.vectors)
+    vectors = load_artifact(args.vectors)
+    generate = generate_with_adapters if isinstance(vectors, SteeringAdapters) else generate_steered
     model = load_model(args.model or vectors.metadata.get("load_name") or DEFAULT_MODEL)
     prompts = _read_prompts(args)
     indices = [int(i) for i in args.indices.split(",")] if args.indices else None
-    gens = generate_steered(
+    gens = generate(
         model,
         vectors,
         prompts,
@@ -194,9 +207,37 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from .bench import run_benchmark
+    from .bench import adapters_benchmark, run_benchmark
 
-    run_benchmark(args)
+    if args.adapters:
+        adapters_benchmark(args.model, args.n_vectors, args.timed_steps, args.threads)
+    else:
+        run_benchmark(args)
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from .analysis.similarity import compare_vectors
+    from .artifacts import SteeringVectors
+
+    a, b = SteeringVectors.load(args.a), SteeringVectors.load(args.b)
+    model = prompts = None
+    if args.model:
+        from .models.zoo import load_model
+
+        model = load_model(args.model)
+        prompts = _prompt_set(model, _read_prompts(args), not args.no_chat, args.target_positions)
+    result = compare_vectors(
+        a,
+        b,
+        model=model,
+        prompts=prompts,
+        target=_site(args.target, "resid_pre") if args.target else None,
+        labels=(Path(args.a).stem, Path(args.b).stem),
+    )
+    print(result)
+    if args.json:
+        Path(args.json).write_text(json.dumps(result.to_dict(), indent=2))
     return 0
 
 
@@ -207,12 +248,32 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train MELBO steering vectors")
     _add_training_args(p, n_vectors=8, steps=300)
     p.add_argument("--resume", action="store_true", help="continue OUT/vectors.safetensors")
-    p.set_defaults(func=cmd_train)
+    p.add_argument(
+        "--method",
+        default="melbo",
+        choices=["melbo", "adapters", *SUPERVISED, *BASELINES],
+        help="melbo vectors, adapters (MELBO adapters on the source block's MLP), "
+        "mean-diff|pca|probe (contrast pairs), random|jacobian|hessian (baselines)",
+    )
+    p.add_argument("--rank", type=int, default=1, help="adapters: rank r")
+    p.add_argument("--positive-file", help="mean-diff/pca/probe: positive prompts")
+    p.add_argument("--negative-file", help="mean-diff/pca/probe: negative prompts (paired)")
+    p.add_argument("--position", default="last", help="last | mean | answer | an index")
+    p.add_argument("--answer-tokens", help="position=answer: comma-separated tokens or ids")
+    p.add_argument("--center", action="store_true", help="pca: centre the differences")
+    p.add_argument("--l2", type=float, default=1e-2, help="probe: L2 strength")
+    p.add_argument("--stability", action="store_true", help="print the pairs-stability curve")
+    p.add_argument("--iterations", type=int, default=40, help="jacobian/hessian: blocks")
+    p.add_argument("--tol", type=float, default=1e-5, help="jacobian/hessian: residual tol")
+    p.add_argument("--at", help="hessian: FILE.safetensors:INDEX, the point (p != 2)")
+    p.set_defaults(func=cmd_train, radius=None)
 
     p = sub.add_parser("demo", help="the main job: train on SmolLM2 and show steered text")
     _add_training_args(p, n_vectors=6, steps=100)
     p.add_argument("--width", type=int, default=110)
-    p.set_defaults(func=cmd_demo, out="demo_out")
+    # Residual norms at SmolLM2's layer 7 are ~100-140 per token; R = 32 changes behaviour
+    # visibly, R = 4 (the source's value for Qwen-1.8B) barely changes the completions.
+    p.set_defaults(func=cmd_demo, out="demo_out", radius=32.0)
 
     p = sub.add_parser("generate", help="steered completions from a saved vectors file")
     p.add_argument("vectors")
@@ -234,7 +295,20 @@ def build_parser() -> argparse.ArgumentParser:
     from .bench import add_arguments
 
     add_arguments(p)
+    p.add_argument("--adapters", action="store_true", help="adapters: K together vs one by one")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("compare", help="cosines, nearest matches, principal angles of two files")
+    p.add_argument("a")
+    p.add_argument("b")
+    p.add_argument("--model", help="also compare target-layer deltas on this model")
+    p.add_argument("--prompt", action="append")
+    p.add_argument("--prompts-file")
+    p.add_argument("--no-chat", action="store_true")
+    p.add_argument("--target", help="target site for deltas (default: the artifacts' target)")
+    p.add_argument("--target-positions", default="all")
+    p.add_argument("--json", help="also write the comparison as JSON")
+    p.set_defaults(func=cmd_compare)
     return parser
 
 
