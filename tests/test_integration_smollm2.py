@@ -146,3 +146,16 @@ def test_demo_cli_writes_artifact_and_completions(tmp_path, capsys):
     sv = SteeringVectors.load(out / "vectors.safetensors")
     assert len(sv) == 2 and sv.complete and sv.metadata["load_name"] == "smollm2-135m-instruct"
     assert (out / "completions.json").exists()
+
+
+def test_bench_quick_naive_reference_and_segment_agree(tmp_path, capsys):
+    """The naive reference (full model, batch 1) and the segment trainer run the same
+    optimisation: same init, lr and AMSGrad, so their objective curves must coincide."""
+    import json
+
+    assert main(["bench", "--quick", "--threads", "1", "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "bench.json").read_text())
+    naive, ours = result["naive_final_objective"], result["melbo_lens_final_objective"]
+    assert ours == pytest.approx(naive, rel=1e-4)
+    assert result["batched_ms_per_vector_step"] > 0 and result["matmul_gflops"] > 0
+    assert "time to solution" in capsys.readouterr().out

@@ -55,7 +55,7 @@ from ..prompts import PromptSet
 from ..segment import Segment, check_sites, d_model_of
 from ..sites import HookSite, as_site, check_order
 from .constraints import project_out, tangent_project
-from .melbo import LR_SCALE, TrainingError, frozen
+from .melbo import LR_SCALE, check_finite, frozen
 from .objectives import melbo_objective_per_prompt
 
 __all__ = [
@@ -316,17 +316,6 @@ def _objectives(
     return per_prompt.sum(-1)
 
 
-def _check_finite(losses: Tensor, indices: list[int], upto: int, first_step: int) -> None:
-    bad = ~torch.isfinite(losses[indices, first_step:upto])
-    if bad.any():
-        row, col = (int(x) for x in torch.nonzero(bad)[0])
-        raise TrainingError(
-            f"objective became NaN/inf at step {first_step + col} for adapter {indices[row]}; "
-            "try a smaller radius or lr, a float32 model, or check the prompts for "
-            "overflow (partial results are kept in the checkpoint if one was given)"
-        )
-
-
 def _groups(cfg: AdapterConfig) -> list[list[int]]:
     if cfg.orthogonal == "sequential":
         return [[k] for k in range(cfg.n_adapters)]
@@ -483,7 +472,9 @@ def _train(
                 omega_b[indices] = group.omega_b.detach()
                 bar.update(len(indices))
                 if (step + 1) % check_every == 0 or step + 1 == steps:
-                    _check_finite(losses, indices, step + 1, max(first, step + 1 - check_every))
+                    check_finite(
+                        losses, indices, step + 1, max(first, step + 1 - check_every), "adapter"
+                    )
                     bar.set_postfix(objective=f"{float(obj.mean()):.4g}")
                 if callback is not None:
                     state = AdapterTrainingState(
@@ -499,7 +490,7 @@ def _train(
             with torch.no_grad():
                 final = _objectives(segment, omega_a[indices], omega_b[indices], config)
             objective[indices] = final
-            _check_finite(objective[:, None], indices, 1, 0)
+            check_finite(objective[:, None], indices, 1, 0, "adapter")
             group = None
             if checkpoint:
                 artifact({}, elapsed + time.perf_counter() - start_time).save(checkpoint)

@@ -314,13 +314,15 @@ def _loss(segment: Segment, group: _Group, cfg: MelboConfig) -> tuple[Tensor, Te
     return loss, objective.detach()
 
 
-def _check_finite(losses: Tensor, indices: list[int], upto: int, first_step: int) -> None:
-    window = losses[indices, first_step:upto]
-    bad = ~torch.isfinite(window)
+def check_finite(
+    losses: Tensor, indices: list[int], upto: int, first_step: int, noun: str = "vector"
+) -> None:
+    """Raise TrainingError naming the first step and row whose objective is NaN/inf."""
+    bad = ~torch.isfinite(losses[indices, first_step:upto])
     if bad.any():
         row, col = (int(x) for x in torch.nonzero(bad)[0])
         raise TrainingError(
-            f"objective became NaN/inf at step {first_step + col} for vector {indices[row]}; "
+            f"objective became NaN/inf at step {first_step + col} for {noun} {indices[row]}; "
             "try a smaller radius or lr, a float32 model, or check the prompts for "
             "overflow (partial results are kept in the checkpoint if one was given)"
         )
@@ -509,7 +511,7 @@ def _train(
                 vectors[indices] = group.theta.detach()
                 bar.update(len(indices))
                 if (step + 1) % check_every == 0 or step + 1 == steps:
-                    _check_finite(losses, indices, step + 1, max(first, step + 1 - check_every))
+                    check_finite(losses, indices, step + 1, max(first, step + 1 - check_every))
                     bar.set_postfix(objective=f"{float(obj.mean()):.4g}")
                 if callback is not None:
                     state = TrainingState(step, indices, obj, group.theta.detach())
@@ -522,7 +524,7 @@ def _train(
             with torch.no_grad():
                 final, _ = _objectives(segment, vectors[indices], config)
             objective[indices] = final
-            _check_finite(objective[:, None], indices, 1, 0)
+            check_finite(objective[:, None], indices, 1, 0)
             group = None
             if checkpoint:
                 artifact({}, elapsed + time.perf_counter() - start_time).save(checkpoint)
