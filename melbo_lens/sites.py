@@ -203,4 +203,3 @@ def residual_stream_sites(model: Any, points: tuple[str, ...] = STREAM_POINTS) -
     hook_dict = getattr(model, "hook_dict", None)
     sites = [HookSite(layer, p) for layer in range(int(model.cfg.n_layers)) for p in points]
     return [s for s in sites if hook_dict is None or s.name in hook_dict]
-
