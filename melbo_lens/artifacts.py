@@ -50,8 +50,73 @@ class ArtifactError(ValueError):
     """A file is not a readable melbo_lens artifact."""
 
 
+_TRAINING = ("losses", "objective", "steps_done")
+
+
+class _Rows:
+    """List-like behaviour shared by artifacts with one row per item.
+
+    `_ITEMS` names the tensors whose first axis is the item axis; the training record
+    (`losses`, `objective`, `steps_done`) and resume state ride along.
+    """
+
+    _ITEMS: tuple[str, ...] = ()
+    _NOUN = "item"
+
+    def _check_rows(self) -> None:
+        n = len(self)
+        for name in (*self._ITEMS, *_TRAINING):
+            value = getattr(self, name)
+            if value is not None and value.shape[0] != n:
+                raise ValueError(
+                    f"{name} has {value.shape[0]} rows but there are {n} {self._NOUN}s"
+                )
+
+    def __len__(self) -> int:
+        return getattr(self, self._ITEMS[0]).shape[0]
+
+    def __getitem__(self, index: int | slice | Sequence[int]) -> Any:
+        if isinstance(index, int):
+            if not -len(self) <= index < len(self):
+                raise IndexError(
+                    f"{self._NOUN} index {index} out of range for {len(self)} {self._NOUN}s"
+                )
+            index = [index]
+        idx = torch.arange(len(self))[index]
+        picked = {
+            name: getattr(self, name)[idx]
+            for name in (*self._ITEMS, *_TRAINING)
+            if getattr(self, name) is not None
+        }
+        return replace(self, **picked, resume_state={})  # type: ignore[type-var]
+
+    @property
+    def complete(self) -> bool:
+        """False when training was interrupted before every item finished."""
+        steps_done = getattr(self, "steps_done", None)
+        if steps_done is None:
+            return True
+        steps = int(getattr(self, "config", {}).get("steps", 0))
+        return bool((steps_done >= steps).all())
+
+    def _tensors(self) -> dict[str, Tensor]:
+        """Everything `save` writes as tensors."""
+        tensors = {
+            name: getattr(self, name)
+            for name in (*self._ITEMS, *_TRAINING)
+            if getattr(self, name) is not None
+        }
+        for key, value in getattr(self, "resume_state", {}).items():
+            tensors[_RESUME + key] = value
+        return tensors
+
+
+def _resume_from(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+    return {k[len(_RESUME) :]: v for k, v in tensors.items() if k.startswith(_RESUME)}
+
+
 @dataclass
-class SteeringVectors:
+class SteeringVectors(_Rows):
     """n steering vectors at one site, with provenance.
 
     Examples:
@@ -73,37 +138,13 @@ class SteeringVectors:
     metadata: dict[str, Any] = field(default_factory=dict)
     resume_state: dict[str, Tensor] = field(default_factory=dict, repr=False)
 
+    _ITEMS = ("vectors",)
+    _NOUN = "vector"
+
     def __post_init__(self) -> None:
         if self.vectors.ndim != 2:
             raise ValueError(f"vectors must be [n, d_model], got {tuple(self.vectors.shape)}")
-        n = self.vectors.shape[0]
-        for name in ("losses", "objective", "steps_done"):
-            value = getattr(self, name)
-            if value is not None and value.shape[0] != n:
-                raise ValueError(f"{name} has {value.shape[0]} rows but there are {n} vectors")
-
-    # ------------------------------------------------------------------ list-like
-    def __len__(self) -> int:
-        return self.vectors.shape[0]
-
-    def __getitem__(self, index: int | slice | Sequence[int]) -> SteeringVectors:
-        if isinstance(index, int):
-            if not -len(self) <= index < len(self):
-                raise IndexError(f"vector index {index} out of range for {len(self)} vectors")
-            index = [index]
-        idx = torch.arange(len(self))[index]
-
-        def pick(t: Tensor | None) -> Tensor | None:
-            return None if t is None else t[idx]
-
-        return replace(
-            self,
-            vectors=self.vectors[idx],
-            losses=pick(self.losses),
-            objective=pick(self.objective),
-            steps_done=pick(self.steps_done),
-            resume_state={},
-        )
+        self._check_rows()
 
     def __iter__(self) -> Iterator[Float[Tensor, " d_model"]]:
         return iter(self.vectors)
@@ -115,14 +156,6 @@ class SteeringVectors:
     @property
     def radius(self) -> Float[Tensor, " n"]:
         return self.vectors.norm(dim=-1)
-
-    @property
-    def complete(self) -> bool:
-        """False when training was interrupted before every vector finished."""
-        if self.steps_done is None:
-            return True
-        steps = int(self.config.get("steps", 0))
-        return bool((self.steps_done >= steps).all())
 
     # ------------------------------------------------------------------ use
     @contextmanager
@@ -153,13 +186,7 @@ class SteeringVectors:
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write one safetensors file (tensors) with JSON metadata; atomic."""
-        tensors: dict[str, Tensor] = {"vectors": self.vectors}
-        for name in ("losses", "objective", "steps_done"):
-            value = getattr(self, name)
-            if value is not None:
-                tensors[name] = value
-        for key, value in self.resume_state.items():
-            tensors[_RESUME + key] = value
+        tensors = self._tensors()
         meta = {"format": FORMAT, "json": json.dumps(self._meta(), default=_jsonable)}
         return atomic_save_tensors(tensors, path, meta)
 
@@ -170,7 +197,7 @@ class SteeringVectors:
         info = json.loads(meta["json"])
         if "vectors" not in tensors:
             raise ArtifactError(f"{path} has no 'vectors' tensor; the file is incomplete")
-        resume = {k[len(_RESUME) :]: v for k, v in tensors.items() if k.startswith(_RESUME)}
+        resume = _resume_from(tensors)
         try:
             site = HookSite.from_dict(info["site"])
             target = None if info.get("target") is None else HookSite.from_dict(info["target"])
@@ -273,7 +300,7 @@ ADAPTERS_FORMAT = "melbo_lens.steering_adapters/1"
 
 
 @dataclass
-class SteeringAdapters:
+class SteeringAdapters(_Rows):
     """n steering adapters on block `layer`'s MLP output weights, with provenance.
 
     Adapter k is the weight edit W_out' = W_out + radius · Ω_A[k] Ω_B[k]ᵀ (TransformerLens
@@ -286,6 +313,9 @@ class SteeringAdapters:
         >>> len(sa), sa.rank, sa[1].weight_deltas().shape
         (2, 1, torch.Size([1, 4, 3]))
     """
+
+    _ITEMS = ("omega_a", "omega_b")
+    _NOUN = "adapter"
 
     omega_a: Float[Tensor, "n d_mlp r"]
     omega_b: Float[Tensor, "n d_model r"]
@@ -319,35 +349,7 @@ class SteeringAdapters:
         self.radius = float(self.radius)
         if not (self.radius > 0 and self.radius != float("inf")):
             raise ValueError(f"radius must be a finite number > 0, got {self.radius!r}")
-        n = a.shape[0]
-        for name in ("losses", "objective", "steps_done"):
-            value = getattr(self, name)
-            if value is not None and value.shape[0] != n:
-                raise ValueError(f"{name} has {value.shape[0]} rows but there are {n} adapters")
-
-    # ------------------------------------------------------------------ list-like
-    def __len__(self) -> int:
-        return self.omega_a.shape[0]
-
-    def __getitem__(self, index: int | slice | Sequence[int]) -> SteeringAdapters:
-        if isinstance(index, int):
-            if not -len(self) <= index < len(self):
-                raise IndexError(f"adapter index {index} out of range for {len(self)} adapters")
-            index = [index]
-        idx = torch.arange(len(self))[index]
-
-        def pick(t: Tensor | None) -> Tensor | None:
-            return None if t is None else t[idx]
-
-        return replace(
-            self,
-            omega_a=self.omega_a[idx],
-            omega_b=self.omega_b[idx],
-            losses=pick(self.losses),
-            objective=pick(self.objective),
-            steps_done=pick(self.steps_done),
-            resume_state={},
-        )
+        self._check_rows()
 
     @property
     def d_mlp(self) -> int:
@@ -365,14 +367,6 @@ class SteeringAdapters:
     def site(self) -> HookSite:
         """Where the adapters write: `blocks.{layer}.hook_mlp_out`."""
         return HookSite(self.layer, "mlp_out")
-
-    @property
-    def complete(self) -> bool:
-        """False when training was interrupted before every adapter finished."""
-        if self.steps_done is None:
-            return True
-        steps = int(self.config.get("steps", 0))
-        return bool((self.steps_done >= steps).all())
 
     def weight_deltas(self, scale: float = 1.0) -> Float[Tensor, "n d_mlp d_model"]:
         """ΔW_out of each adapter: radius · scale · Ω_A Ω_Bᵀ, to add to `W_out`."""
@@ -406,13 +400,7 @@ class SteeringAdapters:
     # ------------------------------------------------------------------ files
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write one safetensors file (tensors) with JSON metadata; atomic."""
-        tensors: dict[str, Tensor] = {"omega_a": self.omega_a, "omega_b": self.omega_b}
-        for name in ("losses", "objective", "steps_done"):
-            value = getattr(self, name)
-            if value is not None:
-                tensors[name] = value
-        for key, value in self.resume_state.items():
-            tensors[_RESUME + key] = value
+        tensors = self._tensors()
         info = {
             "layer": self.layer,
             "radius": self.radius,
@@ -442,7 +430,7 @@ class SteeringAdapters:
         missing = {"omega_a", "omega_b"} - set(tensors)
         if missing:
             raise ArtifactError(f"{path} has no {sorted(missing)} tensor; the file is incomplete")
-        resume = {k[len(_RESUME) :]: v for k, v in tensors.items() if k.startswith(_RESUME)}
+        resume = _resume_from(tensors)
         try:
             target = None if info.get("target") is None else HookSite.from_dict(info["target"])
             layer, radius = int(info["layer"]), float(info["radius"])

@@ -41,7 +41,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
@@ -54,6 +54,7 @@ from ..artifacts import SteeringAdapters
 from ..prompts import PromptSet
 from ..segment import Segment, check_sites, d_model_of
 from ..sites import HookSite, as_site, check_order
+from .config import config_from_dict, config_to_dict
 from .constraints import project_out, tangent_project
 from .melbo import LR_SCALE, check_finite, frozen
 from .objectives import melbo_objective_per_prompt
@@ -171,22 +172,11 @@ class AdapterConfig:
         return float(self.lr), float(self.lr)
 
     def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["target"] = self.target.to_dict()
-        data["betas"] = list(self.betas)
-        return data
+        return config_to_dict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> AdapterConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise ValueError(f"unknown AdapterConfig fields {sorted(unknown)}")
-        data = dict(data)
-        data["target"] = HookSite.from_dict(data["target"])
-        if "betas" in data:
-            data["betas"] = tuple(data["betas"])
-        return cls(**data)
+        return config_from_dict(cls, data)
 
 
 @dataclass

@@ -32,7 +32,7 @@ import math
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
@@ -44,6 +44,7 @@ from ..artifacts import SteeringVectors
 from ..prompts import PromptSet
 from ..segment import Segment, check_sites, d_model_of
 from ..sites import HookSite, as_site, check_order
+from .config import config_from_dict, config_to_dict
 from .constraints import gram_schmidt, project_out, project_out_earlier, tangent_project, to_sphere
 from .objectives import cosine_penalty, melbo_objective_per_prompt
 
@@ -147,24 +148,11 @@ class MelboConfig:
         return scaled_lr(self.radius, d_model) if self.lr == "auto" else float(self.lr)
 
     def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["source"] = self.source.to_dict()
-        data["target"] = self.target.to_dict()
-        data["betas"] = list(self.betas)
-        return data
+        return config_to_dict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> MelboConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise ValueError(f"unknown MelboConfig fields {sorted(unknown)}")
-        data = dict(data)
-        data["source"] = HookSite.from_dict(data["source"])
-        data["target"] = HookSite.from_dict(data["target"])
-        if "betas" in data:
-            data["betas"] = tuple(data["betas"])
-        return cls(**data)
+        return config_from_dict(cls, data)
 
 
 @dataclass
