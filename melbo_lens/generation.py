@@ -267,7 +267,7 @@ def generate_steered(
     Examples:
         >>> gens = generate_steered(model, vectors, "Tell me a story", chat=True,
         ...                         max_new_tokens=32)                       # doctest: +SKIP
-        >>> print(gens.table())
+        >>> print(gens.table())  # doctest: +SKIP
     """
     site = require_hook(model, as_site(site) if site is not None else vectors.site)
     vecs = vectors.vectors.float() * scale

@@ -98,8 +98,8 @@ class Segment:
 
     Examples:
         >>> seg = Segment(model, HookSite(1), HookSite(3), prompts)      # doctest: +SKIP
-        >>> z = seg.run(theta)        # theta [K, d_model] -> [K, n, pos, d_model]
-        >>> delta = z - seg.unsteered
+        >>> z = seg.run(theta)  # theta [K, d_model] -> [K, n, pos, d_model]  # doctest: +SKIP
+        >>> delta = z - seg.unsteered  # doctest: +SKIP
     """
 
     def __init__(

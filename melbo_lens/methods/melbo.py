@@ -357,9 +357,10 @@ def train_steering_vectors(
     rounding).
 
     Examples:
-        >>> cfg = MelboConfig(HookSite(1), HookSite(3), n_vectors=4, steps=50)  # doctest: +SKIP
-        >>> vectors = train_steering_vectors(model, PromptSet.from_texts(model, "Hi"), cfg)
-        >>> vectors.objective        # final objective of each vector
+        >>> cfg = MelboConfig(HookSite(1), HookSite(3), n_vectors=4, steps=50)
+        >>> prompts = PromptSet.from_texts(model, "Hi")  # doctest: +SKIP
+        >>> vectors = train_steering_vectors(model, prompts, cfg)  # doctest: +SKIP
+        >>> vectors.objective  # final objective of each vector  # doctest: +SKIP
     """
     if not isinstance(prompts, PromptSet):
         raise TypeError(
