@@ -1,0 +1,75 @@
+"""The command line: argument errors are clear, compare works on saved files."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from melbo_lens import HookSite, SteeringVectors
+from melbo_lens.cli import _target_positions, build_parser, main
+
+
+def test_target_position_specs():
+    assert _target_positions("all") is None
+    assert _target_positions("last:3") == slice(-3, None)
+    assert _target_positions("0,2,-1") == [0, 2, -1]
+
+
+def test_adapters_need_an_mlp_source(capsys):
+    code = main(["train", "--method", "adapters", "--source", "blocks.7.hook_resid_post"])
+    assert code == 2
+    assert "adapters perturb a block's MLP" in capsys.readouterr().err
+
+
+def test_supervised_methods_need_pairs(capsys, monkeypatch):
+    monkeypatch.setattr("melbo_lens.cli_methods.load_model", lambda *a, **k: object())
+    assert main(["train", "--method", "mean-diff"]) == 2
+    assert "--positive-file and --negative-file" in capsys.readouterr().err
+
+
+def test_generate_refuses_a_pickle(tmp_path, capsys):
+    path = tmp_path / "v.pt"
+    torch.save({"vectors": torch.zeros(2, 4)}, path)
+    assert main(["generate", str(path)]) == 2
+    assert "never unpickles" in capsys.readouterr().err
+
+
+def test_compare_two_saved_sets(tmp_path, capsys):
+    gen = torch.Generator().manual_seed(0)
+    a = torch.nn.functional.normalize(torch.randn(3, 16, generator=gen), dim=-1)
+    SteeringVectors(a, HookSite(1)).save(tmp_path / "a.safetensors")
+    SteeringVectors(-a[[2, 0, 1]], HookSite(1)).save(tmp_path / "b.safetensors")
+    assert (
+        main(
+            [
+                "compare",
+                str(tmp_path / "a.safetensors"),
+                str(tmp_path / "b.safetensors"),
+                "--json",
+                str(tmp_path / "c.json"),
+            ]
+        )
+        == 0
+    )
+    assert "nearest match" in capsys.readouterr().out
+    result = json.loads((tmp_path / "c.json").read_text())
+    # b is a permuted, sign-flipped copy of a: the table recovers the permutation and sign
+    assert result["nearest"]["index"] == [1, 2, 0]
+    assert result["nearest"]["sign"] == [-1, -1, -1]
+    assert max(result["angles"]["degrees"]) < 1e-3
+
+
+def test_every_subcommand_has_help():
+    parser = build_parser()
+    for command in ("train", "demo", "generate", "bench", "compare"):
+        assert (
+            parser.parse_args(
+                [
+                    command,
+                    *(["x"] if command == "generate" else []),
+                    *(["x", "y"] if command == "compare" else []),
+                ]
+            ).command
+            == command
+        )
