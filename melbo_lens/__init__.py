@@ -54,16 +54,36 @@ from .steering import steer
 __version__ = "0.1.0"
 
 
+# sae-lens is imported only when one of its names is asked for (analysis/sae.py).
+_SAE_NAMES = {
+    "FeatureComparison",
+    "FeatureEffects",
+    "SaeDecomposition",
+    "clamp_feature",
+    "compare_with_features",
+    "decompose_onto_sae",
+    "feature_effects",
+    "feature_vectors",
+    "load_sae",
+    "sae_site",
+}
+
+
 def __getattr__(name: str):
     # The model zoo imports transformers; load it only when asked for.
     if name in ("load_model", "PACKAGED_MODELS"):
         from .models import zoo
 
         return getattr(zoo, name)
+    if name in _SAE_NAMES:
+        from .analysis import sae
+
+        return getattr(sae, name)
     raise AttributeError(f"module 'melbo_lens' has no attribute {name!r}")
 
 
 __all__ = [
+    *sorted(_SAE_NAMES),
     "AdapterConfig",
     "AdapterTrainingState",
     "ArtifactError",
