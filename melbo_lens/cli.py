@@ -241,6 +241,12 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_explain(args: argparse.Namespace) -> int:
+    from .cli_explain import explain
+
+    return explain(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="melbo-lens", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -309,6 +315,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target-positions", default="all")
     p.add_argument("--json", help="also write the comparison as JSON")
     p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("explain", help="decompose saved vectors onto an SAE's features")
+    from .cli_explain import add_arguments as add_explain_arguments
+
+    add_explain_arguments(p)
+    p.set_defaults(func=cmd_explain)
     return parser
 
 
