@@ -5,6 +5,15 @@ does not import sae-lens, plotly or circuitsvis.
 """
 
 from .adapting import adapt
+from .analysis.attribution import (
+    DeltaAttribution,
+    DeltaDecomposition,
+    FeatureChange,
+    attribute_target_delta,
+    decompose_target_delta,
+    feature_change_attribution,
+    logit_diff_metric,
+)
 from .analysis.similarity import (
     compare_vectors,
     cosine_matrix,
@@ -84,6 +93,13 @@ def __getattr__(name: str):
 
 __all__ = [
     *sorted(_SAE_NAMES),
+    "DeltaAttribution",
+    "DeltaDecomposition",
+    "FeatureChange",
+    "attribute_target_delta",
+    "decompose_target_delta",
+    "feature_change_attribution",
+    "logit_diff_metric",
     "AdapterConfig",
     "AdapterTrainingState",
     "ArtifactError",

@@ -32,6 +32,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompts-file")
     p.add_argument("--no-chat", action="store_true")
     p.add_argument("--target-positions", default="all")
+    p.add_argument(
+        "--attribution",
+        choices=["exact", "attribution_patching", "integrated_gradients"],
+        help="with --model: attribute the target delta to heads, MLPs and the SAE's features",
+    )
     p.add_argument("--out", default="explain_out")
 
 
@@ -81,8 +86,37 @@ def explain(args: argparse.Namespace) -> int:
             print(f"--- vector {k} vs its top features at equal norm\n{comparison.table()}\n")
         _write_json(out / "feature_effects.json", effects)
         _write_json(out / "feature_comparison.json", comparisons)
+        if args.attribution:
+            _attribution(args, model, prompts, vectors, sae, indices, out)
     print(f"tables -> {out}")
     return 0
+
+
+def _attribution(args, model, prompts, vectors, sae, indices, out: Path) -> None:
+    from .analysis.attribution import attribute_target_delta
+    from .analysis.sae import sae_site
+
+    results = {}
+    with open(out / "attribution.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["vector", "node", "kind", "estimate", "actual"])
+        for k in indices:
+            res = attribute_target_delta(
+                model, prompts, vectors, k, method=args.attribution, saes={sae_site(sae): sae}
+            )
+            results[k] = res.to_dict()
+            for node in results[k]["nodes"]:
+                writer.writerow(
+                    [
+                        k,
+                        node.get("name"),
+                        node.get("kind"),
+                        node.get("estimate"),
+                        node.get("actual"),
+                    ]
+                )
+            print(f"--- vector {k}: attribution ({args.attribution})\n{res.table()}\n")
+    _write_json(out / "attribution.json", results)
 
 
 def _write_json(path: Path, data: object) -> None:

@@ -193,7 +193,7 @@ class PromptSet:
         """Format conversations with the tokenizer's chat template.
 
         A bare string is one user turn; a list of `{"role", "content"}` dicts is one
-        conversation; a list of those is several.
+        conversation; a list of strings or of conversations is several.
 
         Examples:
             >>> ps = PromptSet.from_chat(model, "Tell me a story")  # doctest: +SKIP
@@ -204,9 +204,13 @@ class PromptSet:
                 "the model's tokenizer has no chat template; use PromptSet.from_texts instead"
             )
         if isinstance(conversations, str):
-            conversations = [[{"role": "user", "content": conversations}]]
+            conversations = [conversations]
         elif conversations and isinstance(conversations[0], dict):
             conversations = [conversations]  # type: ignore[list-item]
+        # a plain string in the list is one user turn
+        conversations = [
+            [{"role": "user", "content": c}] if isinstance(c, str) else c for c in conversations
+        ]
         if not conversations:
             raise ValueError("no conversations given; pass at least one")
         texts = [

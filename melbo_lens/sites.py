@@ -23,6 +23,7 @@ __all__ = [
     "POINTS",
     "STREAM_POINTS",
     "as_site",
+    "attn_z_name",
     "check_order",
     "mlp_hidden_name",
     "require_hook",
@@ -203,3 +204,18 @@ def residual_stream_sites(model: Any, points: tuple[str, ...] = STREAM_POINTS) -
     hook_dict = getattr(model, "hook_dict", None)
     sites = [HookSite(layer, p) for layer in range(int(model.cfg.n_layers)) for p in points]
     return [s for s in sites if hook_dict is None or s.name in hook_dict]
+
+
+def attn_z_name(layer: int) -> str:
+    """Hook name of block `layer`'s per-head attention output before `W_O` (`hook_z`).
+
+    It is [batch, pos, n_heads, d_head]; head h writes `z[..., h, :] @ W_O[h]` into the
+    residual stream, so it is where per-head contributions are read and patched.
+
+    Examples:
+        >>> attn_z_name(3)
+        'blocks.3.attn.hook_z'
+    """
+    if isinstance(layer, bool) or not isinstance(layer, int) or layer < 0:
+        raise ValueError(f"layer must be an int >= 0 (blocks count from 0), got {layer!r}")
+    return f"blocks.{layer}.attn.hook_z"

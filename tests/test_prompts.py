@@ -378,3 +378,12 @@ def test_from_chat_errors(tiny_tok_model, tiny_model, monkeypatch):
     monkeypatch.setattr(tiny_tok_model.tokenizer, "chat_template", None)
     with pytest.raises(ValueError, match="no chat template"):
         PromptSet.from_chat(tiny_tok_model, "hi")
+
+
+def test_from_chat_list_of_strings_is_one_user_turn_each(tiny_tok_model):
+    many = PromptSet.from_chat(tiny_tok_model, ["Hi there", "ok"])
+    one = PromptSet.from_chat(tiny_tok_model, "Hi there")
+    two = PromptSet.from_chat(tiny_tok_model, [[{"role": "user", "content": "ok"}]])
+    assert len(many) == 2
+    assert many.texts == (one.texts[0], two.texts[0])
+    assert many.token_lists() == [one.token_lists()[0], two.token_lists()[0]]
