@@ -274,11 +274,11 @@ class DeltaAttribution:
             f"m(unsteered) = {self.metric_unsteered:.4g}; effect = {PATCH_DIRECTION}",
             f"verified nodes: {len(self.verified)}, Pearson r(estimate, actual) = {corr}; "
             f"completeness error (max over groups) = {self.completeness_error:.2e}",
-            f"{'node':<28}{'kind':<10}{'estimate':>12}{'actual':>12}",
+            f"{'node':<40} {'kind':<12}{'estimate':>12}{'actual':>12}",
         ]
         for n in self.nodes[:limit]:
             actual = "" if n.actual is None else f"{n.actual:.4g}"
-            lines.append(f"{n.name:<28}{n.kind:<10}{n.estimate:>12.4g}{actual:>12}")
+            lines.append(f"{n.name:<40} {n.kind:<12}{n.estimate:>12.4g}{actual:>12}")
         if len(self.nodes) > limit:
             lines.append(f"... {len(self.nodes) - limit} more nodes")
         return "\n".join(lines)

@@ -82,11 +82,16 @@ __all__ = [
 ]
 
 # Packaged SAEs, loadable offline by name: name -> folder (a sae-lens directory with
-# cfg.json + sae_weights.safetensors, "/"-separated) relative to `melbo_lens/data/`.
-# Empty for now; SAEs trained for the default model (SmolLM2-135M-Instruct) go here,
-# e.g. "smollm2-135m-instruct/blocks.7.hook_resid_post": "saes/smollm2_l7_resid_post",
-# with the files listed in pyproject's package-data (it does not recurse by default).
-PACKAGED_SAES: dict[str, str] = {}
+# cfg.json + sae_weights.safetensors, "/"-separated) relative to `melbo_lens/data/`;
+# pyproject's package-data lists data/saes/*/* (it does not recurse by default).
+PACKAGED_SAES: dict[str, str] = {
+    # TopK SAEs (2048 latents, k=32) trained offline by scripts/train_saes.py; each
+    # folder holds metrics.json with FVE, L0, dead fraction and CE loss recovered.
+    "smollm2-135m-instruct-res7": "saes/smollm2-135m-instruct-res7",
+    "smollm2-135m-instruct-res22-pre": "saes/smollm2-135m-instruct-res22-pre",
+    "smollm2-135m-instruct/blocks.7.hook_resid_post": "saes/smollm2-135m-instruct-res7",
+    "smollm2-135m-instruct/blocks.22.hook_resid_pre": "saes/smollm2-135m-instruct-res22-pre",
+}
 
 _SAE_FILES = ("cfg.json", "sae_weights.safetensors")
 
