@@ -68,8 +68,10 @@ def is_prose(par: str) -> bool:
     words = par.split()
     if len(words) < 12 or len(par) > 4000:
         return False
-    if any(line.lstrip().startswith((">>>", "...", "$ ", "|", "+--", "::", ".. ", "#"))
-           for line in par.splitlines()):
+    if any(
+        line.lstrip().startswith((">>>", "...", "$ ", "|", "+--", "::", ".. ", "#"))
+        for line in par.splitlines()
+    ):
         return False
     letters = sum(c.isalpha() or c.isspace() for c in par)
     if letters / len(par) < 0.88:
@@ -136,8 +138,11 @@ def collect_package_text(site: Path, per_package_chars: int) -> list[tuple[str, 
             continue
         try:
             raw = f.read_bytes()[:400_000]
-            text = gzip.decompress(raw).decode(errors="ignore") if name.endswith(".gz") else (
-                raw.decode(errors="ignore"))
+            text = (
+                gzip.decompress(raw).decode(errors="ignore")
+                if name.endswith(".gz")
+                else (raw.decode(errors="ignore"))
+            )
         except (OSError, EOFError):
             continue
         add("usr-share-doc:" + f.parent.name, "sysdoc", text)
@@ -194,13 +199,19 @@ def generate_texts(model, n_samples: int, new_tokens: int, seed: int) -> list[st
             if n == 0:
                 continue
             out = model.generate(
-                ids.expand(n, -1), max_new_tokens=new_tokens, do_sample=not greedy,
-                temperature=0.8, top_p=0.95, verbose=False, stop_at_eos=True,
+                ids.expand(n, -1),
+                max_new_tokens=new_tokens,
+                do_sample=not greedy,
+                temperature=0.8,
+                top_p=0.95,
+                verbose=False,
+                stop_at_eos=True,
                 use_past_kv_cache=True,
             )
             for row in out:
-                texts.append(tok.decode(row, skip_special_tokens=False).replace(
-                    "<|endoftext|>", "").strip())
+                texts.append(
+                    tok.decode(row, skip_special_tokens=False).replace("<|endoftext|>", "").strip()
+                )
     return texts
 
 
@@ -275,20 +286,31 @@ def train_one(acts: torch.Tensor, hook: str, args):
     n = acts.shape[0]
     total = int(n * args.epochs) // args.batch * args.batch
     cfg = TopKTrainingSAEConfig(
-        d_in=acts.shape[1], d_sae=args.d_sae, k=args.k,
+        d_in=acts.shape[1],
+        d_sae=args.d_sae,
+        k=args.k,
         normalize_activations="expected_average_only_in",
-        aux_loss_coefficient=1.0, rescale_acts_by_decoder_norm=True,
+        aux_loss_coefficient=1.0,
+        rescale_acts_by_decoder_norm=True,
         metadata=SAEMetadata(
-            model_name="smollm2-135m-instruct", hook_name=hook, context_size=args.ctx,
-            prepend_bos=False, seqpos_slice=(1, None), dataset_path="melbo_lens offline corpus",
+            model_name="smollm2-135m-instruct",
+            hook_name=hook,
+            context_size=args.ctx,
+            prepend_bos=False,
+            seqpos_slice=(1, None),
+            dataset_path="melbo_lens offline corpus",
         ),
     )
     torch.manual_seed(args.seed)
     sae = TopKTrainingSAE(cfg)
     steps = total // args.batch
     tcfg = SAETrainerConfig(
-        total_training_samples=total, train_batch_size_samples=args.batch, lr=args.lr,
-        lr_warm_up_steps=min(50, steps // 10), lr_decay_steps=steps // 5, lr_end=0.0,
+        total_training_samples=total,
+        train_batch_size_samples=args.batch,
+        lr=args.lr,
+        lr_warm_up_steps=min(50, steps // 10),
+        lr_decay_steps=steps // 5,
+        lr_end=0.0,
         dead_feature_window=max(50, min(1000, steps // 4)),
         feature_sampling_window=max(50, min(2000, steps // 4)),
         n_batches_for_norm_estimate=20,
@@ -306,9 +328,15 @@ def train_one(acts: torch.Tensor, hook: str, args):
     sae = trainer.fit()
     train_s = time.time() - t
     log(f"  trained {hook}: {steps} steps x {args.batch} = {total:,} samples in {train_s:.0f}s")
-    return sae, {"train_samples": total, "train_steps": steps, "train_seconds": train_s,
-                 "unique_train_tokens": n, "epochs": args.epochs, "lr": args.lr,
-                 "batch_size": args.batch}
+    return sae, {
+        "train_samples": total,
+        "train_steps": steps,
+        "train_seconds": train_s,
+        "unique_train_tokens": n,
+        "epochs": args.epochs,
+        "lr": args.lr,
+        "batch_size": args.batch,
+    }
 
 
 def save(sae, path: Path, metrics: dict) -> None:
@@ -336,13 +364,18 @@ def recon_metrics(sae, acts: torch.Tensor, chunk: int = 8192) -> dict:
         sst += float(((x - mean) ** 2).sum())
         l0 += float((f != 0).sum())
         fired |= (f != 0).any(0)
-    return {"fve": 1 - sse / sst, "l0": l0 / len(acts),
-            "dead_frac": 1 - float(fired.float().mean()), "n_tokens": len(acts)}
+    return {
+        "fve": 1 - sse / sst,
+        "l0": l0 / len(acts),
+        "dead_frac": 1 - float(fired.float().mean()),
+        "n_tokens": len(acts),
+    }
 
 
 @torch.no_grad()
-def ce_metrics(model, tokens: torch.Tensor, hook: str, sae, mean_act: torch.Tensor,
-               batch: int) -> dict:
+def ce_metrics(
+    model, tokens: torch.Tensor, hook: str, sae, mean_act: torch.Tensor, batch: int
+) -> dict:
     """Mean next-token CE over predictions at positions >= 1 (targets 2..) under splices."""
 
     def loss(fn) -> float:
@@ -371,10 +404,16 @@ def ce_metrics(model, tokens: torch.Tensor, hook: str, sae, mean_act: torch.Tens
         return act
 
     clean, with_sae, z, m = loss(None), loss(splice), loss(zero), loss(meanab)
-    return {"ce_clean": clean, "ce_sae": with_sae, "ce_zero_ablation": z, "ce_mean_ablation": m,
-            "ce_recovered_zero": (z - with_sae) / (z - clean),
-            "ce_recovered_mean": (m - with_sae) / (m - clean),
-            "ce_delta": with_sae - clean, "n_tokens": int(tokens.numel())}
+    return {
+        "ce_clean": clean,
+        "ce_sae": with_sae,
+        "ce_zero_ablation": z,
+        "ce_mean_ablation": m,
+        "ce_recovered_zero": (z - with_sae) / (z - clean),
+        "ce_recovered_mean": (m - with_sae) / (m - clean),
+        "ce_delta": with_sae - clean,
+        "n_tokens": int(tokens.numel()),
+    }
 
 
 def main(argv=None) -> int:
@@ -391,8 +430,12 @@ def main(argv=None) -> int:
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--fwd-batch", type=int, default=16)
     ap.add_argument("--per-package-chars", type=int, default=60_000)
-    ap.add_argument("--gen-samples", type=int, default=-1,
-                    help="chat generations per seed prompt; -1: none (slow on CPU)")
+    ap.add_argument(
+        "--gen-samples",
+        type=int,
+        default=-1,
+        help="chat generations per seed prompt; -1: none (slow on CPU)",
+    )
     ap.add_argument("--gen-tokens", type=int, default=160)
     ap.add_argument("--eval-frac", type=float, default=0.1)
     ap.add_argument("--seed", type=int, default=0)
@@ -419,18 +462,23 @@ def main(argv=None) -> int:
     train_tok = pack(model, corpus["train"], args.ctx, args.train_tokens)
     eval_short = pack(model, corpus["eval"], args.ctx, args.eval_tokens)
     eval_long = pack(model, corpus["eval"], args.long_ctx, args.eval_tokens)
-    log(f"train {tuple(train_tok.shape)}, eval {tuple(eval_short.shape)}"
-        f" / {tuple(eval_long.shape)}")
+    log(
+        f"train {tuple(train_tok.shape)}, eval {tuple(eval_short.shape)} / {tuple(eval_long.shape)}"
+    )
     t = time.time()
     acts = collect(model, train_tok, args.sites, args.fwd_batch)
     collect_s = time.time() - t
     ev_short = collect(model, eval_short, args.sites, args.fwd_batch)
     ev_long = collect(model, eval_long, args.sites, max(1, args.fwd_batch // 4))
     corpus_info = {
-        "train_docs": len(corpus["train"]), "eval_docs": len(corpus["eval"]),
-        "train_contexts": int(train_tok.shape[0]), "ctx": args.ctx,
-        "eval_tokens_short": int(eval_short.numel()), "eval_tokens_long": int(eval_long.numel()),
-        "activation_seconds": collect_s, "position_0_excluded": True,
+        "train_docs": len(corpus["train"]),
+        "eval_docs": len(corpus["eval"]),
+        "train_contexts": int(train_tok.shape[0]),
+        "ctx": args.ctx,
+        "eval_tokens_short": int(eval_short.numel()),
+        "eval_tokens_long": int(eval_long.numel()),
+        "activation_seconds": collect_s,
+        "position_0_excluded": True,
     }
     table = []
     for hook in args.sites:
@@ -438,35 +486,47 @@ def main(argv=None) -> int:
         inf = sae  # evaluate the trained SAE (normalisation already folded by fit())
         inf.eval()
         mean_act = acts[hook].float().mean(0)
-        m = {"site": hook, "architecture": "topk", "d_sae": args.d_sae, "k": args.k,
-             "train": train_info, "corpus": corpus_info}
+        m = {
+            "site": hook,
+            "architecture": "topk",
+            "d_sae": args.d_sae,
+            "k": args.k,
+            "train": train_info,
+            "corpus": corpus_info,
+        }
         m[f"recon_ctx{args.ctx}"] = recon_metrics(inf, ev_short[hook])
         m[f"recon_ctx{args.long_ctx}"] = recon_metrics(inf, ev_long[hook])
         # positions beyond the training length, at the long context
         per_row = args.long_ctx - 1
         idx = torch.arange(len(ev_long[hook])) % per_row
         m[f"recon_ctx{args.long_ctx}_pos>={args.ctx}"] = recon_metrics(
-            inf, ev_long[hook][idx >= args.ctx - 1])
+            inf, ev_long[hook][idx >= args.ctx - 1]
+        )
         t = time.time()
         m[f"ce_ctx{args.ctx}"] = ce_metrics(model, eval_short, hook, inf, mean_act, args.fwd_batch)
         m[f"ce_ctx{args.long_ctx}"] = ce_metrics(
-            model, eval_long, hook, inf, mean_act, max(1, args.fwd_batch // 4))
+            model, eval_long, hook, inf, mean_act, max(1, args.fwd_batch // 4)
+        )
         log(f"  CE metrics in {time.time() - t:.0f}s")
         save(inf, Path(args.out) / SITE_NAMES.get(hook, hook.replace(".", "_")), m)
         table.append(m)
         log(json.dumps(m, indent=1))
         del sae
 
-    hdr = (f"{'site':<26} {'ctx':>4} {'FVE':>6} {'L0':>5} {'dead':>6} {'CE clean':>8} "
-           f"{'CE sae':>7} {'CE zero':>7} {'CE mean':>7} {'rec0':>6} {'recM':>6}")
+    hdr = (
+        f"{'site':<26} {'ctx':>4} {'FVE':>6} {'L0':>5} {'dead':>6} {'CE clean':>8} "
+        f"{'CE sae':>7} {'CE zero':>7} {'CE mean':>7} {'rec0':>6} {'recM':>6}"
+    )
     print(hdr)
     for m in table:
         for c in (args.ctx, args.long_ctx):
             r, ce = m[f"recon_ctx{c}"], m[f"ce_ctx{c}"]
-            print(f"{m['site']:<26} {c:>4} {r['fve']:>6.3f} {r['l0']:>5.1f} {r['dead_frac']:>6.3f} "
-                  f"{ce['ce_clean']:>8.3f} {ce['ce_sae']:>7.3f} {ce['ce_zero_ablation']:>7.3f} "
-                  f"{ce['ce_mean_ablation']:>7.3f} {ce['ce_recovered_zero']:>6.3f} "
-                  f"{ce['ce_recovered_mean']:>6.3f}")
+            print(
+                f"{m['site']:<26} {c:>4} {r['fve']:>6.3f} {r['l0']:>5.1f} {r['dead_frac']:>6.3f} "
+                f"{ce['ce_clean']:>8.3f} {ce['ce_sae']:>7.3f} {ce['ce_zero_ablation']:>7.3f} "
+                f"{ce['ce_mean_ablation']:>7.3f} {ce['ce_recovered_zero']:>6.3f} "
+                f"{ce['ce_recovered_mean']:>6.3f}"
+            )
     log("done")
     return 0
 
