@@ -110,9 +110,38 @@ class _Rows:
             tensors[_RESUME + key] = value
         return tensors
 
+    def _save(self, path: str | os.PathLike[str], fmt: str, info: dict[str, Any]) -> Path:
+        """Atomic safetensors file: the tensors, and `info` + provenance as JSON."""
+        info = {
+            **info,
+            "target": None if self.target is None else self.target.to_dict(),  # type: ignore[attr-defined]
+            **{k: getattr(self, k) for k in _PROVENANCE},
+        }
+        meta = {"format": fmt, "json": json.dumps(info, default=_jsonable)}
+        return atomic_save_tensors(self._tensors(), path, meta)
 
-def _resume_from(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
-    return {k[len(_RESUME) :]: v for k, v in tensors.items() if k.startswith(_RESUME)}
+
+_PROVENANCE = ("method", "config", "model_name", "prompts", "metadata")
+
+
+def _loaded_fields(
+    path: Any, info: dict[str, Any], tensors: dict[str, Tensor], default_method: str
+) -> dict[str, Any]:
+    """The constructor arguments every artifact shares, read back from a file."""
+    try:
+        target = None if info.get("target") is None else HookSite.from_dict(info["target"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise ArtifactError(f"{path} has corrupt target metadata: {err!r}") from err
+    return {
+        "target": target,
+        "method": info.get("method", default_method),
+        "config": info.get("config", {}),
+        "model_name": info.get("model_name"),
+        "prompts": info.get("prompts"),
+        "metadata": info.get("metadata", {}),
+        **{name: tensors.get(name) for name in _TRAINING},
+        "resume_state": {k[len(_RESUME) :]: v for k, v in tensors.items() if k.startswith(_RESUME)},
+    }
 
 
 @dataclass
@@ -173,22 +202,9 @@ class SteeringVectors(_Rows):
             yield m
 
     # ------------------------------------------------------------------ files
-    def _meta(self) -> dict[str, Any]:
-        return {
-            "site": self.site.to_dict(),
-            "target": None if self.target is None else self.target.to_dict(),
-            "method": self.method,
-            "config": self.config,
-            "model_name": self.model_name,
-            "prompts": self.prompts,
-            "metadata": self.metadata,
-        }
-
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write one safetensors file (tensors) with JSON metadata; atomic."""
-        tensors = self._tensors()
-        meta = {"format": FORMAT, "json": json.dumps(self._meta(), default=_jsonable)}
-        return atomic_save_tensors(tensors, path, meta)
+        return self._save(path, FORMAT, {"site": self.site.to_dict()})
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> SteeringVectors:
@@ -197,25 +213,12 @@ class SteeringVectors(_Rows):
         info = json.loads(meta["json"])
         if "vectors" not in tensors:
             raise ArtifactError(f"{path} has no 'vectors' tensor; the file is incomplete")
-        resume = _resume_from(tensors)
         try:
             site = HookSite.from_dict(info["site"])
-            target = None if info.get("target") is None else HookSite.from_dict(info["target"])
         except (KeyError, TypeError, ValueError) as err:
             raise ArtifactError(f"{path} has corrupt site metadata: {err!r}") from err
         return cls(
-            vectors=tensors["vectors"],
-            site=site,
-            target=target,
-            method=info.get("method", "melbo"),
-            config=info.get("config", {}),
-            model_name=info.get("model_name"),
-            prompts=info.get("prompts"),
-            losses=tensors.get("losses"),
-            objective=tensors.get("objective"),
-            steps_done=tensors.get("steps_done"),
-            metadata=info.get("metadata", {}),
-            resume_state=resume,
+            vectors=tensors["vectors"], site=site, **_loaded_fields(path, info, tensors, "melbo")
         )
 
     def __repr__(self) -> str:
@@ -400,19 +403,7 @@ class SteeringAdapters(_Rows):
     # ------------------------------------------------------------------ files
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write one safetensors file (tensors) with JSON metadata; atomic."""
-        tensors = self._tensors()
-        info = {
-            "layer": self.layer,
-            "radius": self.radius,
-            "target": None if self.target is None else self.target.to_dict(),
-            "method": self.method,
-            "config": self.config,
-            "model_name": self.model_name,
-            "prompts": self.prompts,
-            "metadata": self.metadata,
-        }
-        meta = {"format": ADAPTERS_FORMAT, "json": json.dumps(info, default=_jsonable)}
-        return atomic_save_tensors(tensors, path, meta)
+        return self._save(path, ADAPTERS_FORMAT, {"layer": self.layer, "radius": self.radius})
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> SteeringAdapters:
@@ -430,9 +421,7 @@ class SteeringAdapters(_Rows):
         missing = {"omega_a", "omega_b"} - set(tensors)
         if missing:
             raise ArtifactError(f"{path} has no {sorted(missing)} tensor; the file is incomplete")
-        resume = _resume_from(tensors)
         try:
-            target = None if info.get("target") is None else HookSite.from_dict(info["target"])
             layer, radius = int(info["layer"]), float(info["radius"])
         except (KeyError, TypeError, ValueError) as err:
             raise ArtifactError(f"{path} has corrupt adapter metadata: {err!r}") from err
@@ -441,16 +430,7 @@ class SteeringAdapters(_Rows):
             omega_b=tensors["omega_b"],
             layer=layer,
             radius=radius,
-            target=target,
-            method=info.get("method", "melbo_adapters"),
-            config=info.get("config", {}),
-            model_name=info.get("model_name"),
-            prompts=info.get("prompts"),
-            losses=tensors.get("losses"),
-            objective=tensors.get("objective"),
-            steps_done=tensors.get("steps_done"),
-            metadata=info.get("metadata", {}),
-            resume_state=resume,
+            **_loaded_fields(path, info, tensors, "melbo_adapters"),
         )
 
     def __repr__(self) -> str:

@@ -331,6 +331,19 @@ def _groups(cfg: MelboConfig) -> list[list[int]]:
     return [list(range(i, min(i + size, cfg.n_vectors))) for i in range(0, cfg.n_vectors, size)]
 
 
+@contextmanager
+def frozen(model: Any) -> Iterator[None]:
+    """No weight gradients inside (only θ is trained); restores each flag on exit."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        for p, _ in flags:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
 def train_steering_vectors(
     model: Any,
     prompts: PromptSet,
@@ -373,47 +386,6 @@ def train_steering_vectors(
         raise ValueError(
             f"cannot train {config.n_vectors} mutually orthogonal vectors in d_model={d_model}"
         )
-    with frozen(model):
-        return _train(
-            model,
-            prompts,
-            config,
-            progress,
-            callback,
-            checkpoint,
-            checkpoint_every,
-            resume,
-            check_every,
-            compile,
-        )
-
-
-@contextmanager
-def frozen(model: Any) -> Iterator[None]:
-    """No weight gradients inside (only θ is trained); restores each flag on exit."""
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    try:
-        for p, _ in flags:
-            p.requires_grad_(False)
-        yield
-    finally:
-        for p, flag in flags:
-            p.requires_grad_(flag)
-
-
-def _train(
-    model,
-    prompts,
-    config,
-    progress,
-    callback,
-    checkpoint,
-    checkpoint_every,
-    resume,
-    check_every,
-    compile,
-) -> SteeringVectors:
-    d_model = d_model_of(model)
     lr = config.resolved_lr(d_model)
     dtype = torch.float32
     device = prompts.tokens.device
@@ -475,52 +447,53 @@ def _train(
     group: _Group | None = None
     indices: list[int] = []
     interrupted = False
-    try:
-        for indices in groups:
-            done = ~torch.isnan(objective)  # a final objective is written when a group ends
-            if bool(done[indices].all()):
-                continue
-            finished = [k for k in range(indices[0]) if done[k]]
-            basis = None
-            if config.orthogonal == "sequential" and finished:
-                basis = torch.nn.functional.normalize(vectors[finished], dim=-1)
-            init = _init_vectors(indices, d_model, config.seed, device, dtype)
-            group = _Group(init, config, lr, basis)
-            first = int(steps_done[indices[0]])
-            if first > 0 and group_state:
-                group.load_state_tensors({k: v.to(device) for k, v in group_state.items()})
-            group_state = {}
-            for step in range(first, steps):
-                group.opt.zero_grad(set_to_none=True)
-                loss, obj = _loss(segment, group, config)
-                loss.backward()
-                losses[indices, step] = obj
-                group.update(obj)
-                steps_done[indices] = step + 1
-                vectors[indices] = group.theta.detach()
-                bar.update(len(indices))
-                if (step + 1) % check_every == 0 or step + 1 == steps:
-                    check_finite(losses, indices, step + 1, max(first, step + 1 - check_every))
-                    bar.set_postfix(objective=f"{float(obj.mean()):.4g}")
-                if callback is not None:
-                    state = TrainingState(step, indices, obj, group.theta.detach())
-                    if callback(state) is False:
-                        raise KeyboardInterrupt
-                if checkpoint and (step + 1) % checkpoint_every == 0 and step + 1 < steps:
-                    seconds = elapsed + time.perf_counter() - start_time
-                    artifact(group.state_tensors(), seconds).save(checkpoint)
-            vectors[indices] = group.result()
-            with torch.no_grad():
-                final, _ = _objectives(segment, vectors[indices], config)
-            objective[indices] = final
-            check_finite(objective[:, None], indices, 1, 0)
-            group = None
-            if checkpoint:
-                artifact({}, elapsed + time.perf_counter() - start_time).save(checkpoint)
-    except KeyboardInterrupt:
-        interrupted = True
-    finally:
-        bar.close()
+    with frozen(model):  # only θ gets gradients; the model's flags are restored
+        try:
+            for indices in groups:
+                done = ~torch.isnan(objective)  # a final objective is written when a group ends
+                if bool(done[indices].all()):
+                    continue
+                finished = [k for k in range(indices[0]) if done[k]]
+                basis = None
+                if config.orthogonal == "sequential" and finished:
+                    basis = torch.nn.functional.normalize(vectors[finished], dim=-1)
+                init = _init_vectors(indices, d_model, config.seed, device, dtype)
+                group = _Group(init, config, lr, basis)
+                first = int(steps_done[indices[0]])
+                if first > 0 and group_state:
+                    group.load_state_tensors({k: v.to(device) for k, v in group_state.items()})
+                group_state = {}
+                for step in range(first, steps):
+                    group.opt.zero_grad(set_to_none=True)
+                    loss, obj = _loss(segment, group, config)
+                    loss.backward()
+                    losses[indices, step] = obj
+                    group.update(obj)
+                    steps_done[indices] = step + 1
+                    vectors[indices] = group.theta.detach()
+                    bar.update(len(indices))
+                    if (step + 1) % check_every == 0 or step + 1 == steps:
+                        check_finite(losses, indices, step + 1, max(first, step + 1 - check_every))
+                        bar.set_postfix(objective=f"{float(obj.mean()):.4g}")
+                    if callback is not None:
+                        state = TrainingState(step, indices, obj, group.theta.detach())
+                        if callback(state) is False:
+                            raise KeyboardInterrupt
+                    if checkpoint and (step + 1) % checkpoint_every == 0 and step + 1 < steps:
+                        seconds = elapsed + time.perf_counter() - start_time
+                        artifact(group.state_tensors(), seconds).save(checkpoint)
+                vectors[indices] = group.result()
+                with torch.no_grad():
+                    final, _ = _objectives(segment, vectors[indices], config)
+                objective[indices] = final
+                check_finite(objective[:, None], indices, 1, 0)
+                group = None
+                if checkpoint:
+                    artifact({}, elapsed + time.perf_counter() - start_time).save(checkpoint)
+        except KeyboardInterrupt:
+            interrupted = True
+        finally:
+            bar.close()
     elapsed += time.perf_counter() - start_time
     state = group.state_tensors() if (interrupted and group is not None) else {}
     if interrupted and group is not None:
