@@ -21,6 +21,13 @@ from .analysis.similarity import (
     nearest_matches,
     principal_angles,
 )
+from .analysis.tokens import (
+    TokenActivations,
+    TokenDeltas,
+    feature_token_activations,
+    token_delta_norms,
+    top_activating_tokens,
+)
 from .artifacts import ArtifactError, SteeringAdapters, SteeringVectors, load_artifact
 from .generation import SteeredGenerations, generate_steered, generate_with_adapters
 from .interventions import (
@@ -111,6 +118,11 @@ __all__ = [
     "add_vectors",
     "clamp_direction",
     "compare_vectors",
+    "TokenActivations",
+    "TokenDeltas",
+    "feature_token_activations",
+    "token_delta_norms",
+    "top_activating_tokens",
     "cosine_matrix",
     "delta_similarity",
     "generate_with_adapters",
