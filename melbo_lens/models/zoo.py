@@ -231,7 +231,9 @@ def load_model(
 
     Args:
         name: a key of ``PACKAGED_MODELS`` or its Hugging Face name (loaded offline, converted
-            once and cached); any other name goes to ``HookedTransformer.from_pretrained``.
+            once and cached); ``"planted-arithmetic"``, the planted-behaviour toy
+            (`melbo_lens.models.toy`, package data); any other name goes to
+            ``HookedTransformer.from_pretrained``.
         device: where the model's weights go.
         dtype: weight dtype; the cache holds float32 and is cast on load.
         bridge: return a ``TransformerBridge`` around the transformers model instead, in
@@ -250,6 +252,12 @@ def load_model(
         >>> logits = model("The capital of France is")  # doctest: +SKIP
     """
     dtype = _resolve_dtype(dtype)
+    if name.strip().lower() == "planted-arithmetic":  # the planted-behaviour toy (package data)
+        if bridge:
+            raise ValueError("the planted-arithmetic toy is a HookedTransformer only; drop bridge")
+        from melbo_lens.models.toy import load_toy
+
+        return load_toy(device=device).to(dtype, print_details=False)
     spec = _lookup(name)
     if spec is None:
         return _load_from_hub(name, device=device, dtype=dtype, bridge=bridge)
