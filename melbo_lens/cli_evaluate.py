@@ -70,5 +70,9 @@ def evaluate(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     data = report.to_dict() | {"seconds": round(seconds, 1)}
     (out / "planted.json").write_text(json.dumps(data, indent=2))
-    print(f"wrote {out / 'planted.json'}")
+    from .views.figures import planted_benchmark
+
+    figure = out / "planted.html"  # self-contained: plotly.js inlined, works offline
+    planted_benchmark(report).write_html(figure, include_plotlyjs=True)
+    print(f"wrote {out / 'planted.json'} and {figure}")
     return 0

@@ -114,3 +114,5 @@ def test_cli_writes_json(tmp_path, capsys):
     data = json.loads((tmp_path / "planted.json").read_text())
     assert set(data["summary"]) == {"melbo", "random"}
     assert "seeds full" in capsys.readouterr().out
+    page = (tmp_path / "planted.html").read_text()
+    assert "Planted behaviours elicited" in page and "<script src=" not in page

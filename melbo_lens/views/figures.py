@@ -33,6 +33,7 @@ __all__ = [
     "attribution_bars",
     "feature_heatmap",
     "objective_vs_random",
+    "planted_benchmark",
     "radius_sweep",
     "similarity_heatmap",
     "token_delta_heatmap",
@@ -272,6 +273,62 @@ def radius_sweep(sweep: Any) -> go.Figure:
     if extra:
         fig.update_yaxes(title_text=" / ".join(extra), secondary_y=True)
     fig.update_layout(title="Objective against radius R", template=_TEMPLATE)
+    return fig
+
+
+def planted_benchmark(report: Any) -> go.Figure:
+    """Planted-behaviour benchmark: per method and behaviour, the fraction of seeds in
+    which at least one of the K vectors elicits the phrase (full bars) or one of its words
+    (partial, hatched), from `PlantedReport.summary()`.
+
+    Hover shows the mean number of eliciting vectors per seed and how often an eliciting
+    vector's phrase recurs on held-out prompts.
+
+    Examples:
+        >>> planted_benchmark(evaluate_planted(model))  # doctest: +SKIP
+    """
+    summary = report.summary()
+    methods = list(summary)
+    behaviours = list(report.behaviours)
+    if not methods or not behaviours:
+        raise ValueError("the report has no runs; run evaluate_planted first")
+    k = report.settings.get("n_vectors", "?")
+    fig = go.Figure()
+    for b in behaviours:
+        for kind, pattern in (("full", ""), ("partial", "/")):
+            stats = [summary[m][b] for m in methods]
+            hover = [
+                f"{_esc(m)}, {_esc(b)} ({kind})<br>seeds with a hit: {s[f'seeds_{kind}']:.2f}"
+                f"<br>eliciting vectors per seed: {s[f'vectors_{kind}']:.2f} of {k}"
+                + (
+                    ""
+                    if kind == "partial" or _num(s["recurrence"]) is None
+                    else f"<br>recurs on held-out prompts: {s['recurrence']:.2f}"
+                )
+                for m, s in zip(methods, stats, strict=True)
+            ]
+            fig.add_trace(
+                go.Bar(
+                    x=methods,
+                    y=[s[f"seeds_{kind}"] for s in stats],
+                    name=f"{b} ({kind})",
+                    marker_pattern_shape=pattern,
+                    hovertext=hover,
+                    hoverinfo="text",
+                )
+            )
+    settings = report.settings
+    fig.update_layout(
+        barmode="group",
+        template=_TEMPLATE,
+        title=(
+            f"Planted behaviours elicited: {len(report.seeds())} seeds, K={k}, "
+            f"R={settings.get('radius')}"
+        ),
+        xaxis_title="method",
+        yaxis_title="fraction of seeds with a hit",
+        yaxis_range=[0, 1.05],
+    )
     return fig
 
 

@@ -21,6 +21,7 @@ from melbo_lens.views.figures import (
     attribution_bars,
     feature_heatmap,
     objective_vs_random,
+    planted_benchmark,
     radius_sweep,
     similarity_heatmap,
     token_delta_heatmap,
@@ -237,3 +238,54 @@ def test_token_delta_heatmap_pads_and_marks_boundary():
     assert fig.layout.xaxis.title.text == "token" and fig.layout.yaxis.title.text == "vector"
     with pytest.raises(ValueError, match="no TokenDeltas"):
         token_delta_heatmap([])
+
+
+def _planted_run(method, seed, full, partial, recurrence=None):
+    from melbo_lens.evaluate import MethodRun
+
+    return MethodRun(
+        method=method,
+        seed=seed,
+        prompt="a=3+4, b=2+5. a*b=?",
+        unsteered="a=7, b=7, 7*7=49.",
+        completions=["x"] * 4,
+        full=full,
+        partial=partial,
+        changed=2,
+        recurrence=recurrence or {},
+    )
+
+
+def test_planted_benchmark_bars_are_seed_fractions():
+    from melbo_lens.evaluate import PlantedReport
+
+    none = {"cheese": [], "hate": []}
+    runs = [
+        # melbo: cheese fully elicited in seed 0 only (vector 3), hate partially in both
+        _planted_run(
+            "melbo",
+            0,
+            {"cheese": [3], "hate": []},
+            {"cheese": [3], "hate": [1]},
+            {"cheese": {3: 0.25}},
+        ),
+        _planted_run("melbo", 1, none, {"cheese": [], "hate": [0, 2]}),
+        _planted_run("random", 0, none, none),
+        _planted_run("random", 1, none, none),
+    ]
+    report = PlantedReport(
+        runs=runs, settings={"n_vectors": 4, "radius": 8.0}, behaviours=["cheese", "hate"]
+    )
+    fig = planted_benchmark(report)
+    bars = {t.name: t for t in fig.data}
+    assert set(bars) == {"cheese (full)", "cheese (partial)", "hate (full)", "hate (partial)"}
+    assert list(bars["cheese (full)"].x) == ["melbo", "random"]
+    assert list(bars["cheese (full)"].y) == [0.5, 0.0]
+    assert list(bars["hate (full)"].y) == [0.0, 0.0]
+    assert list(bars["hate (partial)"].y) == [1.0, 0.0]
+    assert "recurs on held-out prompts: 0.25" in bars["cheese (full)"].hovertext[0]
+    assert "1.50 of 4" in bars["hate (partial)"].hovertext[0]  # (1 + 2) / 2 seeds
+    assert fig.layout.yaxis.title.text == "fraction of seeds with a hit"
+    assert "2 seeds, K=4, R=8.0" in fig.layout.title.text
+    with pytest.raises(ValueError, match="no runs"):
+        planted_benchmark(PlantedReport(runs=[], settings={}, behaviours=["cheese"]))
