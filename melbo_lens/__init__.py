@@ -14,6 +14,8 @@ from .analysis.attribution import (
     feature_change_attribution,
     logit_diff_metric,
 )
+from .analysis.behaviors import BehaviorReport, BehaviorRule, classify_completions
+from .analysis.diversity import Diversity, completion_diversity, fluency, repetition_score
 from .analysis.similarity import (
     compare_vectors,
     cosine_matrix,
@@ -56,6 +58,7 @@ from .methods.melbo import (
     train_steering_vectors,
 )
 from .methods.objectives import cosine_penalty, melbo_objective, melbo_objective_per_prompt
+from .methods.radius import RadiusSweep, recommend_radius, select_radius
 from .methods.supervised import (
     mean_difference_vectors,
     pca_vectors,
@@ -63,6 +66,7 @@ from .methods.supervised import (
     stability_curve,
 )
 from .prompts import PromptSet
+from .runs import RunAnalysis, RunAnalysisError, analyze_run
 from .segment import Segment
 from .sites import HookSite
 from .steering import steer
@@ -107,6 +111,16 @@ __all__ = [
     "decompose_target_delta",
     "feature_change_attribution",
     "logit_diff_metric",
+    "BehaviorReport",
+    "BehaviorRule",
+    "Diversity",
+    "RadiusSweep",
+    "classify_completions",
+    "completion_diversity",
+    "fluency",
+    "recommend_radius",
+    "repetition_score",
+    "select_radius",
     "AdapterConfig",
     "AdapterTrainingState",
     "ArtifactError",
@@ -145,6 +159,9 @@ __all__ = [
     "MelboConfig",
     "PACKAGED_MODELS",
     "PromptSet",
+    "RunAnalysis",
+    "RunAnalysisError",
+    "analyze_run",
     "Segment",
     "SteeredGenerations",
     "SteeringVectors",

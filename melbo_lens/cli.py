@@ -4,6 +4,9 @@ melbo-lens demo --out demo_out            # the main job, offline, SmolLM2-135M-
 melbo-lens train --prompt "Hi" --source 7 --target blocks.22.hook_resid_pre --out run
 melbo-lens generate run/vectors.safetensors --prompt "Tell me a story"
 melbo-lens bench                           # speed against a naive reference
+melbo-lens report run                      # RUN/report.html: one self-contained page
+melbo-lens evaluate planted                # does MELBO find the toy's planted backdoors?
+melbo-lens sweep --radii 4,8,16,32 --prompt "How can I tame a wolf?"   # choose R
 """
 
 from __future__ import annotations
@@ -203,6 +206,62 @@ def cmd_demo(args: argparse.Namespace) -> int:
     completions = Path(args.out) / "completions.json"
     completions.write_text(json.dumps(gens.to_dict(), indent=2))
     print(f"\ntrained in {seconds:.1f} s; vectors -> {path}; completions -> {completions}")
+    from .runs import analyze_run
+    from .views.report import write_report
+
+    start = time.perf_counter()
+    run = analyze_run(model, vectors, ps, generations=gens, progress=not args.quiet)
+    run.save(args.out)
+    report = write_report(run, Path(args.out) / "report.html")
+    print(f"analysed and reported in {time.perf_counter() - start:.1f} s")
+    print(f"report -> {report}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .runs import ANALYSIS_JSON, VECTORS_FILE, RunAnalysis, analyze_run
+    from .views.report import write_report
+
+    run_dir = Path(args.run_dir)
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"no run directory {run_dir}")
+    if (run_dir / ANALYSIS_JSON).is_file() and not args.recompute:
+        run = RunAnalysis.load(run_dir)
+    else:
+        from .artifacts import SteeringVectors
+        from .generation import SteeredGenerations
+        from .models.zoo import load_model
+
+        if not (run_dir / VECTORS_FILE).is_file():
+            raise FileNotFoundError(
+                f"{run_dir} holds neither a saved analysis ({ANALYSIS_JSON}) nor vectors "
+                f"({VECTORS_FILE}); train some with `melbo-lens train --out {run_dir}`"
+            )
+        vectors = SteeringVectors.load(run_dir / VECTORS_FILE)
+        name = args.model or vectors.metadata.get("load_name") or vectors.model_name
+        model = load_model(name or DEFAULT_MODEL)
+        gens = None
+        saved = run_dir / "completions.json"
+        if saved.is_file():
+            gens = SteeredGenerations(**json.loads(saved.read_text()))
+            if gens.indices != list(range(len(vectors))):
+                gens = None  # made for other vectors: generate afresh
+        sae = None if args.sae == "none" else args.sae
+        start = time.perf_counter()
+        run = analyze_run(
+            model,
+            vectors,
+            generations=gens,
+            sae=sae,
+            n_random=args.n_random,
+            max_new_tokens=args.max_new_tokens,
+            attribution=args.attribution,
+            progress=not args.quiet,
+        )
+        run.save(run_dir)
+        print(f"analysed in {time.perf_counter() - start:.1f} s -> {run_dir / ANALYSIS_JSON}")
+    path = write_report(run, args.out or run_dir / "report.html")
+    print(f"report -> {path}")
     return 0
 
 
@@ -247,6 +306,18 @@ def cmd_explain(args: argparse.Namespace) -> int:
     return explain(args)
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from .cli_sweep import sweep
+
+    return sweep(args)
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from .cli_evaluate import evaluate
+
+    return evaluate(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="melbo-lens", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -280,6 +351,23 @@ def build_parser() -> argparse.ArgumentParser:
     # Residual norms at SmolLM2's layer 7 are ~100-140 per token; R = 32 changes behaviour
     # visibly, R = 4 (the source's value for Qwen-1.8B) barely changes the completions.
     p.set_defaults(func=cmd_demo, out="demo_out", radius=32.0)
+
+    p = sub.add_parser("report", help="one self-contained HTML report of a run directory")
+    p.add_argument("run_dir", help="a directory from `train` or `demo` (vectors.safetensors)")
+    p.add_argument("--model", default=None, help="default: the vectors' provenance")
+    p.add_argument("--out", default=None, help="default: RUN_DIR/report.html")
+    p.add_argument("--recompute", action="store_true", help="redo a saved analysis")
+    p.add_argument("--sae", default="auto", help="'auto' (packaged, if one fits), 'none', a path")
+    p.add_argument("--n-random", type=int, default=32, help="random vectors for the baseline")
+    p.add_argument(
+        "--attribution",
+        default="exact",
+        choices=["exact", "attribution_patching", "integrated_gradients"],
+        help="exact split of Δ (default), or node estimates verified by patching (slower)",
+    )
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("generate", help="steered completions from a saved vectors file")
     p.add_argument("vectors")
@@ -321,6 +409,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_explain_arguments(p)
     p.set_defaults(func=cmd_explain)
+
+    p = sub.add_parser("sweep", help="train at a grid of radii; recommend R at the cusp")
+    from .cli_sweep import add_arguments as add_sweep_arguments
+
+    add_sweep_arguments(p)
+    p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("evaluate", help="benchmarks: `evaluate planted` (the planted toy)")
+    from .cli_evaluate import add_arguments as add_evaluate_arguments
+
+    add_evaluate_arguments(p)
+    p.set_defaults(func=cmd_evaluate)
     return parser
 
 

@@ -1,0 +1,547 @@
+"""The report: one self-contained HTML page per run, readable with no network at all.
+
+A report renders a `RunAnalysis` (`melbo_lens.runs`) and computes nothing of its own.
+Its sections: the run's config and provenance; a table of the vectors (objective
+against random vectors of the same norm, top SAE features, a completion snippet) where
+clicking a row opens that vector's details (completions against the unsteered ones, the
+token views, its SAE decomposition and the attribution of its target-layer change);
+similarity of the vectors and of their deltas; the random baseline; notes on any part
+that was skipped.
+
+Offline by construction: plotly.js and the circuitsvis bundle are inlined once per page
+(not per figure), every figure is a JSON spec drawn by a small script (figures in a
+closed panel are drawn when it first opens, so they get its real width), the shared
+plotly template is stored once, floats are rounded to 4 significant digits, and the page
+refers to no URL but its own `#anchors`.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+import os
+import tempfile
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import plotly.graph_objects as go
+from plotly.offline import get_plotlyjs
+
+from ..runs import RunAnalysis
+from .figures import (
+    attribution_bars,
+    feature_heatmap,
+    objective_vs_random,
+    similarity_heatmap,
+    token_delta_heatmap,
+    training_curves,
+)
+from .tokens import bundle_script, feature_activation_view, html_fragment, token_delta_view
+
+__all__ = ["render_report", "write_report"]
+
+_DIGITS = 4  # significant digits kept in figure data
+_SNIPPET = 90  # characters of completion shown in the vectors table
+
+
+def render_report(run: RunAnalysis, *, title: str | None = None) -> str:
+    """The report of `run` as one HTML string (no external resources).
+
+    Examples:
+        >>> html_text = render_report(RunAnalysis.load("demo_out"))   # doctest: +SKIP
+    """
+    page = _Page()
+    model = run.info.get("model") or run.vectors.model_name or "model"
+    title = title or f"melbo-lens report: {len(run)} {run.vectors.method} vectors on {model}"
+    body = [
+        f"<header><h1>{_e(title)}</h1><p class='sub'>{_e(_setup_line(run))}</p>{_nav()}</header>",
+        _config_section(run),
+        _overview_section(run, page),
+        _vectors_section(run, page),
+        _similarity_section(run, page),
+        _baseline_section(run, page),
+        _notes_section(run),
+    ]
+    return _document(title, "\n".join(body), page)
+
+
+def write_report(
+    run: RunAnalysis, path: str | os.PathLike[str], *, title: str | None = None
+) -> Path:
+    """Render `run` and write it to `path` atomically (temporary file, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = render_report(run, title=title)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+# ---------------------------------------------------------------------- page plumbing
+class _Page:
+    """Collects figure specs (template stored once) and token views for one page."""
+
+    def __init__(self) -> None:
+        self.figs: dict[str, Any] = {}
+        self.template: Any = None
+        self.n_views = 0
+
+    def figure(self, fig: go.Figure, *, css: str = "") -> str:
+        spec = json.loads(fig.to_json())
+        layout = spec.setdefault("layout", {})
+        template = layout.pop("template", None)
+        if template is not None:
+            if self.template is None:
+                self.template = template
+            if template == self.template:
+                spec["shared_template"] = True
+            else:
+                layout["template"] = template
+        layout.pop("width", None)
+        layout["autosize"] = True
+        fid = f"fig-{len(self.figs)}"
+        self.figs[fid] = _round(spec)
+        style = f' style="{css}"' if css else ""
+        return f'<div class="ml-fig" id="{fid}"{style}></div>'
+
+    def view(self, view: Any) -> str:
+        self.n_views += 1
+        frag = html_fragment(view, bundle=False, div_id=f"ml-view-{self.n_views}")
+        return f'<div class="ml-view">{frag}</div>'
+
+
+def _round(x: Any) -> Any:
+    if isinstance(x, float):
+        if not math.isfinite(x) or x == 0:
+            return x if math.isfinite(x) else None
+        return float(f"{x:.{_DIGITS}g}")
+    if isinstance(x, list):
+        return [_round(v) for v in x]
+    if isinstance(x, dict):
+        return {k: _round(v) for k, v in x.items()}
+    return x
+
+
+def _json_for_script(data: Any) -> str:
+    """JSON that cannot end or confuse the <script> it sits in."""
+    text = json.dumps(data, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    return text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+
+
+def _e(x: Any) -> str:
+    return html.escape(str(x), quote=True)
+
+
+def _pre(text: str, cls: str = "") -> str:
+    # HTML drops one newline right after <pre>; give it one to drop, keep the text's own
+    return f"<pre class='{cls}'>\n{_e(text)}</pre>"
+
+
+def _fmt(x: float | None, digits: int = 4) -> str:
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return "–"
+    return f"{x:.{digits}g}"
+
+
+def _document(title: str, body: str, page: _Page) -> str:
+    plotly_js = get_plotlyjs().replace("</script", "<\\/script")
+    data = {"template": page.template, "figs": page.figs}
+    cv = bundle_script() if page.n_views else ""
+    return f"""<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>{_e(title)}</title>
+<style>{_CSS}</style>
+<script type="text/javascript">{plotly_js}</script>
+</head>
+<body>
+{body}
+<script type="application/json" id="ml-figures">{_json_for_script(data)}</script>
+{cv}
+<script type="text/javascript">{_JS}</script>
+</body>
+</html>
+"""
+
+
+def _nav() -> str:
+    links = [
+        ("config", "Config"),
+        ("overview", "Training"),
+        ("vectors", "Vectors"),
+        ("similarity", "Similarity"),
+        ("baselines", "Baselines"),
+        ("notes", "Notes"),
+    ]
+    return "<nav>" + " · ".join(f'<a href="#{a}">{t}</a>' for a, t in links) + "</nav>"
+
+
+def _table(rows: Sequence[Sequence[Any]], head: Sequence[str], cls: str = "") -> str:
+    h = "".join(f"<th>{_e(c)}</th>" for c in head)
+    b = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in r) + "</tr>" for r in rows)
+    return f'<table class="{cls}"><thead><tr>{h}</tr></thead><tbody>{b}</tbody></table>'
+
+
+# ---------------------------------------------------------------------- sections
+def _setup_line(run: RunAnalysis) -> str:
+    i = run.info
+    parts = [f"{i.get('site', run.vectors.site.name)} → {i.get('target', '?')}"]
+    if "radius" in i:
+        parts.append(f"R = {float(i['radius']):.4g}")
+    if "power" in i:
+        parts.append(f"p = {float(i['power']):g}, q = {float(i.get('q', 1.0)):g}")
+    parts.append(f"{i.get('n_prompts', '?')} prompts")
+    if i.get("created"):
+        parts.append(f"analysed {i['created']}")
+    return "; ".join(parts)
+
+
+def _kv(d: dict[str, Any]) -> str:
+    rows = []
+    for k, v in d.items():
+        text = v if isinstance(v, str) else json.dumps(v, default=str)
+        if len(text) > 400:
+            text = text[:400] + " …"
+        rows.append((f"<code>{_e(k)}</code>", _e(text)))
+    return _table(rows, ["key", "value"], "kv")
+
+
+def _config_section(run: RunAnalysis) -> str:
+    v = run.vectors
+    prov = {
+        "method": v.method,
+        "model": run.info.get("model") or v.model_name,
+        "site": v.site.name,
+        "target": None if v.target is None else v.target.name,
+        "n_vectors": len(v),
+        "d_model": v.d_model,
+        "vector norms": [round(float(x), 4) for x in v.radius],
+        "SAE": run.sae_name or "none",
+    }
+    prompts = run.info.get("prompts") or []
+    plist = "".join(f"<li>{_pre(p)}</li>" for p in prompts)
+    seconds = run.info.get("seconds") or {}
+    timing = ", ".join(f"{k} {float(s):.1f} s" for k, s in seconds.items())
+    return (
+        '<section id="config"><h2>Run config and provenance</h2>'
+        + _kv(prov)
+        + "<details><summary>training config</summary>"
+        + _kv(v.config or {})
+        + "</details><details><summary>artifact metadata</summary>"
+        + _kv(v.metadata or {})
+        + f"</details><details><summary>prompts ({len(prompts)})</summary><ol>{plist}</ol>"
+        + "</details>"
+        + (f"<p class='small'>analysis time: {_e(timing)}</p>" if timing else "")
+        + f"<p class='small'>melbo_lens {_e(run.info.get('melbo_lens', ''))}</p></section>"
+    )
+
+
+def _overview_section(run: RunAnalysis, page: _Page) -> str:
+    parts = ['<section id="overview"><h2>Training</h2>']
+    if run.vectors.losses is not None and run.vectors.losses.numel():
+        parts.append(page.figure(training_curves(run.vectors, labels=run.labels)))
+    else:
+        parts.append("<p class='note'>No training curves: these vectors record no losses.</p>")
+    return "".join(parts) + "</section>"
+
+
+def _top_features(run: RunAnalysis, k: int, n: int = 3) -> str:
+    if run.decompositions is None:
+        return "–"
+    dec = run.decompositions[k]
+    out = []
+    for f, c in list(zip(dec.features, dec.coefficients, strict=True))[:n]:
+        toks = (run.feature_tokens or {}).get(f) or []
+        tip = f' title="{_e(", ".join(t for t, _ in toks[:5]))}"' if toks else ""
+        tok = f" <span class='tok'>{_e(toks[0][0])}</span>" if toks else ""
+        out.append(f"<span class='feat'{tip}>f{f} ({c:+.2f}){tok}</span>")
+    return "<br>".join(out) or "–"
+
+
+def _snippet(text: str) -> str:
+    text = text.replace("\n", "⏎ ")
+    return _e(text if len(text) <= _SNIPPET else text[: _SNIPPET - 1] + "…")
+
+
+def _vectors_section(run: RunAnalysis, page: _Page) -> str:
+    gens = run.generations
+    ratios = run.random_ratio()
+    rows = []
+    for k, label in enumerate(run.labels):
+        snippet = "–"
+        if gens is not None and k in gens.indices:
+            snippet = _snippet(gens.for_vector(k)[0])
+        cells = [
+            str(k),
+            _e(label),
+            _fmt(run.objective[k]),
+            _fmt(ratios[k], 3) + "×" if ratios else "–",
+            _top_features(run, k),
+            f"<span class='snip'>{snippet}</span>",
+        ]
+        rows.append(
+            f'<tr class="ml-row" data-vector="{k}" tabindex="0" aria-controls="vector-{k}">'
+            + "".join(f"<td>{c}</td>" for c in cells)
+            + "</tr>"
+        )
+    head = ["#", "vector", "objective", "vs random mean", "top SAE features", "completion"]
+    if gens is not None and gens.unsteered:
+        snip = _snippet(gens.unsteered[0])
+        unsteered = f"<p class='small'>unsteered: <span class='snip'>{snip}</span></p>"
+    else:
+        unsteered = ""
+    table = (
+        '<table class="vectors"><thead><tr>'
+        + "".join(f"<th>{h}</th>" for h in head)
+        + "</tr></thead><tbody>"
+        + "".join(rows)
+        + "</tbody></table>"
+    )
+    details = "".join(_detail_panel(run, k, page) for k in range(len(run)))
+    return (
+        '<section id="vectors"><h2>Vectors</h2>'
+        "<p class='small'>Click a row to see that vector's completions, token views, SAE "
+        "decomposition and attribution. Completions are on the first prompt.</p>"
+        f"{unsteered}{table}"
+        '<p id="ml-hint" class="note">No vector selected.</p>'
+        f"{details}</section>"
+    )
+
+
+def _detail_panel(run: RunAnalysis, k: int, page: _Page) -> str:
+    label = run.labels[k]
+    v = run.vectors
+    parts = [
+        f'<div class="ml-detail" id="vector-{k}" data-vector="{k}" hidden>',
+        f"<h3>{_e(label)} <span class='small'>(vector {k}) · "
+        "<a href='#vectors'>back to the table</a></span></h3>",
+        f"<p>norm {_fmt(float(v.radius[k]))}, objective {_fmt(run.objective[k])}",
+    ]
+    below = run.random_rank()
+    if below:
+        parts.append(f", above {below[k]:.0%} of {len(run.random_objective)} random vectors")
+    parts.append("</p>")
+    parts.append(_completions(run, k))
+    parts.append("<h4>Token views</h4>")
+    if run.token_deltas is not None:
+        td = run.token_deltas[k]
+        # colour scale without position 0: a BOS / attention-sink token often changes by
+        # orders of magnitude more than the rest and would leave everything else white
+        top = max(td.norms[1:], default=0.0) or None
+        view = token_delta_view(replace(td, norms=_round(td.norms)), max_value=top)
+        parts.append(page.view(view))
+    else:
+        parts.append("<p class='note'>No token view: there are no completions.</p>")
+    acts = run.feature_activations[k] if run.feature_activations is not None else None
+    if acts is not None:
+        acts = replace(acts, steered=_round(acts.steered), unsteered=_round(acts.unsteered))
+        parts.append(page.view(feature_activation_view(acts)))
+    parts.append(_sae_part(run, k, page))
+    parts.append(_attribution_part(run, k, page))
+    parts.append("</div>")
+    return "".join(parts)
+
+
+def _completions(run: RunAnalysis, k: int) -> str:
+    gens = run.generations
+    if gens is None or k not in gens.indices:
+        return "<h4>Completions</h4><p class='note'>No completions for this vector.</p>"
+    steered = gens.for_vector(k)
+    rows = []
+    for i, prompt in enumerate(gens.prompts):
+        un = gens.unsteered[i] if gens.unsteered is not None else ""
+        rows.append(
+            (
+                _pre(prompt, "prompt"),
+                _pre(un, "unsteered"),
+                _pre(steered[i], "steered"),
+            )
+        )
+    return "<h4>Completions</h4>" + _table(
+        rows, ["prompt", "unsteered", f"steered ({run.labels[k]})"], "completions"
+    )
+
+
+def _sae_part(run: RunAnalysis, k: int, page: _Page) -> str:
+    if run.decompositions is None:
+        return "<h4>SAE decomposition</h4><p class='note'>No SAE decomposition (see Notes).</p>"
+    dec = run.decompositions[k]
+    toks = run.feature_tokens or {}
+    coef = "cosine" if dec.method == "cosine" else "coefficient"
+    rows = []
+    for j, f in enumerate(dec.features):
+        top = ", ".join(f"{t} ({a:.2g})" for t, a in (toks.get(f) or [])[:5])
+        rows.append(
+            (
+                str(j + 1),
+                f"f{f}",
+                _fmt(dec.coefficients[j], 3),
+                _fmt(dec.cosines[j], 3) if j < len(dec.cosines) else "–",
+                _fmt(dec.explained_curve[j], 3) if j < len(dec.explained_curve) else "–",
+                f"<span class='tok'>{_e(top)}</span>",
+            )
+        )
+    table = _table(rows, ["rank", "feature", coef, "cos", "explained", "top tokens"], "sae")
+    fig = page.figure(
+        feature_heatmap([dec], top=len(dec.features), feature_tokens=toks or None),
+        css="height:260px",
+    )
+    return (
+        f"<h4>SAE decomposition ({_e(run.sae_name or '')}, {_e(dec.method)})</h4>"
+        f"<p class='small'>{len(dec.features)} features explain {dec.explained:.1%} of the "
+        f"vector's norm².</p>{fig}<details><summary>feature table</summary>{table}</details>"
+    )
+
+
+def _attribution_part(run: RunAnalysis, k: int, page: _Page) -> str:
+    if run.attributions is None:
+        return "<h4>Attribution</h4><p class='note'>No attribution.</p>"
+    att = run.attributions[k]
+    out = ["<h4>Attribution of the target-layer change</h4>"]
+    out.append(page.figure(attribution_bars(replace(att, nodes=[]), top=12)))
+    if att.nodes:
+        out.append(page.figure(attribution_bars(att, top=12)))
+        corr = "n/a" if att.correlation is None else f"{att.correlation:.3f}"
+        out.append(
+            f"<p class='small'>{_e(att.method)} of {_e(att.metric)}: m(steered) = "
+            f"{_fmt(att.metric_steered)}, m(unsteered) = {_fmt(att.metric_unsteered)}; "
+            f"{len(att.verified)} nodes verified by patching ({_e(att.patch_direction)}), "
+            f"Pearson r = {corr}.</p>"
+        )
+    return "".join(out)
+
+
+def _similarity_section(run: RunAnalysis, page: _Page) -> str:
+    parts = ['<section id="similarity"><h2>Similarity</h2><div class="grid">']
+    labels = run.labels
+    for m, name in ((run.vector_similarity, "vectors"), (run.delta_similarity, "target deltas")):
+        if m is not None:
+            fig = similarity_heatmap(
+                m, title=f"cosine similarity of {name}", row_labels=labels, col_labels=labels
+            )
+            parts.append(page.figure(fig))
+    parts.append("</div>")
+    if run.token_deltas is not None:
+        parts.append(page.figure(token_delta_heatmap(run.token_deltas)))
+    if run.decompositions is not None:
+        fig = feature_heatmap(run.decompositions, top=5, feature_tokens=run.feature_tokens)
+        parts.append(page.figure(fig))
+    return "".join(parts) + "</section>"
+
+
+def _baseline_section(run: RunAnalysis, page: _Page) -> str:
+    parts = ['<section id="baselines"><h2>Baselines</h2>']
+    if not run.random_objective:
+        return "".join(parts) + "<p class='note'>No random baseline.</p></section>"
+    s = run.random_summary()
+    parts.append(
+        f"<p>{int(s['n'])} random vectors of the same norm at {_e(run.vectors.site.name)} "
+        f"(seed {_e(run.info.get('random_seed', '?'))}), same objective and prompts: mean "
+        f"{_fmt(s['mean'])}, std {_fmt(s['std'])}, max {_fmt(s['max'])}.</p>"
+    )
+    parts.append(
+        page.figure(
+            objective_vs_random(run.scored_vectors, run.random_objective, labels=run.labels)
+        )
+    )
+    return "".join(parts) + "</section>"
+
+
+def _notes_section(run: RunAnalysis) -> str:
+    notes = "".join(f"<li>{_e(n)}</li>" for n in run.notes) or "<li>none</li>"
+    return f'<section id="notes"><h2>Notes</h2><ul>{notes}</ul></section>'
+
+
+_CSS = """
+body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",sans-serif;margin:0 auto;max-width:1200px;
+padding:0 18px 60px;color:#1f2328}
+header{border-bottom:1px solid #d0d7de;margin-bottom:12px}
+h1{font-size:22px;margin:18px 0 4px}h2{font-size:18px;margin-top:28px;border-bottom:1px solid #eee}
+h3{font-size:16px}h4{font-size:14px;margin:18px 0 6px}
+nav a{color:#0969da;text-decoration:none}.sub{color:#57606a;margin:0 0 6px}
+table{border-collapse:collapse;margin:6px 0;width:100%}
+td,th{border:1px solid #d0d7de;padding:4px 6px;text-align:left;vertical-align:top}
+th{background:#f6f8fa}.kv td:first-child{width:22%}
+pre{white-space:pre-wrap;word-break:break-word;margin:0;font:12px/1.4 ui-monospace,monospace}
+.vectors tr.ml-row{cursor:pointer}.vectors tr.ml-row:hover{background:#f3f8ff}
+.vectors tr.ml-row[aria-selected=true]{background:#ddf4ff}
+.small{color:#57606a;font-size:12px}.note{color:#9a6700}
+.snip{font:12px ui-monospace,monospace}.tok{font:12px ui-monospace,monospace;color:#57606a}
+.feat{white-space:nowrap}.ml-detail{border:1px solid #d0d7de;border-radius:6px;padding:4px 14px;
+margin-top:14px;background:#fff}.ml-fig{min-height:300px;width:100%}
+.grid{display:grid;grid-template-columns:repeat(auto-fit,minmax(420px,1fr));gap:10px}
+.completions pre.steered{color:#0a3069}.melbo-caption{font-size:12px;color:#57606a;margin:4px 0}
+"""
+
+_JS = r"""
+(function () {
+  "use strict";
+  var DATA = JSON.parse(document.getElementById("ml-figures").textContent);
+  var CONFIG = {displaylogo: false, responsive: true, showLink: false, showSendToCloud: false};
+  function visible(el) {
+    return !!(el.offsetWidth || el.offsetHeight || el.getClientRects().length);
+  }
+  function draw(div) {
+    if (div.dataset.drawn) { Plotly.Plots.resize(div); return; }
+    var spec = DATA.figs[div.id];
+    if (!spec) { return; }
+    var layout = Object.assign({}, spec.layout || {});
+    if (spec.shared_template && DATA.template) { layout.template = DATA.template; }
+    div.dataset.drawn = "1";
+    Plotly.newPlot(div, spec.data || [], layout, CONFIG);
+  }
+  function drawVisible(root) {
+    var divs = (root || document).querySelectorAll(".ml-fig");
+    for (var i = 0; i < divs.length; i++) { if (visible(divs[i])) { draw(divs[i]); } }
+  }
+  function show(k) {
+    var panels = document.querySelectorAll(".ml-detail");
+    for (var i = 0; i < panels.length; i++) {
+      panels[i].hidden = panels[i].dataset.vector !== String(k);
+    }
+    var rows = document.querySelectorAll("tr.ml-row");
+    for (var j = 0; j < rows.length; j++) {
+      var on = rows[j].dataset.vector === String(k);
+      rows[j].setAttribute("aria-selected", on ? "true" : "false");
+    }
+    var hint = document.getElementById("ml-hint");
+    if (hint) { hint.hidden = true; }
+    var panel = document.getElementById("vector-" + k);
+    if (!panel) { return; }
+    drawVisible(panel);
+    var top = panel.getBoundingClientRect().top;
+    if (top < 0 || top > window.innerHeight * 0.6) { panel.scrollIntoView({block: "start"}); }
+    if (window.history && history.replaceState) { history.replaceState(null, "", "#vector-" + k); }
+  }
+  window.melboShowVector = show;
+  document.addEventListener("click", function (ev) {
+    var row = ev.target.closest ? ev.target.closest("tr.ml-row") : null;
+    if (row) { show(row.dataset.vector); }
+  });
+  document.addEventListener("keydown", function (ev) {
+    var row = ev.target.closest ? ev.target.closest("tr.ml-row") : null;
+    if (row && (ev.key === "Enter" || ev.key === " ")) {
+      ev.preventDefault();
+      show(row.dataset.vector);
+    }
+  });
+  document.addEventListener("toggle", function (ev) { drawVisible(ev.target); }, true);
+  drawVisible(document);
+  var m = /^#vector-(\d+)$/.exec(window.location.hash);
+  if (m) { show(m[1]); }
+})();
+"""
