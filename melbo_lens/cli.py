@@ -60,6 +60,8 @@ def _target_positions(spec: str):
         return None
     if spec.startswith("last:"):
         return slice(-int(spec.split(":", 1)[1]), None)
+    if spec.endswith(":"):  # "1:" = every position from 1 on (skips the first token)
+        return slice(int(spec[:-1]), None)
     return [int(p) for p in spec.split(",")]
 
 
@@ -81,7 +83,9 @@ def _add_training_args(p: argparse.ArgumentParser, *, n_vectors: int, steps: int
     p.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
     p.add_argument("--source", default="7", help="layer (resid_post) or hook name")
     p.add_argument("--target", default="blocks.22.hook_resid_pre", help="layer or hook name")
-    p.add_argument("--target-positions", default="all", help="'all', 'last:N' or '0,3,-1'")
+    p.add_argument(
+        "--target-positions", default="all", help="'all', 'N:' (from N on), 'last:N' or '0,3,-1'"
+    )
     p.add_argument("--radius", type=float, default=4.0)
     p.add_argument("--power", type=float, default=2.0)
     p.add_argument("--q", type=float, default=1.0)
@@ -350,7 +354,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--width", type=int, default=110)
     # Residual norms at SmolLM2's layer 7 are ~100-140 per token; R = 32 changes behaviour
     # visibly, R = 4 (the source's value for Qwen-1.8B) barely changes the completions.
-    p.set_defaults(func=cmd_demo, out="demo_out", radius=32.0)
+    # The first token (<|im_start|>) has ~6x the residual norm of the others; with all
+    # positions its ||Δ_0|| dominates the objective, so the demo leaves it out.
+    p.set_defaults(func=cmd_demo, out="demo_out", radius=32.0, target_positions="1:")
 
     p = sub.add_parser("report", help="one self-contained HTML report of a run directory")
     p.add_argument("run_dir", help="a directory from `train` or `demo` (vectors.safetensors)")

@@ -31,7 +31,6 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -59,7 +58,7 @@ from .analysis.tokens import (
     token_delta_norms,
     top_activating_tokens,
 )
-from .artifacts import SteeringVectors, atomic_save_tensors, read_artifact
+from .artifacts import SteeringVectors, atomic_save_tensors, atomic_write_text, read_artifact
 from .generation import SteeredGenerations, generate_steered
 from .methods.baselines import random_vectors
 from .methods.objectives import melbo_objective_per_prompt
@@ -220,7 +219,7 @@ class RunAnalysis:
         else:
             (run_dir / ANALYSIS_TENSORS).unlink(missing_ok=True)
         text = json.dumps(data, default=_jsonable)
-        return _atomic_write_text(run_dir / ANALYSIS_JSON, text)
+        return atomic_write_text(run_dir / ANALYSIS_JSON, text)
 
     @classmethod
     def load(cls, run_dir: str | os.PathLike[str]) -> RunAnalysis:
@@ -714,20 +713,6 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return None
     raise TypeError(f"cannot store {type(value).__name__} in a run analysis")
-
-
-def _atomic_write_text(path: Path, text: str) -> Path:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def _version() -> str:

@@ -372,3 +372,20 @@ def test_saved_file_is_plain_safetensors(tmp_path, rng):
         assert "vectors" in set(f.keys())
     assert os.path.getsize(path) > 0
     assert path.read_bytes()[:1] != b"\x80"
+
+
+def test_saved_files_get_ordinary_permissions(tmp_path):
+    """Atomic saves go through mkstemp (mode 0600); the result must be readable as if
+    written by open(): 0666 & ~umask."""
+    from melbo_lens.artifacts import atomic_write_text
+
+    umask = os.umask(0o022)
+    try:
+        vec = SteeringVectors(vectors=torch.randn(2, 4), site=HookSite(0))
+        paths = [vec.save(tmp_path / "v.safetensors"), atomic_write_text(tmp_path / "a.txt", "x")]
+        for path in paths:
+            assert os.stat(path).st_mode & 0o777 == 0o644, path
+        assert (tmp_path / "a.txt").read_text() == "x"
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "v.safetensors"]
+    finally:
+        os.umask(umask)

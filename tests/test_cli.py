@@ -14,6 +14,9 @@ def test_target_position_specs():
     assert _target_positions("all") is None
     assert _target_positions("last:3") == slice(-3, None)
     assert _target_positions("0,2,-1") == [0, 2, -1]
+    assert _target_positions("1:") == slice(1, None)
+    # the demo leaves out the first token, whose residual norm dominates the objective
+    assert build_parser().parse_args(["demo"]).target_positions == "1:"
 
 
 def test_adapters_need_an_mlp_source(capsys):
