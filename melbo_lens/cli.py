@@ -352,11 +352,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="the main job: train on SmolLM2 and show steered text")
     _add_training_args(p, n_vectors=6, steps=100)
     p.add_argument("--width", type=int, default=110)
-    # Residual norms at SmolLM2's layer 7 are ~100-140 per token; R = 32 changes behaviour
-    # visibly, R = 4 (the source's value for Qwen-1.8B) barely changes the completions.
     # The first token (<|im_start|>) has ~6x the residual norm of the others; with all
-    # positions its ||Δ_0|| dominates the objective, so the demo leaves it out.
-    p.set_defaults(func=cmd_demo, out="demo_out", radius=32.0, target_positions="1:")
+    # positions its ||Δ_0|| dominates the objective, so the demo leaves it out. Residual
+    # norms at SmolLM2's layer 7 are ~100-140 per token: without the first token, R = 16
+    # changes behaviour while staying fluent (R = 32 gives gibberish; R = 4, the source's
+    # value for Qwen-1.8B, barely changes the completions). `melbo-lens sweep` measures it.
+    p.set_defaults(func=cmd_demo, out="demo_out", radius=16.0, target_positions="1:")
 
     p = sub.add_parser("report", help="one self-contained HTML report of a run directory")
     p.add_argument("run_dir", help="a directory from `train` or `demo` (vectors.safetensors)")
