@@ -95,6 +95,11 @@ def __getattr__(name: str):
         from .models import zoo
 
         return getattr(zoo, name)
+    if name in ("evaluate_planted", "PlantedReport"):
+        # the benchmark loads the planted toy model (models/toy.py); import it on demand
+        from . import evaluate
+
+        return getattr(evaluate, name)
     if name in _SAE_NAMES:
         from .analysis import sae
 
@@ -104,6 +109,8 @@ def __getattr__(name: str):
 
 __all__ = [
     *sorted(_SAE_NAMES),
+    "PlantedReport",
+    "evaluate_planted",
     "DeltaAttribution",
     "DeltaDecomposition",
     "FeatureChange",
