@@ -208,55 +208,51 @@ def objective_vs_random(
 
 
 def radius_sweep(sweep: Any) -> go.Figure:
-    """Objective against the radius R (log x); diversity / fluency on a second axis.
+    """Objective, diversity and fluency against the radius R, one panel each (shared log x).
 
-    `sweep` has `radii` and `objective` (lists of equal length) and may have
-    `diversity`, `fluency` (lists or None) and `recommended` (a radius, or None), which
-    is drawn as a dashed vertical line.
+    `sweep` has `radii` and `objective` (lists of equal length) and may have `diversity`,
+    `fluency` (lists or None; fluency = median perplexity, drawn on a log axis) and
+    `recommended` (a radius, or None), drawn as a dashed vertical line through every panel.
+    Separate panels because the three live on unrelated scales (objective ~1e5-1e8,
+    diversity in [0, 2], perplexity from ~2 to hundreds).
 
     Examples:
-        >>> radius_sweep(select_radius(model, prompts, source, target))  # doctest: +SKIP
+        >>> radius_sweep(select_radius(model, prompts, config, [4, 8, 16]))  # doctest: +SKIP
     """
     radii = [float(r) for r in sweep.radii]
-    objective = [_num(x) for x in sweep.objective]
-    if len(objective) != len(radii):
-        raise ValueError(f"{len(radii)} radii but {len(objective)} objective values")
-    extra = {}
+    panels = {"objective": [_num(x) for x in sweep.objective]}
     for name in ("diversity", "fluency"):
         values = getattr(sweep, name, None)
         if values is not None:
-            values = [_num(x) for x in values]
-            if len(values) != len(radii):
-                raise ValueError(f"{len(radii)} radii but {len(values)} {name} values")
-            extra[name] = values
-    log_x = bool(radii) and all(r > 0 for r in radii)
-    fig = make_subplots(specs=[[{"secondary_y": bool(extra)}]])
-    fig.add_trace(
-        go.Scatter(
-            x=radii,
-            y=objective,
-            mode="lines+markers",
-            name="objective",
-            hovertemplate="R %{x:.4g}<br>objective %{y:.4g}<extra></extra>",
-        ),
-        secondary_y=False,
-    )
-    for name, values in extra.items():
+            panels[name] = [_num(x) for x in values]
+    for name, values in panels.items():
+        if len(values) != len(radii):
+            raise ValueError(f"{len(radii)} radii but {len(values)} {name} values")
+    titles = {
+        "objective": "objective",
+        "diversity": "diversity",
+        "fluency": "median perplexity",
+    }
+    fig = make_subplots(rows=len(panels), cols=1, shared_xaxes=True, vertical_spacing=0.06)
+    for row, (name, values) in enumerate(panels.items(), start=1):
         fig.add_trace(
             go.Scatter(
                 x=radii,
                 y=values,
                 mode="lines+markers",
                 name=name,
-                line_dash="dot",
-                hovertemplate=f"R %{{x:.4g}}<br>{name} %{{y:.4g}}<extra></extra>",
+                hovertemplate=f"R %{{x:.4g}}<br>{titles[name]} %{{y:.4g}}<extra></extra>",
             ),
-            secondary_y=True,
+            row=row,
+            col=1,
         )
+        fig.update_yaxes(title_text=titles[name], row=row, col=1)
+    if "fluency" in panels:
+        fig.update_yaxes(type="log", row=list(panels).index("fluency") + 1, col=1)
     recommended = getattr(sweep, "recommended", None)
     if recommended is not None:
-        finite = [y for y in objective if y is not None] or [0.0]
         r = float(recommended)
+        finite = [y for y in panels["objective"] if y is not None] or [0.0]
         fig.add_trace(
             go.Scatter(
                 x=[r, r],
@@ -266,13 +262,19 @@ def radius_sweep(sweep: Any) -> go.Figure:
                 line={"dash": "dash", "color": "black"},
                 hovertemplate=f"recommended R = {r:.4g}<extra></extra>",
             ),
-            secondary_y=False,
+            row=1,
+            col=1,
         )
-    fig.update_xaxes(title_text="radius R", type="log" if log_x else "linear")
-    fig.update_yaxes(title_text="objective", secondary_y=False)
-    if extra:
-        fig.update_yaxes(title_text=" / ".join(extra), secondary_y=True)
-    fig.update_layout(title="Objective against radius R", template=_TEMPLATE)
+        for row in range(2, len(panels) + 1):
+            fig.add_vline(x=r, line_dash="dash", line_color="black", row=row, col=1)
+    log_x = bool(radii) and all(r > 0 for r in radii)
+    fig.update_xaxes(type="log" if log_x else "linear")
+    fig.update_xaxes(title_text="radius R", row=len(panels), col=1)
+    fig.update_layout(
+        title="Objective, diversity and fluency against radius R",
+        template=_TEMPLATE,
+        height=260 + 170 * len(panels),
+    )
     return fig
 
 

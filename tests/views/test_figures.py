@@ -99,23 +99,29 @@ def test_radius_sweep_with_and_without_extras():
         radii=[1.0, 2.0, 4.0, 8.0],
         objective=[0.1, 0.5, 2.0, 9.0],
         diversity=[0.2, 0.4, 0.6, 0.7],
-        fluency=None,
+        fluency=[2.0, 2.1, 3.0, 40.0],
         recommended=4.0,
     )
     fig = radius_sweep(sweep)
     names = [t.name for t in fig.data]
-    assert names == ["objective", "diversity", "recommended R = 4"]
+    assert names == ["objective", "diversity", "fluency", "recommended R = 4"]
     assert list(fig.data[0].x) == sweep.radii and list(fig.data[0].y) == sweep.objective
-    assert list(fig.data[1].y) == sweep.diversity
-    assert fig.data[1].yaxis == "y2"  # secondary axis
-    assert list(fig.data[2].x) == [4.0, 4.0]
-    assert fig.layout.xaxis.type == "log"
-    assert fig.layout.xaxis.title.text == "radius R"
+    assert list(fig.data[1].y) == sweep.diversity and list(fig.data[2].y) == sweep.fluency
+    # one panel per quantity, each with its own y axis; perplexity on a log axis
+    assert [t.yaxis for t in fig.data[:3]] == ["y", "y2", "y3"]
     assert fig.layout.yaxis.title.text == "objective"
     assert fig.layout.yaxis2.title.text == "diversity"
+    assert fig.layout.yaxis3.title.text == "median perplexity"
+    assert fig.layout.yaxis3.type == "log"
+    assert list(fig.data[3].x) == [4.0, 4.0]
+    assert len(fig.layout.shapes) == 2  # the recommended R marked in the other panels
+    assert all(shape.x0 == 4.0 for shape in fig.layout.shapes)
+    assert fig.layout.xaxis.type == "log"
+    assert fig.layout.xaxis3.title.text == "radius R"
     assert "objective" in fig.data[0].hovertemplate
     bare = radius_sweep(SimpleNamespace(radii=[0.5, 1.0], objective=[1.0, 2.0]))
     assert len(bare.data) == 1 and bare.data[0].name == "objective"
+    assert bare.layout.xaxis.title.text == "radius R"
     with pytest.raises(ValueError, match="2 radii but 3"):
         radius_sweep(SimpleNamespace(radii=[0.5, 1.0], objective=[1.0, 2.0, 3.0]))
 
