@@ -105,17 +105,15 @@ def _add_training_args(p: argparse.ArgumentParser, *, n_vectors: int, steps: int
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
-def _train(args: argparse.Namespace, prompts: list[str]):
-    from .methods.melbo import MelboConfig, train_steering_vectors
-    from .models.zoo import load_model
+def _melbo_config(args: argparse.Namespace, radius: float):
+    """The MelboConfig that the shared training options (`_add_training_args`) describe."""
+    from .methods.melbo import MelboConfig
 
-    model = load_model(args.model, bridge=args.bridge)
-    ps = _prompt_set(model, prompts, not args.no_chat, args.target_positions)
-    config = MelboConfig(
+    return MelboConfig(
         source=_site(args.source, "resid_post"),
         target=_site(args.target, "resid_post"),
         n_vectors=args.n_vectors,
-        radius=args.radius,
+        radius=radius,
         power=args.power,
         q=args.q,
         steps=args.steps,
@@ -124,6 +122,15 @@ def _train(args: argparse.Namespace, prompts: list[str]):
         solver=args.solver,
         seed=args.seed,
     )
+
+
+def _train(args: argparse.Namespace, prompts: list[str]):
+    from .methods.melbo import train_steering_vectors
+    from .models.zoo import load_model
+
+    model = load_model(args.model, bridge=args.bridge)
+    ps = _prompt_set(model, prompts, not args.no_chat, args.target_positions)
+    config = _melbo_config(args, args.radius)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "vectors.safetensors"

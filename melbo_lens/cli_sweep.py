@@ -13,7 +13,7 @@ import json
 import time
 from pathlib import Path
 
-from .cli import _add_training_args, _prompt_set, _read_prompts, _site
+from .cli import _add_training_args, _melbo_config, _prompt_set, _read_prompts
 
 __all__ = ["add_arguments", "sweep"]
 
@@ -35,7 +35,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def sweep(args: argparse.Namespace) -> int:
-    from .methods.melbo import MelboConfig
     from .methods.radius import select_radius
     from .models.zoo import load_model
 
@@ -46,19 +45,7 @@ def sweep(args: argparse.Namespace) -> int:
     model = load_model(args.model, bridge=args.bridge)
     prompts = _read_prompts(args)
     ps = _prompt_set(model, prompts, not args.no_chat, args.target_positions)
-    config = MelboConfig(
-        source=_site(args.source, "resid_post"),
-        target=_site(args.target, "resid_post"),
-        n_vectors=args.n_vectors,
-        radius=radii[0] if radii else 1.0,
-        power=args.power,
-        q=args.q,
-        steps=args.steps,
-        lr=args.lr if args.lr == "auto" else float(args.lr),
-        orthogonal=args.orthogonal or "sequential",
-        solver=args.solver,
-        seed=args.seed,
-    )
+    config = _melbo_config(args, radii[0] if radii else 1.0)
     print(
         f"melbo-lens sweep: {args.model}, {args.n_vectors} vectors x {args.steps} steps, "
         f"radii {radii}"

@@ -61,7 +61,6 @@ from .analysis.tokens import (
 from .artifacts import SteeringVectors, atomic_save_tensors, atomic_write_text, read_artifact
 from .generation import SteeredGenerations, generate_steered
 from .methods.baselines import random_vectors
-from .methods.objectives import melbo_objective_per_prompt
 from .prompts import PromptSet
 from .segment import Segment
 from .sites import HookSite, as_site
@@ -522,14 +521,7 @@ def _objective(
     q: float,
 ) -> list[float]:
     """Σ_i (Σ_t mask·||Z_t(θ) − Z_t(0)||^p)^(1/q) for each vector (MELBO's objective)."""
-    segment = Segment(model, site, target, ps)
-    out = []
-    for chunk in vecs.split(8):
-        z = segment.run(chunk.to(segment.unsteered))
-        mask = ps.target_mask.to(z.device).expand(z.shape[:-1])
-        per = melbo_objective_per_prompt(z, segment.unsteered.expand_as(z), mask, power=power, q=q)
-        out += per.sum(-1).tolist()
-    return [float(x) for x in out]
+    return Segment(model, site, target, ps).objectives(vecs, power=power, q=q).tolist()
 
 
 def _pick_sae(model: Any, vectors: SteeringVectors, sae: Any, notes: list[str]) -> tuple:

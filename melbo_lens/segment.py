@@ -16,13 +16,14 @@ a hook, so at least nothing after the target runs.
 from __future__ import annotations
 
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from .methods.objectives import melbo_objective_per_prompt
 from .prompts import PromptSet
 from .sites import HookSite, as_site, check_order
 
@@ -31,6 +32,34 @@ __all__ = ["Segment", "check_sites", "n_layers_of", "d_model_of"]
 
 class _ReachedTarget(Exception):
     """Raised from a hook to stop the forward pass once the target is captured."""
+
+
+def run_to_site(
+    model: Any,
+    tokens: Tensor,
+    attention_mask: Tensor,
+    site: str,
+    hooks: Sequence[tuple[str, Any]] = (),
+) -> Tensor:
+    """The activation at hook `site` for `tokens`, with `hooks` added; the forward pass
+    stops as soon as `site` fires, so nothing after it (later blocks, unembedding) runs."""
+    captured: dict[str, Tensor] = {}
+
+    def capture(act: Tensor, hook: Any = None) -> Tensor:
+        captured["z"] = act
+        raise _ReachedTarget
+
+    with model.hooks(fwd_hooks=[*hooks, (site, capture)]):
+        try:
+            model(tokens, attention_mask=attention_mask.long())
+        except _ReachedTarget:
+            pass
+    if "z" not in captured:
+        raise RuntimeError(
+            f"the hook {site} never fired; does the model expose TransformerLens hook "
+            "names (for a TransformerBridge, call enable_compatibility_mode())?"
+        )
+    return captured["z"]
 
 
 def n_layers_of(model: Any) -> int:
@@ -141,6 +170,25 @@ class Segment:
         """Number of transformer blocks run per step (partial blocks count as whole)."""
         return self.stop - self.start
 
+    @torch.no_grad()
+    def objectives(
+        self,
+        vectors: Float[Tensor, "k d_model"],
+        *,
+        power: float = 2.0,
+        q: float = 1.0,
+        chunk: int = 8,
+    ) -> Float[Tensor, " k"]:
+        """MELBO's objective Σ_i (Σ_t mask·||Z_t(θ) − Z_t(0)||^p)^(1/q) of each vector,
+        without gradients, `chunk` vectors per forward pass."""
+        out = []
+        for part in vectors.split(chunk):
+            z = self.run(part.to(self.unsteered))
+            mask = self.prompts.target_mask.to(z.device).expand(z.shape[:-1])
+            per = melbo_objective_per_prompt(z, self.unsteered.expand_as(z), mask, power=power, q=q)
+            out.append(per.sum(-1))
+        return torch.cat(out)
+
     def run(self, vectors: Float[Tensor, "k d_model"]) -> Float[Tensor, "k n pos d_model"]:
         """Target activations with each of K vectors added at the source (all positions)."""
         if vectors.ndim != 2 or vectors.shape[-1] != d_model_of(self.model):
@@ -232,25 +280,5 @@ class Segment:
     def _forward_hooked(
         self, rows: Tensor | None, idx: Tensor, mask: Tensor, extra: list[tuple[str, Any]]
     ) -> Tensor:
-        tokens = self.prompts.tokens[idx]
-        captured: dict[str, Tensor] = {}
-
-        def capture(act: Tensor, hook: Any = None) -> Tensor:
-            captured["z"] = act
-            raise _ReachedTarget
-
-        hooks: list[tuple[str, Any]] = [*extra, (self.target.name, capture)]
-        if rows is not None:
-            hooks.insert(0, (self.source.name, _add_rows(rows)))
-        with self.model.hooks(fwd_hooks=hooks):
-            try:
-                self.model(tokens, attention_mask=mask.long())
-            except _ReachedTarget:
-                pass
-        if "z" not in captured:
-            raise RuntimeError(
-                f"the target hook {self.target.name} never fired; does the model expose "
-                "TransformerLens hook names (for a TransformerBridge, call "
-                "enable_compatibility_mode())?"
-            )
-        return captured["z"]
+        hooks = list(extra) if rows is None else [(self.source.name, _add_rows(rows)), *extra]
+        return run_to_site(self.model, self.prompts.tokens[idx], mask, self.target.name, hooks)

@@ -63,7 +63,7 @@ from torch import Tensor
 from ..artifacts import SteeringVectors
 from ..methods.objectives import melbo_objective_per_prompt
 from ..prompts import PromptSet
-from ..segment import Segment
+from ..segment import Segment, run_to_site
 from ..sites import HookSite, require_hook
 
 __all__ = [
@@ -557,26 +557,10 @@ class FeatureEffects:
         )
 
 
-class _Stop(Exception):
-    """Raised from a hook once the SAE's site is captured."""
-
-
 def _capture(model: Any, prompts: PromptSet, site: HookSite) -> Tensor:
     """The activation at `site` for the prompts; the forward pass stops there."""
-    captured: dict[str, Tensor] = {}
-
-    def grab(act: Tensor, hook: Any = None) -> Tensor:
-        captured["x"] = act.detach()
-        raise _Stop
-
-    with torch.no_grad(), model.hooks(fwd_hooks=[(site.name, grab)]):
-        try:
-            model(prompts.tokens, attention_mask=prompts.attention_mask.long())
-        except _Stop:
-            pass
-    if "x" not in captured:
-        raise RuntimeError(f"the hook {site.name} never fired; does the model expose it?")
-    return captured["x"]
+    with torch.no_grad():
+        return run_to_site(model, prompts.tokens, prompts.attention_mask, site.name)
 
 
 def feature_effects(

@@ -30,6 +30,7 @@ from torch import Tensor
 from ..artifacts import SteeringVectors
 from ..generation import SteeredGenerations
 from ..prompts import PromptSet
+from ..segment import run_to_site
 from ..sites import HookSite, as_site, require_hook
 from ..steering import steering_hook
 
@@ -228,10 +229,6 @@ def _texts_for(
 
 
 # ---------------------------------------------------------------------- deltas
-class _Stop(Exception):
-    """Raised from a hook once the target activation is captured."""
-
-
 def _masked_hook(vectors: Float[Tensor, "rows d_model"], mask: Bool[Tensor, "rows pos"]):
     def hook(act: Tensor, hook: Any = None) -> Tensor:
         v = vectors.to(act)[:, None, :] * mask.to(act.device, act.dtype)[..., None]
@@ -249,21 +246,9 @@ def _run_rows(
     steer_mask: Bool[Tensor, "rows pos"] | None,
 ) -> Float[Tensor, "rows pos d_model"]:
     """Target activations with row r steered by rows[r] (at the positions in steer_mask)."""
-    captured: dict[str, Tensor] = {}
-
-    def grab(act: Tensor, hook: Any = None) -> Tensor:
-        captured["z"] = act.detach()
-        raise _Stop
-
     add = steering_hook(rows) if steer_mask is None else _masked_hook(rows, steer_mask)
-    with torch.no_grad(), model.hooks(fwd_hooks=[(source.name, add), (target.name, grab)]):
-        try:
-            model(ps.tokens, attention_mask=ps.attention_mask.long())
-        except _Stop:
-            pass
-    if "z" not in captured:
-        raise RuntimeError(f"the hook {target.name} never fired; does the model expose it?")
-    return captured["z"]
+    with torch.no_grad():
+        return run_to_site(model, ps.tokens, ps.attention_mask, target.name, [(source.name, add)])
 
 
 def token_delta_norms(

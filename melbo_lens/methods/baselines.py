@@ -297,15 +297,7 @@ def _spectral_vectors(
             device=prompts.tokens.device,
         )
         vectors = radius * _fix_signs(vecs)
-        with torch.no_grad():
-            z = segment.run(vectors.to(segment.unsteered.dtype))
-            objective = melbo_objective_per_prompt(
-                z,
-                segment.unsteered.expand_as(z),
-                prompts.target_mask.expand(z.shape[:-1]),
-                power=power,
-                q=q,
-            ).sum(-1)
+        objective = segment.objectives(vectors, power=power, q=q, chunk=len(vectors))
     meta = {
         **info,
         "seconds": time.perf_counter() - start,
