@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from .artifacts import atomic_write_text
 from .methods.constraints import project_out, tangent_project, to_sphere
 from .methods.melbo import MelboConfig, _init_vectors, frozen, train_steering_vectors
 from .methods.objectives import melbo_objective_per_prompt
@@ -369,7 +370,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "bench.json").write_text(json.dumps(result, indent=2))
+    atomic_write_text(out / "bench.json", json.dumps(result, indent=2))
     print(f"\nresults -> {out / 'bench.json'}")
     return result
 

@@ -19,6 +19,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from .artifacts import atomic_write_text
+
 __all__ = ["main"]
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -199,7 +201,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     )
     print(gens.table(width=args.width))
     if args.json:
-        Path(args.json).write_text(json.dumps(gens.to_dict(), indent=2))
+        atomic_write_text(args.json, json.dumps(gens.to_dict(), indent=2))
         print(f"\ncompletions -> {args.json}")
     return 0
 
@@ -215,7 +217,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print()
     print(gens.table(width=args.width))
     completions = Path(args.out) / "completions.json"
-    completions.write_text(json.dumps(gens.to_dict(), indent=2))
+    atomic_write_text(completions, json.dumps(gens.to_dict(), indent=2))
     print(f"\ntrained in {seconds:.1f} s; vectors -> {path}; completions -> {completions}")
     from .runs import analyze_run
     from .views.report import write_report
@@ -307,7 +309,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     )
     print(result)
     if args.json:
-        Path(args.json).write_text(json.dumps(result.to_dict(), indent=2))
+        atomic_write_text(args.json, json.dumps(result.to_dict(), indent=2))
     return 0
 
 

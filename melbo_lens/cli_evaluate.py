@@ -12,6 +12,8 @@ import json
 import time
 from pathlib import Path
 
+from .artifacts import atomic_write_text
+
 __all__ = ["add_arguments", "evaluate"]
 
 
@@ -69,7 +71,7 @@ def evaluate(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     data = report.to_dict() | {"seconds": round(seconds, 1)}
-    (out / "planted.json").write_text(json.dumps(data, indent=2))
+    atomic_write_text(out / "planted.json", json.dumps(data, indent=2))
     from .views.figures import planted_benchmark
 
     figure = out / "planted.html"  # self-contained: plotly.js inlined, works offline

@@ -13,7 +13,7 @@ import csv
 import json
 from pathlib import Path
 
-from .artifacts import SteeringVectors
+from .artifacts import SteeringVectors, atomic_write_text
 from .cli import _prompt_set, _read_prompts
 
 __all__ = ["add_arguments", "explain"]
@@ -120,4 +120,4 @@ def _attribution(args, model, prompts, vectors, sae, indices, out: Path) -> None
 
 
 def _write_json(path: Path, data: object) -> None:
-    path.write_text(json.dumps(data, indent=2, default=str))
+    atomic_write_text(path, json.dumps(data, indent=2, default=str))

@@ -13,6 +13,7 @@ import json
 import time
 from pathlib import Path
 
+from .artifacts import atomic_write_text
 from .cli import _add_training_args, _melbo_config, _prompt_set, _read_prompts
 
 __all__ = ["add_arguments", "sweep"]
@@ -70,7 +71,7 @@ def sweep(args: argparse.Namespace) -> int:
             vectors.metadata["load_name"] = args.model
             vectors.save(out / f"vectors_R{r:g}.safetensors")
     path = out / "sweep.json"
-    path.write_text(json.dumps(result.to_dict(), indent=2))
+    atomic_write_text(path, json.dumps(result.to_dict(), indent=2))
     print()
     if args.show > 0:
         print(f"unsteered  | {_short(result.unsteered[0], args.width)}")
