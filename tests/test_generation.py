@@ -274,3 +274,19 @@ def test_needs_a_tokenizer(tiny_model, vectors):
 def test_missing_site_is_refused(tiny_tok_model, vectors):
     with pytest.raises(ValueError, match="does not exist"):
         generate_steered(tiny_tok_model, vectors, "hi", site=HookSite(9), max_new_tokens=1)
+
+
+def test_steered_rows_equal_an_independent_weight_edit(tiny_tok_model, vectors):
+    """Adding v at blocks.1.hook_resid_post is adding v to block 1's MLP bias b_out (the
+    MLP output is summed into resid_post and nothing else reads it). A copy with that
+    bias edit, decoded unsteered, must give the steered rows: no use of steer() here."""
+    import copy
+
+    for k in range(len(vectors)):
+        edited = copy.deepcopy(tiny_tok_model)
+        with torch.no_grad():
+            edited.blocks[1].mlp.b_out += vectors.vectors[k]
+        want = generate_steered(edited, vectors, TEXTS, indices=[], max_new_tokens=N_NEW)
+        got = generate_steered(tiny_tok_model, vectors, TEXTS, indices=[k], max_new_tokens=N_NEW)
+        assert got.steered[0] == want.unsteered
+        assert got.steered[0] != got.unsteered  # the vector does change the text

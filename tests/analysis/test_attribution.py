@@ -386,3 +386,27 @@ def test_smollm2_decomposition_and_attribution_end_to_end():
     assert res.decomposition.sum_error < 1e-4  # GQA heads: z_h · W_O[h] still adds up
     assert res.completeness_error < 2e-2
     assert res.correlation is not None and res.correlation > 0.8
+
+
+def test_attribution_patching_is_linearised_at_the_steered_point(tiny_model, prompts):
+    """With the default metric M = Σ_t ||Δ_t||², the last MLP before the target writes
+    straight into it, so ∂M/∂mlp_out = 2Δ at the steered point (0 at the clean point) and
+    its AtP estimate is Σ 2Δ·(mlp_steered − mlp_clean), computed here by hand."""
+    sv = _vector(HookSite(0), HookSite(3), radius=3.0, seed=4)
+    res = attribute_target_delta(
+        tiny_model, prompts, sv, 0, method="attribution_patching", top_n=1
+    )
+    mlp = "blocks.3.hook_mlp_out"
+    mask = prompts.attention_mask.long()
+    names = [sv.target.name, mlp]
+    _, clean = tiny_model.run_with_cache(prompts.tokens, attention_mask=mask, names_filter=names)
+    with sv.apply(tiny_model, 0):
+        _, dirty = tiny_model.run_with_cache(
+            prompts.tokens, attention_mask=mask, names_filter=names
+        )
+    tmask = prompts.target_mask[..., None].to(torch.float32)
+    delta = (dirty[sv.target.name] - clean[sv.target.name]) * tmask
+    by_hand = float((2 * delta * (dirty[mlp] - clean[mlp])).sum())
+    (node,) = [n for n in res.nodes if n.hook == mlp]
+    assert abs(by_hand) > 1e-3
+    assert node.estimate == pytest.approx(by_hand, rel=1e-3)

@@ -364,3 +364,18 @@ def test_compare_with_features_equal_norm(tiny_model):
     assert max(range(3), key=lambda j: cmp.delta_cosine[j]) == 0
     json.dumps(cmp.to_dict())
     assert "feature 0" in cmp.table()
+
+
+# ---------------------------------------------------------------------- ranking
+def test_features_are_ranked_by_importance_not_by_index(sae):
+    """Planted features whose index order differs from their magnitude order, so a
+    result in feature-index order (or in OMP's selection order) cannot pass."""
+    w = planted_decoder()
+    # cosine: near-orthogonal atoms 26 (4.0) > 0 (-3.0) > 17 (2.5) by |cos|
+    v = 4.0 * w[26] - 3.0 * w[0] + 2.5 * w[17]
+    assert decompose_onto_sae(v, sae, top_k=2, method="cosine").features == [26, 0]
+    # sparse: correlated atoms; OMP selects 5 first, but |coefficients| rank 42, 17, 5
+    v = 4.0 * w[42] - 3.5 * w[17] + 3.0 * w[5]
+    dec = decompose_onto_sae(v, sae, top_k=3, method="sparse")
+    assert dec.features == [42, 17, 5]
+    assert dec.coefficients == pytest.approx([4.0, -3.5, 3.0], abs=1e-4)

@@ -312,3 +312,26 @@ def test_compiled_segment_gives_the_same_vectors(tiny_model):
     assert fast.metadata["compiled"] and not plain.metadata["compiled"]
     torch.testing.assert_close(fast.vectors, plain.vectors, rtol=0, atol=1e-5)
     torch.testing.assert_close(fast.losses, plain.losses, rtol=1e-5, atol=0)
+
+
+def test_simultaneous_momentum_is_orthogonal_to_every_earlier_vector(tiny_model):
+    """Under simultaneous Gram–Schmidt, vector k's gradient and momentum are projected off
+    *all* earlier vectors (not only vector k-1): read the optimiser state of a run stopped
+    mid-way, where the loop saved it for resuming."""
+    prompts = PromptSet.from_tokens(tiny_model, TOKENS)
+    sv = train_steering_vectors(
+        tiny_model,
+        prompts,
+        cfg(orthogonal="simultaneous", n_vectors=4, steps=20),
+        progress=False,
+        callback=lambda s: s.step < 9,
+    )
+    state = sv.resume_state
+    theta = state["theta"].double()
+    unit = torch.nn.functional.normalize(theta, dim=-1)
+    momentum = next(v for k, v in state.items() if k.endswith("exp_avg")).double()
+    assert momentum.shape == theta.shape and float(momentum[3].norm()) > 0
+    for k in range(1, 4):
+        for j in range(k):
+            cos = float(momentum[k] @ unit[j]) / float(momentum[k].norm())
+            assert abs(cos) < 1e-6, (k, j, cos)
