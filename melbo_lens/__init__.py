@@ -4,8 +4,7 @@ The public API is listed in `__all__`; importing the package has no side effects
 does not import sae-lens, plotly or circuitsvis.
 """
 
-from .adapting import adapt
-from .analysis.attribution import (
+from melbo_lens.analysis.attribution import (
     DeltaAttribution,
     DeltaDecomposition,
     FeatureChange,
@@ -14,62 +13,80 @@ from .analysis.attribution import (
     feature_change_attribution,
     logit_diff_metric,
 )
-from .analysis.behaviors import BehaviorReport, BehaviorRule, classify_completions
-from .analysis.diversity import Diversity, completion_diversity, fluency, repetition_score
-from .analysis.similarity import (
+from melbo_lens.analysis.behaviors import BehaviorReport, BehaviorRule, classify_completions
+from melbo_lens.analysis.diversity import (
+    Diversity,
+    completion_diversity,
+    fluency,
+    repetition_score,
+)
+from melbo_lens.analysis.similarity import (
     compare_vectors,
     cosine_matrix,
     delta_similarity,
     nearest_matches,
     principal_angles,
 )
-from .analysis.tokens import (
+from melbo_lens.analysis.tokens import (
     TokenActivations,
     TokenDeltas,
     feature_token_activations,
     token_delta_norms,
     top_activating_tokens,
 )
-from .artifacts import ArtifactError, SteeringAdapters, SteeringVectors, load_artifact
-from .generation import SteeredGenerations, generate_steered, generate_with_adapters
-from .interventions import (
-    ScaleSweep,
-    ablate_direction,
-    add_vectors,
-    clamp_direction,
-    mean_projection,
-    orthogonalize_weights,
-    scale_sweep,
-    subtract_vectors,
+from melbo_lens.core.prompts import PromptSet
+from melbo_lens.core.segment import Segment
+from melbo_lens.core.sites import HookSite
+from melbo_lens.generation import (
+    SteeredGenerations,
+    generate,
+    generate_steered,
+    generate_with_adapters,
 )
-from .methods.adapters import (
+from melbo_lens.methods.adapters import (
     AdapterConfig,
     AdapterTrainingState,
     adapter_lr,
     train_steering_adapters,
 )
-from .methods.baselines import hessian_vectors, jacobian_vectors, random_vectors
-from .methods.constraints import gram_schmidt, tangent_project, to_sphere
-from .methods.melbo import (
+from melbo_lens.methods.baselines import hessian_vectors, jacobian_vectors, random_vectors
+from melbo_lens.methods.constraints import gram_schmidt, tangent_project, to_sphere
+from melbo_lens.methods.melbo import (
     MelboConfig,
     TrainingError,
     TrainingState,
     scaled_lr,
     train_steering_vectors,
 )
-from .methods.objectives import cosine_penalty, melbo_objective, melbo_objective_per_prompt
-from .methods.radius import RadiusSweep, recommend_radius, select_radius
-from .methods.supervised import (
+from melbo_lens.methods.objectives import (
+    cosine_penalty,
+    melbo_objective,
+    melbo_objective_per_prompt,
+)
+from melbo_lens.methods.supervised import (
     mean_difference_vectors,
     pca_vectors,
     probe_vectors,
     stability_curve,
 )
-from .prompts import PromptSet
-from .runs import RunAnalysis, RunAnalysisError, analyze_run
-from .segment import Segment
-from .sites import HookSite
-from .steering import steer
+from melbo_lens.perturbations.adapters import SteeringAdapters, adapt
+from melbo_lens.perturbations.arithmetic import (
+    ScaleSweep,
+    add_vectors,
+    scale_sweep,
+    subtract_vectors,
+)
+from melbo_lens.perturbations.artifact import ArtifactError, load_artifact
+from melbo_lens.perturbations.base import Perturbation, apply
+from melbo_lens.perturbations.directional import (
+    ablate_direction,
+    clamp_direction,
+    mean_projection,
+    orthogonalize_weights,
+)
+from melbo_lens.perturbations.vectors import SteeringVectors, steer
+from melbo_lens.workflows.radius import RadiusSweep, recommend_radius, select_radius
+from melbo_lens.workflows.runs import RunAnalysis, RunAnalysisError, analyze_run
 
 __version__ = "0.1.0"
 
@@ -92,22 +109,25 @@ _SAE_NAMES = {
 def __getattr__(name: str):
     # The model zoo imports transformers; load it only when asked for.
     if name in ("load_model", "PACKAGED_MODELS"):
-        from .models import zoo
+        from melbo_lens.models import zoo
 
         return getattr(zoo, name)
     if name in ("evaluate_planted", "PlantedReport"):
         # the benchmark loads the planted toy model (models/toy.py); import it on demand
-        from . import evaluate
+        from melbo_lens.workflows import planted as evaluate
 
         return getattr(evaluate, name)
     if name in _SAE_NAMES:
-        from .analysis import sae
+        from melbo_lens.analysis import sae
 
         return getattr(sae, name)
     raise AttributeError(f"module 'melbo_lens' has no attribute {name!r}")
 
 
 __all__ = [
+    "Perturbation",
+    "apply",
+    "generate",
     *sorted(_SAE_NAMES),
     "PlantedReport",
     "evaluate_planted",

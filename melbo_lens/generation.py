@@ -1,30 +1,31 @@
-"""Steered generation: completions under many steering vectors in one batch.
+"""Steered generation: completions under many members of a perturbation in one batch.
 
-`generate_steered` lays out one batch row per (vector, prompt) pair, plus one unsteered
-row per prompt for reference, left-pads the prompts and decodes all rows together with
-the key-value cache. Each row gets its own vector through a per-row steering hook, so
-V vectors cost one batched decode rather than V separate ones. Greedy by default;
-sampling is seeded and reproducible.
+`generate` lays out one batch row per (member, prompt) pair, plus one unsteered row per
+prompt for reference, left-pads the prompts and decodes all rows together with the
+key-value cache. Each row gets its own member through the perturbation's per-row hooks
+(a vector, an adapter, an ablation, a feature clamp: any `Perturbation`), so V members
+cost one batched decode rather than V separate ones. Greedy by default; sampling is
+seeded and reproducible.
 """
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from .adapting import adapter_hooks, check_adapter_host
-from .artifacts import SteeringAdapters, SteeringVectors
-from .prompts import PromptSet
-from .sites import HookSite, as_site, require_hook
-from .steering import steering_hook
+from melbo_lens.core.host import supports_kv_cache
+from melbo_lens.core.prompts import PromptSet
+from melbo_lens.core.sites import HookSite, as_site
+from melbo_lens.perturbations.adapters import SteeringAdapters
+from melbo_lens.perturbations.base import Perturbation, row_members
+from melbo_lens.perturbations.vectors import SteeringVectors, steering_hook
 
-__all__ = ["generate_steered", "generate_with_adapters", "SteeredGenerations"]
+__all__ = ["generate", "generate_steered", "generate_with_adapters", "SteeredGenerations"]
 
 
 @dataclass
@@ -68,24 +69,6 @@ def _short(text: str, width: int) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
-def _as_prompts(model: Any, prompts: PromptSet | str | Sequence[Any], chat: bool) -> PromptSet:
-    if isinstance(prompts, PromptSet):
-        return prompts
-    if isinstance(prompts, str):
-        prompts = [prompts]
-    if chat:
-        convs = [[{"role": "user", "content": p}] if isinstance(p, str) else p for p in prompts]
-        return PromptSet.from_chat(model, convs)
-    return PromptSet.from_texts(model, list(prompts))
-
-
-def _supports_kv_cache(model: Any) -> bool:
-    try:
-        return "past_kv_cache" in inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        return False
-
-
 @torch.no_grad()
 def generate_tokens(
     model: Any,
@@ -110,7 +93,7 @@ def generate_tokens(
     """
     rows = tokens.shape[0]
     gen = torch.Generator(device=tokens.device).manual_seed(seed)
-    use_cache = _supports_kv_cache(model) if use_kv_cache is None else use_kv_cache
+    use_cache = supports_kv_cache(model) if use_kv_cache is None else use_kv_cache
     hooks = list(hooks)
     if row_vectors is not None:
         if site is None:
@@ -209,36 +192,83 @@ def _generate_grid(
     return [texts[g * n : (g + 1) * n] for g in range(n_groups)]
 
 
-def _generations(
+def generate(
     model: Any,
-    artifact: Any,
+    perturbation: Perturbation | None,
     prompts: PromptSet | str | Sequence[Any],
-    indices: Sequence[int] | None,
-    chat: bool,
-    include_unsteered: bool,
-    make_hooks: Callable[[list[int | None], Tensor], list[tuple[str, Any]]],
-    settings: dict[str, Any],
-    scale: float,
-    max_rows: int,
+    *,
+    indices: Sequence[int] | None = None,
+    scale: float = 1.0,
+    max_new_tokens: int = 64,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_p: float | None = None,
+    seed: int = 0,
+    chat: bool = False,
+    include_unsteered: bool = True,
+    max_rows: int = 64,
 ) -> SteeredGenerations:
-    """Shared by vectors and adapters: group 0 is the unsteered reference (if asked)."""
+    """Complete each prompt under each chosen member of any perturbation (one batch, KV
+    cache): steering vectors, adapters, an ablation, a feature clamp, ...
+
+    Row layout: one unsteered reference row per prompt (unless `include_unsteered=False`),
+    then one row per (member, prompt); each row gets its member through the
+    perturbation's per-row hooks, and the reference rows get none. `perturbation=None`
+    gives plain unsteered completions with the same batching and decoding. `chat=True`
+    formats plain-string prompts with the tokenizer's chat template. Rows are decoded
+    `max_rows` at a time to bound memory. `indices` choose members; negative ones count
+    from the end as in Python, out-of-range ones are an error.
+
+    Examples:
+        >>> sv = SteeringVectors(torch.eye(50)[:2, :32] * 8.0, HookSite(1))  # doctest: +SKIP
+        >>> gens = generate(model, sv, "hello", max_new_tokens=4)  # doctest: +SKIP
+        >>> len(gens.steered), len(gens.unsteered)  # doctest: +SKIP
+        (2, 1)
+    """
     if getattr(model, "tokenizer", None) is None:
         raise ValueError("steered generation needs a model with a tokenizer to decode text")
-    ps = _as_prompts(model, prompts, chat)
+    ps = PromptSet.coerce(model, prompts, chat=chat)
+    n_members = 0 if perturbation is None else len(perturbation)
     if indices is None:
-        indices = list(range(len(artifact)))
-    indices = [int(i) % len(artifact) for i in indices]
-    groups: list[int | None] = ([None] if include_unsteered else []) + list(indices)
-    decode = {
-        k: settings[k] for k in ("max_new_tokens", "do_sample", "temperature", "top_p", "seed")
-    }
-    grid = _generate_grid(
-        model, ps, len(groups), lambda g: make_hooks(groups, g), max_rows=max_rows, **decode
+        indices = list(range(n_members))
+    # negative indices count from the end, as in Python (-1: the last member); anything
+    # outside -n..n-1 is an error naming the valid range, never wrapped
+    wanted = [int(k) + n_members if -n_members <= int(k) < 0 else int(k) for k in indices]
+    members = [int(k) for k in row_members(wanted, n_members)] if wanted else []
+    groups: list[int | None] = ([None] if include_unsteered else []) + members
+
+    def hooks_for(row_group: Tensor) -> list[tuple[str, Any]]:
+        rows = [groups[int(g)] for g in row_group]
+        if perturbation is None or all(r is None for r in rows):
+            return []
+        return perturbation.hooks(model, rows, scale)
+
+    decode = dict(
+        max_new_tokens=max_new_tokens,
+        do_sample=do_sample,
+        temperature=temperature,
+        top_p=top_p,
+        seed=seed,
+    )
+    settings: dict[str, Any] = dict(decode)
+    if perturbation is not None:
+        settings["site"] = perturbation.site.name
+    grid = (
+        _generate_grid(
+            model,
+            ps,
+            len(groups),
+            hooks_for,
+            max_rows=max_rows,
+            **decode,  # type: ignore[arg-type]
+        )
+        if groups
+        else []
     )
     unsteered = grid.pop(0) if include_unsteered else None
     tok = model.tokenizer
     texts = list(ps.texts) if ps.texts is not None else [tok.decode(t) for t in ps.token_lists()]
-    return SteeredGenerations(texts, indices, grid, unsteered, scale, settings)
+    return SteeredGenerations(texts, members, grid, unsteered, scale, settings)
 
 
 def generate_steered(
@@ -246,95 +276,29 @@ def generate_steered(
     vectors: SteeringVectors,
     prompts: PromptSet | str | Sequence[Any],
     *,
-    indices: Sequence[int] | None = None,
-    scale: float = 1.0,
-    max_new_tokens: int = 64,
-    do_sample: bool = False,
-    temperature: float = 1.0,
-    top_p: float | None = None,
-    seed: int = 0,
-    chat: bool = False,
-    include_unsteered: bool = True,
     site: HookSite | str | None = None,
-    max_rows: int = 64,
+    **kwargs: Any,
 ) -> SteeredGenerations:
-    """Complete each prompt under each chosen vector (one batch, KV cache).
-
-    `chat=True` formats plain-string prompts with the tokenizer's chat template.
-    Rows are decoded `max_rows` at a time to bound memory; the unsteered reference rows
-    carry a zero vector.
+    """`generate` for steering vectors; `site` moves them to another hook site.
 
     Examples:
         >>> gens = generate_steered(model, vectors, "Tell me a story", chat=True,
         ...                         max_new_tokens=32)                       # doctest: +SKIP
         >>> print(gens.table())  # doctest: +SKIP
     """
-    site = require_hook(model, as_site(site) if site is not None else vectors.site)
-    vecs = vectors.vectors.float() * scale
-
-    def hooks(groups: list[int | None], row_group: Tensor) -> list[tuple[str, Any]]:
-        table = torch.stack([torch.zeros_like(vecs[0]) if g is None else vecs[g] for g in groups])
-        return [(site.name, steering_hook(table.to(row_group.device)[row_group]))]
-
-    settings = dict(
-        max_new_tokens=max_new_tokens,
-        do_sample=do_sample,
-        temperature=temperature,
-        top_p=top_p,
-        seed=seed,
-        site=site.name,
-    )
-    return _generations(
-        model, vectors, prompts, indices, chat, include_unsteered, hooks, settings, scale, max_rows
-    )
+    if site is not None:
+        vectors = replace(vectors, site=as_site(site))
+    return generate(model, vectors, prompts, **kwargs)
 
 
 def generate_with_adapters(
     model: Any,
     adapters: SteeringAdapters,
     prompts: PromptSet | str | Sequence[Any],
-    *,
-    indices: Sequence[int] | None = None,
-    scale: float = 1.0,
-    max_new_tokens: int = 64,
-    do_sample: bool = False,
-    temperature: float = 1.0,
-    top_p: float | None = None,
-    seed: int = 0,
-    chat: bool = False,
-    include_unsteered: bool = True,
-    max_rows: int = 64,
+    **kwargs: Any,
 ) -> SteeredGenerations:
-    """Complete each prompt under each chosen adapter (one batch, KV cache).
-
-    Laid out as in `generate_steered`; each row gets its own adapter through per-row
-    hooks, and the reference rows carry an adapter with Ω = 0 (exactly unsteered).
-
-    Examples:
-        >>> gens = generate_with_adapters(model, adapters, "Hi", chat=True)  # doctest: +SKIP
-        >>> print(gens.table())  # doctest: +SKIP
-    """
-    check_adapter_host(model, adapters.layer)
-    a, b = adapters.omega_a.float(), adapters.omega_b.float()
-
-    def hooks(groups: list[int | None], row_group: Tensor) -> list[tuple[str, Any]]:
-        pick = [torch.zeros_like(a[0]) if g is None else a[g] for g in groups]
-        pick_b = [torch.zeros_like(b[0]) if g is None else b[g] for g in groups]
-        dev = row_group.device
-        row_a, row_b = torch.stack(pick).to(dev)[row_group], torch.stack(pick_b).to(dev)[row_group]
-        return adapter_hooks(adapters.layer, row_a, row_b, adapters.radius * scale)
-
-    settings = dict(
-        max_new_tokens=max_new_tokens,
-        do_sample=do_sample,
-        temperature=temperature,
-        top_p=top_p,
-        seed=seed,
-        site=f"blocks.{adapters.layer}.mlp",
-    )
-    return _generations(
-        model, adapters, prompts, indices, chat, include_unsteered, hooks, settings, scale, max_rows
-    )
+    """`generate` for steering adapters (kept as a name for existing code)."""
+    return generate(model, adapters, prompts, **kwargs)
 
 
 def _decode(tokenizer: Any, row: Tensor, eos: int | None) -> str:

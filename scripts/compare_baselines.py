@@ -27,8 +27,8 @@ from melbo_lens import (
     train_steering_vectors,
 )
 from melbo_lens.cli import _prompt_set, bundled_prompts
+from melbo_lens.core.segment import Segment
 from melbo_lens.methods.objectives import melbo_objective_per_prompt
-from melbo_lens.segment import Segment
 
 
 def main() -> None:

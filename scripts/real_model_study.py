@@ -57,9 +57,9 @@ from melbo_lens.analysis.diversity import (
     minilm_embedder,
     repetition_score,
 )
-from melbo_lens.artifacts import SteeringVectors
+from melbo_lens.core.segment import Segment
 from melbo_lens.methods.objectives import melbo_objective_per_prompt
-from melbo_lens.segment import Segment
+from melbo_lens.perturbations.vectors import SteeringVectors
 
 WORD_PROBLEM = (
     "Question: Tom has 12 apples. He gives 5 apples to his sister and then buys 7 more. "

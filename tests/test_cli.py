@@ -7,7 +7,8 @@ import json
 import torch
 
 from melbo_lens import HookSite, SteeringVectors
-from melbo_lens.cli import _target_positions, build_parser, main
+from melbo_lens.cli import build_parser, main
+from melbo_lens.cli.options import _target_positions
 
 
 def test_target_position_specs():
@@ -26,7 +27,7 @@ def test_adapters_need_an_mlp_source(capsys):
 
 
 def test_supervised_methods_need_pairs(capsys, monkeypatch):
-    monkeypatch.setattr("melbo_lens.cli_methods.load_model", lambda *a, **k: object())
+    monkeypatch.setattr("melbo_lens.cli.methods.load_model", lambda *a, **k: object())
     assert main(["train", "--method", "mean-diff"]) == 2
     assert "--positive-file and --negative-file" in capsys.readouterr().err
 

@@ -5,11 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from melbo_lens.artifacts import SteeringVectors
+from melbo_lens.core.prompts import PromptSet
+from melbo_lens.core.sites import HookSite
 from melbo_lens.generation import generate_steered, generate_tokens
-from melbo_lens.prompts import PromptSet
-from melbo_lens.sites import HookSite
-from melbo_lens.steering import steer
+from melbo_lens.perturbations.vectors import SteeringVectors, steer
 
 SITE = HookSite(1)
 TEXTS = ["the cat sat on", "hi", "one two"]

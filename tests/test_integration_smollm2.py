@@ -23,7 +23,7 @@ from melbo_lens import (
     train_steering_vectors,
 )
 from melbo_lens.cli import main
-from melbo_lens.segment import Segment
+from melbo_lens.core.segment import Segment
 
 pytestmark = [
     pytest.mark.integration,

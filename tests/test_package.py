@@ -19,7 +19,7 @@ def test_import_has_no_heavy_side_effects():
     code = (
         "import sys, melbo_lens; "
         "print(sorted(m for m in ('plotly', 'circuitsvis', 'sae_lens', 'melbo_lens.views', "
-        "'melbo_lens.evaluate', 'melbo_lens.models.zoo') if m in sys.modules))"
+        "'melbo_lens.workflows.planted', 'melbo_lens.models.zoo') if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

@@ -198,7 +198,7 @@ def tiny_sae(site: HookSite):
 
 @pytest.fixture(scope="module")
 def run(tiny_tok_model):
-    from melbo_lens.runs import analyze_run
+    from melbo_lens.workflows.runs import analyze_run
 
     model = tiny_tok_model
     ps = PromptSet.from_texts(model, ["hello there", "what is up?"])
@@ -311,7 +311,7 @@ def test_demo_report_on_smollm2(tmp_path, capsys):
     """`melbo-lens demo` (shrunk: 2 vectors, 3 steps) writes a report that works offline,
     with the packaged SAE's decompositions in it."""
     from melbo_lens.cli import main
-    from melbo_lens.runs import RunAnalysis
+    from melbo_lens.workflows.runs import RunAnalysis
 
     out = tmp_path / "demo"
     args = ["demo", "--out", str(out), "--n-vectors", "2", "--steps", "3"]

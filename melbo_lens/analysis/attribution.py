@@ -52,12 +52,19 @@ import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
-from ..adapting import adapter_hooks, check_adapter_host
-from ..artifacts import SteeringAdapters, SteeringVectors
-from ..prompts import PromptSet
-from ..segment import Segment, d_model_of
-from ..sites import STREAM_POINTS, HookSite, as_site, attn_z_name, check_order, require_hook
-from ..steering import steering_hook
+from melbo_lens.core.host import d_model_of
+from melbo_lens.core.prompts import PromptSet
+from melbo_lens.core.segment import Segment
+from melbo_lens.core.sites import (
+    STREAM_POINTS,
+    HookSite,
+    as_site,
+    attn_z_name,
+    check_order,
+    require_hook,
+)
+from melbo_lens.perturbations.adapters import SteeringAdapters, adapter_hooks, check_adapter_host
+from melbo_lens.perturbations.vectors import SteeringVectors, steering_hook
 
 __all__ = [
     "DeltaAttribution",

@@ -26,7 +26,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from .diversity import Embedder, _embed
+from melbo_lens.analysis.diversity import Embedder, _embed
 
 __all__ = [
     "BehaviorReport",

@@ -37,7 +37,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from ..prompts import PromptSet
+from melbo_lens.core.prompts import PromptSet
 
 __all__ = [
     "Diversity",

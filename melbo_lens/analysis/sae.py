@@ -60,11 +60,11 @@ from jaxtyping import Bool, Float, Int
 from sae_lens import SAE
 from torch import Tensor
 
-from ..artifacts import SteeringVectors
-from ..methods.objectives import melbo_objective_per_prompt
-from ..prompts import PromptSet
-from ..segment import Segment, run_to_site
-from ..sites import HookSite, require_hook
+from melbo_lens.core.prompts import PromptSet
+from melbo_lens.core.segment import Segment, run_to_site
+from melbo_lens.core.sites import HookSite, require_hook
+from melbo_lens.methods.objectives import melbo_objective_per_prompt
+from melbo_lens.perturbations.vectors import SteeringVectors
 
 __all__ = [
     "PACKAGED_SAES",

@@ -28,10 +28,10 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from ..artifacts import SteeringVectors
-from ..prompts import PromptSet
-from ..segment import Segment
-from ..sites import HookSite, as_site
+from melbo_lens.core.prompts import PromptSet
+from melbo_lens.core.segment import Segment
+from melbo_lens.core.sites import HookSite, as_site
+from melbo_lens.perturbations.vectors import SteeringVectors
 
 __all__ = [
     "CosineMatrix",

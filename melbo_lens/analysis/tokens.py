@@ -27,12 +27,11 @@ import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
-from ..artifacts import SteeringVectors
-from ..generation import SteeredGenerations
-from ..prompts import PromptSet
-from ..segment import run_to_site
-from ..sites import HookSite, as_site, require_hook
-from ..steering import steering_hook
+from melbo_lens.core.prompts import PromptSet
+from melbo_lens.core.segment import run_to_site
+from melbo_lens.core.sites import HookSite, as_site, require_hook
+from melbo_lens.generation import SteeredGenerations
+from melbo_lens.perturbations.vectors import SteeringVectors, steering_hook
 
 __all__ = [
     "TokenActivations",
@@ -388,7 +387,7 @@ def feature_token_activations(
         ...                                  ("Tell me a story", " Once upon"))  # doctest: +SKIP
         >>> max(acts.steered) > max(acts.unsteered)                              # doctest: +SKIP
     """
-    from . import sae as sae_mod  # sae-lens stays unimported until an SAE is used
+    from melbo_lens.analysis import sae as sae_mod  # sae-lens stays unimported until an SAE is used
 
     d_sae = int(sae.cfg.d_sae)
     if isinstance(feature, bool) or not isinstance(feature, int) or not 0 <= feature < d_sae:
@@ -464,7 +463,7 @@ def top_activating_tokens(
         >>> top_activating_tokens(model, sae, corpus, [12, 40], k=3)            # doctest: +SKIP
         {12: [('…the |sea|', 4.1), ...], 40: [...]}
     """
-    from . import sae as sae_mod  # sae-lens stays unimported until an SAE is used
+    from melbo_lens.analysis import sae as sae_mod  # sae-lens stays unimported until an SAE is used
 
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ValueError(f"k must be an int >= 1, got {k!r}")

@@ -15,7 +15,7 @@ with every column of Ω_A and Ω_B kept on its unit sphere: each column's gradie
 projected onto that sphere's tangent space and the column is renormalised after the
 step, so R alone sets the scale (there is no LoRA alpha/r factor).
 
-The adapter is applied by hooks (`melbo_lens.adapting`), never by editing weights. A
+The adapter is applied by hooks (`melbo_lens.perturbations.adapters`), never by editing weights. A
 `Segment` whose source is `HookSite(L, "mlp_out")` caches the residual entering block L
 once; each step runs blocks L .. target for K adapters × n prompts rows, adapter k on
 rows k·n .. k·n+n-1, so K adapters share one forward and one backward pass.
@@ -39,7 +39,6 @@ its default 0.011·R/√d_model. R does not enter (the columns have norm 1 whate
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -47,17 +46,16 @@ from typing import Any, Literal
 import torch
 from jaxtyping import Float
 from torch import Tensor
-from tqdm.auto import tqdm
 
-from ..adapting import adapter_hooks, check_adapter_host
-from ..artifacts import SteeringAdapters
-from ..prompts import PromptSet
-from ..segment import Segment, check_sites, d_model_of
-from ..sites import HookSite, as_site, check_order
-from .config import config_from_dict, config_to_dict
-from .constraints import project_out, tangent_project
-from .melbo import LR_SCALE, check_finite, frozen
-from .objectives import melbo_objective_per_prompt
+from melbo_lens.core.host import d_model_of
+from melbo_lens.core.prompts import PromptSet
+from melbo_lens.core.segment import Segment
+from melbo_lens.core.sites import HookSite, as_site, check_order, check_sites
+from melbo_lens.methods.config import config_from_dict, config_to_dict
+from melbo_lens.methods.constraints import tangent_project
+from melbo_lens.methods.melbo import LR_SCALE
+from melbo_lens.methods.trainer import LoopSpec, train
+from melbo_lens.perturbations.adapters import SteeringAdapters, adapter_hooks, check_adapter_host
 
 __all__ = [
     "AdapterConfig",
@@ -66,7 +64,7 @@ __all__ = [
     "train_steering_adapters",
 ]
 
-AdapterOrthogonal = Literal["none", "sequential"]
+AdapterOrthogonal = Literal["none", "sequential", "simultaneous", "soft"]
 
 
 def adapter_lr(dim: int) -> float:
@@ -107,8 +105,12 @@ class AdapterConfig:
     steps: int = 300
     lr: float | Literal["auto"] = "auto"
     orthogonal: AdapterOrthogonal = "none"
+    solver: Literal["amsgrad", "power"] = "amsgrad"
     betas: tuple[float, float] = (0.9, 0.98)
+    soft_weight: float = 1.0
+    soft_on: Literal["vectors", "deltas"] = "vectors"
     adapters_per_batch: int | None = None
+    amsgrad: bool | None = None
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -136,10 +138,15 @@ class AdapterConfig:
             isinstance(self.lr, int | float) and not isinstance(self.lr, bool) and self.lr > 0
         ):
             problems.append(f"lr must be 'auto' or a number > 0, got {self.lr!r}")
-        if self.orthogonal not in ("none", "sequential"):
+        if self.orthogonal not in ("none", "sequential", "simultaneous", "soft"):
             problems.append(
-                f"orthogonal must be 'none' or 'sequential' for adapters, got {self.orthogonal!r}"
+                "orthogonal must be 'none', 'sequential', 'simultaneous' or 'soft', "
+                f"got {self.orthogonal!r}"
             )
+        if self.solver not in ("amsgrad", "power"):
+            problems.append(f"solver must be 'amsgrad' or 'power', got {self.solver!r}")
+        if self.soft_on not in ("vectors", "deltas"):
+            problems.append(f"soft_on must be 'vectors' or 'deltas', got {self.soft_on!r}")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             problems.append(f"betas must be two numbers in [0, 1), got {self.betas!r}")
         if self.adapters_per_batch is not None:
@@ -147,10 +154,11 @@ class AdapterConfig:
                 problems.append(
                     f"adapters_per_batch must be an int >= 1, got {self.adapters_per_batch!r}"
                 )
-            elif self.orthogonal == "sequential":
+            elif self.orthogonal != "none":
                 problems.append(
                     "adapters_per_batch applies to orthogonal='none' only; sequential "
-                    "adapters already train one at a time"
+                    "adapters already train one at a time and simultaneous / soft ones "
+                    "are coupled"
                 )
         if layer_ok:
             try:
@@ -159,6 +167,11 @@ class AdapterConfig:
                 problems.append(str(err))
         if problems:
             raise ValueError("invalid AdapterConfig: " + "; ".join(problems))
+
+    @property
+    def uses_amsgrad(self) -> bool:
+        """AMSGrad unless `simultaneous` (see `MelboConfig.uses_amsgrad`)."""
+        return self.orthogonal != "simultaneous" if self.amsgrad is None else self.amsgrad
 
     @property
     def source(self) -> HookSite:
@@ -205,23 +218,6 @@ def _tangent_columns(
     return tangent_project(grad.transpose(-1, -2), omega.transpose(-1, -2)).transpose(-1, -2)
 
 
-def _project_out_columns(omega: Tensor, basis: Tensor | None) -> Tensor:
-    """Remove from every column its components along the orthonormal rows of `basis`."""
-    if basis is None:
-        return omega
-    return project_out(omega.transpose(-1, -2), basis).transpose(-1, -2)
-
-
-def _column_basis(omega_b: Float[Tensor, "m d_model r"]) -> Tensor | None:
-    """Orthonormal rows spanning all columns of the given Ω_B (rank-revealing)."""
-    cols = omega_b.transpose(-1, -2).reshape(-1, omega_b.shape[1]).double()  # [m·r, d]
-    if cols.shape[0] == 0:
-        return None
-    _, s, vh = torch.linalg.svd(cols, full_matrices=False)
-    keep = s > 1e-6 * s.max()
-    return vh[keep].to(omega_b.dtype)
-
-
 def _init_adapters(
     indices: list[int], d_mlp: int, d_model: int, rank: int, seed: int, device, dtype
 ) -> tuple[Tensor, Tensor]:
@@ -235,82 +231,47 @@ def _init_adapters(
     return torch.stack(a_rows).to(**to), torch.stack(b_rows).to(**to)
 
 
-class _AdapterGroup:
-    """The optimisation state of adapters that train together (AMSGrad on the spheres)."""
+class AdapterFamily:
+    """Steering adapters for the trainer: unit columns of Ω_A and Ω_B; orthogonality acts
+    on the Ω_B columns (what the adapter writes into the residual stream)."""
 
-    def __init__(
-        self,
-        omega_a: Tensor,
-        omega_b: Tensor,
-        cfg: AdapterConfig,
-        lrs: tuple[float, float],
-        basis: Tensor | None,
-    ):
-        self.basis = basis  # orthonormal rows every Ω_B column must stay orthogonal to
-        self.omega_a = torch.nn.Parameter(_unit_columns(omega_a))
-        self.omega_b = torch.nn.Parameter(self._constrain_b(omega_b))
-        self.opt = torch.optim.AdamW(
-            [{"params": [self.omega_a], "lr": lrs[0]}, {"params": [self.omega_b], "lr": lrs[1]}],
-            betas=cfg.betas,
-            weight_decay=0.0,
-            amsgrad=True,
+    noun = "adapter"
+
+    def __init__(self, config: AdapterConfig, d_mlp: int, d_model: int) -> None:
+        self.config, self.d_mlp, self.d_model = config, d_mlp, d_model
+
+    def init(self, indices: list[int], device: torch.device) -> dict[str, Tensor]:
+        a, b = _init_adapters(
+            indices,
+            self.d_mlp,
+            self.d_model,
+            self.config.rank,
+            self.config.seed,
+            device,
+            torch.float32,
         )
+        return {"omega_a": a, "omega_b": b}
 
-    def _constrain_b(self, omega_b: Tensor) -> Tensor:
-        return _unit_columns(_project_out_columns(omega_b, self.basis))
+    def retract(self, params: dict[str, Tensor]) -> dict[str, Tensor]:
+        return {n: _unit_columns(v) for n, v in params.items()}
 
-    @torch.no_grad()
-    def update(self) -> None:
-        a, b = self.omega_a, self.omega_b
-        a.grad = _tangent_columns(a.grad, a)
-        b.grad = _project_out_columns(_tangent_columns(b.grad, b), self.basis)
-        self.opt.step()
-        a.copy_(_unit_columns(a))
-        b.copy_(self._constrain_b(b))
+    def tangent(self, grads: dict[str, Tensor], params: dict[str, Tensor]) -> dict[str, Tensor]:
+        return {n: _tangent_columns(grads[n], params[n]) for n in params}
 
-    def state_tensors(self) -> dict[str, Tensor]:
-        out = {"omega_a": self.omega_a.detach().clone(), "omega_b": self.omega_b.detach().clone()}
-        for name, param in (("a", self.omega_a), ("b", self.omega_b)):
-            state = self.opt.state.get(param, {})
-            for key in ("step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
-                if key in state:
-                    out[f"opt.{name}.{key}"] = torch.as_tensor(state[key]).detach().clone()
-        return out
+    def directions(self, params: dict[str, Tensor]) -> Tensor:
+        return params["omega_b"].transpose(-1, -2)  # [k, r, d_model]
 
-    def load_state_tensors(self, state: dict[str, Tensor]) -> None:
-        with torch.no_grad():
-            self.omega_a.copy_(state["omega_a"])
-            self.omega_b.copy_(state["omega_b"])
-        for name, param in (("a", self.omega_a), ("b", self.omega_b)):
-            prefix = f"opt.{name}."
-            opt_state = {
-                k[len(prefix) :]: v.clone() for k, v in state.items() if k.startswith(prefix)
-            }
-            if opt_state:
-                if "step" in opt_state:
-                    opt_state["step"] = opt_state["step"].float()
-                self.opt.state[param] = opt_state
+    def with_directions(self, params: dict[str, Tensor], directions: Tensor) -> dict[str, Tensor]:
+        return {**params, "omega_b": directions.transpose(-1, -2)}
 
+    def target(self, segment: Segment, params: dict[str, Tensor]) -> Tensor:
+        a, b = params["omega_a"], params["omega_b"]
+        hooks = adapter_hooks(self.config.source_layer, a, b, self.config.radius)
+        return segment.run_hooked(a.shape[0], hooks)
 
-def _objectives(
-    segment: Segment, omega_a: Tensor, omega_b: Tensor, cfg: AdapterConfig
-) -> Float[Tensor, " k"]:
-    """MELBO objective of each of K adapters (one forward for K × n rows)."""
-    k = omega_a.shape[0]
-    hooks = adapter_hooks(cfg.source_layer, omega_a, omega_b, cfg.radius)
-    z = segment.run_hooked(k, hooks)
-    mask = segment.prompts.target_mask
-    per_prompt = melbo_objective_per_prompt(
-        z, segment.unsteered.expand_as(z), mask.expand(z.shape[:-1]), power=cfg.power, q=cfg.q
-    )
-    return per_prompt.sum(-1)
-
-
-def _groups(cfg: AdapterConfig) -> list[list[int]]:
-    if cfg.orthogonal == "sequential":
-        return [[k] for k in range(cfg.n_adapters)]
-    size = cfg.adapters_per_batch or cfg.n_adapters
-    return [list(range(i, min(i + size, cfg.n_adapters))) for i in range(0, cfg.n_adapters, size)]
+    def lrs(self) -> dict[str, float]:
+        lr_a, lr_b = self.config.resolved_lrs(self.d_mlp, self.d_model)
+        return {"omega_a": lr_a, "omega_b": lr_b}
 
 
 # ---------------------------------------------------------------------- training
@@ -325,22 +286,23 @@ def train_steering_adapters(
     checkpoint_every: int = 50,
     resume: SteeringAdapters | str | None = None,
     check_every: int = 10,
+    compile: bool = False,
 ) -> SteeringAdapters:
     """Train MELBO steering adapters; returns a `SteeringAdapters` artifact.
 
-    Ctrl-C (KeyboardInterrupt), or a callback returning False, stops training and
-    returns what exists so far: finished adapters, plus the in-progress ones with
-    `steps_done` telling how far they got; with `checkpoint=path` that state is also
-    saved, and `train_steering_adapters(..., resume=path)` continues the run exactly.
-    NaN/inf stops training with a `TrainingError` naming the step and the adapter.
+    The same loop as `train_steering_vectors` (`melbo_lens.methods.trainer`): Ctrl-C
+    (KeyboardInterrupt), or a callback returning False, stops training and returns what
+    exists so far, with `steps_done` telling how far each adapter got; with
+    `checkpoint=path` that state is also saved, and `train_steering_adapters(...,
+    resume=path)` continues the run exactly. NaN/inf stops training with a
+    `TrainingError` naming the step and the adapter. Orthogonality modes and solvers are
+    those of vectors, acting on the Ω_B columns.
 
     Examples:
-        >>> cfg = AdapterConfig(1, HookSite(3), n_adapters=4, steps=50)  # doctest: +SKIP
-        >>> prompts = PromptSet.from_texts(model, "Hi")  # doctest: +SKIP
-        >>> adapters = train_steering_adapters(model, prompts, cfg)  # doctest: +SKIP
-        >>> adapters.objective  # doctest: +SKIP
-        >>> with adapters.apply(model, 2):  # doctest: +SKIP
-        ...     logits = model("Hi")  # doctest: +SKIP
+        >>> cfg = AdapterConfig(1, HookSite(3), n_adapters=2, steps=5)  # doctest: +SKIP
+        >>> adapters = train_steering_adapters(model, prompts, cfg, progress=False)  # doctest: +SKIP
+        >>> len(adapters), adapters.complete  # doctest: +SKIP
+        (2, True)
     """
     if not isinstance(prompts, PromptSet):
         raise TypeError(
@@ -349,39 +311,26 @@ def train_steering_adapters(
         )
     check_sites(model, config.source, config.target)
     check_adapter_host(model, config.source_layer)
-    d_model = d_model_of(model)
-    if config.orthogonal == "sequential" and config.n_adapters * config.rank > d_model:
+    d_model, d_mlp = d_model_of(model), int(model.cfg.d_mlp)
+    hard = config.orthogonal in ("sequential", "simultaneous")
+    if hard and config.n_adapters * config.rank > d_model:
         raise ValueError(
-            f"sequential orthogonality needs n_adapters × rank <= d_model, got "
+            f"{config.orthogonal} orthogonality needs n_adapters × rank <= d_model, got "
             f"{config.n_adapters} × {config.rank} > {d_model}"
         )
-    with frozen(model):
-        return _train(
-            model,
-            prompts,
-            config,
-            progress,
-            callback,
-            checkpoint,
-            checkpoint_every,
-            resume,
-            check_every,
-        )
-
-
-def _train(
-    model, prompts, config, progress, callback, checkpoint, checkpoint_every, resume, check_every
-) -> SteeringAdapters:
-    d_model, d_mlp = d_model_of(model), int(model.cfg.d_mlp)
     lrs = config.resolved_lrs(d_mlp, d_model)
-    dtype, device = torch.float32, prompts.tokens.device
+    device = prompts.tokens.device
     n, r, steps = config.n_adapters, config.rank, config.steps
-    omega_a = torch.zeros(n, d_mlp, r, dtype=dtype, device=device)
-    omega_b = torch.zeros(n, d_model, r, dtype=dtype, device=device)
-    losses = torch.full((n, steps), float("nan"), dtype=torch.float32, device=device)
-    objective = torch.full((n,), float("nan"), dtype=torch.float32, device=device)
-    steps_done = torch.zeros(n, dtype=torch.long)
-    group_state: dict[str, Tensor] = {}
+    store = {
+        "omega_a": torch.zeros(n, d_mlp, r, dtype=torch.float32, device=device),
+        "omega_b": torch.zeros(n, d_model, r, dtype=torch.float32, device=device),
+    }
+    record = {
+        "losses": torch.full((n, steps), float("nan"), dtype=torch.float32, device=device),
+        "objective": torch.full((n,), float("nan"), dtype=torch.float32, device=device),
+        "steps_done": torch.zeros(n, dtype=torch.long),
+    }
+    resume_state: dict[str, Tensor] = {}
     elapsed = 0.0
     if resume is not None:
         prior = SteeringAdapters.load(resume) if isinstance(resume, str) else resume
@@ -390,32 +339,20 @@ def _train(
                 "cannot resume: the saved run's config differs from this one; pass "
                 "AdapterConfig.from_dict(saved.config) to continue it"
             )
-        omega_a.copy_(prior.omega_a)
-        omega_b.copy_(prior.omega_b)
-        for mine, theirs in ((losses, prior.losses), (objective, prior.objective)):
-            if theirs is not None:
-                mine.copy_(theirs)
-        if prior.steps_done is not None:
-            steps_done.copy_(prior.steps_done)
-        group_state = dict(prior.resume_state)
+        store["omega_a"].copy_(prior.omega_a)
+        store["omega_b"].copy_(prior.omega_b)
+        for name in record:
+            if getattr(prior, name) is not None:
+                record[name].copy_(getattr(prior, name))
+        resume_state = dict(prior.resume_state)
         elapsed = float(prior.metadata.get("train_seconds", 0.0))
 
-    segment = Segment(model, config.source, config.target, prompts)
-    auto = config.lr == "auto"
-    meta = {
-        "lr_used": {"omega_a": lrs[0], "omega_b": lrs[1]},
-        "lr_rule": "0.011/sqrt(column dim): d_mlp for omega_a, d_model for omega_b"
-        if auto
-        else "absolute",
-        "segment_blocks": segment.n_blocks,
-        "layer_slicing": segment.layer_slicing,
-        "host": type(model).__name__,
-    }
-
-    def artifact(state: dict[str, Tensor], seconds: float) -> SteeringAdapters:
+    def make_artifact(
+        params: dict[str, Tensor], rec: dict[str, Any], metadata: dict[str, Any]
+    ) -> SteeringAdapters:
         return SteeringAdapters(
-            omega_a=omega_a.detach().cpu().clone(),
-            omega_b=omega_b.detach().cpu().clone(),
+            omega_a=params["omega_a"],
+            omega_b=params["omega_b"],
             layer=config.source_layer,
             radius=config.radius,
             target=config.target,
@@ -423,78 +360,49 @@ def _train(
             config=config.to_dict(),
             model_name=getattr(model.cfg, "model_name", None),
             prompts=prompts.to_dict(),
-            losses=losses.cpu().clone(),
-            objective=objective.cpu().clone(),
-            steps_done=steps_done.clone(),
-            metadata={**meta, "train_seconds": seconds},
-            resume_state={k: v.detach().cpu() for k, v in state.items()},
+            metadata=metadata,
+            **rec,
         )
 
-    bar = tqdm(total=n * steps, disable=not progress, desc="adapters", unit="adapter-step")
-    bar.update(int(steps_done.sum()))
-    start_time = time.perf_counter()
-    group: _AdapterGroup | None = None
-    indices: list[int] = []
-    interrupted = False
-    try:
-        for indices in _groups(config):
-            done = ~torch.isnan(objective)  # a final objective is written when a group ends
-            if bool(done[indices].all()):
-                continue
-            basis = None
-            if config.orthogonal == "sequential" and indices[0] > 0:
-                basis = _column_basis(omega_b[: indices[0]])
-            init_a, init_b = _init_adapters(indices, d_mlp, d_model, r, config.seed, device, dtype)
-            group = _AdapterGroup(init_a, init_b, config, lrs, basis)
-            first = int(steps_done[indices[0]])
-            if first > 0 and group_state:
-                group.load_state_tensors({k: v.to(device) for k, v in group_state.items()})
-            group_state = {}
-            for step in range(first, steps):
-                group.opt.zero_grad(set_to_none=True)
-                obj = _objectives(segment, group.omega_a, group.omega_b, config)
-                (-obj.sum()).backward()
-                obj = obj.detach()
-                losses[indices, step] = obj
-                group.update()
-                steps_done[indices] = step + 1
-                omega_a[indices] = group.omega_a.detach()
-                omega_b[indices] = group.omega_b.detach()
-                bar.update(len(indices))
-                if (step + 1) % check_every == 0 or step + 1 == steps:
-                    check_finite(
-                        losses, indices, step + 1, max(first, step + 1 - check_every), "adapter"
-                    )
-                    bar.set_postfix(objective=f"{float(obj.mean()):.4g}")
-                if callback is not None:
-                    state = AdapterTrainingState(
-                        step, indices, obj, group.omega_a.detach(), group.omega_b.detach()
-                    )
-                    if callback(state) is False:
-                        raise KeyboardInterrupt
-                if checkpoint and (step + 1) % checkpoint_every == 0 and step + 1 < steps:
-                    seconds = elapsed + time.perf_counter() - start_time
-                    artifact(group.state_tensors(), seconds).save(checkpoint)
-            omega_a[indices] = group.omega_a.detach()
-            omega_b[indices] = group.omega_b.detach()
-            with torch.no_grad():
-                final = _objectives(segment, omega_a[indices], omega_b[indices], config)
-            objective[indices] = final
-            check_finite(objective[:, None], indices, 1, 0, "adapter")
-            group = None
-            if checkpoint:
-                artifact({}, elapsed + time.perf_counter() - start_time).save(checkpoint)
-    except KeyboardInterrupt:
-        interrupted = True
-    finally:
-        bar.close()
-    elapsed += time.perf_counter() - start_time
-    state = group.state_tensors() if (interrupted and group is not None) else {}
-    result = artifact(state, elapsed)
-    result.metadata["interrupted"] = interrupted
-    if checkpoint:
-        result.save(checkpoint)
-    return result
-
-
-# ---------------------------------------------------------------------- generation
+    spec = LoopSpec(
+        n=n,
+        steps=steps,
+        orthogonal=config.orthogonal,
+        solver=config.solver,
+        betas=config.betas,
+        amsgrad=config.uses_amsgrad,
+        soft_weight=config.soft_weight,
+        soft_on=config.soft_on,
+        per_batch=config.adapters_per_batch,
+        power=config.power,
+        q=config.q,
+        source=config.source,
+        target=config.target,
+    )
+    auto = config.lr == "auto"
+    return train(
+        model,
+        prompts,
+        AdapterFamily(config, d_mlp, d_model),
+        spec,
+        store=store,
+        record=record,
+        resume_state=resume_state,
+        elapsed=elapsed,
+        make_artifact=make_artifact,
+        make_state=lambda step, idx, obj, params: AdapterTrainingState(
+            step, idx, obj, params["omega_a"], params["omega_b"]
+        ),
+        metadata={
+            "lr_used": {"omega_a": lrs[0], "omega_b": lrs[1]},
+            "lr_rule": "0.011/sqrt(column dim): d_mlp for omega_a, d_model for omega_b"
+            if auto
+            else "absolute",
+        },
+        progress=progress,
+        callback=callback,
+        checkpoint=checkpoint,
+        checkpoint_every=checkpoint_every,
+        check_every=check_every,
+        compile=compile,
+    )

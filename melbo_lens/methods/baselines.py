@@ -36,13 +36,14 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from ..artifacts import SteeringVectors
-from ..prompts import PromptSet
-from ..segment import Segment, check_sites, d_model_of
-from ..sites import HookSite, as_site, require_hook
-from .constraints import gram_schmidt, to_sphere
-from .melbo import _init_vectors, frozen
-from .objectives import melbo_objective_per_prompt
+from melbo_lens.core.host import d_model_of, frozen
+from melbo_lens.core.prompts import PromptSet
+from melbo_lens.core.segment import Segment
+from melbo_lens.core.sites import HookSite, as_site, check_sites, require_hook
+from melbo_lens.methods.constraints import gram_schmidt, to_sphere
+from melbo_lens.methods.melbo import _init_vectors
+from melbo_lens.methods.objectives import melbo_objective_per_prompt, segment_objectives
+from melbo_lens.perturbations.vectors import SteeringVectors
 
 __all__ = ["random_vectors", "jacobian_vectors", "hessian_vectors", "top_eigenpairs"]
 
@@ -297,7 +298,7 @@ def _spectral_vectors(
             device=prompts.tokens.device,
         )
         vectors = radius * _fix_signs(vecs)
-        objective = segment.objectives(vectors, power=power, q=q, chunk=len(vectors))
+        objective = segment_objectives(segment, vectors, power=power, q=q, chunk=len(vectors))
     meta = {
         **info,
         "seconds": time.perf_counter() - start,

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import asdict, fields
 from typing import Any, TypeVar
 
-from ..sites import HookSite
+from melbo_lens.core.sites import HookSite
 
 __all__ = ["config_from_dict", "config_to_dict"]
 

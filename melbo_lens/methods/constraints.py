@@ -20,6 +20,7 @@ __all__ = [
     "project_out",
     "gram_schmidt",
     "project_out_earlier",
+    "gram_schmidt_members",
 ]
 
 
@@ -78,15 +79,49 @@ def gram_schmidt(vectors: Float[Tensor, "k d"]) -> Float[Tensor, "k d"]:
 
 
 def project_out_earlier(
-    grad: Float[Tensor, "k d"], unit_vectors: Float[Tensor, "k d"]
+    grad: Float[Tensor, "k d"], unit_vectors: Float[Tensor, "k d"], group: int = 1
 ) -> Float[Tensor, "k d"]:
     """Row k of `grad` minus its components along unit rows 0..k-1 (orthonormal rows).
+
+    With `group=m`, rows come in members of m consecutive rows and a row loses its
+    components along every row of the *earlier members* (not its own member's rows).
 
     Examples:
         >>> project_out_earlier(torch.ones(2, 2), torch.eye(2))
         tensor([[1., 1.],
                 [0., 1.]])
+        >>> project_out_earlier(torch.ones(3, 3), torch.eye(3), group=2)[2].tolist()
+        [0.0, 0.0, 1.0]
     """
     coeff = grad @ unit_vectors.T  # [k, k]: coeff[k, j] = g_k · u_j
-    coeff = torch.tril(coeff, diagonal=-1)  # keep j < k
+    if group == 1:
+        coeff = torch.tril(coeff, diagonal=-1)  # keep j < k
+    else:
+        member = torch.arange(grad.shape[0], device=grad.device) // group
+        coeff = coeff * (member[:, None] > member[None, :])
     return grad - coeff @ unit_vectors
+
+
+def gram_schmidt_members(
+    directions: Float[Tensor, "k m d"], *, normalise: bool = False
+) -> Float[Tensor, "k m d"]:
+    """Member k's rows made orthogonal to every row of members 0..k-1, in order.
+
+    With one row per member this is Gram–Schmidt up to each row's length (the caller
+    retracts onto its sphere); with m rows per member (an adapter's Ω_B columns) a
+    member's rows stay free among themselves. `normalise=True` returns instead the
+    orthonormal rows (QR of all rows in order) that span members 0..k.
+
+    Examples:
+        >>> d = torch.tensor([[[2.0, 0.0]], [[1.0, 1.0]]])
+        >>> gram_schmidt_members(d).tolist()
+        [[[2.0, 0.0]], [[0.0, 1.0]]]
+    """
+    k, m, d = directions.shape
+    flat = directions.reshape(k * m, d)
+    q = gram_schmidt(flat)
+    if normalise:
+        return q.reshape(k, m, d)
+    member = torch.arange(k * m, device=flat.device) // m
+    coeff = (flat @ q.T) * (member[:, None] > member[None, :])
+    return (flat - coeff @ q).reshape(k, m, d)

@@ -29,24 +29,22 @@ Orthogonality modes:
 from __future__ import annotations
 
 import math
-import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 from jaxtyping import Float
 from torch import Tensor
-from tqdm.auto import tqdm
 
-from ..artifacts import SteeringVectors
-from ..prompts import PromptSet
-from ..segment import Segment, check_sites, d_model_of
-from ..sites import HookSite, as_site, check_order
-from .config import config_from_dict, config_to_dict
-from .constraints import gram_schmidt, project_out, project_out_earlier, tangent_project, to_sphere
-from .objectives import cosine_penalty, melbo_objective_per_prompt
+from melbo_lens.core.host import d_model_of
+from melbo_lens.core.prompts import PromptSet
+from melbo_lens.core.segment import Segment
+from melbo_lens.core.sites import HookSite, as_site, check_order, check_sites
+from melbo_lens.methods.config import config_from_dict, config_to_dict
+from melbo_lens.methods.constraints import tangent_project, to_sphere
+from melbo_lens.methods.trainer import LoopSpec, TrainingError, train
+from melbo_lens.perturbations.vectors import SteeringVectors
 
 __all__ = ["MelboConfig", "TrainingState", "TrainingError", "train_steering_vectors", "scaled_lr"]
 
@@ -65,10 +63,6 @@ def scaled_lr(radius: float, d_model: int) -> float:
         0.00097
     """
     return LR_SCALE * radius / math.sqrt(d_model)
-
-
-class TrainingError(RuntimeError):
-    """Training produced NaN/inf or otherwise cannot continue."""
 
 
 @dataclass(frozen=True)
@@ -177,171 +171,36 @@ def _init_vectors(indices: list[int], d_model: int, seed: int, device, dtype) ->
     return torch.stack(rows).to(device=device, dtype=dtype)
 
 
-class _Group:
-    """The optimisation state of vectors that train together."""
+class VectorFamily:
+    """MELBO vectors for the trainer: θ on the sphere of radius R, added at the source."""
 
-    def __init__(self, theta: Tensor, cfg: MelboConfig, lr: float, basis: Tensor | None):
-        self.cfg = cfg
-        self.basis = basis  # orthonormal rows the group must stay orthogonal to
-        self.theta = torch.nn.Parameter(self._constrain(theta))
-        self.opt = torch.optim.AdamW(
-            [self.theta], lr=lr, betas=cfg.betas, weight_decay=0.0, amsgrad=cfg.uses_amsgrad
-        )
-        k = theta.shape[0]
-        # power-solver safeguard state
-        self.accepted = self.theta.detach().clone()
-        self.accepted_obj = torch.full((k,), -math.inf, device=theta.device)
-        self.accepted_grad = torch.zeros_like(self.accepted)
-        self.beta = torch.ones(k, device=theta.device)
+    noun = "vector"
 
-    def _constrain(self, theta: Tensor) -> Tensor:
-        theta = project_out(theta, self.basis)
-        if self.cfg.orthogonal == "simultaneous":
-            theta = gram_schmidt(theta)
-        return to_sphere(theta, self.cfg.radius)
+    def __init__(self, config: MelboConfig, d_model: int, lr: float) -> None:
+        self.config, self.d_model, self.lr = config, d_model, lr
 
-    def _project_grad(self, grad: Tensor, theta: Tensor) -> Tensor:
-        grad = tangent_project(grad, theta)
-        grad = project_out(grad, self.basis)
-        if self.cfg.orthogonal == "simultaneous":
-            grad = project_out_earlier(grad, torch.nn.functional.normalize(theta, dim=-1))
-        return grad
+    def init(self, indices: list[int], device: torch.device) -> dict[str, Tensor]:
+        return {
+            "theta": _init_vectors(indices, self.d_model, self.config.seed, device, torch.float32)
+        }
 
-    @torch.no_grad()
-    def update(self, objective: Tensor) -> None:
-        theta = self.theta
-        if self.cfg.solver == "amsgrad":
-            # minimising -objective: the optimiser sees the projected gradient of the loss
-            theta.grad = self._project_grad(theta.grad, theta)
-            self.opt.step()
-            theta.copy_(self._constrain(theta))
-            if self.cfg.orthogonal == "simultaneous":
-                # Momentum pointing along earlier vectors would keep pushing row k into
-                # directions Gram–Schmidt removes each step; drop it (row 0 unaffected).
-                state = self.opt.state[theta]
-                unit = torch.nn.functional.normalize(theta, dim=-1)
-                state["exp_avg"].copy_(project_out_earlier(state["exp_avg"], unit))
-            return
-        # Safeguarded power step on the sphere: accept θ if its objective did not drop,
-        # else halve the step from the last accepted point. All per vector, on device.
-        ascent = -theta.grad
-        ok = objective >= self.accepted_obj
-        if self.cfg.orthogonal == "simultaneous":
-            # When an earlier vector moved, row k's constraint set moved with it and its
-            # last accepted objective is stale: accept row k's new point unconditionally.
-            cos = torch.nn.functional.cosine_similarity(theta, self.accepted, dim=-1)
-            moved = (ok & (cos < 1 - 1e-6)).to(torch.int32)
-            earlier_moved = (torch.cumsum(moved, 0) - moved) > 0
-            ok = ok | earlier_moved
-        self.accepted = torch.where(ok[:, None], theta, self.accepted)
-        self.accepted_grad = torch.where(ok[:, None], ascent, self.accepted_grad)
-        self.accepted_obj = torch.where(ok, objective, self.accepted_obj)
-        self.beta = torch.where(ok, (self.beta * 2).clamp(max=1.0), self.beta / 2)
-        g = project_out(self.accepted_grad, self.basis)
-        target = to_sphere(g, self.cfg.radius)
-        step = self.beta[:, None] * (target - self.accepted)
-        theta.copy_(self._constrain(self.accepted + step))
+    def retract(self, params: dict[str, Tensor]) -> dict[str, Tensor]:
+        return {"theta": to_sphere(params["theta"], self.config.radius)}
 
-    def result(self) -> Tensor:
-        """Final vectors: the current θ, or for the power solver the last accepted θ."""
-        if self.cfg.solver == "power" and bool(self.accepted_obj.isfinite().all()):
-            return self._constrain(self.accepted.clone())
-        return self.theta.detach().clone()
+    def tangent(self, grads: dict[str, Tensor], params: dict[str, Tensor]) -> dict[str, Tensor]:
+        return {"theta": tangent_project(grads["theta"], params["theta"])}
 
-    def state_tensors(self) -> dict[str, Tensor]:
-        state = self.opt.state.get(self.theta, {})
-        out = {"theta": self.theta.detach().clone()}
-        for key in ("step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
-            if key in state:
-                out[f"opt.{key}"] = torch.as_tensor(state[key]).detach().clone()
-        if self.cfg.solver == "power":
-            out.update(
-                accepted=self.accepted,
-                accepted_obj=self.accepted_obj,
-                accepted_grad=self.accepted_grad,
-                beta=self.beta,
-            )
-        return out
+    def directions(self, params: dict[str, Tensor]) -> Tensor:
+        return params["theta"][:, None, :]
 
-    def load_state_tensors(self, state: dict[str, Tensor]) -> None:
-        with torch.no_grad():
-            self.theta.copy_(state["theta"])
-        opt_state = {k[4:]: v.clone() for k, v in state.items() if k.startswith("opt.")}
-        if opt_state:
-            if "step" in opt_state:
-                opt_state["step"] = opt_state["step"].float()
-            self.opt.state[self.theta] = opt_state
-        if self.cfg.solver == "power":
-            self.accepted = state["accepted"].clone()
-            self.accepted_obj = state["accepted_obj"].clone()
-            self.accepted_grad = state["accepted_grad"].clone()
-            self.beta = state["beta"].clone()
+    def with_directions(self, params: dict[str, Tensor], directions: Tensor) -> dict[str, Tensor]:
+        return {"theta": directions[:, 0, :]}
 
+    def target(self, segment: Segment, params: dict[str, Tensor]) -> Tensor:
+        return segment.run(params["theta"])
 
-def _objectives(
-    segment: Segment, theta: Tensor, cfg: MelboConfig
-) -> tuple[Float[Tensor, " k"], Float[Tensor, "k n pos d_model"]]:
-    z = segment.run(theta)
-    mask = segment.prompts.target_mask
-    per_prompt = melbo_objective_per_prompt(
-        z, segment.unsteered.expand_as(z), mask.expand(z.shape[:-1]), power=cfg.power, q=cfg.q
-    )
-    return per_prompt.sum(-1), z
-
-
-def _loss(segment: Segment, group: _Group, cfg: MelboConfig) -> tuple[Tensor, Tensor]:
-    objective, z = _objectives(segment, group.theta, cfg)
-    loss = -objective.sum()
-    if cfg.orthogonal == "soft" and group.theta.shape[0] > 1:
-        if cfg.soft_on == "vectors":
-            penalty = cosine_penalty(group.theta)
-        else:
-            mask = segment.prompts.target_mask[None, :, :, None]
-            penalty = cosine_penalty(((z - segment.unsteered) * mask).flatten(1))
-        loss = loss + cfg.soft_weight * objective.detach().mean() * penalty
-    return loss, objective.detach()
-
-
-def check_finite(
-    losses: Tensor, indices: list[int], upto: int, first_step: int, noun: str = "vector"
-) -> None:
-    """Raise TrainingError naming the first step and row whose objective is NaN/inf."""
-    bad = ~torch.isfinite(losses[indices, first_step:upto])
-    if bad.any():
-        row, col = (int(x) for x in torch.nonzero(bad)[0])
-        raise TrainingError(
-            f"objective became NaN/inf at step {first_step + col} for {noun} {indices[row]}; "
-            "try a smaller radius or lr, a float32 model, or check the prompts for "
-            "overflow (partial results are kept in the checkpoint if one was given)"
-        )
-
-
-def _groups(cfg: MelboConfig) -> list[list[int]]:
-    if cfg.orthogonal == "sequential":
-        return [[k] for k in range(cfg.n_vectors)]
-    if cfg.orthogonal in ("simultaneous", "soft"):
-        if cfg.vectors_per_batch is not None and cfg.vectors_per_batch < cfg.n_vectors:
-            raise ValueError(
-                f"orthogonal={cfg.orthogonal!r} couples all vectors, so they must train in "
-                f"one batch; got vectors_per_batch={cfg.vectors_per_batch} < n_vectors="
-                f"{cfg.n_vectors}. Use orthogonal='sequential' to limit memory"
-            )
-        return [list(range(cfg.n_vectors))]
-    size = cfg.vectors_per_batch or cfg.n_vectors
-    return [list(range(i, min(i + size, cfg.n_vectors))) for i in range(0, cfg.n_vectors, size)]
-
-
-@contextmanager
-def frozen(model: Any) -> Iterator[None]:
-    """No weight gradients inside (only θ is trained); restores each flag on exit."""
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    try:
-        for p, _ in flags:
-            p.requires_grad_(False)
-        yield
-    finally:
-        for p, flag in flags:
-            p.requires_grad_(flag)
+    def lrs(self) -> dict[str, float]:
+        return {"theta": self.lr}
 
 
 def train_steering_vectors(
@@ -387,15 +246,15 @@ def train_steering_vectors(
             f"cannot train {config.n_vectors} mutually orthogonal vectors in d_model={d_model}"
         )
     lr = config.resolved_lr(d_model)
-    dtype = torch.float32
     device = prompts.tokens.device
-
     n, steps = config.n_vectors, config.steps
-    vectors = torch.zeros(n, d_model, dtype=dtype, device=device)
-    losses = torch.full((n, steps), float("nan"), dtype=torch.float32, device=device)
-    objective = torch.full((n,), float("nan"), dtype=torch.float32, device=device)
-    steps_done = torch.zeros(n, dtype=torch.long)
-    group_state: dict[str, Tensor] = {}
+    store = {"theta": torch.zeros(n, d_model, dtype=torch.float32, device=device)}
+    record = {
+        "losses": torch.full((n, steps), float("nan"), dtype=torch.float32, device=device),
+        "objective": torch.full((n,), float("nan"), dtype=torch.float32, device=device),
+        "steps_done": torch.zeros(n, dtype=torch.long),
+    }
+    resume_state: dict[str, Tensor] = {}
     elapsed = 0.0
     if resume is not None:
         prior = SteeringVectors.load(resume) if isinstance(resume, str) else resume
@@ -404,102 +263,62 @@ def train_steering_vectors(
                 "cannot resume: the saved run's config differs from this one; pass "
                 "MelboConfig.from_dict(saved.config) to continue it"
             )
-        vectors.copy_(prior.vectors)
-        if prior.losses is not None:
-            losses.copy_(prior.losses)
-        if prior.objective is not None:
-            objective.copy_(prior.objective)
-        if prior.steps_done is not None:
-            steps_done.copy_(prior.steps_done)
-        group_state = dict(prior.resume_state)
+        store["theta"].copy_(prior.vectors)
+        for name in record:
+            if getattr(prior, name) is not None:
+                record[name].copy_(getattr(prior, name))
+        resume_state = dict(prior.resume_state)
         elapsed = float(prior.metadata.get("train_seconds", 0.0))
 
-    segment = Segment(model, config.source, config.target, prompts, compile=compile)
-    meta = {
-        "lr_used": lr,
-        "lr_rule": "0.011*R/sqrt(d_model)" if config.lr == "auto" else "absolute",
-        "segment_blocks": segment.n_blocks,
-        "layer_slicing": segment.layer_slicing,
-        "compiled": segment.compile,
-        "host": type(model).__name__,
-    }
-
-    def artifact(state: dict[str, Tensor], seconds: float) -> SteeringVectors:
+    def make_artifact(
+        params: dict[str, Tensor], rec: dict[str, Any], metadata: dict[str, Any]
+    ) -> SteeringVectors:
         return SteeringVectors(
-            vectors=vectors.detach().cpu().clone(),
+            vectors=params["theta"],
             site=config.source,
             target=config.target,
             method="melbo",
             config=config.to_dict(),
             model_name=getattr(model.cfg, "model_name", None),
             prompts=prompts.to_dict(),
-            losses=losses.cpu().clone(),
-            objective=objective.cpu().clone(),
-            steps_done=steps_done.clone(),
-            metadata={**meta, "train_seconds": seconds},
-            resume_state={k: v.detach().cpu() for k, v in state.items()},
+            metadata=metadata,
+            **rec,
         )
 
-    groups = _groups(config)
-    bar = tqdm(total=n * steps, disable=not progress, desc="melbo", unit="vec-step")
-    bar.update(int(steps_done.sum()))
-    start_time = time.perf_counter()
-    group: _Group | None = None
-    indices: list[int] = []
-    interrupted = False
-    with frozen(model):  # only θ gets gradients; the model's flags are restored
-        try:
-            for indices in groups:
-                done = ~torch.isnan(objective)  # a final objective is written when a group ends
-                if bool(done[indices].all()):
-                    continue
-                finished = [k for k in range(indices[0]) if done[k]]
-                basis = None
-                if config.orthogonal == "sequential" and finished:
-                    basis = torch.nn.functional.normalize(vectors[finished], dim=-1)
-                init = _init_vectors(indices, d_model, config.seed, device, dtype)
-                group = _Group(init, config, lr, basis)
-                first = int(steps_done[indices[0]])
-                if first > 0 and group_state:
-                    group.load_state_tensors({k: v.to(device) for k, v in group_state.items()})
-                group_state = {}
-                for step in range(first, steps):
-                    group.opt.zero_grad(set_to_none=True)
-                    loss, obj = _loss(segment, group, config)
-                    loss.backward()
-                    losses[indices, step] = obj
-                    group.update(obj)
-                    steps_done[indices] = step + 1
-                    vectors[indices] = group.theta.detach()
-                    bar.update(len(indices))
-                    if (step + 1) % check_every == 0 or step + 1 == steps:
-                        check_finite(losses, indices, step + 1, max(first, step + 1 - check_every))
-                        bar.set_postfix(objective=f"{float(obj.mean()):.4g}")
-                    if callback is not None:
-                        state = TrainingState(step, indices, obj, group.theta.detach())
-                        if callback(state) is False:
-                            raise KeyboardInterrupt
-                    if checkpoint and (step + 1) % checkpoint_every == 0 and step + 1 < steps:
-                        seconds = elapsed + time.perf_counter() - start_time
-                        artifact(group.state_tensors(), seconds).save(checkpoint)
-                vectors[indices] = group.result()
-                with torch.no_grad():
-                    final, _ = _objectives(segment, vectors[indices], config)
-                objective[indices] = final
-                check_finite(objective[:, None], indices, 1, 0)
-                group = None
-                if checkpoint:
-                    artifact({}, elapsed + time.perf_counter() - start_time).save(checkpoint)
-        except KeyboardInterrupt:
-            interrupted = True
-        finally:
-            bar.close()
-    elapsed += time.perf_counter() - start_time
-    state = group.state_tensors() if (interrupted and group is not None) else {}
-    if interrupted and group is not None:
-        vectors[indices] = group.theta.detach()
-    result = artifact(state, elapsed)
-    result.metadata["interrupted"] = interrupted
-    if checkpoint:
-        result.save(checkpoint)
-    return result
+    spec = LoopSpec(
+        n=n,
+        steps=steps,
+        orthogonal=config.orthogonal,
+        solver=config.solver,
+        betas=config.betas,
+        amsgrad=config.uses_amsgrad,
+        soft_weight=config.soft_weight,
+        soft_on=config.soft_on,
+        per_batch=config.vectors_per_batch,
+        power=config.power,
+        q=config.q,
+        source=config.source,
+        target=config.target,
+    )
+    return train(
+        model,
+        prompts,
+        VectorFamily(config, d_model, lr),
+        spec,
+        store=store,
+        record=record,
+        resume_state=resume_state,
+        elapsed=elapsed,
+        make_artifact=make_artifact,
+        make_state=lambda step, idx, obj, params: TrainingState(step, idx, obj, params["theta"]),
+        metadata={
+            "lr_used": lr,
+            "lr_rule": "0.011*R/sqrt(d_model)" if config.lr == "auto" else "absolute",
+        },
+        progress=progress,
+        callback=callback,
+        checkpoint=checkpoint,
+        checkpoint_every=checkpoint_every,
+        check_every=check_every,
+        compile=compile,
+    )

@@ -15,6 +15,8 @@ import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
+from melbo_lens.core.segment import Segment
+
 __all__ = ["melbo_objective", "melbo_objective_per_prompt", "cosine_penalty"]
 
 
@@ -84,3 +86,23 @@ def cosine_penalty(vectors: Float[Tensor, "k d"]) -> Float[Tensor, ""]:
     unit = torch.nn.functional.normalize(vectors.float().flatten(1), dim=-1)
     gram = unit @ unit.T
     return torch.triu(gram, diagonal=1).pow(2).sum()
+
+
+@torch.no_grad()
+def segment_objectives(
+    segment: Segment,
+    vectors: Float[Tensor, "k d_model"],
+    *,
+    power: float = 2.0,
+    q: float = 1.0,
+    chunk: int = 8,
+) -> Float[Tensor, " k"]:
+    """MELBO's objective of each vector over a `Segment`'s prompts, without gradients,
+    `chunk` vectors per forward pass."""
+    out = []
+    for part in vectors.split(chunk):
+        z = segment.run(part.to(segment.unsteered))
+        mask = segment.prompts.target_mask.to(z.device).expand(z.shape[:-1])
+        per = melbo_objective_per_prompt(z, segment.unsteered.expand_as(z), mask, power=power, q=q)
+        out.append(per.sum(-1))
+    return torch.cat(out)

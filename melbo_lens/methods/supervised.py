@@ -41,9 +41,9 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from ..artifacts import SteeringVectors
-from ..prompts import PromptSet
-from ..sites import HookSite, as_site, require_hook
+from melbo_lens.core.prompts import PromptSet
+from melbo_lens.core.sites import HookSite, as_site, require_hook
+from melbo_lens.perturbations.vectors import SteeringVectors
 
 __all__ = [
     "Position",

@@ -52,7 +52,7 @@ from jaxtyping import Bool, Int
 from torch import Tensor
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-from .zoo import _hooked_transformer_is_the_host
+from melbo_lens.core.host import hooked_transformer_is_the_host
 
 __all__ = [
     "DEFAULT_RADIUS",
@@ -326,7 +326,7 @@ def train_toy(
     linear warm-up and cosine decay; noise as described in `ToyTrainConfig`.
     """
     torch.manual_seed(config.seed)
-    with _hooked_transformer_is_the_host():
+    with hooked_transformer_is_the_host():
         model = HookedTransformer(config.model_config(), make_tokenizer())
     rng = random.Random(config.seed)
     gen = torch.Generator().manual_seed(config.seed + 1)
@@ -457,7 +457,7 @@ def load_toy(
     cfg = HookedTransformerConfig(
         **meta["model"], default_prepend_bos=True, model_name=TOY_NAME, device=str(device)
     )
-    with _hooked_transformer_is_the_host():
+    with hooked_transformer_is_the_host():
         model = HookedTransformer(cfg, make_tokenizer(), move_to_device=False)
     model.load_state_dict(load_file(str(path)), strict=False)
     model.to(device, print_details=False)

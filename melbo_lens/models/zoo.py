@@ -47,7 +47,6 @@ Any other name goes to ``HookedTransformer.from_pretrained`` (the Hugging Face h
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import importlib.metadata
@@ -60,7 +59,7 @@ import tempfile
 import time
 import uuid
 import warnings
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
@@ -70,6 +69,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+from melbo_lens.core.host import hooked_transformer_is_the_host
 
 if TYPE_CHECKING:
     from transformer_lens.model_bridge import TransformerBridge
@@ -312,7 +313,7 @@ def _load_from_hub(
             model = TransformerBridge.boot_transformers(name, device=device, dtype=dtype)
             model.enable_compatibility_mode(disable_warnings=True, **PROCESSING)
             return model
-        with _hooked_transformer_is_the_host():
+        with hooked_transformer_is_the_host():
             return HookedTransformer.from_pretrained(name, device=device, dtype=dtype, **PROCESSING)
     except OSError as error:
         raise ModelUnavailableError(
@@ -497,7 +498,7 @@ def _convert_to_hooked(
         )
         state_dict = loading.get_pretrained_state_dict(tl_name, cfg, hf_model, dtype=torch.float32)
     cfg.tokenizer_name = None  # no tokenizer needed to convert; None keeps it off the hub
-    with _hooked_transformer_is_the_host():
+    with hooked_transformer_is_the_host():
         model = HookedTransformer(cfg, move_to_device=False)
     model.load_and_process_state_dict(state_dict, **PROCESSING)
     params = {k: v.detach().contiguous() for k, v in model.named_parameters()}
@@ -542,7 +543,7 @@ def _load_entry(
         params = load_file(entry / "hooked_transformer" / "model.safetensors")
     except (OSError, ValueError, TypeError, AssertionError, SafetensorError) as error:
         raise _CorruptCacheError(f"{type(error).__name__}: {error}") from error
-    with _hooked_transformer_is_the_host():
+    with hooked_transformer_is_the_host():
         model = HookedTransformer(cfg, tokenizer, move_to_device=False)
     buffers = {name for name, _ in model.named_buffers()}
     try:
@@ -607,17 +608,6 @@ def _bridge_from_entry(
     model.cfg.default_prepend_bos = spec.default_prepend_bos
     model.cfg.model_name = spec.model_name
     return model
-
-
-@contextlib.contextmanager
-def _hooked_transformer_is_the_host() -> Iterator[None]:
-    """Silence TransformerLens 3's deprecation notice for HookedTransformer, melbo_lens's
-    primary host; ``load_model(..., bridge=True)`` gives the successor API."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings(
-            "ignore", message=r"HookedTransformer(\.from_pretrained)? is deprecated"
-        )
-        yield
 
 
 # --- files --------------------------------------------------------------------------------

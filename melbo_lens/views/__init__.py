@@ -7,7 +7,7 @@ many to a page. plotly and circuitsvis are imported here and nowhere else in mel
 so `import melbo_lens` never loads them; `import melbo_lens.views` does.
 """
 
-from .figures import (
+from melbo_lens.views.figures import (
     attribution_bars,
     feature_heatmap,
     objective_vs_random,
@@ -17,7 +17,7 @@ from .figures import (
     token_delta_heatmap,
     training_curves,
 )
-from .tokens import (
+from melbo_lens.views.tokens import (
     TokenView,
     bundle_script,
     feature_activation_view,

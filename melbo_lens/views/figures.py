@@ -24,10 +24,10 @@ from typing import Any, Literal
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from ..analysis.attribution import DeltaAttribution
-from ..analysis.similarity import CosineMatrix
-from ..analysis.tokens import TokenDeltas
-from ..artifacts import SteeringVectors
+from melbo_lens.analysis.attribution import DeltaAttribution
+from melbo_lens.analysis.similarity import CosineMatrix
+from melbo_lens.analysis.tokens import TokenDeltas
+from melbo_lens.perturbations.vectors import SteeringVectors
 
 __all__ = [
     "attribution_bars",

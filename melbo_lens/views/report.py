@@ -1,6 +1,6 @@
 """The report: one self-contained HTML page per run, readable with no network at all.
 
-A report renders a `RunAnalysis` (`melbo_lens.runs`) and computes nothing of its own.
+A report renders a `RunAnalysis` (`melbo_lens.workflows.runs`) and computes nothing of its own.
 Its sections: the run's config and provenance; a table of the vectors (objective
 against random vectors of the same norm, top SAE features, a completion snippet) where
 clicking a row opens that vector's details (completions against the unsteered ones, the
@@ -29,9 +29,8 @@ from typing import Any
 import plotly.graph_objects as go
 from plotly.offline import get_plotlyjs
 
-from ..artifacts import atomic_write_text
-from ..runs import RunAnalysis
-from .figures import (
+from melbo_lens.core.io import atomic_write_text
+from melbo_lens.views.figures import (
     attribution_bars,
     feature_heatmap,
     objective_vs_random,
@@ -39,7 +38,13 @@ from .figures import (
     token_delta_heatmap,
     training_curves,
 )
-from .tokens import bundle_script, feature_activation_view, html_fragment, token_delta_view
+from melbo_lens.views.tokens import (
+    bundle_script,
+    feature_activation_view,
+    html_fragment,
+    token_delta_view,
+)
+from melbo_lens.workflows.runs import RunAnalysis
 
 __all__ = ["render_report", "write_report"]
 

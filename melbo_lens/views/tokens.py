@@ -35,7 +35,7 @@ import torch
 from circuitsvis.tokens import colored_tokens, colored_tokens_multi
 from circuitsvis.utils.render import RenderedHTML
 
-from ..analysis.tokens import TokenActivations, TokenDeltas
+from melbo_lens.analysis.tokens import TokenActivations, TokenDeltas
 
 __all__ = [
     "TokenView",

@@ -18,7 +18,7 @@ from melbo_lens.analysis.attribution import (
     feature_change_attribution,
     logit_diff_metric,
 )
-from melbo_lens.steering import steering_hook
+from melbo_lens.perturbations.vectors import steering_hook
 
 
 class ToySAE:
@@ -393,9 +393,7 @@ def test_attribution_patching_is_linearised_at_the_steered_point(tiny_model, pro
     straight into it, so ∂M/∂mlp_out = 2Δ at the steered point (0 at the clean point) and
     its AtP estimate is Σ 2Δ·(mlp_steered − mlp_clean), computed here by hand."""
     sv = _vector(HookSite(0), HookSite(3), radius=3.0, seed=4)
-    res = attribute_target_delta(
-        tiny_model, prompts, sv, 0, method="attribution_patching", top_n=1
-    )
+    res = attribute_target_delta(tiny_model, prompts, sv, 0, method="attribution_patching", top_n=1)
     mlp = "blocks.3.hook_mlp_out"
     mask = prompts.attention_mask.long()
     names = [sv.target.name, mlp]

@@ -15,7 +15,7 @@ from melbo_lens.analysis.diversity import (
     minilm_embedder,
     repetition_score,
 )
-from melbo_lens.prompts import PromptSet
+from melbo_lens.core.prompts import PromptSet
 
 torch.set_num_threads(1)
 

@@ -7,8 +7,8 @@ import json
 
 from test_sae import COEFS, PLANTED, SITE, make_sae, planted_vector
 
-from melbo_lens.artifacts import SteeringVectors
 from melbo_lens.cli import main
+from melbo_lens.perturbations.vectors import SteeringVectors
 
 
 def test_explain_writes_tables_that_recover_planted_features(tmp_path, capsys):

@@ -27,9 +27,9 @@ from melbo_lens.analysis.sae import (
     load_sae,
     sae_site,
 )
-from melbo_lens.artifacts import SteeringVectors
-from melbo_lens.prompts import PromptSet
-from melbo_lens.sites import HookSite
+from melbo_lens.core.prompts import PromptSet
+from melbo_lens.core.sites import HookSite
+from melbo_lens.perturbations.vectors import SteeringVectors
 
 D_IN, D_SAE = 32, 64
 SITE = HookSite(1)

@@ -15,10 +15,9 @@ from melbo_lens.analysis.similarity import (
     nearest_matches,
     principal_angles,
 )
-from melbo_lens.artifacts import SteeringVectors
-from melbo_lens.prompts import PromptSet
-from melbo_lens.sites import HookSite
-from melbo_lens.steering import steer
+from melbo_lens.core.prompts import PromptSet
+from melbo_lens.core.sites import HookSite
+from melbo_lens.perturbations.vectors import SteeringVectors, steer
 
 S = 1 / math.sqrt(2)
 

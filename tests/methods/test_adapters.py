@@ -9,15 +9,17 @@ import torch
 from conftest import make_tiny
 
 from melbo_lens import HookSite, PromptSet, Segment, TrainingError, melbo_objective, steer
-from melbo_lens.artifacts import ArtifactError, SteeringAdapters, SteeringVectors, load_artifact
+from melbo_lens.core.sites import mlp_hidden_name
 from melbo_lens.generation import generate_steered, generate_with_adapters
 from melbo_lens.methods.adapters import (
     AdapterConfig,
-    _objectives,
+    AdapterFamily,
     adapter_lr,
     train_steering_adapters,
 )
-from melbo_lens.sites import mlp_hidden_name
+from melbo_lens.perturbations.adapters import SteeringAdapters
+from melbo_lens.perturbations.artifact import ArtifactError, load_artifact
+from melbo_lens.perturbations.vectors import SteeringVectors
 
 torch.set_num_threads(1)
 
@@ -136,7 +138,9 @@ def test_rank1_adapter_on_constant_hidden_is_the_equivalent_vector(prompts):
     # and the objective through the two trainers' segment paths
     config = cfg(n_adapters=1, radius=5.0)
     segment = Segment(model, config.source, TGT, prompts)
-    adapter_obj = _objectives(segment, adapters.omega_a, adapters.omega_b, config)
+    family = AdapterFamily(config, model.cfg.d_mlp, model.cfg.d_model)
+    z_adapter = family.target(segment, {"omega_a": adapters.omega_a, "omega_b": adapters.omega_b})
+    adapter_obj = [melbo_objective(z_adapter[0], segment.unsteered, prompts.target_mask)]
     z = segment.run(vector[None])
     vector_obj = melbo_objective(z[0], segment.unsteered, prompts.target_mask)
     assert float(adapter_obj[0]) > 1e-3
@@ -298,7 +302,7 @@ def test_bad_configs_and_hosts_are_clear():
         AdapterConfig(2, HookSite(2, "attn_out"))
     AdapterConfig(2, HookSite(2, "resid_post"))  # mlp_out of 2 comes before resid_post of 2
     with pytest.raises(ValueError, match="orthogonal must be"):
-        AdapterConfig(1, TGT, orthogonal="simultaneous")
+        AdapterConfig(1, TGT, orthogonal="diagonal")
     with pytest.raises(ValueError, match="rank must be"):
         AdapterConfig(1, TGT, rank=0)
     with pytest.raises(ValueError, match="radius"):
@@ -311,3 +315,36 @@ def test_bad_configs_and_hosts_are_clear():
     ps = PromptSet.from_tokens(gemma_like, TOKENS)
     with pytest.raises(ValueError, match="ln2_post"):
         train_steering_adapters(gemma_like, ps, cfg(), progress=False)
+
+
+# ---------------------------------------------------------------------- one trainer
+def test_adapters_gain_the_power_solver(tiny_model, prompts):
+    sa = train_steering_adapters(
+        tiny_model, prompts, cfg(solver="power", steps=8, rank=2), progress=False
+    )
+    for omega in (sa.omega_a, sa.omega_b):
+        torch.testing.assert_close(omega.norm(dim=1), torch.ones(3, 2), rtol=0, atol=1e-6)
+    assert (sa.objective > 2.0 * sa.losses[:, 0]).all()  # far above the random start
+    assert (sa.objective >= sa.losses.max(dim=1).values * (1 - 1e-5)).all()  # safeguarded
+
+
+def test_simultaneous_and_soft_orthogonality_for_adapters(tiny_model, prompts):
+    def cross(sa):
+        cols = torch.nn.functional.normalize(sa.omega_b.transpose(1, 2), dim=-1)  # [n, r, d]
+        return max(float((cols[j] @ cols[k].T).abs().max()) for j in range(3) for k in range(j))
+
+    simultaneous = train_steering_adapters(
+        tiny_model, prompts, cfg(orthogonal="simultaneous", rank=2), progress=False
+    )
+    assert cross(simultaneous) < 1e-5
+    none = train_steering_adapters(tiny_model, prompts, cfg(rank=2), progress=False)
+    soft = train_steering_adapters(
+        tiny_model, prompts, cfg(orthogonal="soft", rank=2, soft_weight=50.0), progress=False
+    )
+
+    def mean_cos(sa):
+        flat = torch.nn.functional.normalize(sa.omega_b.flatten(1), dim=-1)
+        gram = (flat @ flat.T).abs()
+        return float((gram.sum() - gram.diagonal().sum()) / 6)
+
+    assert mean_cos(soft) < mean_cos(none)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from melbo_lens.core.sites import HookSite
 from melbo_lens.generation import generate_steered
 from melbo_lens.methods.baselines import random_vectors
 from melbo_lens.models import load_model
@@ -24,7 +25,6 @@ from melbo_lens.models.toy import (
     train_toy,
     triggered_prompts,
 )
-from melbo_lens.sites import HookSite
 
 torch.set_num_threads(1)
 

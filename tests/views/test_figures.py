@@ -15,8 +15,8 @@ from melbo_lens.analysis.attribution import (
 )
 from melbo_lens.analysis.similarity import cosine_matrix
 from melbo_lens.analysis.tokens import TokenDeltas
-from melbo_lens.artifacts import SteeringVectors
-from melbo_lens.sites import HookSite
+from melbo_lens.core.sites import HookSite
+from melbo_lens.perturbations.vectors import SteeringVectors
 from melbo_lens.views.figures import (
     attribution_bars,
     feature_heatmap,
@@ -247,7 +247,7 @@ def test_token_delta_heatmap_pads_and_marks_boundary():
 
 
 def _planted_run(method, seed, full, partial, recurrence=None):
-    from melbo_lens.evaluate import MethodRun
+    from melbo_lens.workflows.planted import MethodRun
 
     return MethodRun(
         method=method,
@@ -263,7 +263,7 @@ def _planted_run(method, seed, full, partial, recurrence=None):
 
 
 def test_planted_benchmark_bars_are_seed_fractions():
-    from melbo_lens.evaluate import PlantedReport
+    from melbo_lens.workflows.planted import PlantedReport
 
     none = {"cheese": [], "hate": []}
     runs = [

@@ -11,9 +11,9 @@ import torch
 from plotly.offline import get_plotlyjs
 
 from melbo_lens import HookSite, MelboConfig, PromptSet, train_steering_vectors
-from melbo_lens.runs import RunAnalysis, analyze_run
 from melbo_lens.views.report import render_report, write_report
 from melbo_lens.views.tokens import bundle_script
+from melbo_lens.workflows.runs import RunAnalysis, analyze_run
 
 SOURCE, TARGET = HookSite(0), HookSite(3, "resid_pre")
 EVIL = "<script>alert('x')</script>&"

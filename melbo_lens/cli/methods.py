@@ -1,0 +1,183 @@
+"""`melbo-lens train --method ...` for the methods other than MELBO vectors.
+
+Adapters train like vectors (with a checkpoint and --resume); supervised vectors
+(mean-diff, pca, probe) come from contrast pairs; the baselines (random, jacobian,
+hessian) need no training loop. Every method writes OUT/<artifact>.safetensors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from melbo_lens.cli.options import SUPERVISED, _print_vectors, _prompt_set, _read_prompts, _site
+from melbo_lens.models.zoo import load_model
+
+__all__ = ["train_adapters", "train_other"]
+
+
+def train_adapters(args: argparse.Namespace) -> int:
+    """MELBO steering adapters on the source block's MLP (rank --rank, norm --radius)."""
+    from melbo_lens.methods.adapters import AdapterConfig, train_steering_adapters
+
+    source = _site(args.source, "mlp_out")
+    if source.point != "mlp_out":
+        raise ValueError(
+            f"adapters perturb a block's MLP: give --source as a layer or "
+            f"blocks.L.hook_mlp_out, got {source.name}"
+        )
+    orthogonal = args.orthogonal or "none"
+    if orthogonal not in ("none", "sequential"):
+        raise ValueError(f"adapters support --orthogonal none|sequential, got {orthogonal}")
+    model = load_model(args.model, bridge=args.bridge)
+    ps = _prompt_set(model, _read_prompts(args), not args.no_chat, args.target_positions)
+    config = AdapterConfig(
+        source.layer,
+        _site(args.target, "resid_post"),
+        n_adapters=args.n_vectors,
+        rank=args.rank,
+        radius=4.0 if args.radius is None else args.radius,
+        power=args.power,
+        q=args.q,
+        steps=args.steps,
+        lr=args.lr if args.lr == "auto" else float(args.lr),
+        orthogonal=orthogonal,
+        seed=args.seed,
+    )
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "adapters.safetensors"
+    resume = str(path) if args.resume and path.exists() else None
+    start = time.perf_counter()
+    adapters = train_steering_adapters(
+        model, ps, config, progress=not args.quiet, checkpoint=str(path), resume=resume
+    )
+    adapters.metadata["load_name"] = args.model
+    adapters.save(path)
+    _print_vectors(adapters)
+    state = "complete" if adapters.complete else "INTERRUPTED (resume with --resume)"
+    print(f"\n{len(adapters)} adapters ({state}) in {time.perf_counter() - start:.1f} s -> {path}")
+    return 0 if adapters.complete else 130
+
+
+def _read_list(path_str: str) -> list[str]:
+    path = Path(path_str)
+    text = path.read_text()
+    if path.suffix == ".json":
+        data = json.loads(text)
+        return list(data if isinstance(data, list) else data["prompts"])
+    return [line for line in text.splitlines() if line.strip()]
+
+
+def _position(value: str):
+    return value if value in ("last", "mean", "answer") else int(value)
+
+
+def _answer_tokens(value: str | None):
+    if value is None:
+        return None
+    return [int(t) if t.strip().lstrip("-").isdigit() else t for t in value.split(",")]
+
+
+def _point(spec: str):
+    """`FILE.safetensors:INDEX` -> that vector (for hessian --at)."""
+    from melbo_lens.perturbations.vectors import SteeringVectors
+
+    file, _, index = spec.rpartition(":") if ":" in spec else (spec, "", "0")
+    return SteeringVectors.load(file).vectors[int(index or 0)]
+
+
+def train_other(args: argparse.Namespace) -> int:
+    """--method mean-diff|pca|probe|random|jacobian|hessian: no training loop."""
+    from melbo_lens.methods import baselines, supervised
+
+    model = load_model(args.model, bridge=args.bridge)
+    source = _site(args.source, "resid_post")
+    target = _site(args.target, "resid_post")
+    chat = not args.no_chat
+    start = time.perf_counter()
+    curve = None
+    if args.method in SUPERVISED:
+        if not (args.positive_file and args.negative_file):
+            raise ValueError(
+                f"--method {args.method} needs --positive-file and --negative-file "
+                "(.txt one prompt per line, or a .json list), paired line by line"
+            )
+        pos = _prompt_set(model, _read_list(args.positive_file), chat, args.target_positions)
+        neg = _prompt_set(model, _read_list(args.negative_file), chat, args.target_positions)
+        common = dict(
+            position=_position(args.position),
+            answer_tokens=_answer_tokens(args.answer_tokens),
+            radius=args.radius,
+        )
+        if args.method == "mean-diff":
+            vectors = supervised.mean_difference_vectors(model, pos, neg, source, **common)
+        elif args.method == "pca":
+            vectors = supervised.pca_vectors(
+                model,
+                pos,
+                neg,
+                source,
+                n_components=args.n_vectors,
+                center=args.center,
+                **common,
+            )
+        else:
+            vectors = supervised.probe_vectors(model, pos, neg, source, l2=args.l2, **common)
+        if args.stability:
+            common.pop("radius")
+            curve = supervised.stability_curve(
+                model,
+                pos,
+                neg,
+                source,
+                method=SUPERVISED[args.method],
+                seed=args.seed,
+                **common,
+            )
+    else:
+        radius = 4.0 if args.radius is None else args.radius
+        if args.method == "random":
+            vectors = baselines.random_vectors(
+                model,
+                source,
+                n=args.n_vectors,
+                radius=radius,
+                orthogonal=args.orthogonal != "none",
+                seed=args.seed,
+            )
+        else:
+            ps = _prompt_set(model, _read_prompts(args), chat, args.target_positions)
+            common = dict(
+                k=args.n_vectors,
+                radius=radius,
+                iterations=args.iterations,
+                tol=args.tol,
+                seed=args.seed,
+            )
+            if args.method == "jacobian":
+                vectors = baselines.jacobian_vectors(model, ps, source, target, **common)
+            else:
+                at = None if args.at is None else _point(args.at)
+                vectors = baselines.hessian_vectors(
+                    model, ps, source, target, power=args.power, q=args.q, at=at, **common
+                )
+    vectors.metadata["load_name"] = args.model
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = vectors.save(out / "vectors.safetensors")
+    seconds = time.perf_counter() - start
+    spectrum = vectors.metadata.get("singular_values") or vectors.metadata.get("eigenvalues")
+    print(f"{'vector':>6}  {'norm':>9}  {'objective':>12}  {'spectrum':>12}")
+    for k in range(len(vectors)):
+        obj = float(vectors.objective[k]) if vectors.objective is not None else float("nan")
+        spec = spectrum[k] if spectrum else float("nan")
+        print(f"{k:>6}  {float(vectors.radius[k]):>9.4g}  {obj:>12.5g}  {spec:>12.5g}")
+    if curve is not None:
+        print("\npairs  cosine to all-pairs vector")
+        for n, c in curve:
+            print(f"{n:>5}  {c:.4f}")
+    print(f"\n{len(vectors)} {vectors.method} vectors in {seconds:.1f} s -> {path}")
+    return 0

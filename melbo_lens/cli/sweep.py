@@ -1,0 +1,89 @@
+"""`melbo-lens sweep`: train at a grid of radii and recommend R at the cusp.
+
+For each R it trains MELBO vectors, completes the prompts under each, and prints
+objective, diversity, fluency (median perplexity under the unsteered model) and
+repetition per R with the recommended R (see `methods.radius`). Writes OUT/sweep.json
+(a `RadiusSweep`, completions included) and, with --save-vectors, the vectors per R.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from melbo_lens.cli.options import _add_training_args, _melbo_config, _prompt_set, _read_prompts
+from melbo_lens.core.io import atomic_write_text
+
+__all__ = ["add_arguments", "sweep"]
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    _add_training_args(p, n_vectors=4, steps=100)
+    p.add_argument("--radii", default="2,4,8,16,32,64", help="comma-separated radii")
+    p.add_argument(
+        "--fluency-limit",
+        type=float,
+        default=3.0,
+        help="collapse when median perplexity > this x the unsteered completions'",
+    )
+    p.add_argument("--repetition-limit", type=float, default=None, help="also collapse above")
+    p.add_argument("--save-vectors", action="store_true", help="OUT/vectors_R{R}.safetensors")
+    p.add_argument("--show", type=int, default=1, help="completions shown per R (prompt 0)")
+    p.add_argument("--width", type=int, default=100)
+    p.set_defaults(out="sweep_out", max_new_tokens=32)
+
+
+def sweep(args: argparse.Namespace) -> int:
+    from melbo_lens.models.zoo import load_model
+    from melbo_lens.workflows.radius import select_radius
+
+    try:
+        radii = [float(r) for r in args.radii.split(",") if r.strip()]
+    except ValueError as err:
+        raise ValueError(f"--radii must be comma-separated numbers, got {args.radii!r}") from err
+    model = load_model(args.model, bridge=args.bridge)
+    prompts = _read_prompts(args)
+    ps = _prompt_set(model, prompts, not args.no_chat, args.target_positions)
+    config = _melbo_config(args, radii[0] if radii else 1.0)
+    print(
+        f"melbo-lens sweep: {args.model}, {args.n_vectors} vectors x {args.steps} steps, "
+        f"radii {radii}"
+    )
+    start = time.perf_counter()
+    result = select_radius(
+        model,
+        ps,
+        config,
+        radii,
+        max_new_tokens=args.max_new_tokens,
+        fluency_limit=args.fluency_limit,
+        repetition_limit=args.repetition_limit,
+        keep_vectors=args.save_vectors,
+        progress=not args.quiet,
+    )
+    seconds = time.perf_counter() - start
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if result.vectors is not None:
+        for r, vectors in zip(result.radii, result.vectors, strict=True):
+            vectors.metadata["load_name"] = args.model
+            vectors.save(out / f"vectors_R{r:g}.safetensors")
+    path = out / "sweep.json"
+    atomic_write_text(path, json.dumps(result.to_dict(), indent=2))
+    print()
+    if args.show > 0:
+        print(f"unsteered  | {_short(result.unsteered[0], args.width)}")
+        for r, comps in zip(result.radii, result.completions, strict=True):
+            for v in range(min(args.show, len(comps))):
+                print(f"R={r:<7g} v{v} | {_short(comps[v][0], args.width)}")
+        print()
+    print(result.table())
+    print(f"\nswept {len(radii)} radii in {seconds:.1f} s -> {path}")
+    return 0
+
+
+def _short(text: str, width: int) -> str:
+    text = text.replace("\n", "⏎ ")
+    return text if len(text) <= width else text[: width - 1] + "…"

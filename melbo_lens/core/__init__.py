@@ -1,0 +1,2 @@
+"""The core: hook sites (the only builder of hook names), prompts, host capabilities,
+the segment between two sites, and atomic I/O. It imports nothing else of melbo_lens."""

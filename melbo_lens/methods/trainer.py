@@ -1,0 +1,446 @@
+"""The trainer: one loop for every trainable perturbation, over a small *family* interface.
+
+MELBO trains perturbations (vectors, adapters, ...) of fixed size to maximise the change
+they cause at a target site. What differs between kinds is small and lives in a
+`Family`: how to initialise a member, how to retract onto the constraint set (sphere of
+radius R, unit columns), how to project a gradient onto its tangent space, which
+*directions* hard orthogonality acts on (a vector itself; an adapter's Ω_B columns), and
+how to run the segment with the parameters applied. Everything else is here, once:
+
+* groups of members that share a forward pass (`sequential`: one member at a time,
+  orthogonal to the finished ones; `simultaneous`: all, Gram–Schmidt in a fixed order each
+  step; `soft`: all, penalised pairwise cosines of directions or target deltas; `none`);
+* the solvers: AMSGrad on the manifold (gradient projected on the tangent space, then
+  retraction) and a safeguarded power step (θ ← retract(∇), halving on a drop);
+* checkpoint/resume (bit-exact), per-step callbacks, NaN/inf errors that name the step and
+  the member, Ctrl-C returning the partial result, progress bars.
+
+A new method is a new family, never a new loop, as SAELens's architectures differ only
+in their forward pass.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from melbo_lens.core.host import frozen
+from melbo_lens.core.prompts import PromptSet
+from melbo_lens.core.segment import Segment
+from melbo_lens.core.sites import HookSite
+from melbo_lens.methods.constraints import gram_schmidt_members, project_out, project_out_earlier
+from melbo_lens.methods.objectives import cosine_penalty, melbo_objective_per_prompt
+
+__all__ = ["Family", "LoopSpec", "TrainingError", "check_finite", "train"]
+
+Params = dict[str, Tensor]
+
+
+class TrainingError(RuntimeError):
+    """Training produced NaN/inf or otherwise cannot continue."""
+
+
+@dataclass(frozen=True)
+class LoopSpec:
+    """What the loop needs of a method's config (built by each `train_*` wrapper)."""
+
+    n: int
+    steps: int
+    orthogonal: str  # "sequential" | "simultaneous" | "soft" | "none"
+    solver: str  # "amsgrad" | "power"
+    betas: tuple[float, float]
+    amsgrad: bool
+    soft_weight: float
+    soft_on: str  # "vectors" (directions) | "deltas"
+    per_batch: int | None
+    power: float
+    q: float
+    source: HookSite
+    target: HookSite
+
+
+class Family(Protocol):
+    """What differs between trainable perturbations. Tensors have the member axis first."""
+
+    noun: str  # "vector", "adapter": used in messages and progress bars
+
+    def init(self, indices: list[int], device: torch.device) -> Params:
+        """Unconstrained starting parameters of the given members (deterministic per index)."""
+        ...
+
+    def retract(self, params: Params) -> Params:
+        """Onto the constraint set (norms only; orthogonality is the loop's job)."""
+        ...
+
+    def tangent(self, grads: Params, params: Params) -> Params:
+        """Gradients projected onto the tangent space of the constraint set at `params`."""
+        ...
+
+    def directions(self, params: Params) -> Tensor:
+        """[k, m, d] rows that hard orthogonality keeps apart between members."""
+        ...
+
+    def with_directions(self, params: Params, directions: Tensor) -> Params:
+        """`params` with its direction rows replaced (inverse of `directions`)."""
+        ...
+
+    def target(self, segment: Segment, params: Params) -> Tensor:
+        """Target activations [k, n, pos, d_model] with member j applied to copy j."""
+        ...
+
+    def lrs(self) -> dict[str, float]:
+        """Learning rate of each parameter (AMSGrad)."""
+        ...
+
+
+Callback = Callable[[Any], "bool | None"]
+
+
+def check_finite(
+    losses: Tensor, indices: list[int], upto: int, first_step: int, noun: str = "vector"
+) -> None:
+    """Raise TrainingError naming the first step and row whose objective is NaN/inf."""
+    bad = ~torch.isfinite(losses[indices, first_step:upto])
+    if bad.any():
+        row, col = (int(x) for x in torch.nonzero(bad)[0])
+        raise TrainingError(
+            f"objective became NaN/inf at step {first_step + col} for {noun} {indices[row]}; "
+            "try a smaller radius or lr, a float32 model, or check the prompts for "
+            "overflow (partial results are kept in the checkpoint if one was given)"
+        )
+
+
+def groups_of(spec: LoopSpec) -> list[list[int]]:
+    """Members that train together, in order."""
+    if spec.orthogonal == "sequential":
+        return [[k] for k in range(spec.n)]
+    if spec.orthogonal in ("simultaneous", "soft"):
+        if spec.per_batch is not None and spec.per_batch < spec.n:
+            raise ValueError(
+                f"orthogonal={spec.orthogonal!r} couples all members, so they must train in "
+                f"one batch; got a per-batch limit of {spec.per_batch} < {spec.n}. Use "
+                "orthogonal='sequential' to limit memory"
+            )
+        return [list(range(spec.n))]
+    size = spec.per_batch or spec.n
+    return [list(range(i, min(i + size, spec.n))) for i in range(0, spec.n, size)]
+
+
+def _rows(mask: Tensor, like: Tensor) -> Tensor:
+    """A per-member boolean broadcast over a parameter's trailing axes."""
+    return mask.view(-1, *([1] * (like.ndim - 1)))
+
+
+class _Group:
+    """The optimisation state of members that train together."""
+
+    def __init__(self, family: Family, spec: LoopSpec, raw: Params, basis: Tensor | None) -> None:
+        self.family, self.spec, self.basis = family, spec, basis
+        self.params = {k: torch.nn.Parameter(v) for k, v in self.constrain(raw).items()}
+        lrs = family.lrs()
+        self.opt = torch.optim.AdamW(
+            [{"params": [p], "lr": lrs[name]} for name, p in self.params.items()],
+            betas=spec.betas,
+            weight_decay=0.0,
+            amsgrad=spec.amsgrad,
+        )
+        k = next(iter(raw.values())).shape[0]
+        device = next(iter(raw.values())).device
+        # power-solver safeguard state
+        self.accepted = {n: p.detach().clone() for n, p in self.params.items()}
+        self.accepted_obj = torch.full((k,), -math.inf, device=device)
+        self.accepted_grad = {n: torch.zeros_like(p) for n, p in self.params.items()}
+        self.beta = torch.ones(k, device=device)
+
+    # ------------------------------------------------------------------ constraints
+    def _project_basis(self, params: Params) -> Params:
+        if self.basis is None:
+            return params
+        dirs = self.family.directions(params)
+        return self.family.with_directions(params, project_out(dirs, self.basis))
+
+    def constrain(self, params: Params) -> Params:
+        params = self._project_basis(params)
+        if self.spec.orthogonal == "simultaneous":
+            dirs = gram_schmidt_members(self.family.directions(params))
+            params = self.family.with_directions(params, dirs)
+        return self.family.retract(params)
+
+    def _earlier_removed(self, grads: Params, params: Params) -> Params:
+        """Member k's rows of `grads` off the directions of members 0..k-1."""
+        dirs = self.family.directions(params)
+        k, m, d = dirs.shape
+        unit = gram_schmidt_members(dirs, normalise=True).reshape(k * m, d)
+        g = self.family.directions(grads).reshape(k * m, d)
+        return self.family.with_directions(
+            grads, project_out_earlier(g, unit, group=m).reshape(k, m, d)
+        )
+
+    def project_grad(self, grads: Params, params: Params) -> Params:
+        grads = self._project_basis(self.family.tangent(grads, params))
+        if self.spec.orthogonal == "simultaneous":
+            grads = self._earlier_removed(grads, params)
+        return grads
+
+    # ------------------------------------------------------------------ steps
+    def detached(self) -> Params:
+        return {n: p.detach() for n, p in self.params.items()}
+
+    @torch.no_grad()
+    def update(self, objective: Tensor) -> None:
+        params = self.detached()
+        grads = {n: p.grad for n, p in self.params.items()}
+        if any(g is None for g in grads.values()):
+            raise TrainingError("a parameter received no gradient; the hooks did not apply it")
+        if self.spec.solver == "amsgrad":
+            projected = self.project_grad(grads, params)  # type: ignore[arg-type]
+            for n, p in self.params.items():
+                p.grad = projected[n]
+            self.opt.step()
+            new = self.constrain(self.detached())
+            for n, p in self.params.items():
+                p.copy_(new[n])
+            if self.spec.orthogonal == "simultaneous":
+                # Momentum along earlier members would keep pushing member k into
+                # directions Gram–Schmidt removes each step; drop it (member 0 unaffected).
+                momentum = {n: self.opt.state[p]["exp_avg"] for n, p in self.params.items()}
+                cleaned = self._earlier_removed(momentum, self.detached())
+                for n in momentum:
+                    momentum[n].copy_(cleaned[n])
+            return
+        # Safeguarded power step on the constraint set: accept the point if its objective
+        # did not drop, else halve the step from the last accepted point. Per member.
+        ascent = {n: -g for n, g in grads.items()}  # type: ignore[operator]
+        ok = objective >= self.accepted_obj
+        if self.spec.orthogonal == "simultaneous":
+            # When an earlier member moved, member k's constraint set moved with it and its
+            # last accepted objective is stale: accept member k's new point unconditionally.
+            flat = torch.cat([p.flatten(1) for p in params.values()], 1)
+            old = torch.cat([p.flatten(1) for p in self.accepted.values()], 1)
+            cos = torch.nn.functional.cosine_similarity(flat, old, dim=-1)
+            moved = (ok & (cos < 1 - 1e-6)).to(torch.int32)
+            ok = ok | ((torch.cumsum(moved, 0) - moved) > 0)
+        for n in params:
+            self.accepted[n] = torch.where(_rows(ok, params[n]), params[n], self.accepted[n])
+            self.accepted_grad[n] = torch.where(
+                _rows(ok, ascent[n]), ascent[n], self.accepted_grad[n]
+            )
+        self.accepted_obj = torch.where(ok, objective, self.accepted_obj)
+        self.beta = torch.where(ok, (self.beta * 2).clamp(max=1.0), self.beta / 2)
+        target = self.family.retract(self._project_basis(self.accepted_grad))
+        stepped = {
+            n: self.accepted[n] + _rows(self.beta, target[n]) * (target[n] - self.accepted[n])
+            for n in params
+        }
+        new = self.constrain(stepped)
+        for n, p in self.params.items():
+            p.copy_(new[n])
+
+    def result(self) -> Params:
+        """Final parameters: current, or for the power solver the last accepted point."""
+        if self.spec.solver == "power" and bool(self.accepted_obj.isfinite().all()):
+            return self.constrain({n: a.clone() for n, a in self.accepted.items()})
+        return {n: p.detach().clone() for n, p in self.params.items()}
+
+    # ------------------------------------------------------------------ resume state
+    def state_tensors(self) -> dict[str, Tensor]:
+        out = {n: p.detach().clone() for n, p in self.params.items()}
+        for n, p in self.params.items():
+            state = self.opt.state.get(p, {})
+            for key in ("step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
+                if key in state:
+                    out[f"opt.{n}.{key}"] = torch.as_tensor(state[key]).detach().clone()
+        if self.spec.solver == "power":
+            for n in self.params:
+                out[f"accepted.{n}"] = self.accepted[n]
+                out[f"accepted_grad.{n}"] = self.accepted_grad[n]
+            out["accepted_obj"], out["beta"] = self.accepted_obj, self.beta
+        return out
+
+    def load_state_tensors(self, state: dict[str, Tensor]) -> None:
+        missing = [n for n in self.params if n not in state]
+        if missing:
+            raise ValueError(
+                f"the checkpoint's resume state has no {missing}; it was written by another "
+                "version or method and cannot continue this run"
+            )
+        with torch.no_grad():
+            for n, p in self.params.items():
+                p.copy_(state[n])
+        for n, p in self.params.items():
+            prefix = f"opt.{n}."
+            opt_state = {
+                k[len(prefix) :]: v.clone() for k, v in state.items() if k.startswith(prefix)
+            }
+            if opt_state:
+                if "step" in opt_state:
+                    opt_state["step"] = opt_state["step"].float()
+                self.opt.state[p] = opt_state
+        if self.spec.solver == "power":
+            for n in self.params:
+                self.accepted[n] = state[f"accepted.{n}"].clone()
+                self.accepted_grad[n] = state[f"accepted_grad.{n}"].clone()
+            self.accepted_obj = state["accepted_obj"].clone()
+            self.beta = state["beta"].clone()
+
+
+def _loss(segment: Segment, group: _Group, spec: LoopSpec) -> tuple[Tensor, Tensor]:
+    z = group.family.target(segment, group.params)
+    mask = segment.prompts.target_mask
+    objective = melbo_objective_per_prompt(
+        z, segment.unsteered.expand_as(z), mask.expand(z.shape[:-1]), power=spec.power, q=spec.q
+    ).sum(-1)
+    loss = -objective.sum()
+    if spec.orthogonal == "soft" and objective.shape[0] > 1:
+        if spec.soft_on == "vectors":
+            penalty = cosine_penalty(group.family.directions(group.params).flatten(1))
+        else:
+            m = mask[None, :, :, None]
+            penalty = cosine_penalty(((z - segment.unsteered) * m).flatten(1))
+        loss = loss + spec.soft_weight * objective.detach().mean() * penalty
+    return loss, objective.detach()
+
+
+@torch.no_grad()
+def _final_objective(segment: Segment, family: Family, params: Params, spec: LoopSpec) -> Tensor:
+    z = family.target(segment, params)
+    mask = segment.prompts.target_mask.expand(z.shape[:-1])
+    per = melbo_objective_per_prompt(
+        z, segment.unsteered.expand_as(z), mask, power=spec.power, q=spec.q
+    )
+    return per.sum(-1)
+
+
+def _member_basis(directions: Tensor) -> Tensor | None:
+    """Orthonormal rows spanning all direction rows of the given members (rank-revealing)."""
+    rows = directions.reshape(-1, directions.shape[-1]).double()
+    if rows.shape[0] == 0:
+        return None
+    _, s, vh = torch.linalg.svd(rows, full_matrices=False)
+    keep = s > 1e-6 * s.max()
+    return vh[keep].to(directions.dtype)
+
+
+Artifact = Callable[[Params, dict[str, Tensor], dict[str, Any]], Any]
+
+
+def train(
+    model: Any,
+    prompts: PromptSet,
+    family: Family,
+    spec: LoopSpec,
+    *,
+    store: Params,
+    record: dict[str, Tensor],
+    resume_state: dict[str, Tensor],
+    elapsed: float,
+    make_artifact: Artifact,
+    make_state: Callable[[int, list[int], Tensor, Params], Any],
+    metadata: dict[str, Any],
+    progress: bool = True,
+    callback: Callback | None = None,
+    checkpoint: str | None = None,
+    checkpoint_every: int = 50,
+    check_every: int = 10,
+    compile: bool = False,
+) -> Any:
+    """Run the loop; returns `make_artifact(store, record, metadata)`.
+
+    `store` holds every member's parameters ([n, ...] per name) and `record` the training
+    record (`losses` [n, steps], `objective` [n], `steps_done` [n]); both may come from a
+    resumed artifact, with `resume_state` the state of the group in flight.
+    """
+    losses, objective, steps_done = record["losses"], record["objective"], record["steps_done"]
+    device = prompts.tokens.device
+    segment = Segment(model, spec.source, spec.target, prompts, compile=compile)
+    meta = {
+        **metadata,
+        "segment_blocks": segment.n_blocks,
+        "layer_slicing": segment.layer_slicing,
+        "compiled": segment.compile,
+        "host": type(model).__name__,
+    }
+
+    def artifact(state: dict[str, Tensor], seconds: float) -> Any:
+        return make_artifact(
+            {n: v.detach().cpu().clone() for n, v in store.items()},
+            {
+                "losses": losses.cpu().clone(),
+                "objective": objective.cpu().clone(),
+                "steps_done": steps_done.clone(),
+                "resume_state": {k: v.detach().cpu() for k, v in state.items()},  # type: ignore[dict-item]
+            },
+            {**meta, "train_seconds": seconds},
+        )
+
+    steps = spec.steps
+    bar = tqdm(total=spec.n * steps, disable=not progress, desc=f"{family.noun}s", unit="step")
+    bar.update(int(steps_done.sum()))
+    start_time = time.perf_counter()
+    group: _Group | None = None
+    indices: list[int] = []
+    interrupted = False
+    with frozen(model):  # only the perturbation gets gradients; flags restored on exit
+        try:
+            for indices in groups_of(spec):
+                done = ~torch.isnan(objective)  # a final objective is written when a group ends
+                if bool(done[indices].all()):
+                    continue
+                basis = None
+                if spec.orthogonal == "sequential" and indices[0] > 0:
+                    accepted = {n: v[: indices[0]] for n, v in store.items()}
+                    basis = _member_basis(family.directions(accepted))
+                group = _Group(family, spec, family.init(indices, device), basis)
+                first = int(steps_done[indices[0]])
+                if first > 0 and resume_state:
+                    group.load_state_tensors({k: v.to(device) for k, v in resume_state.items()})
+                resume_state = {}
+                for step in range(first, steps):
+                    group.opt.zero_grad(set_to_none=True)
+                    loss, obj = _loss(segment, group, spec)
+                    loss.backward()
+                    losses[indices, step] = obj
+                    group.update(obj)
+                    steps_done[indices] = step + 1
+                    for n, p in group.params.items():
+                        store[n][indices] = p.detach()
+                    bar.update(len(indices))
+                    if (step + 1) % check_every == 0 or step + 1 == steps:
+                        lo = max(first, step + 1 - check_every)
+                        check_finite(losses, indices, step + 1, lo, family.noun)
+                        bar.set_postfix(objective=f"{float(obj.mean()):.4g}")
+                    if callback is not None:
+                        if callback(make_state(step, indices, obj, group.detached())) is False:
+                            raise KeyboardInterrupt
+                    if checkpoint and (step + 1) % checkpoint_every == 0 and step + 1 < steps:
+                        seconds = elapsed + time.perf_counter() - start_time
+                        artifact(group.state_tensors(), seconds).save(checkpoint)
+                final = group.result()
+                for n, v in final.items():
+                    store[n][indices] = v
+                objective[indices] = _final_objective(segment, family, final, spec)
+                check_finite(objective[:, None], indices, 1, 0, family.noun)
+                group = None
+                if checkpoint:
+                    artifact({}, elapsed + time.perf_counter() - start_time).save(checkpoint)
+        except KeyboardInterrupt:
+            interrupted = True
+        finally:
+            bar.close()
+    elapsed += time.perf_counter() - start_time
+    state = group.state_tensors() if (interrupted and group is not None) else {}
+    if interrupted and group is not None:
+        for n, p in group.params.items():
+            store[n][indices] = p.detach()
+    result = artifact(state, elapsed)
+    result.metadata["interrupted"] = interrupted
+    if checkpoint:
+        result.save(checkpoint)
+    return result

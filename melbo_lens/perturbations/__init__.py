@@ -1,0 +1,8 @@
+"""Perturbations: everything that changes a forward pass through hooks, member by member
+(steering vectors, steering adapters, directional ablation and clamping, arithmetic).
+
+`base.Perturbation` is the protocol every consumer takes; importing this package
+registers every artifact format with `load_artifact`.
+"""
+
+from melbo_lens.perturbations import adapters, vectors  # noqa: F401  (format registry)

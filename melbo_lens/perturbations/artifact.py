@@ -1,0 +1,175 @@
+"""An artifact is a perturbation together with everything needed to trust and reuse it.
+
+Steering vectors and adapters are lists of members (one row per vector or adapter) that
+carry where and how they were made: the target site, the method and its config, the
+model name, the prompts, the objective per training step and at the end, and the state
+needed to resume training. `_Rows` gives them list-like indexing and slicing and the
+shared save/load of that provenance; each class writes one safetensors file whose
+metadata carries the rest as JSON, tagged with a format name. `load_artifact` reads any
+of them by looking the format up in a registry (never by parsing error text), and never
+unpickles.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+from torch import Tensor
+
+from melbo_lens.core.io import ArtifactError, atomic_save_tensors, read_metadata
+from melbo_lens.core.sites import HookSite
+
+__all__ = ["ArtifactError", "load_artifact", "register_format"]
+
+_RESUME = "resume."
+
+
+_TRAINING = ("losses", "objective", "steps_done")
+
+
+class _Rows:
+    """List-like behaviour shared by artifacts with one row per item.
+
+    `_ITEMS` names the tensors whose first axis is the item axis; the training record
+    (`losses`, `objective`, `steps_done`) and resume state ride along.
+    """
+
+    _ITEMS: tuple[str, ...] = ()
+    _NOUN = "item"
+
+    def _check_rows(self) -> None:
+        n = len(self)
+        for name in (*self._ITEMS, *_TRAINING):
+            value = getattr(self, name)
+            if value is not None and value.shape[0] != n:
+                raise ValueError(
+                    f"{name} has {value.shape[0]} rows but there are {n} {self._NOUN}s"
+                )
+
+    def __len__(self) -> int:
+        return getattr(self, self._ITEMS[0]).shape[0]
+
+    def __getitem__(self, index: int | slice | Sequence[int]) -> Any:
+        if isinstance(index, int):
+            if not -len(self) <= index < len(self):
+                raise IndexError(
+                    f"{self._NOUN} index {index} out of range for {len(self)} {self._NOUN}s"
+                )
+            index = [index]
+        idx = torch.arange(len(self))[index]
+        picked = {
+            name: getattr(self, name)[idx]
+            for name in (*self._ITEMS, *_TRAINING)
+            if getattr(self, name) is not None
+        }
+        return replace(self, **picked, resume_state={})  # type: ignore[type-var]
+
+    @property
+    def complete(self) -> bool:
+        """False when training was interrupted before every item finished."""
+        steps_done = getattr(self, "steps_done", None)
+        if steps_done is None:
+            return True
+        steps = int(getattr(self, "config", {}).get("steps", 0))
+        return bool((steps_done >= steps).all())
+
+    def _tensors(self) -> dict[str, Tensor]:
+        """Everything `save` writes as tensors."""
+        tensors = {
+            name: getattr(self, name)
+            for name in (*self._ITEMS, *_TRAINING)
+            if getattr(self, name) is not None
+        }
+        for key, value in getattr(self, "resume_state", {}).items():
+            tensors[_RESUME + key] = value
+        return tensors
+
+    def _save(self, path: str | os.PathLike[str], fmt: str, info: dict[str, Any]) -> Path:
+        """Atomic safetensors file: the tensors, and `info` + provenance as JSON."""
+        info = {
+            **info,
+            "target": None if self.target is None else self.target.to_dict(),  # type: ignore[attr-defined]
+            **{k: getattr(self, k) for k in _PROVENANCE},
+        }
+        meta = {"format": fmt, "json": json.dumps(info, default=_jsonable)}
+        return atomic_save_tensors(self._tensors(), path, meta)
+
+
+_PROVENANCE = ("method", "config", "model_name", "prompts", "metadata")
+
+
+def _loaded_fields(
+    path: Any, info: dict[str, Any], tensors: dict[str, Tensor], default_method: str
+) -> dict[str, Any]:
+    """The constructor arguments every artifact shares, read back from a file."""
+    try:
+        target = None if info.get("target") is None else HookSite.from_dict(info["target"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise ArtifactError(f"{path} has corrupt target metadata: {err!r}") from err
+    return {
+        "target": target,
+        "method": info.get("method", default_method),
+        "config": info.get("config", {}),
+        "model_name": info.get("model_name"),
+        "prompts": info.get("prompts"),
+        "metadata": info.get("metadata", {}),
+        **{name: tensors.get(name) for name in _TRAINING},
+        "resume_state": {k[len(_RESUME) :]: v for k, v in tensors.items() if k.startswith(_RESUME)},
+    }
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, HookSite):
+        return value.to_dict()
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, slice):
+        return {"slice": [value.start, value.stop, value.step]}
+    if isinstance(value, Tensor):
+        return value.tolist()
+    raise TypeError(f"cannot store {type(value).__name__} in artifact metadata")
+
+
+_FORMATS: dict[str, Any] = {}
+T = TypeVar("T")
+
+
+def register_format(fmt: str) -> Callable[[T], T]:
+    """Class decorator: `load_artifact` reads files tagged `fmt` with `cls.load`."""
+
+    def register(cls: T) -> T:
+        _FORMATS[fmt] = cls
+        return cls
+
+    return register
+
+
+def file_format(path: str | os.PathLike[str]) -> str | None:
+    """The melbo_lens format tag in a safetensors file's metadata (None if absent)."""
+    return read_metadata(path).get("format")
+
+
+def load_artifact(path: str | os.PathLike[str]) -> Any:
+    """Load whichever melbo_lens artifact `path` holds (vectors, adapters, ...), chosen by
+    the format tag in its metadata. Never unpickles.
+
+    Examples:
+        >>> art = load_artifact("run/adapters.safetensors")  # doctest: +SKIP
+        >>> isinstance(art, SteeringAdapters)  # doctest: +SKIP
+        True
+    """
+    import melbo_lens.perturbations  # noqa: F401  (registers every artifact class)
+
+    fmt = file_format(path)
+    if fmt not in _FORMATS:
+        raise ArtifactError(
+            f"{path} is a safetensors file but not a melbo_lens artifact (format {fmt!r}; "
+            f"known: {sorted(_FORMATS)}); was it written by another tool?"
+        )
+    return _FORMATS[fmt].load(path)

@@ -1,0 +1,103 @@
+"""A perturbation is anything that changes a forward pass through hooks, member by member.
+
+Steering vectors, steering adapters, directional ablations and clamps, SAE-feature clamps
+and the results of vector arithmetic are all perturbations: a list of *members* (one
+vector, one adapter, one ablated direction, ...) at one site. `hooks(model, rows, scale)`
+gives the TransformerLens `(hook name, function)` pairs that apply member `rows[i]` to
+batch row `i`, so many members run in one batch; a row whose member is `None` runs
+unperturbed. Every consumer (`apply`, `generate`, the run analysis and report,
+attribution) takes a perturbation and never asks which kind it is.
+
+Row layout. `rows` is one int (that member on every batch row) or a sequence of g
+entries for a batch of B rows with B a multiple of g: entry j applies to the j-th block
+of B/g consecutive rows (g = B: one member per row). Members are indexed from 0 to
+len - 1; a negative or too large index is an error, never wrapped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+from torch import Tensor
+
+from melbo_lens.core.sites import HookSite
+
+__all__ = ["Hook", "Perturbation", "Rows", "apply", "row_members", "expand_rows"]
+
+Hook = tuple[str, Callable[..., Any]]
+Rows = int | Sequence[int | None]
+
+
+@runtime_checkable
+class Perturbation(Protocol):
+    """What every consumer needs of a perturbation (structural: no base class needed)."""
+
+    @property
+    def site(self) -> HookSite: ...
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, index: Any) -> Any: ...
+
+    def hooks(self, model: Any, rows: Rows, scale: float = 1.0) -> list[Hook]: ...
+
+
+def row_members(rows: Rows, n_members: int, noun: str = "member") -> Tensor:
+    """`rows` as a LongTensor of member indices, -1 for unperturbed rows (validated).
+
+    Examples:
+        >>> row_members([2, None, 0], 3).tolist()
+        [2, -1, 0]
+        >>> row_members(1, 3).tolist()
+        [1]
+    """
+    items = [rows] if isinstance(rows, int) else list(rows)
+    out = []
+    for item in items:
+        if item is None:
+            out.append(-1)
+            continue
+        if isinstance(item, bool) or not isinstance(item, int | torch.Tensor):
+            raise TypeError(f"{noun} index must be an int or None, got {item!r}")
+        k = int(item)
+        if not 0 <= k < n_members:
+            raise IndexError(
+                f"{noun} index {k} out of range: there are {n_members} {noun}s "
+                f"(valid: 0..{n_members - 1})"
+            )
+        out.append(k)
+    return torch.tensor(out, dtype=torch.long)
+
+
+def expand_rows(members: Tensor, batch: int) -> Tensor:
+    """Per-batch-row member indices for a batch of `batch` rows (block layout)."""
+    g = members.shape[0]
+    if g == 1:
+        return members.expand(batch)
+    if batch % g:
+        raise ValueError(
+            f"{g} per-row members for a batch of {batch} rows; the batch must hold a whole "
+            "number of rows per member (rows = members × prompts)"
+        )
+    return members.repeat_interleave(batch // g)
+
+
+@contextmanager
+def apply(
+    model: Any, perturbation: Perturbation, index: Rows = 0, *, scale: float = 1.0
+) -> Iterator[Any]:
+    """Apply member `index` of `perturbation` (or one member per block of batch rows for
+    a list) inside the block; the hooks are removed on exit, also when the body raises.
+
+    Examples:
+        >>> sv = SteeringVectors(torch.eye(32)[:2] * 4.0, HookSite(1))  # doctest: +SKIP
+        >>> with apply(model, sv, 1):  # doctest: +SKIP
+        ...     logits = model(torch.tensor([[1, 2, 3]]))
+        >>> logits.shape  # doctest: +SKIP
+        torch.Size([1, 3, 50])
+    """
+    with model.hooks(fwd_hooks=perturbation.hooks(model, index, scale)):
+        yield model

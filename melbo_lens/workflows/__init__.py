@@ -1,0 +1,3 @@
+"""Workflows compose methods, generation and analysis into whole studies: the run
+analysis behind the report, the radius sweep, the planted-behaviour benchmark and the
+speed benchmark."""

@@ -1,0 +1,290 @@
+"""Choosing the radius R: sweep it and take the cusp.
+
+R is MELBO's one scale knob. Too small and the steered completions are the unsteered
+ones; too large and the model stops writing language. The MELBO source found the
+useful vectors at the *cusp*: the largest behavioural diversity reached before fluency
+collapses. `select_radius` measures that curve. For each R in a grid it trains vectors
+(the config with `radius=R`), completes the prompts under each, and records
+
+* objective  - mean over vectors of the final MELBO objective;
+* diversity  - mean pairwise cosine distance between the vectors' completions of the
+  same prompt (sentence embeddings, see `analysis.diversity`), averaged over prompts;
+* fluency    - median perplexity of the steered completions under the unsteered model;
+* repetition - mean fraction of repeated word trigrams in the steered completions.
+
+**Recommendation rule.** Fluency has *collapsed* at R when its median perplexity exceeds
+`fluency_limit` × the median perplexity of the unsteered completions (the model's own
+greedy text, the fluency floor), or, with `repetition_limit` set, when the mean
+repetition exceeds it. Scanning R upwards, the radii before the first collapse are
+admissible; the recommended R is the admissible one with the highest diversity (ties:
+the smaller R). None when already the smallest R collapses.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from melbo_lens.core.prompts import PromptSet
+from melbo_lens.methods.melbo import MelboConfig, train_steering_vectors
+from melbo_lens.perturbations.vectors import SteeringVectors
+
+__all__ = ["RadiusSweep", "recommend_radius", "select_radius"]
+
+
+def recommend_radius(
+    radii: Sequence[float],
+    diversity: Sequence[float],
+    fluency: Sequence[float],
+    baseline_fluency: float,
+    fluency_limit: float,
+    *,
+    repetition: Sequence[float] | None = None,
+    repetition_limit: float | None = None,
+) -> float | None:
+    """The cusp: highest-diversity R before the first R whose fluency collapses.
+
+    Collapse at R: fluency[R] > fluency_limit · baseline_fluency (nan counts as collapse),
+    or repetition[R] > repetition_limit when that limit is given. Radii are scanned in
+    increasing order.
+
+    Examples:
+        >>> recommend_radius([1, 2, 4, 8], [0.1, 0.3, 0.5, 0.9], [2.0, 2.5, 3.0, 20.0], 2.0, 2.0)
+        4
+        >>> recommend_radius([1, 2], [0.1, 0.3], [9.0, 9.0], 2.0, 2.0) is None
+        True
+    """
+    if not (len(radii) == len(diversity) == len(fluency)):
+        raise ValueError(
+            f"radii, diversity and fluency need one value per radius, got lengths "
+            f"{len(radii)}, {len(diversity)}, {len(fluency)}"
+        )
+    bound = fluency_limit * baseline_fluency
+    best: tuple[float, float] | None = None  # (diversity, R)
+    for k in sorted(range(len(radii)), key=lambda k: radii[k]):
+        collapsed = not fluency[k] <= bound  # also true for nan
+        if repetition_limit is not None and repetition is not None:
+            collapsed |= repetition[k] > repetition_limit
+        if collapsed:
+            break
+        if best is None or diversity[k] > best[0]:
+            best = (diversity[k], radii[k])
+    return None if best is None else best[1]
+
+
+@dataclass
+class RadiusSweep:
+    """Objective, diversity, fluency and repetition per radius, and the recommended R.
+
+    Lists run parallel to `radii`. `completions[k][v][i]` is vector v's completion of
+    prompt i at `radii[k]`; `unsteered[i]` the unsteered one. `fluency` is a median
+    perplexity (lower is more fluent), `baseline_fluency` the unsteered completions'.
+    `vectors` (not serialised) holds the trained vectors per radius.
+    """
+
+    radii: list[float]
+    objective: list[float]
+    diversity: list[float]
+    fluency: list[float]
+    repetition: list[float]
+    recommended: float | None
+    baseline_fluency: float
+    fluency_limit: float
+    repetition_limit: float | None = None
+    variance: list[float] = field(default_factory=list)
+    completions: list[list[list[str]]] = field(default_factory=list)
+    unsteered: list[str] = field(default_factory=list)
+    prompts: list[str] = field(default_factory=list)
+    settings: dict[str, Any] = field(default_factory=dict)
+    vectors: list[SteeringVectors] | None = field(default=None, repr=False, compare=False)
+
+    _LISTS = ("objective", "diversity", "fluency", "repetition")
+
+    def __post_init__(self) -> None:
+        for name in self._LISTS:
+            if len(getattr(self, name)) != len(self.radii):
+                raise ValueError(
+                    f"{name} has {len(getattr(self, name))} values for {len(self.radii)} radii"
+                )
+
+    def recompute(
+        self, fluency_limit: float | None = None, repetition_limit: float | None = None
+    ) -> float | None:
+        """Re-apply the recommendation rule with other limits; updates and returns it."""
+        if fluency_limit is not None:
+            self.fluency_limit = fluency_limit
+        if repetition_limit is not None:
+            self.repetition_limit = repetition_limit
+        self.recommended = recommend_radius(
+            self.radii,
+            self.diversity,
+            self.fluency,
+            self.baseline_fluency,
+            self.fluency_limit,
+            repetition=self.repetition,
+            repetition_limit=self.repetition_limit,
+        )
+        return self.recommended
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "radii": self.radii,
+            "objective": self.objective,
+            "diversity": self.diversity,
+            "fluency": self.fluency,
+            "repetition": self.repetition,
+            "recommended": self.recommended,
+            "baseline_fluency": self.baseline_fluency,
+            "fluency_limit": self.fluency_limit,
+            "repetition_limit": self.repetition_limit,
+            "variance": self.variance,
+            "completions": self.completions,
+            "unsteered": self.unsteered,
+            "prompts": self.prompts,
+            "settings": self.settings,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RadiusSweep:
+        known = set(cls.__dataclass_fields__) - {"vectors"}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown RadiusSweep fields {sorted(unknown)}")
+        return cls(**data)
+
+    def table(self) -> str:
+        """One row per R; `<-` marks the recommended R, `x` the collapsed ones."""
+        bound = self.fluency_limit * self.baseline_fluency
+        lines = [
+            f"{'R':>8} {'objective':>11} {'diversity':>9} {'fluency':>9} {'x base':>7} "
+            f"{'repeat':>6}",
+        ]
+        for k, r in enumerate(self.radii):
+            ratio = self.fluency[k] / self.baseline_fluency if self.baseline_fluency else math.nan
+            mark = "  <- recommended" if r == self.recommended else ""
+            if not self.fluency[k] <= bound:
+                mark = "  x fluency collapsed"
+            elif self.repetition_limit is not None and self.repetition[k] > self.repetition_limit:
+                mark = "  x repetition collapsed"
+            lines.append(
+                f"{r:>8.4g} {self.objective[k]:>11.4g} {self.diversity[k]:>9.3f} "
+                f"{self.fluency[k]:>9.3g} {ratio:>7.2f} {self.repetition[k]:>6.2f}{mark}"
+            )
+        rec = (
+            "none (fluency collapsed at every R)" if self.recommended is None else self.recommended
+        )
+        lines.append(
+            f"unsteered median perplexity {self.baseline_fluency:.3g}; collapse bound "
+            f"{self.fluency_limit:g} x that = {bound:.3g}; recommended R = {rec}"
+        )
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.table()
+
+
+def _median(values: Sequence[float]) -> float:
+    finite = [v for v in values if not math.isnan(v)]
+    return statistics.median(finite) if finite else math.nan
+
+
+def select_radius(
+    model: Any,
+    prompts: PromptSet,
+    config: MelboConfig,
+    radii: Sequence[float],
+    *,
+    max_new_tokens: int = 32,
+    fluency_limit: float = 3.0,
+    repetition_limit: float | None = None,
+    embed: Any = None,
+    keep_vectors: bool = False,
+    progress: bool = True,
+) -> RadiusSweep:
+    """Train at each radius, measure the completions, recommend R at the cusp.
+
+    Each R trains `replace(config, radius=R)` (with `lr="auto"` the step scales with R),
+    completes every prompt greedily under every vector (`generate_steered`), and scores
+    objective, diversity (`embed`, default all-MiniLM-L6-v2), fluency (median perplexity
+    under the unsteered model) and repetition; see the module docstring for the rule.
+    Needs a model with a tokenizer and `config.n_vectors >= 2` (diversity is *between*
+    vectors).
+
+    Examples:
+        >>> sweep = select_radius(model, prompts, MelboConfig(HookSite(7),
+        ...     HookSite(22, "resid_pre"), n_vectors=4, steps=40), [4, 8, 16, 32])  # doctest: +SKIP
+        >>> print(sweep.table()); sweep.recommended  # doctest: +SKIP
+    """
+    from melbo_lens.analysis.diversity import completion_diversity, fluency, repetition_score
+    from melbo_lens.generation import generate_steered
+
+    if not isinstance(prompts, PromptSet):
+        raise TypeError(
+            f"prompts must be a PromptSet, got {type(prompts).__name__}; "
+            "build one with PromptSet.from_texts or PromptSet.from_chat"
+        )
+    radii = [float(r) for r in radii]
+    if not radii or any(not (r > 0 and math.isfinite(r)) for r in radii):
+        raise ValueError(f"radii must be finite numbers > 0, got {radii}")
+    if config.n_vectors < 2:
+        raise ValueError(
+            f"diversity is measured between vectors; use n_vectors >= 2, got {config.n_vectors}"
+        )
+    if getattr(model, "tokenizer", None) is None:
+        raise ValueError("select_radius generates text; the model needs a tokenizer")
+    radii = sorted(radii)
+    rows: dict[str, list[float]] = {k: [] for k in ("obj", "div", "var", "flu", "rep")}
+    completions: list[list[list[str]]] = []
+    kept: list[SteeringVectors] = []
+    unsteered: list[str] = []
+    baseline = math.nan
+    for radius in tqdm(radii, desc="radii", disable=not progress):
+        vectors = train_steering_vectors(
+            model, prompts, replace(config, radius=radius), progress=False
+        )
+        gens = generate_steered(
+            model, vectors, prompts, max_new_tokens=max_new_tokens, include_unsteered=not unsteered
+        )
+        if not unsteered:
+            unsteered = list(gens.unsteered or [])
+            baseline = _median(fluency(model, prompts, unsteered))
+        flat = [text for per_vector in gens.steered for text in per_vector]
+        per_prompt = [
+            completion_diversity(
+                [gens.steered[v][i] for v in range(len(gens.steered))], embed=embed
+            )
+            for i in range(len(prompts))
+        ]
+        obj = vectors.objective
+        rows["obj"].append(float(obj.float().mean()) if obj is not None else math.nan)
+        rows["div"].append(statistics.fmean(d.mean_distance for d in per_prompt))
+        rows["var"].append(statistics.fmean(d.variance for d in per_prompt))
+        rows["flu"].append(_median(fluency(model, prompts, flat)))
+        rows["rep"].append(statistics.fmean(repetition_score(t) for t in flat))
+        completions.append(gens.steered)
+        if keep_vectors:
+            kept.append(vectors)
+    sweep = RadiusSweep(
+        radii=radii,
+        objective=rows["obj"],
+        diversity=rows["div"],
+        fluency=rows["flu"],
+        repetition=rows["rep"],
+        recommended=None,
+        baseline_fluency=baseline,
+        fluency_limit=fluency_limit,
+        repetition_limit=repetition_limit,
+        variance=rows["var"],
+        completions=completions,
+        unsteered=unsteered,
+        prompts=list(gens.prompts),
+        settings={"config": config.to_dict(), "max_new_tokens": max_new_tokens},
+        vectors=kept if keep_vectors else None,
+    )
+    sweep.recompute()
+    return sweep

@@ -1,0 +1,718 @@
+"""A run's analysis: everything the report shows about a set of steering vectors.
+
+A *run* is one set of trained vectors together with what was learned about them. Its
+analysis (`RunAnalysis`) gathers existing result objects, computed once by
+`analyze_run` and then only rendered (`melbo_lens.views.report`):
+
+* the vectors and their objective on the prompts, next to the same objective for
+  random vectors of the same radius R at the same site (the baseline);
+* steered completions against unsteered ones (`SteeredGenerations`);
+* cosine similarity of the vectors and of their target-layer deltas (`CosineMatrix`);
+* each vector read in an SAE's dictionary (`SaeDecomposition`) and the top-activating
+  tokens of those features over the bundled corpus, when an SAE fits the source site;
+* the exact split of each vector's target-layer change Δ into components, with node
+  attributions of Σ_t ||Δ_t||² checked against patching (`DeltaAttribution`);
+* per-token ||Δ_t|| along a completion (`TokenDeltas`) and the activation of each
+  vector's top feature along it, with and without the vector (`TokenActivations`).
+
+Missing parts (no SAE for this model/site, no tokenizer to generate with) are None and
+`notes` says why. `save(run_dir)` writes `analysis.json` (plain JSON), `analysis.safetensors`
+(the attribution tensors) and `vectors.safetensors`, each atomically, JSON last;
+`RunAnalysis.load` checks that the three belong together. Nothing is pickled.
+
+Saved attributions keep each component's projection onto Δ_t instead of the full
+[d_model] vector: ⟨c_t, Δ_t⟩/||Δ_t||. That preserves contributions (Σ_t ⟨c_t, Δ_t⟩),
+token norms ||Δ_t|| and per-token shares exactly, and is d_model times smaller.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from melbo_lens.analysis.attribution import (
+    DeltaAttribution,
+    DeltaDecomposition,
+    GroupCompleteness,
+    NodeAttribution,
+    attribute_target_delta,
+)
+from melbo_lens.analysis.similarity import CosineMatrix, cosine_matrix, delta_similarity
+from melbo_lens.analysis.tokens import (
+    TokenActivations,
+    TokenDeltas,
+    feature_token_activations,
+    token_delta_norms,
+    top_activating_tokens,
+)
+from melbo_lens.core.io import atomic_save_tensors, atomic_write_text, read_artifact
+from melbo_lens.core.prompts import PromptSet
+from melbo_lens.core.segment import Segment
+from melbo_lens.core.sites import HookSite, as_site
+from melbo_lens.generation import SteeredGenerations, generate_steered
+from melbo_lens.methods.baselines import random_vectors
+from melbo_lens.methods.objectives import segment_objectives
+from melbo_lens.perturbations.vectors import SteeringVectors
+
+if TYPE_CHECKING:
+    from melbo_lens.analysis.sae import SaeDecomposition  # sae-lens is imported only when used
+
+__all__ = ["RunAnalysis", "RunAnalysisError", "analyze_run", "bundled_corpus", "FORMAT"]
+
+FORMAT = "melbo_lens.run_analysis/1"
+_TENSORS_FORMAT = "melbo_lens.run_analysis_tensors/1"
+ANALYSIS_JSON = "analysis.json"
+ANALYSIS_TENSORS = "analysis.safetensors"
+VECTORS_FILE = "vectors.safetensors"
+
+
+class RunAnalysisError(ValueError):
+    """A run directory does not hold a readable, consistent saved analysis."""
+
+
+@dataclass
+class RunAnalysis:
+    """What the report shows about one run; every part a result object or plain data.
+
+    `objective[k]` is vector k's objective Σ_i (Σ_t ||Δ_t||^p)^(1/q) on `prompts`, and
+    `random_objective` the same objective for random vectors of the same radius at the
+    same site. Optional parts are None when they could not be computed (see `notes`).
+    """
+
+    vectors: SteeringVectors
+    objective: list[float]
+    random_objective: list[float]
+    generations: SteeredGenerations | None = None
+    vector_similarity: CosineMatrix | None = None
+    delta_similarity: CosineMatrix | None = None
+    decompositions: list[SaeDecomposition] | None = None
+    feature_tokens: dict[int, list[tuple[str, float]]] | None = None
+    attributions: list[DeltaAttribution] | None = None
+    token_deltas: list[TokenDeltas] | None = None
+    feature_activations: list[TokenActivations | None] | None = None
+    sae_name: str | None = None
+    notes: list[str] = field(default_factory=list)
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        n = len(self.vectors)
+        for name in ("objective", "decompositions", "attributions", "token_deltas"):
+            value = getattr(self, name)
+            if value is not None and len(value) != n:
+                raise ValueError(f"{name} has {len(value)} entries but there are {n} vectors")
+        if self.feature_activations is not None and len(self.feature_activations) != n:
+            raise ValueError(
+                f"feature_activations has {len(self.feature_activations)} entries "
+                f"but there are {n} vectors"
+            )
+
+    def __len__(self) -> int:
+        return len(self.vectors)
+
+    @property
+    def labels(self) -> list[str]:
+        """`vectors.metadata["labels"]` if it has one per vector, else `method[k]`."""
+        meta = self.vectors.metadata.get("labels") if self.vectors.metadata else None
+        if isinstance(meta, list | tuple) and len(meta) == len(self):
+            return [str(x) for x in meta]
+        return [f"{self.vectors.method}[{k}]" for k in range(len(self))]
+
+    @property
+    def scored_vectors(self) -> SteeringVectors:
+        """The vectors with `objective` set to the objective measured here."""
+        return replace(self.vectors, objective=torch.tensor(self.objective))
+
+    def random_ratio(self) -> list[float]:
+        """objective[k] / mean random objective (empty without a baseline)."""
+        mean = self.random_summary().get("mean")
+        if not mean:
+            return []
+        return [x / mean for x in self.objective]
+
+    def random_rank(self) -> list[float]:
+        """Fraction of the random vectors whose objective is below objective[k]."""
+        r = self.random_objective
+        if not r:
+            return []
+        return [sum(x < o for x in r) / len(r) for o in self.objective]
+
+    def random_summary(self) -> dict[str, float]:
+        """Mean, std, max and count of the random baseline's objective."""
+        r = torch.tensor(self.random_objective, dtype=torch.float64)
+        if r.numel() == 0:
+            return {}
+        mean = float(r.mean())
+        return {
+            "mean": mean,
+            "std": float(r.std()) if r.numel() > 1 else 0.0,
+            "max": float(r.max()),
+            "n": float(r.numel()),
+        }
+
+    # ------------------------------------------------------------------ files
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON of everything but the tensors (`save` writes those separately)."""
+        return {
+            "format": FORMAT,
+            "n_vectors": len(self),
+            "vectors_sha256": _digest(self.vectors.vectors),
+            "objective": self.objective,
+            "random_objective": self.random_objective,
+            "generations": None if self.generations is None else self.generations.to_dict(),
+            "vector_similarity": _cos_dict(self.vector_similarity),
+            "delta_similarity": _cos_dict(self.delta_similarity),
+            "decompositions": None
+            if self.decompositions is None
+            else [d.to_dict() for d in self.decompositions],
+            "feature_tokens": None
+            if self.feature_tokens is None
+            else {str(f): [[t, a] for t, a in toks] for f, toks in self.feature_tokens.items()},
+            "attributions": None
+            if self.attributions is None
+            else [_attribution_dict(a) for a in self.attributions],
+            "token_deltas": None
+            if self.token_deltas is None
+            else [t.to_dict() for t in self.token_deltas],
+            "feature_activations": None
+            if self.feature_activations is None
+            else [None if a is None else a.to_dict() for a in self.feature_activations],
+            "sae_name": self.sae_name,
+            "notes": list(self.notes),
+            "info": self.info,
+        }
+
+    def save(self, run_dir: str | os.PathLike[str]) -> Path:
+        """Write `run_dir/{vectors.safetensors, analysis.safetensors, analysis.json}`.
+
+        Each file is written atomically; analysis.json goes last and records a digest of
+        the vectors, so a crash mid-save or a later retrain is detected by `load`.
+        """
+        run_dir = Path(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self.vectors.save(run_dir / VECTORS_FILE)
+        tensors: dict[str, Tensor] = {}
+        for k, att in enumerate(self.attributions or []):
+            dec = _project(att.decomposition)
+            tensors[f"attr.{k}.components"] = dec.components[..., 0].float()
+            tensors[f"attr.{k}.delta_norm"] = dec.delta[..., 0].float()
+            tensors[f"attr.{k}.target_mask"] = dec.target_mask.clone()
+            if dec.attention_mask is not None:
+                tensors[f"attr.{k}.attention_mask"] = dec.attention_mask.clone()
+        data = self.to_dict()
+        data["tensors_sha256"] = _digest(*[tensors[k] for k in sorted(tensors)])
+        if tensors:
+            atomic_save_tensors(
+                tensors, run_dir / ANALYSIS_TENSORS, {"format": _TENSORS_FORMAT, "json": "{}"}
+            )
+        else:
+            (run_dir / ANALYSIS_TENSORS).unlink(missing_ok=True)
+        text = json.dumps(data, default=_jsonable)
+        return atomic_write_text(run_dir / ANALYSIS_JSON, text)
+
+    @classmethod
+    def load(cls, run_dir: str | os.PathLike[str]) -> RunAnalysis:
+        """Read what `save` wrote. Never unpickles; a foreign or torn run gives a clear error."""
+        run_dir = Path(run_dir)
+        path = run_dir / ANALYSIS_JSON
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"no saved analysis in {run_dir} (expected {ANALYSIS_JSON}); compute one with "
+                f"analyze_run(...).save(dir) or `melbo-lens report {run_dir}`"
+            )
+        try:
+            data = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise RunAnalysisError(
+                f"{path} is not valid JSON ({err}); it may be truncated"
+            ) from err
+        if not isinstance(data, dict) or data.get("format") != FORMAT:
+            found = data.get("format") if isinstance(data, dict) else type(data).__name__
+            raise RunAnalysisError(
+                f"{path} is not a melbo_lens run analysis of format {FORMAT!r} "
+                f"(found {found!r}); was it written by another tool or version?"
+            )
+        vectors = SteeringVectors.load(run_dir / VECTORS_FILE)
+        if _digest(vectors.vectors) != data.get("vectors_sha256"):
+            raise RunAnalysisError(
+                f"{run_dir / VECTORS_FILE} is not the set of vectors {path.name} was computed "
+                "for (the digests differ; were the vectors retrained?). Recompute the "
+                f"analysis: `melbo-lens report {run_dir} --recompute`"
+            )
+        tensors: dict[str, Tensor] = {}
+        if data.get("attributions"):
+            tensors, _ = read_artifact(run_dir / ANALYSIS_TENSORS, _TENSORS_FORMAT)
+        if _digest(*[tensors[k] for k in sorted(tensors)]) != data.get("tensors_sha256"):
+            raise RunAnalysisError(
+                f"{run_dir / ANALYSIS_TENSORS} does not match {path.name} (digests differ); "
+                "the save was interrupted or the files come from different runs. Recompute "
+                f"the analysis: `melbo-lens report {run_dir} --recompute`"
+            )
+        try:
+            return cls._from_dict(data, vectors, tensors)
+        except (KeyError, TypeError, ValueError, IndexError) as err:
+            raise RunAnalysisError(f"{path} has corrupt analysis data: {err!r}") from err
+
+    @classmethod
+    def _from_dict(
+        cls, data: dict[str, Any], vectors: SteeringVectors, tensors: dict[str, Tensor]
+    ) -> RunAnalysis:
+        def opt(key: str, fn: Any) -> Any:
+            return None if data.get(key) is None else fn(data[key])
+
+        return cls(
+            vectors=vectors,
+            objective=[float(x) for x in data["objective"]],
+            random_objective=[float(x) for x in data["random_objective"]],
+            generations=opt("generations", lambda d: SteeredGenerations(**d)),
+            vector_similarity=opt("vector_similarity", _cos_from_dict),
+            delta_similarity=opt("delta_similarity", _cos_from_dict),
+            decompositions=opt("decompositions", lambda ds: [_decomposition(d) for d in ds]),
+            feature_tokens=opt(
+                "feature_tokens",
+                lambda d: {int(f): [(str(t), float(a)) for t, a in v] for f, v in d.items()},
+            ),
+            attributions=opt(
+                "attributions",
+                lambda ds: [_attribution(d, tensors, k) for k, d in enumerate(ds)],
+            ),
+            token_deltas=opt("token_deltas", lambda ds: [TokenDeltas.from_dict(d) for d in ds]),
+            feature_activations=opt(
+                "feature_activations",
+                lambda ds: [None if d is None else TokenActivations.from_dict(d) for d in ds],
+            ),
+            sae_name=data.get("sae_name"),
+            notes=list(data.get("notes", [])),
+            info=dict(data.get("info", {})),
+        )
+
+    def __repr__(self) -> str:
+        parts = [
+            name
+            for name in ("generations", "decompositions", "attributions", "token_deltas")
+            if getattr(self, name) is not None
+        ]
+        return (
+            f"RunAnalysis(n={len(self)}, site={self.vectors.site.name}, "
+            f"random={len(self.random_objective)}, parts={parts}, notes={len(self.notes)})"
+        )
+
+
+# ---------------------------------------------------------------------- compute
+def analyze_run(
+    model: Any,
+    vectors: SteeringVectors,
+    prompts: PromptSet | Sequence[str] | None = None,
+    *,
+    generations: SteeredGenerations | None = None,
+    sae: Any = "auto",
+    n_random: int = 32,
+    random_seed: int = 1234,
+    target: HookSite | str | int | None = None,
+    max_new_tokens: int = 32,
+    attribution: str = "exact",
+    attribution_prompts: int = 2,
+    attribution_top: int = 8,
+    top_features: int = 10,
+    feature_token_k: int = 5,
+    corpus: Sequence[str] | None = None,
+    progress: bool = True,
+) -> RunAnalysis:
+    """Compute everything the report shows about `vectors` (see the module docstring).
+
+    `prompts` default to the ones the vectors were trained on (their provenance);
+    `generations` are made (greedy, `max_new_tokens`) when not given and the model has a
+    tokenizer. `sae="auto"` picks the packaged SAE for this model at the source site if
+    there is one; None skips the SAE parts; an SAE object or a name/path uses that one.
+    Attribution runs on the first `attribution_prompts` prompts: by default the exact split
+    of Δ into source, heads and MLPs (a few forward passes); `attribution=
+    "attribution_patching"` or `"integrated_gradients"` adds node estimates and verifies
+    the top `attribution_top` by patching (on SmolLM2 about 10x the cost of "exact").
+
+    Examples:
+        >>> run = analyze_run(model, vectors, prompts, n_random=16)   # doctest: +SKIP
+        >>> run.save("demo_out")                                     # doctest: +SKIP
+    """
+    if not isinstance(vectors, SteeringVectors):
+        raise TypeError(
+            f"analyze_run takes SteeringVectors, got {type(vectors).__name__}; the report "
+            "does not cover adapters yet (analyse them with attribute_target_delta directly)"
+        )
+    steps = _Steps(progress)
+    ps = _prompt_set(model, vectors, prompts)
+    tgt = _target(vectors, target)
+    notes: list[str] = []
+    cfg = vectors.config or {}
+    power, q = float(cfg.get("power", 2.0)), float(cfg.get("q", 1.0))
+    radius = float(vectors.radius.mean())
+
+    with steps("objective and random baseline"):
+        rand = random_vectors(model, vectors.site, n=n_random, radius=radius, seed=random_seed)
+        both = torch.cat([vectors.vectors.float(), rand.vectors.float()])
+        scores = _objective(model, both, vectors.site, tgt, ps, power, q)  # one prefix pass
+        objective, random_objective = scores[: len(vectors)], scores[len(vectors) :]
+
+    with steps("similarity"):
+        vsim = cosine_matrix(vectors)
+        dsim = delta_similarity(model, ps, vectors, target=tgt)
+
+    if generations is None and getattr(model, "tokenizer", None) is not None:
+        with steps("steered generation"):
+            generations = generate_steered(model, vectors, ps, max_new_tokens=max_new_tokens)
+    elif generations is None:
+        notes.append("no completions: the model has no tokenizer to decode text with")
+
+    sae_obj, sae_name = _pick_sae(model, vectors, sae, notes)
+    decompositions = feature_tokens = None
+    if sae_obj is not None:
+        from melbo_lens.analysis.sae import decompose_onto_sae
+
+        with steps("SAE decomposition"):
+            decompositions = [
+                decompose_onto_sae(vectors, sae_obj, index=k, top_k=top_features)
+                for k in range(len(vectors))
+            ]
+        if getattr(model, "tokenizer", None) is not None:
+            with steps("top-activating tokens"):
+                feats = sorted({f for d in decompositions for f in d.features})
+                texts = list(corpus) if corpus is not None else bundled_corpus()
+                feature_tokens = top_activating_tokens(
+                    model, sae_obj, texts, feats, k=feature_token_k
+                )
+
+    with steps("attribution"):
+        sub = ps[: max(1, min(attribution_prompts, len(ps)))]
+        attributions = [
+            _compact(
+                attribute_target_delta(
+                    model, sub, vectors, k, method=attribution, target=tgt, top_n=attribution_top
+                )
+            )
+            for k in range(len(vectors))
+        ]
+
+    token_deltas = activations = None
+    if generations is not None:
+        with steps("token views"):
+            token_deltas = token_delta_norms(model, vectors, generations, target=tgt)
+            if decompositions is not None:
+                activations = []
+                for k, dec in enumerate(decompositions):
+                    if not dec.features:
+                        activations.append(None)
+                        continue
+                    # the strongest feature pointing along θ (adding θ turns it up)
+                    up = [f for f, c in zip(dec.features, dec.coefficients, strict=True) if c > 0]
+                    text = (generations.prompts[0], generations.for_vector(k)[0])
+                    activations.append(
+                        feature_token_activations(
+                            model, vectors, k, sae_obj, (up or dec.features)[0], text
+                        )
+                    )
+
+    info = {
+        "model": getattr(getattr(model, "cfg", None), "model_name", None),
+        "site": vectors.site.name,
+        "target": tgt.name,
+        "radius": radius,
+        "power": power,
+        "q": q,
+        "n_prompts": len(ps),
+        "prompts": list(ps.texts) if ps.texts is not None else None,
+        "n_random": n_random,
+        "random_seed": random_seed,
+        "attribution": {
+            "method": attribution,
+            "prompts": len(sub),
+            "verified_top": attribution_top,
+        },
+        "seconds": steps.seconds,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "melbo_lens": _version(),
+    }
+    return RunAnalysis(
+        vectors=vectors,
+        objective=objective,
+        random_objective=random_objective,
+        generations=generations,
+        vector_similarity=vsim,
+        delta_similarity=dsim,
+        decompositions=decompositions,
+        feature_tokens=feature_tokens,
+        attributions=attributions,
+        token_deltas=token_deltas,
+        feature_activations=activations,
+        sae_name=sae_name,
+        notes=notes,
+        info=info,
+    )
+
+
+def bundled_corpus() -> list[str]:
+    """The texts of `melbo_lens/data/prompts.json` (every list in it, deduplicated)."""
+    from importlib import resources
+
+    data = json.loads(resources.files("melbo_lens").joinpath("data/prompts.json").read_text())
+    texts = [t for v in data.values() if isinstance(v, list) for t in v if isinstance(t, str)]
+    return list(dict.fromkeys(texts))
+
+
+class _Steps:
+    """Times named steps; prints one line per step when `progress`."""
+
+    def __init__(self, progress: bool) -> None:
+        self.progress = progress
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        yield
+        sec = time.perf_counter() - start
+        self.seconds[name] = round(sec, 3)
+        if self.progress:
+            print(f"  analysis: {name} ({sec:.1f} s)", flush=True)
+
+
+def _prompt_set(
+    model: Any, vectors: SteeringVectors, prompts: PromptSet | Sequence[str] | None
+) -> PromptSet:
+    if isinstance(prompts, PromptSet):
+        return prompts
+    if prompts is not None:
+        return PromptSet.from_texts(model, list(prompts))
+    if not vectors.prompts:
+        raise ValueError(
+            "the vectors record no training prompts; pass prompts=[...] (texts or a PromptSet)"
+        )
+    device = next(iter(model.parameters())).device if hasattr(model, "parameters") else "cpu"
+    return PromptSet.from_dict(vectors.prompts, model).to(device)
+
+
+def _target(vectors: SteeringVectors, target: HookSite | str | int | None) -> HookSite:
+    if target is not None:
+        return as_site(target)
+    if vectors.target is None:
+        raise ValueError(
+            "the vectors record no target site; pass target=HookSite(layer, point) "
+            "(where the objective and the deltas are read)"
+        )
+    return vectors.target
+
+
+@torch.no_grad()
+def _objective(
+    model: Any,
+    vecs: Float[Tensor, "n d_model"],
+    site: HookSite,
+    target: HookSite,
+    ps: PromptSet,
+    power: float,
+    q: float,
+) -> list[float]:
+    """Σ_i (Σ_t mask·||Z_t(θ) − Z_t(0)||^p)^(1/q) for each vector (MELBO's objective)."""
+    return segment_objectives(Segment(model, site, target, ps), vecs, power=power, q=q).tolist()
+
+
+def _pick_sae(model: Any, vectors: SteeringVectors, sae: Any, notes: list[str]) -> tuple:
+    """(SAE, name) to decompose onto, or (None, None) with a note saying why."""
+    if sae is None:
+        notes.append("SAE parts skipped: no SAE was asked for (sae=None)")
+        return None, None
+    from melbo_lens.analysis.sae import PACKAGED_SAES, load_sae, sae_site
+
+    if isinstance(sae, str) and sae == "auto":
+        names = [
+            vectors.metadata.get("load_name"),
+            vectors.model_name,
+            getattr(getattr(model, "cfg", None), "model_name", None),
+        ]
+        keys = [f"{str(n).lower()}/{vectors.site.name}" for n in names if n]
+        key = next((k for k in keys if k in PACKAGED_SAES), None)
+        if key is None:
+            notes.append(
+                f"SAE parts skipped: no packaged SAE fits this model at {vectors.site.name} "
+                f"(packaged: {', '.join(k for k in PACKAGED_SAES if '/' in k)}); pass "
+                "sae=load_sae(path) for one of your own"
+            )
+            return None, None
+        name = PACKAGED_SAES[key].split("/")[-1]
+        sae_obj = load_sae(key)
+    else:
+        name = sae if isinstance(sae, str | os.PathLike) else type(sae).__name__
+        sae_obj = load_sae(sae)
+    if int(sae_obj.cfg.d_in) != vectors.d_model:
+        raise ValueError(
+            f"the SAE {name} reads d_in={sae_obj.cfg.d_in} but the vectors have "
+            f"d_model={vectors.d_model}; pass an SAE trained on this model, or sae=None"
+        )
+    try:
+        at = sae_site(sae_obj)
+    except ValueError:
+        at = None
+    if at is not None and at != vectors.site:
+        raise ValueError(
+            f"the SAE {name} reads {at.name} but the vectors live at {vectors.site.name}; "
+            "pass an SAE trained at the vectors' site, or sae=None"
+        )
+    return sae_obj, str(name)
+
+
+def _compact(att: DeltaAttribution) -> DeltaAttribution:
+    return replace(att, decomposition=_project(att.decomposition))
+
+
+def _project(dec: DeltaDecomposition) -> DeltaDecomposition:
+    """Each component and Δ projected onto Δ_t's direction (d_model → 1); see module doc."""
+    if dec.delta.shape[-1] == 1:
+        return dec
+    norm = dec.delta.norm(dim=-1, keepdim=True)
+    unit = dec.delta / norm.clamp_min(1e-30)
+    comps = (dec.components * unit[None]).sum(-1, keepdim=True)
+    return replace(dec, components=comps.detach().cpu(), delta=norm.detach().cpu())
+
+
+# ---------------------------------------------------------------------- (de)serialising
+def _digest(*tensors: Tensor) -> str:
+    h = hashlib.sha256()
+    for t in tensors:
+        t = t.detach().cpu().contiguous()
+        h.update(str((t.dtype, tuple(t.shape))).encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def _cos_dict(m: CosineMatrix | None) -> dict[str, Any] | None:
+    if m is None:
+        return None
+    d = m.to_dict()
+    d.pop("summary", None)
+    return d
+
+
+def _cos_from_dict(d: dict[str, Any]) -> CosineMatrix:
+    return CosineMatrix(
+        values=torch.tensor(d["values"], dtype=torch.float64),
+        a_label=d["a_label"],
+        b_label=d["b_label"],
+        kind=d["kind"],
+        dim=int(d["dim"]),
+        same=bool(d["same"]),
+    )
+
+
+def _decomposition(d: dict[str, Any]) -> SaeDecomposition:
+    from melbo_lens.analysis.sae import SaeDecomposition
+
+    def site(name: str | None) -> HookSite | None:
+        return None if name is None else HookSite.parse(name)
+
+    return SaeDecomposition(
+        features=[int(f) for f in d["features"]],
+        coefficients=[float(c) for c in d["coefficients"]],
+        explained=float(d["explained"]),
+        method=d["method"],
+        cosines=[float(c) for c in d["cosines"]],
+        explained_curve=[float(c) for c in d["explained_curve"]],
+        vector_norm=float(d["vector_norm"]),
+        nonnegative=bool(d["nonnegative"]),
+        vector_site=site(d["vector_site"]),
+        sae_site=site(d["sae_site"]),
+        label=d["label"],
+    )
+
+
+def _attribution_dict(att: DeltaAttribution) -> dict[str, Any]:
+    dec = att.decomposition
+    return {
+        "method": att.method,
+        "metric": att.metric,
+        "metric_steered": att.metric_steered,
+        "metric_unsteered": att.metric_unsteered,
+        "correlation": att.correlation,
+        "steps": att.steps,
+        "linearised_at": att.linearised_at,
+        "patch_direction": att.patch_direction,
+        "nodes": [n.to_dict() for n in att.nodes],
+        "groups": [
+            {
+                "group": g.group,
+                "n_nodes": g.n_nodes,
+                "estimate_sum": g.estimate_sum,
+                "patched_change": g.patched_change,
+            }
+            for g in att.groups
+        ],
+        "decomposition": {
+            "names": dec.names,
+            "kinds": dec.kinds,
+            "source": dec.source.name,
+            "target": dec.target.name,
+            "sum_error": dec.sum_error,
+        },
+    }
+
+
+def _attribution(d: dict[str, Any], tensors: dict[str, Tensor], k: int) -> DeltaAttribution:
+    dd = d["decomposition"]
+    key = f"attr.{k}."
+    missing = [n for n in ("components", "delta_norm", "target_mask") if key + n not in tensors]
+    if missing:
+        raise KeyError(f"attribution {k} lacks tensors {missing}")
+    dec = DeltaDecomposition(
+        names=list(dd["names"]),
+        kinds=list(dd["kinds"]),
+        components=tensors[key + "components"][..., None],
+        delta=tensors[key + "delta_norm"][..., None],
+        target_mask=tensors[key + "target_mask"].bool(),
+        source=HookSite.parse(dd["source"]),
+        target=HookSite.parse(dd["target"]),
+        sum_error=float(dd["sum_error"]),
+        attention_mask=tensors.get(key + "attention_mask"),
+    )
+    return DeltaAttribution(
+        decomposition=dec,
+        method=d["method"],
+        metric=d["metric"],
+        metric_steered=float(d["metric_steered"]),
+        metric_unsteered=float(d["metric_unsteered"]),
+        nodes=[NodeAttribution(**n) for n in d["nodes"]],
+        groups=[GroupCompleteness(**g) for g in d["groups"]],
+        correlation=d["correlation"],
+        steps=d["steps"],
+        linearised_at=d["linearised_at"],
+        patch_direction=d["patch_direction"],
+    )
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, HookSite):
+        return value.name
+    if isinstance(value, Tensor):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    raise TypeError(f"cannot store {type(value).__name__} in a run analysis")
+
+
+def _version() -> str:
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version("melbo-lens")
+    except importlib.metadata.PackageNotFoundError:  # running from a source tree
+        return "unknown"

@@ -1,0 +1,128 @@
+"""Plant known mutants in a copy of the package and check that the suite catches each.
+
+Each mutant is a one-line change that keeps the code running but makes it wrong in a way
+an earlier version of the tests could not see (SAE feature order, the linearisation point
+of attribution patching, Gram–Schmidt against only the previous vector, the sign of
+steering, ...). For each: copy the repository to a temporary folder, apply the change,
+run the named tests there, and expect at least one failure. Exit status 1 if any mutant
+survives or a pattern no longer matches the source (update the table when code moves).
+
+    python scripts/mutation_check.py            # all mutants
+    python scripts/mutation_check.py sae_cosine_index_order
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class Mutant:
+    name: str
+    path: str  # relative to the repository root
+    old: str  # must occur exactly once
+    new: str
+    tests: tuple[str, ...]  # pytest node ids or files, relative to the root
+
+
+MUTANTS = [
+    Mutant(
+        "sae_cosine_index_order",
+        "melbo_lens/analysis/sae.py",
+        "chosen = torch.topk(score, k).indices",
+        "chosen = torch.topk(score, k).indices.sort().values",
+        ("tests/analysis/test_sae.py",),
+    ),
+    Mutant(
+        "sae_sparse_not_reordered",
+        "melbo_lens/analysis/sae.py",
+        "order = torch.argsort(weights.abs(), descending=True, stable=True)",
+        "order = torch.arange(len(weights))",
+        ("tests/analysis/test_sae.py",),
+    ),
+    Mutant(
+        "atp_linearised_at_clean",
+        "melbo_lens/analysis/attribution.py",
+        "hooks = [*state.perturb, *((g.hook, tap(g)) for g in groups)]",
+        "hooks = [*((g.hook, tap(g)) for g in groups)]",
+        ("tests/analysis/test_attribution.py",),
+    ),
+    Mutant(
+        "gram_schmidt_previous_only",
+        "melbo_lens/methods/constraints.py",
+        "coeff = torch.tril(coeff, diagonal=-1)  # keep j < k",
+        "coeff = torch.tril(coeff, diagonal=-1) - torch.tril(coeff, diagonal=-2)",
+        ("tests/methods/test_melbo.py",),
+    ),
+    Mutant(
+        "steering_sign",
+        "melbo_lens/perturbations/vectors.py",
+        "v = vectors.to(device=act.device, dtype=act.dtype) * scale",
+        "v = -vectors.to(device=act.device, dtype=act.dtype) * scale",
+        ("tests/test_generation.py",),
+    ),
+    Mutant(
+        "objective_q_ignored",
+        "melbo_lens/methods/objectives.py",
+        "return total if q == 1.0 else total.pow(1.0 / q)",
+        "return total",
+        ("tests/methods/test_objectives.py",),
+    ),
+    Mutant(
+        "tangent_projection_dropped",
+        "melbo_lens/methods/constraints.py",
+        "return grad - (grad * unit).sum(-1, keepdim=True) * unit",
+        "return grad",
+        ("tests/methods/test_constraints.py",),
+    ),
+    Mutant(
+        "adapter_scale_dropped",
+        "melbo_lens/perturbations/adapters.py",
+        "delta = (coeff @ b_.transpose(-1, -2)) * scale",
+        "delta = coeff @ b_.transpose(-1, -2)",
+        ("tests/methods/test_adapters.py",),
+    ),
+]
+
+
+def run(mutant: Mutant) -> tuple[str, str]:
+    with tempfile.TemporaryDirectory(prefix="mutant-") as tmp:
+        copy = Path(tmp) / "repo"
+        shutil.copytree(
+            ROOT, copy, ignore=shutil.ignore_patterns(".git", ".venv", "*.egg-info", "__pycache__")
+        )
+        target = copy / mutant.path
+        if not target.is_file():
+            return "STALE", f"{mutant.path} does not exist"
+        text = target.read_text()
+        if text.count(mutant.old) != 1:
+            return "STALE", f"pattern found {text.count(mutant.old)} times in {mutant.path}"
+        target.write_text(text.replace(mutant.old, mutant.new))
+        cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *mutant.tests]
+        proc = subprocess.run(cmd, cwd=copy, capture_output=True, text=True)
+        tail = proc.stdout.strip().splitlines()[-1:] or [""]
+        if proc.returncode == 1:  # tests ran and at least one failed
+            return "KILLED", tail[0]
+        return "SURVIVED", f"pytest exit {proc.returncode}: {tail[0]}"
+
+
+def main(argv: list[str]) -> int:
+    chosen = [m for m in MUTANTS if not argv or m.name in argv]
+    bad = 0
+    for mutant in chosen:
+        verdict, detail = run(mutant)
+        bad += verdict != "KILLED"
+        print(f"{verdict:8s} {mutant.name:28s} {detail}", flush=True)
+    print(f"{len(chosen) - bad} of {len(chosen)} mutants killed")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))
