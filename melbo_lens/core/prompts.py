@@ -165,8 +165,9 @@ class PromptSet:
         a list of conversations always goes through the chat template.
 
         Examples:
-            >>> PromptSet.coerce(model, PromptSet.from_tokens(model, [[1, 2]])).tokens.tolist()  # doctest: +SKIP
-            [[1, 2]]
+            >>> ps = PromptSet.from_tokens(model, [[1, 2]])  # doctest: +SKIP
+            >>> PromptSet.coerce(model, ps) is ps  # doctest: +SKIP
+            True
         """
         if isinstance(prompts, PromptSet):
             return prompts

@@ -300,7 +300,7 @@ def train_steering_adapters(
 
     Examples:
         >>> cfg = AdapterConfig(1, HookSite(3), n_adapters=2, steps=5)  # doctest: +SKIP
-        >>> adapters = train_steering_adapters(model, prompts, cfg, progress=False)  # doctest: +SKIP
+        >>> adapters = train_steering_adapters(model, prompts, cfg)  # doctest: +SKIP
         >>> len(adapters), adapters.complete  # doctest: +SKIP
         (2, True)
     """
