@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 from safetensors import SafetensorError, safe_open
@@ -36,36 +37,15 @@ def _readable(tmp: str) -> None:
     os.chmod(tmp, 0o666 & ~umask)
 
 
-def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
-    """Write `text` to `path` via a temporary file in the same folder and a rename, so a
-    crash or Ctrl-C leaves either the old file or the new one, never half of one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        _readable(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def atomic_save_tensors(
-    tensors: dict[str, Tensor], path: str | os.PathLike[str], metadata: dict[str, str]
-) -> Path:
-    """Save tensors to `path` via a temporary file in the same folder and a rename."""
+def _atomic(path: str | os.PathLike[str], write: Callable[[str], None]) -> Path:
+    """Call `write(tmp)` on a temporary file beside `path`, fsync it, give it ordinary
+    permissions and rename it over `path`; on any error the temporary file is removed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        clean = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-        save_file(clean, tmp, metadata=metadata)
+        write(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         _readable(tmp)
@@ -74,6 +54,20 @@ def atomic_save_tensors(
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
+    """Write `text` to `path` via a temporary file in the same folder and a rename, so a
+    crash or Ctrl-C leaves either the old file or the new one, never half of one."""
+    return _atomic(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
+def atomic_save_tensors(
+    tensors: dict[str, Tensor], path: str | os.PathLike[str], metadata: dict[str, str]
+) -> Path:
+    """Save tensors to `path` via a temporary file in the same folder and a rename."""
+    clean = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    return _atomic(path, lambda tmp: save_file(clean, tmp, metadata=metadata))
 
 
 def read_metadata(path: str | os.PathLike[str]) -> dict[str, str]:

@@ -325,27 +325,7 @@ def train_steering_adapters(
         "omega_a": torch.zeros(n, d_mlp, r, dtype=torch.float32, device=device),
         "omega_b": torch.zeros(n, d_model, r, dtype=torch.float32, device=device),
     }
-    record = {
-        "losses": torch.full((n, steps), float("nan"), dtype=torch.float32, device=device),
-        "objective": torch.full((n,), float("nan"), dtype=torch.float32, device=device),
-        "steps_done": torch.zeros(n, dtype=torch.long),
-    }
-    resume_state: dict[str, Tensor] = {}
-    elapsed = 0.0
-    if resume is not None:
-        prior = SteeringAdapters.load(resume) if isinstance(resume, str) else resume
-        if prior.config != config.to_dict():
-            raise ValueError(
-                "cannot resume: the saved run's config differs from this one; pass "
-                "AdapterConfig.from_dict(saved.config) to continue it"
-            )
-        store["omega_a"].copy_(prior.omega_a)
-        store["omega_b"].copy_(prior.omega_b)
-        for name in record:
-            if getattr(prior, name) is not None:
-                record[name].copy_(getattr(prior, name))
-        resume_state = dict(prior.resume_state)
-        elapsed = float(prior.metadata.get("train_seconds", 0.0))
+    prior = SteeringAdapters.load(resume) if isinstance(resume, str) else resume
 
     def make_artifact(
         params: dict[str, Tensor], rec: dict[str, Any], metadata: dict[str, Any]
@@ -386,9 +366,10 @@ def train_steering_adapters(
         AdapterFamily(config, d_mlp, d_model),
         spec,
         store=store,
-        record=record,
-        resume_state=resume_state,
-        elapsed=elapsed,
+        resume=prior,
+        params_of=lambda prior: {"omega_a": prior.omega_a, "omega_b": prior.omega_b},
+        config=config.to_dict(),
+        config_name="AdapterConfig",
         make_artifact=make_artifact,
         make_state=lambda step, idx, obj, params: AdapterTrainingState(
             step, idx, obj, params["omega_a"], params["omega_b"]

@@ -249,26 +249,7 @@ def train_steering_vectors(
     device = prompts.tokens.device
     n, steps = config.n_vectors, config.steps
     store = {"theta": torch.zeros(n, d_model, dtype=torch.float32, device=device)}
-    record = {
-        "losses": torch.full((n, steps), float("nan"), dtype=torch.float32, device=device),
-        "objective": torch.full((n,), float("nan"), dtype=torch.float32, device=device),
-        "steps_done": torch.zeros(n, dtype=torch.long),
-    }
-    resume_state: dict[str, Tensor] = {}
-    elapsed = 0.0
-    if resume is not None:
-        prior = SteeringVectors.load(resume) if isinstance(resume, str) else resume
-        if prior.config != config.to_dict():
-            raise ValueError(
-                "cannot resume: the saved run's config differs from this one; pass "
-                "MelboConfig.from_dict(saved.config) to continue it"
-            )
-        store["theta"].copy_(prior.vectors)
-        for name in record:
-            if getattr(prior, name) is not None:
-                record[name].copy_(getattr(prior, name))
-        resume_state = dict(prior.resume_state)
-        elapsed = float(prior.metadata.get("train_seconds", 0.0))
+    prior = SteeringVectors.load(resume) if isinstance(resume, str) else resume
 
     def make_artifact(
         params: dict[str, Tensor], rec: dict[str, Any], metadata: dict[str, Any]
@@ -306,9 +287,10 @@ def train_steering_vectors(
         VectorFamily(config, d_model, lr),
         spec,
         store=store,
-        record=record,
-        resume_state=resume_state,
-        elapsed=elapsed,
+        resume=prior,
+        params_of=lambda prior: {"theta": prior.vectors},
+        config=config.to_dict(),
+        config_name="MelboConfig",
         make_artifact=make_artifact,
         make_state=lambda step, idx, obj, params: TrainingState(step, idx, obj, params["theta"]),
         metadata={

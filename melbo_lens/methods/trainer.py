@@ -291,31 +291,27 @@ class _Group:
             self.beta = state["beta"].clone()
 
 
+def _objective(segment: Segment, z: Tensor, spec: LoopSpec) -> Tensor:
+    """MELBO's objective of each member from its target activations z [k, n, pos, d]."""
+    mask = segment.prompts.target_mask.expand(z.shape[:-1])
+    per_prompt = melbo_objective_per_prompt(
+        z, segment.unsteered.expand_as(z), mask, power=spec.power, q=spec.q
+    )
+    return per_prompt.sum(-1)
+
+
 def _loss(segment: Segment, group: _Group, spec: LoopSpec) -> tuple[Tensor, Tensor]:
     z = group.family.target(segment, group.params)
-    mask = segment.prompts.target_mask
-    objective = melbo_objective_per_prompt(
-        z, segment.unsteered.expand_as(z), mask.expand(z.shape[:-1]), power=spec.power, q=spec.q
-    ).sum(-1)
+    objective = _objective(segment, z, spec)
     loss = -objective.sum()
     if spec.orthogonal == "soft" and objective.shape[0] > 1:
         if spec.soft_on == "vectors":
             penalty = cosine_penalty(group.family.directions(group.params).flatten(1))
         else:
-            m = mask[None, :, :, None]
+            m = segment.prompts.target_mask[None, :, :, None]
             penalty = cosine_penalty(((z - segment.unsteered) * m).flatten(1))
         loss = loss + spec.soft_weight * objective.detach().mean() * penalty
     return loss, objective.detach()
-
-
-@torch.no_grad()
-def _final_objective(segment: Segment, family: Family, params: Params, spec: LoopSpec) -> Tensor:
-    z = family.target(segment, params)
-    mask = segment.prompts.target_mask.expand(z.shape[:-1])
-    per = melbo_objective_per_prompt(
-        z, segment.unsteered.expand_as(z), mask, power=spec.power, q=spec.q
-    )
-    return per.sum(-1)
 
 
 def _member_basis(directions: Tensor) -> Tensor | None:
@@ -338,9 +334,10 @@ def train(
     spec: LoopSpec,
     *,
     store: Params,
-    record: dict[str, Tensor],
-    resume_state: dict[str, Tensor],
-    elapsed: float,
+    resume: Any | None,
+    params_of: Callable[[Any], Params],
+    config: dict[str, Any],
+    config_name: str,
     make_artifact: Artifact,
     make_state: Callable[[int, list[int], Tensor, Params], Any],
     metadata: dict[str, Any],
@@ -353,12 +350,34 @@ def train(
 ) -> Any:
     """Run the loop; returns `make_artifact(store, record, metadata)`.
 
-    `store` holds every member's parameters ([n, ...] per name) and `record` the training
-    record (`losses` [n, steps], `objective` [n], `steps_done` [n]); both may come from a
-    resumed artifact, with `resume_state` the state of the group in flight.
+    `store` holds every member's parameters ([n, ...] per name, zeros for a fresh run).
+    `resume` is an artifact of an earlier run of the same `config` (a `config_name`
+    dict): its parameters (`params_of(resume)`), training record (`losses` [n, steps],
+    `objective` [n], `steps_done` [n]) and the state of the group in flight continue.
     """
-    losses, objective, steps_done = record["losses"], record["objective"], record["steps_done"]
     device = prompts.tokens.device
+    n, steps = spec.n, spec.steps
+    record = {
+        "losses": torch.full((n, steps), float("nan"), dtype=torch.float32, device=device),
+        "objective": torch.full((n,), float("nan"), dtype=torch.float32, device=device),
+        "steps_done": torch.zeros(n, dtype=torch.long),
+    }
+    resume_state: dict[str, Tensor] = {}
+    elapsed = 0.0
+    if resume is not None:
+        if resume.config != config:
+            raise ValueError(
+                "cannot resume: the saved run's config differs from this one; pass "
+                f"{config_name}.from_dict(saved.config) to continue it"
+            )
+        for name, value in params_of(resume).items():
+            store[name].copy_(value)
+        for name in record:
+            if getattr(resume, name) is not None:
+                record[name].copy_(getattr(resume, name))
+        resume_state = dict(resume.resume_state)
+        elapsed = float(resume.metadata.get("train_seconds", 0.0))
+    losses, objective, steps_done = record["losses"], record["objective"], record["steps_done"]
     segment = Segment(model, spec.source, spec.target, prompts, compile=compile)
     meta = {
         **metadata,
@@ -380,7 +399,6 @@ def train(
             {**meta, "train_seconds": seconds},
         )
 
-    steps = spec.steps
     bar = tqdm(total=spec.n * steps, disable=not progress, desc=f"{family.noun}s", unit="step")
     bar.update(int(steps_done.sum()))
     start_time = time.perf_counter()
@@ -425,7 +443,8 @@ def train(
                 final = group.result()
                 for n, v in final.items():
                     store[n][indices] = v
-                objective[indices] = _final_objective(segment, family, final, spec)
+                with torch.no_grad():
+                    objective[indices] = _objective(segment, family.target(segment, final), spec)
                 check_finite(objective[:, None], indices, 1, 0, family.noun)
                 group = None
                 if checkpoint:

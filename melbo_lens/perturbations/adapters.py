@@ -35,7 +35,7 @@ from melbo_lens.core.host import post_norm
 from melbo_lens.core.io import ArtifactError, read_artifact, read_metadata
 from melbo_lens.core.sites import HookSite, mlp_hidden_name
 from melbo_lens.perturbations.artifact import _loaded_fields, _Rows, register_format
-from melbo_lens.perturbations.base import Hook, Rows, apply, row_members
+from melbo_lens.perturbations.base import Hook, Rows, apply, pick_members, row_members
 
 __all__ = ["ADAPTERS_FORMAT", "SteeringAdapters", "adapt", "adapter_hooks", "check_adapter_host"]
 
@@ -272,8 +272,7 @@ class SteeringAdapters(_Rows):
             raise ValueError("adapter factors contain NaN or inf")
         if isinstance(rows, int):
             return adapter_hooks(self.layer, a[members[0]], b[members[0]], self.radius * scale)
-        a = torch.cat([a, torch.zeros_like(a[:1])])[members]  # row -1: Ω = 0
-        b = torch.cat([b, torch.zeros_like(b[:1])])[members]
+        a, b = pick_members(a, members), pick_members(b, members)  # row -1: Ω = 0
         return adapter_hooks(self.layer, a, b, self.radius * scale)
 
     # ------------------------------------------------------------------ files

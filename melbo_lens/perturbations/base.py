@@ -25,7 +25,7 @@ from torch import Tensor
 
 from melbo_lens.core.sites import HookSite
 
-__all__ = ["Hook", "Perturbation", "Rows", "apply", "row_members", "expand_rows"]
+__all__ = ["Hook", "Perturbation", "Rows", "apply", "pick_members", "row_members"]
 
 Hook = tuple[str, Callable[..., Any]]
 Rows = int | Sequence[int | None]
@@ -72,17 +72,14 @@ def row_members(rows: Rows, n_members: int, noun: str = "member") -> Tensor:
     return torch.tensor(out, dtype=torch.long)
 
 
-def expand_rows(members: Tensor, batch: int) -> Tensor:
-    """Per-batch-row member indices for a batch of `batch` rows (block layout)."""
-    g = members.shape[0]
-    if g == 1:
-        return members.expand(batch)
-    if batch % g:
-        raise ValueError(
-            f"{g} per-row members for a batch of {batch} rows; the batch must hold a whole "
-            "number of rows per member (rows = members × prompts)"
-        )
-    return members.repeat_interleave(batch // g)
+def pick_members(table: Tensor, members: Tensor) -> Tensor:
+    """Rows `members` of a per-member table; index -1 gives zeros (an unperturbed row).
+
+    Examples:
+        >>> pick_members(torch.ones(2, 3), torch.tensor([1, -1])).tolist()
+        [[1.0, 1.0, 1.0], [0.0, 0.0, 0.0]]
+    """
+    return torch.cat([table, torch.zeros_like(table[:1])])[members]
 
 
 @contextmanager

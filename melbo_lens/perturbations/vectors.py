@@ -29,7 +29,7 @@ from torch import Tensor
 from melbo_lens.core.io import ArtifactError, read_artifact
 from melbo_lens.core.sites import HookSite, as_site, require_hook
 from melbo_lens.perturbations.artifact import _loaded_fields, _Rows, register_format
-from melbo_lens.perturbations.base import Hook, Rows, apply, row_members
+from melbo_lens.perturbations.base import Hook, Rows, apply, pick_members, row_members
 
 __all__ = ["FORMAT", "SteeringVectors", "steer", "steering_hook"]
 
@@ -158,8 +158,7 @@ class SteeringVectors(_Rows):
             raise ValueError("steering vectors contain NaN or inf")
         if isinstance(rows, int):
             return [(site.name, steering_hook(vecs[members[0]], scale))]
-        table = torch.cat([vecs, torch.zeros_like(vecs[:1])])  # row -1: unperturbed
-        return [(site.name, steering_hook(table[members], scale))]
+        return [(site.name, steering_hook(pick_members(vecs, members), scale))]
 
     # ------------------------------------------------------------------ files
     def save(self, path: str | os.PathLike[str]) -> Path:
