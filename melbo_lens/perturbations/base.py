@@ -1,12 +1,13 @@
 """A perturbation is anything that changes a forward pass through hooks, member by member.
 
-Steering vectors, steering adapters, directional ablations and clamps, SAE-feature clamps
-and the results of vector arithmetic are all perturbations: a list of *members* (one
-vector, one adapter, one ablated direction, ...) at one site. `hooks(model, rows, scale)`
-gives the TransformerLens `(hook name, function)` pairs that apply member `rows[i]` to
-batch row `i`, so many members run in one batch; a row whose member is `None` runs
-unperturbed. Every consumer (`apply`, `generate`, the run analysis and report,
-attribution) takes a perturbation and never asks which kind it is.
+A perturbation is a list of *members* (one vector, one adapter, ...) at one site.
+`hooks(model, rows, scale)` gives the TransformerLens `(hook name, function)` pairs that
+apply member `rows[i]` to batch row `i`, so many members run in one batch; a row whose
+member is `None` runs unperturbed. `SteeringVectors` (and the results of vector
+arithmetic) and `SteeringAdapters` implement it; `apply` and `generate` take any
+perturbation without asking which kind it is. (Directional ablation, clamping and
+SAE-feature clamping are still context managers of their own; the run analysis and
+attribution still dispatch on the artifact type.)
 
 Row layout. `rows` is one int (that member on every batch row) or a sequence of g
 entries for a batch of B rows with B a multiple of g: entry j applies to the j-th block
