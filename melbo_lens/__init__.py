@@ -79,6 +79,7 @@ from melbo_lens.perturbations.arithmetic import (
 from melbo_lens.perturbations.artifact import ArtifactError, load_artifact
 from melbo_lens.perturbations.base import Perturbation, apply
 from melbo_lens.perturbations.directional import (
+    DirectionEdit,
     ablate_direction,
     clamp_direction,
     mean_projection,
@@ -93,6 +94,7 @@ __version__ = "0.1.0"
 
 # sae-lens is imported only when one of its names is asked for (analysis/sae.py).
 _SAE_NAMES = {
+    "FeatureClamp",
     "FeatureComparison",
     "FeatureEffects",
     "SaeDecomposition",
@@ -153,6 +155,7 @@ __all__ = [
     "ArtifactError",
     "ScaleSweep",
     "SteeringAdapters",
+    "DirectionEdit",
     "ablate_direction",
     "adapt",
     "adapter_lr",

@@ -7,7 +7,7 @@ import torch
 
 from melbo_lens.core.prompts import PromptSet
 from melbo_lens.core.sites import HookSite
-from melbo_lens.generation import generate_steered, generate_tokens
+from melbo_lens.generation import generate, generate_steered, generate_tokens
 from melbo_lens.perturbations.vectors import SteeringVectors, steer
 
 SITE = HookSite(1)
@@ -289,3 +289,49 @@ def test_steered_rows_equal_an_independent_weight_edit(tiny_tok_model, vectors):
         got = generate_steered(tiny_tok_model, vectors, TEXTS, indices=[k], max_new_tokens=N_NEW)
         assert got.steered[0] == want.unsteered
         assert got.steered[0] != got.unsteered  # the vector does change the text
+
+
+# ---------------------------------------------------------------------- any perturbation
+def _alone(model, texts, context=None):
+    """Unsteered greedy completions, optionally inside a context manager."""
+    if context is None:
+        return generate(model, None, texts, max_new_tokens=N_NEW).unsteered
+    with context:
+        return generate(model, None, texts, max_new_tokens=N_NEW).unsteered
+
+
+def test_generate_takes_a_directional_ablation(tiny_tok_model, vectors):
+    from melbo_lens.perturbations.directional import DirectionEdit, ablate_direction
+
+    model = tiny_tok_model
+    edit = DirectionEdit.ablation(vectors.vectors, d_model=32)
+    gens = generate(model, edit, TEXTS, max_new_tokens=N_NEW)
+    assert gens.unsteered == _alone(model, TEXTS)
+    for k in range(len(edit)):  # each member in the batch = that ablation on its own
+        assert gens.steered[k] == _alone(model, TEXTS, ablate_direction(model, vectors.vectors[k]))
+
+
+def test_generate_takes_an_sae_feature_clamp(tiny_tok_model):
+    from analysis.test_sae import make_sae  # a planted-decoder sae-lens SAE at blocks.1
+
+    from melbo_lens.analysis.sae import FeatureClamp, clamp_feature
+
+    model, sae = tiny_tok_model, make_sae()
+    clamps = FeatureClamp(sae, [0, 17, 26], [30.0, 0.0, -30.0])
+    gens = generate(model, clamps, TEXTS, max_new_tokens=N_NEW)
+    assert gens.unsteered == _alone(model, TEXTS)
+    for k, (f, v) in enumerate([(0, 30.0), (17, 0.0), (26, -30.0)]):
+        assert gens.steered[k] == _alone(model, TEXTS, clamp_feature(model, sae, f, v))
+    assert gens.steered[0] != gens.unsteered  # a strong clamp does change the text
+
+
+def test_generate_with_no_perturbation_is_plain_decoding(tiny_tok_model):
+    gens = generate(tiny_tok_model, None, TEXTS, max_new_tokens=N_NEW)
+    tok = tiny_tok_model.tokenizer
+    ps = PromptSet.from_texts(tiny_tok_model, TEXTS)
+    expected = [
+        _text(tok, _greedy_by_hand(tiny_tok_model, row, N_NEW, tok.eos_token_id))
+        for row in ps.token_lists()
+    ]
+    assert gens.unsteered == expected
+    assert gens.steered == [] and gens.indices == []

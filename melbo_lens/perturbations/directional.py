@@ -37,6 +37,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -46,9 +47,11 @@ from torch import Tensor, nn
 from melbo_lens.core.host import post_norm
 from melbo_lens.core.prompts import PromptSet
 from melbo_lens.core.sites import HookSite, as_site, require_hook, residual_stream_sites
+from melbo_lens.perturbations.base import Hook, Rows, apply, pick_members, row_members
 from melbo_lens.perturbations.vectors import SteeringVectors
 
 __all__ = [
+    "DirectionEdit",
     "ablate_direction",
     "clamp_direction",
     "direction_basis",
@@ -102,29 +105,130 @@ def _unit(direction: Directions, d_model: int) -> Float[Tensor, " d_model"]:
     return m / m.norm()
 
 
-def _projection_hook(basis: Tensor, value: Tensor | None = None):
-    """Hook removing the span of `basis` [d, k]; with `value`, adding back value·basis[:, 0].
-
-    Computed in at least float32 whatever the model's dtype, then cast back.
-    """
-
-    def hook(act: Tensor, hook: Any = None) -> Tensor:
-        dtype = torch.promote_types(act.dtype, torch.float32)
-        q = basis.to(device=act.device, dtype=dtype)
-        x = act.to(dtype)
-        out = x - (x @ q) @ q.T
-        if value is not None:
-            out = out + value.to(device=act.device, dtype=dtype)[..., None] * q[:, 0]
-        return out.to(act.dtype)
-
-    return hook
-
-
 def _sites(model: Any, sites: SiteLike | Sequence[SiteLike]) -> list[HookSite]:
     items = [sites] if isinstance(sites, HookSite | str | int) else list(sites)
     if not items:
         raise ValueError("no sites given; pass at least one HookSite, hook name or layer")
     return [require_hook(model, as_site(s)) for s in items]
+
+
+# ---------------------------------------------------------------------- the perturbation
+@dataclass
+class DirectionEdit:
+    """Directional ablations or clamps as a `Perturbation`: member k edits the residual
+    stream along the orthonormal columns of `bases[k]` at `sites`.
+
+    Ablation (`values=None`): x <- x - (x B)Bᵀ, the span removed. Clamp: x <- x + (v - x·r̂)r̂
+    with r̂ = `bases[k][:, 0]` and v = `values[k]` (a number, or one value per position).
+    `sites=None` means every `resid_pre`, `resid_mid` and `resid_post` the model has.
+    `scale` in `hooks` blends: x + scale·(edited − x) (1 = the full edit). Rows whose
+    member is None are untouched. Computed in at least float32 whatever the model dtype.
+
+    Examples:
+        >>> edit = DirectionEdit.ablation(torch.eye(4)[:2], d_model=4)
+        >>> len(edit), edit.bases.shape
+        (2, torch.Size([2, 4, 1]))
+    """
+
+    bases: Float[Tensor, "n d_model m"]
+    sites: tuple[HookSite, ...] | None = None
+    values: Tensor | None = None
+    method: str = "ablation"
+
+    @classmethod
+    def ablation(
+        cls,
+        directions: Directions,
+        *,
+        d_model: int,
+        sites: Sequence[HookSite] | None = None,
+        span: bool = False,
+    ) -> DirectionEdit:
+        """One member per direction row (`span=True`: one member removing their span)."""
+        m = directions.vectors if isinstance(directions, SteeringVectors) else directions
+        rows = torch.as_tensor(m)
+        rows = rows[None] if rows.ndim == 1 else rows
+        if span:
+            bases = direction_basis(rows, d_model)[None]
+        else:
+            bases = torch.stack([direction_basis(r, d_model) for r in rows])
+        return cls(bases, None if sites is None else tuple(sites))
+
+    @classmethod
+    def clamp(
+        cls,
+        direction: Directions,
+        value: float | Tensor,
+        *,
+        d_model: int,
+        sites: Sequence[HookSite],
+    ) -> DirectionEdit:
+        """One member setting the projection on `direction` to `value`."""
+        unit = _unit(direction, d_model)
+        values = torch.as_tensor(value, dtype=torch.float64)[None]
+        return cls(unit[None, :, None], tuple(sites), values, method="clamp")
+
+    @property
+    def site(self) -> HookSite:
+        return self.sites[0] if self.sites else HookSite(0, "resid_pre")
+
+    def __len__(self) -> int:
+        return self.bases.shape[0]
+
+    def __getitem__(self, index: int | slice | Sequence[int]) -> DirectionEdit:
+        idx = torch.arange(len(self))[[index] if isinstance(index, int) else index]
+        values = None if self.values is None else self.values[idx]
+        return DirectionEdit(self.bases[idx], self.sites, values, self.method)
+
+    def hooks(self, model: Any, rows: Rows, scale: float = 1.0) -> list[Hook]:
+        members = row_members(rows, len(self), self.method)
+        sites = residual_stream_sites(model) if self.sites is None else _sites(model, self.sites)
+        if isinstance(rows, int):
+            k = int(members[0])
+            basis, on = self.bases[k][None], torch.ones(1, dtype=torch.float64)
+            value = None if self.values is None else self.values[k][None]
+        else:
+            basis = pick_members(self.bases, members)  # zero basis: nothing removed
+            on = pick_members(torch.ones(len(self), dtype=torch.float64), members)
+            value = None if self.values is None else pick_members(self.values, members)
+            if value is not None and value.ndim == 1:
+                value = value[:, None]  # one value per row -> broadcast over positions
+        hook = _edit_hook(basis, on, value, scale, per_row=not isinstance(rows, int))
+        return [(s.name, hook) for s in sites]
+
+
+def _edit_hook(basis: Tensor, on: Tensor, value: Tensor | None, scale: float, per_row: bool):
+    """Hook applying the edit of `DirectionEdit.hooks` (bases [g, d, m], g rows or 1)."""
+
+    def hook(act: Tensor, hook: Any = None) -> Tensor:
+        dtype = torch.promote_types(act.dtype, torch.float32)
+        x = act.to(dtype)
+        q = basis.to(device=act.device, dtype=dtype)
+        gate = on.to(device=act.device, dtype=dtype)
+        v = None if value is None else value.to(device=act.device, dtype=dtype)
+        if per_row and q.shape[0] != x.shape[0]:
+            if x.shape[0] % q.shape[0]:
+                raise ValueError(
+                    f"{q.shape[0]} per-row members for a batch of {x.shape[0]} rows; the "
+                    "batch must hold a whole number of rows per member"
+                )
+            reps = x.shape[0] // q.shape[0]
+            q, gate = q.repeat_interleave(reps, 0), gate.repeat_interleave(reps, 0)
+            v = None if v is None else v.repeat_interleave(reps, 0)
+        if not per_row:
+            q, gate = q[0], gate[0]
+            v = None if v is None else v[0]
+            edited = x - (x @ q) @ q.T
+            if v is not None:
+                edited = edited + v[..., None] * q[:, 0]
+        else:
+            coeff = torch.einsum("bpd,bdm->bpm", x, q)
+            edited = x - torch.einsum("bpm,bdm->bpd", coeff, q)
+            if v is not None:
+                edited = edited + gate[:, None, None] * v[..., None] * q[:, None, :, 0]
+        return (x + scale * (edited - x)).to(act.dtype)
+
+    return hook
 
 
 # ---------------------------------------------------------------------- ablation
@@ -142,10 +246,11 @@ def ablate_direction(
         >>> with ablate_direction(model, refusal_dir):          # doctest: +SKIP
         ...     logits = model(tokens)
     """
-    basis = direction_basis(direction, int(model.cfg.d_model))
-    chosen = residual_stream_sites(model) if sites is None else _sites(model, sites)
-    hook = _projection_hook(basis)
-    with model.hooks(fwd_hooks=[(s.name, hook) for s in chosen]):
+    chosen = None if sites is None else _sites(model, sites)
+    edit = DirectionEdit.ablation(
+        direction, d_model=int(model.cfg.d_model), sites=chosen, span=True
+    )
+    with apply(model, edit, 0):
         yield model
 
 
@@ -235,10 +340,10 @@ def clamp_direction(
         >>> with clamp_direction(model, r, mu, sites=[HookSite(5)]):   # doctest: +SKIP
         ...     logits = model(tokens)
     """
-    unit = _unit(direction, int(model.cfg.d_model))
-    chosen = _sites(model, sites)
-    hook = _projection_hook(unit[:, None], torch.as_tensor(value, dtype=torch.float64))
-    with model.hooks(fwd_hooks=[(s.name, hook) for s in chosen]):
+    edit = DirectionEdit.clamp(
+        direction, value, d_model=int(model.cfg.d_model), sites=_sites(model, sites)
+    )
+    with apply(model, edit, 0):
         yield model
 
 
