@@ -588,8 +588,8 @@ def decompose_target_delta(
     source and the target. They sum to Δ up to float rounding.
 
     Examples:
-        >>> dec = decompose_target_delta(model, prompts, vectors, 0)  # doctest: +SKIP
-        >>> torch.allclose(dec.components.sum(0), dec.delta, atol=1e-5)  # doctest: +SKIP
+        >>> dec = decompose_target_delta(model, prompts, vectors, 0)
+        >>> torch.allclose(dec.components.sum(0), dec.delta, atol=1e-5)
         True
     """
     return _prepare(model, prompts, vectors, index, target, scale, None).decomposition

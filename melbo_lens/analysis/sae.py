@@ -354,8 +354,9 @@ def decompose_onto_sae(
     not |cos|; sparse: non-negative least squares).
 
     Examples:
-        >>> dec = decompose_onto_sae(vecs, sae, index=0, method="sparse")  # doctest: +SKIP
-        >>> dec.features, dec.explained                                    # doctest: +SKIP
+        >>> dec = decompose_onto_sae(vecs, sae, index=0, method="sparse", top_k=5)
+        >>> 1 <= len(dec.features) <= 5, 0.0 <= dec.explained <= 1.0
+        (True, True)
     """
     if method not in ("cosine", "sparse"):
         raise ValueError(f"method must be 'cosine' or 'sparse', got {method!r}")
@@ -675,8 +676,8 @@ def feature_vectors(
     `target` is recorded so `delta_similarity` and `Segment` know where to measure.
 
     Examples:
-        >>> feats = feature_vectors(sae, [12, 40], radius=4.0)         # doctest: +SKIP
-        >>> with feats.apply(model, 0):                                  # doctest: +SKIP
+        >>> feats = feature_vectors(sae, [12, 40], radius=4.0)
+        >>> with feats.apply(model, 0):
         ...     logits = model(prompts.tokens)
     """
     feats = [features] if isinstance(features, int) else [int(f) for f in features]
@@ -718,8 +719,10 @@ class FeatureClamp:
     are untouched.
 
     Examples:
-        >>> clamps = FeatureClamp(sae, [3, 7], [10.0, 0.0])                  # doctest: +SKIP
-        >>> gens = generate(model, clamps, "Tell me a story")                # doctest: +SKIP
+        >>> clamps = FeatureClamp(sae, [3, 7], [10.0, 0.0])
+        >>> gens = generate(model, clamps, "tell me a story", max_new_tokens=4)
+        >>> len(gens.steered)
+        2
     """
 
     sae: Any
@@ -827,7 +830,7 @@ def clamp_feature(
     (`FeatureClamp` is the same edit as a perturbation, for `generate` and `apply`.)
 
     Examples:
-        >>> with clamp_feature(model, sae, 123, 10.0):                  # doctest: +SKIP
+        >>> with clamp_feature(model, sae, 12, 10.0):
         ...     logits = model(prompts.tokens)
     """
     with apply(model, FeatureClamp(sae, [feature], torch.as_tensor(value)[None]), 0):

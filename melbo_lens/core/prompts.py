@@ -165,8 +165,8 @@ class PromptSet:
         a list of conversations always goes through the chat template.
 
         Examples:
-            >>> ps = PromptSet.from_tokens(model, [[1, 2]])  # doctest: +SKIP
-            >>> PromptSet.coerce(model, ps) is ps  # doctest: +SKIP
+            >>> ps = PromptSet.from_tokens(model, [[1, 2]])
+            >>> PromptSet.coerce(model, ps) is ps
             True
         """
         if isinstance(prompts, PromptSet):
@@ -194,7 +194,7 @@ class PromptSet:
         """Tokenize plain texts with the model's tokenizer (TransformerLens BOS rules).
 
         Examples:
-            >>> ps = PromptSet.from_texts(model, ["Hello there", "Hi"])  # doctest: +SKIP
+            >>> ps = PromptSet.from_texts(model, ["Hello there", "Hi"])
         """
         if isinstance(texts, str):
             texts = [texts]
@@ -230,7 +230,7 @@ class PromptSet:
         conversation; a list of strings or of conversations is several.
 
         Examples:
-            >>> ps = PromptSet.from_chat(model, "Tell me a story")  # doctest: +SKIP
+            >>> ps = PromptSet.from_chat(model, "Tell me a story")
         """
         tokenizer = _tokenizer(model)
         if getattr(tokenizer, "chat_template", None) is None:

@@ -99,9 +99,9 @@ class Segment:
     """Cached prefix at `source`; runs source -> target for batches of vectors.
 
     Examples:
-        >>> seg = Segment(model, HookSite(1), HookSite(3), prompts)      # doctest: +SKIP
-        >>> z = seg.run(theta)  # theta [K, d_model] -> [K, n, pos, d_model]  # doctest: +SKIP
-        >>> delta = z - seg.unsteered  # doctest: +SKIP
+        >>> seg = Segment(model, HookSite(1), HookSite(3), prompts)
+        >>> z = seg.run(theta)  # theta [K, d_model] -> [K, n, pos, d_model]
+        >>> delta = z - seg.unsteered
     """
 
     def __init__(

@@ -429,8 +429,8 @@ def mean_difference_vectors(
     own difference points the same way as the mean.
 
     Examples:
-        >>> sv = mean_difference_vectors(model, ["I love it"], ["I hate it"], 3)  # doctest: +SKIP
-        >>> with sv.apply(model, 0, scale=4.0):  # doctest: +SKIP
+        >>> sv = mean_difference_vectors(model, ["I love it"], ["I hate it"], 3)
+        >>> with sv.apply(model, 0, scale=4.0):
         ...     logits = model("The movie was")
     """
     start = time.perf_counter()
@@ -473,7 +473,7 @@ def pca_vectors(
     higher on average; `metadata["explained_variance"]` gives each component's share.
 
     Examples:
-        >>> sv = pca_vectors(model, pos_texts, neg_texts, 6, n_components=2)  # doctest: +SKIP
+        >>> sv = pca_vectors(model, pos_texts, neg_texts, 6, n_components=2)
     """
     start = time.perf_counter()
     P, N, info = pair_activations(
@@ -523,7 +523,7 @@ def probe_vectors(
     `metadata` has the training accuracy, loss and iterations.
 
     Examples:
-        >>> sv = probe_vectors(model, pos_texts, neg_texts, 6, l2=1e-2)  # doctest: +SKIP
+        >>> sv = probe_vectors(model, pos_texts, neg_texts, 6, l2=1e-2)
     """
     if not l2 >= 0:
         raise ValueError(f"l2 must be >= 0, got {l2!r}")

@@ -247,10 +247,10 @@ def load_model(
         ModelUnavailableError: a model that is not packaged could not be fetched.
 
     Examples:
-        >>> model = load_model()  # doctest: +SKIP
-        >>> model.cfg.model_name, model.cfg.n_layers  # doctest: +SKIP
+        >>> model = load_model()
+        >>> model.cfg.model_name, model.cfg.n_layers
         ('SmolLM2-135M-Instruct', 30)
-        >>> logits = model("The capital of France is")  # doctest: +SKIP
+        >>> logits = model("The capital of France is")
     """
     dtype = _resolve_dtype(dtype)
     if name.strip().lower() == "planted-arithmetic":  # the planted-behaviour toy (package data)

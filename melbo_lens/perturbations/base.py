@@ -91,10 +91,10 @@ def apply(
     a list) inside the block; the hooks are removed on exit, also when the body raises.
 
     Examples:
-        >>> sv = SteeringVectors(torch.eye(32)[:2] * 4.0, HookSite(1))  # doctest: +SKIP
-        >>> with apply(model, sv, 1):  # doctest: +SKIP
+        >>> sv = SteeringVectors(torch.eye(32)[:2] * 4.0, HookSite(1))
+        >>> with apply(model, sv, 1):
         ...     logits = model(torch.tensor([[1, 2, 3]]))
-        >>> logits.shape  # doctest: +SKIP
+        >>> logits.shape
         torch.Size([1, 3, 50])
     """
     with model.hooks(fwd_hooks=perturbation.hooks(model, index, scale)):

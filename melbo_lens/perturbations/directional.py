@@ -243,7 +243,7 @@ def ablate_direction(
     sites to ablate only there. Hooks are removed on exit, also when the body raises.
 
     Examples:
-        >>> with ablate_direction(model, refusal_dir):          # doctest: +SKIP
+        >>> with ablate_direction(model, refusal_dir):
         ...     logits = model(tokens)
     """
     chosen = None if sites is None else _sites(model, sites)
@@ -336,8 +336,8 @@ def clamp_direction(
     exit, also when the body raises.
 
     Examples:
-        >>> mu = mean_projection(model, reference, r, HookSite(5))     # doctest: +SKIP
-        >>> with clamp_direction(model, r, mu, sites=[HookSite(5)]):   # doctest: +SKIP
+        >>> mu = mean_projection(model, reference, r, HookSite(5))
+        >>> with clamp_direction(model, r, mu, sites=[HookSite(5)]):
         ...     logits = model(tokens)
     """
     edit = DirectionEdit.clamp(

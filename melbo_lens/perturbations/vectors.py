@@ -76,7 +76,7 @@ def steer(
     """Add `scale * vectors` at `site` during forward passes inside the block.
 
     Examples:
-        >>> with steer(model, HookSite(3), torch.randn(model.cfg.d_model)):  # doctest: +SKIP
+        >>> with steer(model, HookSite(3), torch.randn(model.cfg.d_model)):
         ...     logits = model("Hello")
     """
     site = require_hook(model, as_site(site))
@@ -137,7 +137,7 @@ class SteeringVectors(_Rows):
         """Steer `model` with vector `index` (or one vector per batch row for a list).
 
         Examples:
-            >>> with vectors.apply(model, 3):          # doctest: +SKIP
+            >>> with vectors.apply(model, 3):
             ...     logits = model("Hello")
         """
         with apply(model, self, index, scale=scale) as m:
@@ -147,8 +147,8 @@ class SteeringVectors(_Rows):
         """The steering hook adding member `rows[i]` to batch row i (see `base`).
 
         Examples:
-            >>> sv = SteeringVectors(torch.eye(3)[:2], HookSite(1))  # doctest: +SKIP
-            >>> [name for name, _ in sv.hooks(model, [0, None, 1])]  # doctest: +SKIP
+            >>> sv = SteeringVectors(torch.eye(3)[:2], HookSite(1))
+            >>> [name for name, _ in sv.hooks(model, [0, None, 1])]
             ['blocks.1.hook_resid_post']
         """
         site = require_hook(model, self.site)
