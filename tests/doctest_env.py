@@ -35,9 +35,9 @@ def _doctest_objects() -> dict:
         target=HookSite(3),
     )
     names = {name: getattr(melbo_lens, name) for name in melbo_lens.__all__}
-    from analysis.test_sae import make_sae  # a planted-decoder sae-lens SAE at blocks.1
-
     import json
+
+    from analysis.test_sae import make_sae  # a planted-decoder sae-lens SAE at blocks.1
 
     direction = unit(torch.randn(32, generator=gen), dim=-1)
     return {
