@@ -102,6 +102,7 @@ def generate_tokens(
     out = torch.zeros((rows, 0), dtype=torch.long, device=tokens.device)
     finished = torch.zeros(rows, dtype=torch.bool, device=tokens.device)
     with model.hooks(fwd_hooks=hooks):
+        cache = None
         if use_cache:
             from transformer_lens import TransformerLensKeyValueCache
 

@@ -46,7 +46,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 from jaxtyping import Bool, Float
@@ -357,7 +357,7 @@ def _resolve_metric(metric: Any, unsteered: Tensor, mask: Tensor) -> tuple[str, 
     if isinstance(metric, Tensor):
         return "delta_projection", _projection_metric(metric, unsteered, mask)
     if callable(metric):
-        return getattr(metric, "__name__", type(metric).__name__), metric
+        return getattr(metric, "__name__", type(metric).__name__), cast(Metric, metric)
     raise TypeError(
         "metric must be None (Σ_t ||Δ_t||²), a [d_model] direction tensor (Δ projected on "
         f"it), or a callable metric(Z_target) -> scalar; got {metric!r}"

@@ -688,6 +688,7 @@ def feature_vectors(
     if bad:
         raise ValueError(f"features {bad} out of range: the SAE has {d_sae} (0..{d_sae - 1})")
     dec = decoder_directions(sae)[feats].float().cpu().clone()
+    r: Tensor | None = None
     if radius is not None:
         r = torch.as_tensor(radius, dtype=dec.dtype).flatten()
         if r.numel() not in (1, len(feats)) or not (r > 0).all():
@@ -702,7 +703,7 @@ def feature_vectors(
         site=sae_site(sae),
         target=target,
         method="sae_feature",
-        config={"features": feats, "radius": None if radius is None else r.tolist()},
+        config={"features": feats, "radius": None if r is None else r.tolist()},
         model_name=getattr(meta, "model_name", None),
         metadata={"sae_hook_name": _hook_name(sae), "d_sae": d_sae},
     )
@@ -753,7 +754,8 @@ class FeatureClamp:
 
     def __getitem__(self, index: int | slice | Sequence[int]) -> FeatureClamp:
         idx = torch.arange(len(self))[[index] if isinstance(index, int) else index]
-        return FeatureClamp(self.sae, [self.features[i] for i in idx], self.values[idx])
+        values = torch.as_tensor(self.values)[idx]
+        return FeatureClamp(self.sae, [self.features[int(i)] for i in idx], values)
 
     def hooks(self, model: Any, rows: Any, scale: float = 1.0) -> list[tuple[str, Any]]:
         site = require_hook(model, self.site)

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 from jaxtyping import Bool, Float
@@ -215,7 +215,7 @@ def _texts_for(
             )
         return [(src.prompts[prompt], src.for_vector(k)[prompt]) for k in indices]
     if isinstance(src, str | tuple):
-        return [src] * len(indices)
+        return [cast(Text, src)] * len(indices)
     texts = list(src)
     if len(texts) == 1:
         return texts * len(indices)

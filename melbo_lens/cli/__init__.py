@@ -206,7 +206,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="melbo-lens", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="melbo-lens", description=(__doc__ or "melbo-lens").splitlines()[0]
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train MELBO steering vectors")

@@ -11,6 +11,7 @@ import argparse
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 from melbo_lens.cli.options import SUPERVISED, _print_vectors, _prompt_set, _read_prompts, _site
 from melbo_lens.models.zoo import load_model
@@ -107,7 +108,7 @@ def train_other(args: argparse.Namespace) -> int:
             )
         pos = _prompt_set(model, _read_list(args.positive_file), chat, args.target_positions)
         neg = _prompt_set(model, _read_list(args.negative_file), chat, args.target_positions)
-        common = dict(
+        common: dict[str, Any] = dict(
             position=_position(args.position),
             answer_tokens=_answer_tokens(args.answer_tokens),
             radius=args.radius,

@@ -10,7 +10,7 @@ import argparse
 import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from melbo_lens.core.prompts import bundled_prompts
 
@@ -134,5 +134,9 @@ def _print_vectors(vectors) -> None:
         print(f"{k:>6}  {obj:>12.5g}  {steps:>5}")
 
 
-SUPERVISED = {"mean-diff": "mean_difference", "pca": "pca", "probe": "probe"}
+SUPERVISED: dict[str, Literal["mean_difference", "pca", "probe"]] = {
+    "mean-diff": "mean_difference",
+    "pca": "pca",
+    "probe": "probe",
+}
 BASELINES = ("random", "jacobian", "hessian")

@@ -19,6 +19,7 @@ from torch import Tensor
 
 __all__ = [
     "ArtifactError",
+    "atomic_write",
     "atomic_write_text",
     "atomic_save_tensors",
     "read_artifact",
@@ -37,7 +38,7 @@ def _readable(tmp: str) -> None:
     os.chmod(tmp, 0o666 & ~umask)
 
 
-def _atomic(path: str | os.PathLike[str], write: Callable[[str], None]) -> Path:
+def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], object]) -> Path:
     """Call `write(tmp)` on a temporary file beside `path`, fsync it, give it ordinary
     permissions and rename it over `path`; on any error the temporary file is removed."""
     path = Path(path)
@@ -45,7 +46,7 @@ def _atomic(path: str | os.PathLike[str], write: Callable[[str], None]) -> Path:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        write(tmp)
+        write(Path(tmp))
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         _readable(tmp)
@@ -59,7 +60,7 @@ def _atomic(path: str | os.PathLike[str], write: Callable[[str], None]) -> Path:
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
     """Write `text` to `path` via a temporary file in the same folder and a rename, so a
     crash or Ctrl-C leaves either the old file or the new one, never half of one."""
-    return _atomic(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 def atomic_save_tensors(
@@ -67,7 +68,7 @@ def atomic_save_tensors(
 ) -> Path:
     """Save tensors to `path` via a temporary file in the same folder and a rename."""
     clean = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-    return _atomic(path, lambda tmp: save_file(clean, tmp, metadata=metadata))
+    return atomic_write(path, lambda tmp: save_file(clean, str(tmp), metadata=metadata))
 
 
 def read_metadata(path: str | os.PathLike[str]) -> dict[str, str]:

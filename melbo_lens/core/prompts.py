@@ -134,7 +134,11 @@ class PromptSet:
         out = torch.full((n, length), pad_token_id, dtype=torch.long)
         attn = torch.zeros((n, length), dtype=torch.bool)
         target = torch.zeros((n, length), dtype=torch.bool)
-        specs = target_positions if _is_per_prompt(target_positions, n) else [target_positions] * n
+        specs: Sequence[Any] = (
+            target_positions  # type: ignore[assignment]
+            if _is_per_prompt(target_positions, n)
+            else [target_positions] * n
+        )
         for i, row in enumerate(rows):
             out[i, : len(row)] = torch.tensor(row)
             attn[i, : len(row)] = True
@@ -219,7 +223,10 @@ class PromptSet:
     def from_chat(
         cls,
         model: Any,
-        conversations: Sequence[Sequence[dict[str, str]]] | Sequence[dict[str, str]] | str,
+        conversations: Sequence[Sequence[dict[str, str]]]
+        | Sequence[dict[str, str]]
+        | Sequence[str]
+        | str,
         *,
         target_positions: TargetPositions = None,
         add_generation_prompt: bool = True,
@@ -237,14 +244,18 @@ class PromptSet:
             raise ValueError(
                 "the model's tokenizer has no chat template; use PromptSet.from_texts instead"
             )
+        items: list[Any]
         if isinstance(conversations, str):
-            conversations = [conversations]
+            items = [conversations]
         elif conversations and isinstance(conversations[0], dict):
-            conversations = [conversations]  # type: ignore[list-item]
+            items = [conversations]
+        else:
+            items = list(conversations)
         # a plain string in the list is one user turn
-        conversations = [
-            [{"role": "user", "content": c}] if isinstance(c, str) else c for c in conversations
+        convs: list[Any] = [
+            [{"role": "user", "content": c}] if isinstance(c, str) else c for c in items
         ]
+        conversations = convs
         if not conversations:
             raise ValueError("no conversations given; pass at least one")
         texts = [

@@ -229,7 +229,7 @@ class Segment:
                 stop_at_layer=self.stop,
                 attention_mask=mask.long(),
             )
-        return captured.get("z", out)
+        return captured["z"] if "z" in captured else out
 
     def _forward_hooked(
         self, rows: Tensor | None, idx: Tensor, mask: Tensor, extra: list[tuple[str, Any]]

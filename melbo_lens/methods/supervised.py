@@ -70,12 +70,12 @@ def _as_prompt_set(model: Any, prompts: PromptsLike, name: str) -> PromptSet:
         return prompts
     if isinstance(prompts, str):
         raise TypeError(f"{name} must be a list of prompts (one per pair), got a single string")
-    prompts = list(prompts)
-    if not prompts:
+    items: list[Any] = list(prompts)
+    if not items:
         raise ValueError(f"{name} is empty; give at least one contrast pair")
-    if all(isinstance(p, str) for p in prompts):
-        return PromptSet.from_texts(model, prompts)
-    return PromptSet.from_tokens(model, prompts)
+    if all(isinstance(p, str) for p in items):
+        return PromptSet.from_texts(model, items)
+    return PromptSet.from_tokens(model, items)
 
 
 def _answer_ids(model: Any, answer_tokens: Any) -> list[int]:

@@ -143,7 +143,7 @@ class _Group:
 
     def __init__(self, family: Family, spec: LoopSpec, raw: Params, basis: Tensor | None) -> None:
         self.family, self.spec, self.basis = family, spec, basis
-        self.params = {k: torch.nn.Parameter(v) for k, v in self.constrain(raw).items()}
+        self.params: Params = {k: torch.nn.Parameter(v) for k, v in self.constrain(raw).items()}
         lrs = family.lrs()
         self.opt = torch.optim.AdamW(
             [{"params": [p], "lr": lrs[name]} for name, p in self.params.items()],
@@ -324,6 +324,38 @@ def _member_basis(directions: Tensor) -> Tensor | None:
     return vh[keep].to(directions.dtype)
 
 
+def _start(
+    spec: LoopSpec,
+    device: torch.device,
+    store: Params,
+    resume: Any | None,
+    params_of: Callable[[Any], Params],
+    config: dict[str, Any],
+    config_name: str,
+) -> tuple[dict[str, Tensor], dict[str, Tensor], float]:
+    """A fresh training record, or the record, group state and elapsed seconds of a
+    resumed run (whose parameters are copied into `store`)."""
+    n, steps = spec.n, spec.steps
+    record = {
+        "losses": torch.full((n, steps), float("nan"), dtype=torch.float32, device=device),
+        "objective": torch.full((n,), float("nan"), dtype=torch.float32, device=device),
+        "steps_done": torch.zeros(n, dtype=torch.long),
+    }
+    if resume is None:
+        return record, {}, 0.0
+    if resume.config != config:
+        raise ValueError(
+            "cannot resume: the saved run's config differs from this one; pass "
+            f"{config_name}.from_dict(saved.config) to continue it"
+        )
+    for name, value in params_of(resume).items():
+        store[name].copy_(value)
+    for name in record:
+        if getattr(resume, name) is not None:
+            record[name].copy_(getattr(resume, name))
+    return record, dict(resume.resume_state), float(resume.metadata.get("train_seconds", 0.0))
+
+
 Artifact = Callable[[Params, dict[str, Tensor], dict[str, Any]], Any]
 
 
@@ -356,27 +388,10 @@ def train(
     `objective` [n], `steps_done` [n]) and the state of the group in flight continue.
     """
     device = prompts.tokens.device
-    n, steps = spec.n, spec.steps
-    record = {
-        "losses": torch.full((n, steps), float("nan"), dtype=torch.float32, device=device),
-        "objective": torch.full((n,), float("nan"), dtype=torch.float32, device=device),
-        "steps_done": torch.zeros(n, dtype=torch.long),
-    }
-    resume_state: dict[str, Tensor] = {}
-    elapsed = 0.0
-    if resume is not None:
-        if resume.config != config:
-            raise ValueError(
-                "cannot resume: the saved run's config differs from this one; pass "
-                f"{config_name}.from_dict(saved.config) to continue it"
-            )
-        for name, value in params_of(resume).items():
-            store[name].copy_(value)
-        for name in record:
-            if getattr(resume, name) is not None:
-                record[name].copy_(getattr(resume, name))
-        resume_state = dict(resume.resume_state)
-        elapsed = float(resume.metadata.get("train_seconds", 0.0))
+    steps = spec.steps
+    record, resume_state, elapsed = _start(
+        spec, device, store, resume, params_of, config, config_name
+    )
     losses, objective, steps_done = record["losses"], record["objective"], record["steps_done"]
     segment = Segment(model, spec.source, spec.target, prompts, compile=compile)
     meta = {

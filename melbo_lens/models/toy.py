@@ -339,7 +339,7 @@ def train_toy(
             return config.lr * (step + 1) / warmup
         return config.lr * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
-    hooks = [
+    hooks: list[Any] = [
         (
             f"blocks.{layer}.hook_resid_pre",
             _noise_hook(config.noise_radius, config.noise_relative, gen),

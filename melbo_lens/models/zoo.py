@@ -59,18 +59,19 @@ import tempfile
 import time
 import uuid
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 from melbo_lens.core.host import hooked_transformer_is_the_host
+from melbo_lens.core.io import atomic_save_tensors, atomic_write_text
 
 if TYPE_CHECKING:
     from transformer_lens.model_bridge import TransformerBridge
@@ -314,7 +315,12 @@ def _load_from_hub(
             model.enable_compatibility_mode(disable_warnings=True, **PROCESSING)
             return model
         with hooked_transformer_is_the_host():
-            return HookedTransformer.from_pretrained(name, device=device, dtype=dtype, **PROCESSING)
+            return HookedTransformer.from_pretrained(
+                name,
+                device=device,
+                dtype=dtype,  # pyright: ignore[reportArgumentType]  (TL accepts a torch.dtype)
+                **PROCESSING,  # pyright: ignore[reportArgumentType]
+            )
     except OSError as error:
         raise ModelUnavailableError(
             f"could not fetch {name!r} from the Hugging Face hub "
@@ -419,9 +425,8 @@ def _convert_into(spec: PackagedModel, sources: list[Path], work: Path) -> None:
     del hf_model
     shutil.rmtree(work / "source", ignore_errors=True)
     (work / "hooked_transformer").mkdir()
-    _atomic_write(
-        work / "hooked_transformer" / "model.safetensors",
-        lambda tmp: save_file(params, str(tmp), metadata={"format": "melbo_lens"}),
+    atomic_save_tensors(
+        params, work / "hooked_transformer" / "model.safetensors", {"format": "melbo_lens"}
     )
     _atomic_write_json(work / "hooked_transformer" / "config.json", _config_to_json(cfg))
 
@@ -460,8 +465,8 @@ def _dequantise(
     # The weights are plain float32 now; drop the GGUF marks so nothing treats them as
     # quantised, and record the architecture, which a GGUF-derived config lacks.
     if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    model.hf_quantizer = None
+        del model.config.quantization_config  # pyright: ignore[reportAttributeAccessIssue]
+    model.hf_quantizer = None  # pyright: ignore[reportAttributeAccessIssue, reportArgumentType]
     model.config.architectures = [type(model).__name__]
     if tokenizer.chat_template is None and spec.chat_template is not None:
         tokenizer.chat_template = spec.chat_template
@@ -600,7 +605,7 @@ def _bridge_from_entry(
         )
     except (OSError, ValueError, SafetensorError) as error:
         raise _CorruptCacheError(f"transformers model: {type(error).__name__}: {error}") from error
-    hf_model = hf_model.to(device).eval()
+    hf_model = hf_model.to(device).eval()  # pyright: ignore[reportArgumentType]
     model = TransformerBridge.boot_transformers(
         spec.hf_name, hf_model=hf_model, tokenizer=tokenizer, device=device, dtype=dtype
     )
@@ -613,18 +618,8 @@ def _bridge_from_entry(
 # --- files --------------------------------------------------------------------------------
 
 
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Write through a temporary file in the same directory, renamed into place."""
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def _atomic_write_json(path: Path, data: dict[str, Any]) -> None:
-    _atomic_write(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2, sort_keys=True)))
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True))
 
 
 def _remove_tree(path: Path) -> None:

@@ -70,6 +70,27 @@ class _Rows:
         }
         return replace(self, **picked, resume_state={})  # type: ignore[type-var]
 
+    def record(self, name: str) -> Tensor:
+        """The training record `name` (`losses`, `objective` or `steps_done`); a clear
+        error for an artifact that was not trained (random, supervised, hand-made).
+
+        Examples:
+            >>> SteeringVectors(torch.eye(2), HookSite(0)).record("objective")  # doctest: +ELLIPSIS
+            Traceback (most recent call last):
+            ...
+            ValueError: this artifact has no objective record ...
+        """
+        value = getattr(self, name, None)
+        if name not in _TRAINING:
+            raise ValueError(f"no training record {name!r}; choose one of {_TRAINING}")
+        if value is None:
+            raise ValueError(
+                f"this artifact has no {name} record (method {getattr(self, 'method', '?')!r} "
+                "was not trained here); train it with train_steering_vectors / "
+                "train_steering_adapters"
+            )
+        return value
+
     @property
     def complete(self) -> bool:
         """False when training was interrupted before every item finished."""

@@ -266,7 +266,7 @@ def radius_sweep(sweep: Any) -> go.Figure:
             col=1,
         )
         for row in range(2, len(panels) + 1):
-            fig.add_vline(x=r, line_dash="dash", line_color="black", row=row, col=1)
+            fig.add_vline(x=r, line_dash="dash", line_color="black", row=row, col=1)  # pyright: ignore[reportArgumentType]
     log_x = bool(radii) and all(r > 0 for r in radii)
     fig.update_xaxes(type="log" if log_x else "linear")
     fig.update_xaxes(title_text="radius R", row=len(panels), col=1)

@@ -92,7 +92,7 @@ class _Page:
         self.n_views = 0
 
     def figure(self, fig: go.Figure, *, css: str = "") -> str:
-        spec = json.loads(fig.to_json())
+        spec = json.loads(fig.to_json() or "{}")
         layout = spec.setdefault("layout", {})
         template = layout.pop("template", None)
         if template is not None:

@@ -156,8 +156,11 @@ def _naive(model, prompts, config, steps, index, basis) -> dict[str, Any]:
             ).sum()
             (-obj).backward()
             total += float(obj.detach())
+        grad = theta.grad
+        if grad is None:
+            raise RuntimeError("no gradient reached θ in the naive reference")
         with torch.no_grad():
-            theta.grad = project_out(tangent_project(theta.grad[None], theta[None]), basis)[0]
+            theta.grad = project_out(tangent_project(grad[None], theta[None]), basis)[0]
             opt.step()
             theta.copy_(to_sphere(project_out(theta[None], basis), config.radius)[0])
         curve.append(total)
@@ -218,7 +221,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     cfg = model.cfg
     P = prompts.tokens.shape[1]
     n_tok = int(prompts.attention_mask.sum())
-    base = dict(source=source, target=target, radius=args.radius, power=2.0, q=1.0)
+    base: dict[str, Any] = dict(source=source, target=target, radius=args.radius, power=2.0, q=1.0)
     seg_blocks = Segment(model, source, target, prompts).n_blocks
     print(
         f"model {cfg.model_name}: {cfg.n_layers} layers, d_model {cfg.d_model}; "
@@ -246,7 +249,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         model, prompts, MelboConfig(**base, n_vectors=1, steps=args.naive_steps), progress=False
     )
     one_ms = 1e3 * one.metadata["train_seconds"] / args.naive_steps
-    one_curve = one.losses[0].tolist()
+    one_curve = one.record("losses")[0].tolist()
     agree = abs(one_curve[-1] - target_value) / target_value
     print(
         f"(b) melbo_lens, 1 vector: {one_ms:.1f} ms per vector-step "
@@ -304,7 +307,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         MelboConfig(**base, n_vectors=1, steps=args.power_steps, solver="power"),
         progress=False,
     )
-    power_curve = power.losses[0].tolist() + [float(power.objective[0])]
+    power_curve = power.record("losses")[0].tolist() + [float(power.record("objective")[0])]
     power_ms = 1e3 * power.metadata["train_seconds"] / args.power_steps
     naive_tts = naive["seconds"]
     rows = [("naive AMSGrad", _first_reaching(naive["curve"], target_value), naive_ms)]
@@ -323,7 +326,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
 
     # (e) diversity with orthogonality on: AMSGrad vs power, same K, same init
     kd = args.diversity_vectors
-    div_cfg = dict(**base, n_vectors=kd, orthogonal="simultaneous")
+    div_cfg: dict[str, Any] = dict(**base, n_vectors=kd, orthogonal="simultaneous")
     slow = train_steering_vectors(
         model, prompts, MelboConfig(**div_cfg, steps=args.naive_steps), progress=False
     )
@@ -339,11 +342,11 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     for name, sv in (("AMSGrad", slow), ("power", fast)):
         sim = _delta_similarity(segment, sv.vectors)
         div[name] = {
-            "objectives": sv.objective.tolist(),
+            "objectives": sv.record("objective").tolist(),
             "delta_abs_cos": sim,
             "seconds": sv.metadata["train_seconds"],
         }
-        objs = ", ".join(f"{v:.3g}" for v in sv.objective.tolist())
+        objs = ", ".join(f"{v:.3g}" for v in sv.record("objective").tolist())
         print(
             f"    {name:<8} {sv.metadata['train_seconds']:7.1f} s  objectives [{objs}]  "
             f"mean |cos| of target deltas {sim:.3f}"
@@ -425,7 +428,10 @@ def adapters_benchmark(
     together_ms = 1e3 * together.metadata["train_seconds"] / adapter_steps
     alone_ms = 1e3 * alone.metadata["train_seconds"] / adapter_steps
     curves_differ = float(
-        ((together.losses - alone.losses).abs() / alone.losses.abs().clamp_min(1e-12)).max()
+        (
+            (together.record("losses") - alone.record("losses")).abs()
+            / alone.record("losses").abs().clamp_min(1e-12)
+        ).max()
     )
     n_tok = int(prompts.attention_mask.sum())
     print(
@@ -451,5 +457,5 @@ def adapters_benchmark(
         "together_ms_per_adapter_step": together_ms,
         "ratio": alone_ms / together_ms,
         "max_relative_curve_difference": curves_differ,
-        "final_objectives": together.objective.tolist(),
+        "final_objectives": together.record("objective").tolist(),
     }

@@ -242,6 +242,7 @@ def select_radius(
     completions: list[list[list[str]]] = []
     kept: list[SteeringVectors] = []
     unsteered: list[str] = []
+    prompt_texts: list[str] = []
     baseline = math.nan
     for radius in tqdm(radii, desc="radii", disable=not progress):
         vectors = train_steering_vectors(
@@ -253,6 +254,7 @@ def select_radius(
         if not unsteered:
             unsteered = list(gens.unsteered or [])
             baseline = _median(fluency(model, prompts, unsteered))
+        prompt_texts = list(gens.prompts)
         flat = [text for per_vector in gens.steered for text in per_vector]
         per_prompt = [
             completion_diversity(
@@ -282,7 +284,7 @@ def select_radius(
         variance=rows["var"],
         completions=completions,
         unsteered=unsteered,
-        prompts=list(gens.prompts),
+        prompts=prompt_texts,
         settings={"config": config.to_dict(), "max_new_tokens": max_new_tokens},
         vectors=kept if keep_vectors else None,
     )
