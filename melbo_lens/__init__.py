@@ -14,6 +14,7 @@ from melbo_lens.analysis.attribution import (
     logit_diff_metric,
 )
 from melbo_lens.analysis.behaviors import BehaviorReport, BehaviorRule, classify_completions
+from melbo_lens.analysis.deltas import perturbation_objectives, perturbation_targets
 from melbo_lens.analysis.diversity import (
     Diversity,
     completion_diversity,
@@ -49,7 +50,12 @@ from melbo_lens.methods.adapters import (
     adapter_lr,
     train_steering_adapters,
 )
-from melbo_lens.methods.baselines import hessian_vectors, jacobian_vectors, random_vectors
+from melbo_lens.methods.baselines import (
+    hessian_vectors,
+    jacobian_vectors,
+    random_adapters,
+    random_vectors,
+)
 from melbo_lens.methods.constraints import gram_schmidt, tangent_project, to_sphere
 from melbo_lens.methods.melbo import (
     MelboConfig,
@@ -180,6 +186,9 @@ __all__ = [
     "pca_vectors",
     "principal_angles",
     "probe_vectors",
+    "random_adapters",
+    "perturbation_objectives",
+    "perturbation_targets",
     "random_vectors",
     "scale_sweep",
     "stability_curve",

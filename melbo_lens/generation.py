@@ -3,7 +3,7 @@
 `generate` lays out one batch row per (member, prompt) pair, plus one unsteered row per
 prompt for reference, left-pads the prompts and decodes all rows together with the
 key-value cache. Each row gets its own member through the perturbation's per-row hooks
-(any `Perturbation`: steering vectors and steering adapters today), so V members
+(any `Perturbation`: vectors, adapters, directional edits, SAE-feature clamps), so V members
 cost one batched decode rather than V separate ones. Greedy by default; sampling is
 seeded and reproducible.
 """
@@ -210,7 +210,7 @@ def generate(
     max_rows: int = 64,
 ) -> SteeredGenerations:
     """Complete each prompt under each chosen member of any perturbation (one batch, KV
-    cache): steering vectors, steering adapters, any `Perturbation`.
+    cache): steering vectors, adapters, directional edits, feature clamps: any `Perturbation`.
 
     Row layout: one unsteered reference row per prompt (unless `include_unsteered=False`),
     then one row per (member, prompt); each row gets its member through the

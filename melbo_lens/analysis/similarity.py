@@ -28,9 +28,11 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from melbo_lens.analysis.deltas import perturbation_deltas
 from melbo_lens.core.prompts import PromptSet
 from melbo_lens.core.segment import Segment
 from melbo_lens.core.sites import HookSite, as_site
+from melbo_lens.perturbations.base import Perturbation
 from melbo_lens.perturbations.vectors import SteeringVectors
 
 __all__ = [
@@ -45,7 +47,7 @@ __all__ = [
     "principal_angles",
 ]
 
-VectorSet = SteeringVectors | Float[Tensor, "*n d"]
+VectorSet = SteeringVectors | Perturbation | Float[Tensor, "*n d"]
 _MAX_SHOWN = 12  # rows / columns printed by __str__
 
 
@@ -167,6 +169,8 @@ def _deltas(
     model: Any, vectors: VectorSet, prompts: PromptSet, target: HookSite, site: HookSite | None
 ) -> Float[Tensor, "n flat"]:
     """Target-layer deltas of each vector, at the prompts' target positions, flattened."""
+    if isinstance(vectors, Perturbation) and not isinstance(vectors, SteeringVectors):
+        return perturbation_deltas(model, vectors, prompts, target)  # adapters, edits, ...
     if isinstance(vectors, SteeringVectors):
         source = vectors.site
     elif site is None:
@@ -205,7 +209,11 @@ def delta_similarity(
         >>> dm = delta_similarity(model, prompts, melbo, supervised)     # doctest: +SKIP
         >>> dm.summary()["mean_abs"]                                    # doctest: +SKIP
     """
-    targets = {x.target for x in (a, b) if isinstance(x, SteeringVectors) and x.target}
+    targets: set[HookSite] = set()
+    for x in (a, b):
+        recorded = getattr(x, "target", None)
+        if isinstance(recorded, HookSite):
+            targets.add(recorded)
     if target is not None:
         tgt = as_site(target)
     elif len(targets) == 1:

@@ -40,12 +40,20 @@ from melbo_lens.core.host import d_model_of, frozen
 from melbo_lens.core.prompts import PromptSet
 from melbo_lens.core.segment import Segment
 from melbo_lens.core.sites import HookSite, as_site, check_sites, require_hook
+from melbo_lens.methods.adapters import _init_adapters
 from melbo_lens.methods.constraints import gram_schmidt, to_sphere
 from melbo_lens.methods.melbo import _init_vectors
 from melbo_lens.methods.objectives import melbo_objective_per_prompt, segment_objectives
+from melbo_lens.perturbations.adapters import SteeringAdapters, check_adapter_host
 from melbo_lens.perturbations.vectors import SteeringVectors
 
-__all__ = ["random_vectors", "jacobian_vectors", "hessian_vectors", "top_eigenpairs"]
+__all__ = [
+    "random_adapters",
+    "random_vectors",
+    "jacobian_vectors",
+    "hessian_vectors",
+    "top_eigenpairs",
+]
 
 MatVec = Callable[[Float[Tensor, "b d"]], Float[Tensor, "b d"]]
 
@@ -103,6 +111,46 @@ def random_vectors(
 
 
 # ---------------------------------------------------------------------- eigensolver
+
+
+def random_adapters(
+    model: Any,
+    layer: int,
+    *,
+    n: int,
+    radius: float,
+    rank: int = 1,
+    seed: int = 0,
+) -> SteeringAdapters:
+    """n steering adapters on block `layer`'s MLP with Gaussian unit columns, scale
+    `radius`: the random baseline for trained adapters, drawn exactly as the adapter
+    trainer draws its initial adapter k (so with equal seeds this *is* its start).
+
+    Examples:
+        >>> ra = random_adapters(model, 1, n=3, radius=4.0, rank=2)
+        >>> len(ra), ra.rank, round(float(ra.omega_b.norm(dim=1).mean()), 4)
+        (3, 2, 1.0)
+    """
+    check_adapter_host(model, layer)
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"n must be an int >= 1, got {n!r}")
+    if not (radius > 0 and math.isfinite(radius)):
+        raise ValueError(f"radius must be a finite number > 0, got {radius!r}")
+    d_mlp, d_model = int(model.cfg.d_mlp), d_model_of(model)
+    a, b = _init_adapters(list(range(n)), d_mlp, d_model, rank, seed, "cpu", torch.float64)
+    unit = torch.nn.functional.normalize
+    return SteeringAdapters(
+        unit(a, dim=1).float(),
+        unit(b, dim=1).float(),
+        layer=layer,
+        radius=radius,
+        method="random_adapters",
+        config={"layer": layer, "n": n, "radius": radius, "rank": rank, "seed": seed},
+        model_name=getattr(model.cfg, "model_name", None),
+        metadata={"distribution": "gaussian unit columns, one generator per (seed, index)"},
+    )
+
+
 def _orthonormal_block(w: Tensor, basis: Tensor, gen: torch.Generator, max_cols: int) -> Tensor:
     """Orthonormal columns spanning w's part outside span(basis); random fill-ins where
     w has none (the Krylov space became invariant). At most `max_cols` columns."""

@@ -241,6 +241,11 @@ class SteeringAdapters(_Rows):
         """Where the adapters write: `blocks.{layer}.hook_mlp_out`."""
         return HookSite(self.layer, "mlp_out")
 
+    @property
+    def norms(self) -> Float[Tensor, " n"]:
+        """Size of each member: the Frobenius norm of its weight edit ΔW_out."""
+        return self.weight_deltas().flatten(1).norm(dim=-1)
+
     def weight_deltas(self, scale: float = 1.0) -> Float[Tensor, "n d_mlp d_model"]:
         """ΔW_out of each adapter: radius · scale · Ω_A Ω_Bᵀ, to add to `W_out`."""
         return self.radius * scale * (self.omega_a @ self.omega_b.transpose(-1, -2))

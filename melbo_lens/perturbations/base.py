@@ -4,10 +4,10 @@ A perturbation is a list of *members* (one vector, one adapter, ...) at one site
 `hooks(model, rows, scale)` gives the TransformerLens `(hook name, function)` pairs that
 apply member `rows[i]` to batch row `i`, so many members run in one batch; a row whose
 member is `None` runs unperturbed. `SteeringVectors` (and the results of vector
-arithmetic) and `SteeringAdapters` implement it; `apply` and `generate` take any
-perturbation without asking which kind it is. (Directional ablation, clamping and
-SAE-feature clamping are still context managers of their own; the run analysis and
-attribution still dispatch on the artifact type.)
+arithmetic), `SteeringAdapters`, `DirectionEdit` (directional ablation and clamping) and
+`FeatureClamp` (SAE features) implement it; `apply`, `generate`, the deltas and
+objectives of `analysis.deltas` and `delta_similarity` take any perturbation without
+asking which kind it is, and `analyze_run` / the report take vectors or adapters.
 
 Row layout. `rows` is one int (that member on every batch row) or a sequence of g
 entries for a batch of B rows with B a multiple of g: entry j applies to the j-th block

@@ -129,6 +129,11 @@ class SteeringVectors(_Rows):
     def radius(self) -> Float[Tensor, " n"]:
         return self.vectors.norm(dim=-1)
 
+    @property
+    def norms(self) -> Float[Tensor, " n"]:
+        """Size of each member (the vector norm), as every artifact reports it."""
+        return self.radius
+
     # ------------------------------------------------------------------ use
     @contextmanager
     def apply(

@@ -27,6 +27,7 @@ from plotly.subplots import make_subplots
 from melbo_lens.analysis.attribution import DeltaAttribution
 from melbo_lens.analysis.similarity import CosineMatrix
 from melbo_lens.analysis.tokens import TokenDeltas
+from melbo_lens.perturbations.adapters import SteeringAdapters
 from melbo_lens.perturbations.vectors import SteeringVectors
 
 __all__ = [
@@ -57,7 +58,9 @@ def _esc(text: Any) -> str:
     return html.escape(str(text)).replace("\n", "⏎")
 
 
-def _vector_labels(vectors: SteeringVectors, labels: Sequence[str] | None) -> list[str]:
+def _vector_labels(
+    vectors: SteeringVectors | SteeringAdapters, labels: Sequence[str] | None
+) -> list[str]:
     n = len(vectors)
     if labels is None:
         meta = vectors.metadata.get("labels") if isinstance(vectors.metadata, dict) else None
@@ -80,7 +83,7 @@ def _unique(labels: Sequence[str]) -> list[str]:
     return out
 
 
-def _setup(vectors: SteeringVectors) -> str:
+def _setup(vectors: SteeringVectors | SteeringAdapters) -> str:
     """One line saying where and how the vectors were made."""
     cfg = vectors.config or {}
     parts = [vectors.site.name + (f" → {vectors.target.name}" if vectors.target else "")]
@@ -95,7 +98,10 @@ def _setup(vectors: SteeringVectors) -> str:
 
 # ---------------------------------------------------------------------- training
 def training_curves(
-    vectors: SteeringVectors, *, log_y: bool = False, labels: Sequence[str] | None = None
+    vectors: SteeringVectors | SteeringAdapters,
+    *,
+    log_y: bool = False,
+    labels: Sequence[str] | None = None,
 ) -> go.Figure:
     """The objective per training step (`vectors.losses`), one line per vector.
 
@@ -136,7 +142,7 @@ def training_curves(
 
 
 def objective_vs_random(
-    vectors: SteeringVectors,
+    vectors: SteeringVectors | SteeringAdapters,
     random_objectives: Sequence[float],
     *,
     labels: Sequence[str] | None = None,

@@ -222,7 +222,7 @@ def _config_section(run: RunAnalysis) -> str:
         "target": None if v.target is None else v.target.name,
         "n_vectors": len(v),
         "d_model": v.d_model,
-        "vector norms": [round(float(x), 4) for x in v.radius],
+        "norms": [round(float(x), 4) for x in v.norms],
         "SAE": run.sae_name or "none",
     }
     prompts = run.info.get("prompts") or []
@@ -322,7 +322,7 @@ def _detail_panel(run: RunAnalysis, k: int, page: _Page) -> str:
         f'<div class="ml-detail" id="vector-{k}" data-vector="{k}" hidden>',
         f"<h3>{_e(label)} <span class='small'>(vector {k}) · "
         "<a href='#vectors'>back to the table</a></span></h3>",
-        f"<p>norm {_fmt(float(v.radius[k]))}, objective {_fmt(run.objective[k])}",
+        f"<p>norm {_fmt(float(v.norms[k]))}, objective {_fmt(run.objective[k])}",
     ]
     below = run.random_rank()
     if below:
@@ -441,8 +441,13 @@ def _baseline_section(run: RunAnalysis, page: _Page) -> str:
     if not run.random_objective:
         return "".join(parts) + "<p class='note'>No random baseline.</p></section>"
     s = run.random_summary()
+    kind = (
+        "vectors of the same norm"
+        if hasattr(run.vectors, "vectors")
+        else ("adapters of the same layer, rank and radius")
+    )
     parts.append(
-        f"<p>{int(s['n'])} random vectors of the same norm at {_e(run.vectors.site.name)} "
+        f"<p>{int(s['n'])} random {kind} at {_e(run.vectors.site.name)} "
         f"(seed {_e(run.info.get('random_seed', '?'))}), same objective and prompts: mean "
         f"{_fmt(s['mean'])}, std {_fmt(s['std'])}, max {_fmt(s['max'])}.</p>"
     )

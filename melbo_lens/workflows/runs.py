@@ -50,6 +50,7 @@ from melbo_lens.analysis.attribution import (
     NodeAttribution,
     attribute_target_delta,
 )
+from melbo_lens.analysis.deltas import perturbation_objectives
 from melbo_lens.analysis.similarity import CosineMatrix, cosine_matrix, delta_similarity
 from melbo_lens.analysis.tokens import (
     TokenActivations,
@@ -62,9 +63,11 @@ from melbo_lens.core.io import atomic_save_tensors, atomic_write_text, read_arti
 from melbo_lens.core.prompts import PromptSet
 from melbo_lens.core.segment import Segment
 from melbo_lens.core.sites import HookSite, as_site
-from melbo_lens.generation import SteeredGenerations, generate_steered
-from melbo_lens.methods.baselines import random_vectors
+from melbo_lens.generation import SteeredGenerations, generate
+from melbo_lens.methods.baselines import random_adapters, random_vectors
 from melbo_lens.methods.objectives import segment_objectives
+from melbo_lens.perturbations.adapters import SteeringAdapters
+from melbo_lens.perturbations.artifact import load_artifact
 from melbo_lens.perturbations.vectors import SteeringVectors
 
 if TYPE_CHECKING:
@@ -92,7 +95,7 @@ class RunAnalysis:
     same site. Optional parts are None when they could not be computed (see `notes`).
     """
 
-    vectors: SteeringVectors
+    vectors: SteeringVectors | SteeringAdapters
     objective: list[float]
     random_objective: list[float]
     generations: SteeredGenerations | None = None
@@ -131,7 +134,7 @@ class RunAnalysis:
         return [f"{self.vectors.method}[{k}]" for k in range(len(self))]
 
     @property
-    def scored_vectors(self) -> SteeringVectors:
+    def scored_vectors(self) -> SteeringVectors | SteeringAdapters:
         """The vectors with `objective` set to the objective measured here."""
         return replace(self.vectors, objective=torch.tensor(self.objective))
 
@@ -168,7 +171,7 @@ class RunAnalysis:
         return {
             "format": FORMAT,
             "n_vectors": len(self),
-            "vectors_sha256": _digest(self.vectors.vectors),
+            "vectors_sha256": _artifact_digest(self.vectors),
             "objective": self.objective,
             "random_objective": self.random_objective,
             "generations": None if self.generations is None else self.generations.to_dict(),
@@ -244,8 +247,8 @@ class RunAnalysis:
                 f"{path} is not a melbo_lens run analysis of format {FORMAT!r} "
                 f"(found {found!r}); was it written by another tool or version?"
             )
-        vectors = SteeringVectors.load(run_dir / VECTORS_FILE)
-        if _digest(vectors.vectors) != data.get("vectors_sha256"):
+        vectors = load_artifact(run_dir / VECTORS_FILE)
+        if _artifact_digest(vectors) != data.get("vectors_sha256"):
             raise RunAnalysisError(
                 f"{run_dir / VECTORS_FILE} is not the set of vectors {path.name} was computed "
                 "for (the digests differ; were the vectors retrained?). Recompute the "
@@ -313,7 +316,7 @@ class RunAnalysis:
 # ---------------------------------------------------------------------- compute
 def analyze_run(
     model: Any,
-    vectors: SteeringVectors,
+    vectors: SteeringVectors | SteeringAdapters,
     prompts: PromptSet | Sequence[str] | None = None,
     *,
     generations: SteeredGenerations | None = None,
@@ -345,43 +348,60 @@ def analyze_run(
         >>> run = analyze_run(model, vectors, prompts, n_random=16)   # doctest: +SKIP
         >>> run.save("demo_out")                                     # doctest: +SKIP
     """
-    if not isinstance(vectors, SteeringVectors):
+    if not isinstance(vectors, SteeringVectors | SteeringAdapters):
         raise TypeError(
-            f"analyze_run takes SteeringVectors, got {type(vectors).__name__}; the report "
-            "does not cover adapters yet (analyse them with attribute_target_delta directly)"
+            f"analyze_run takes SteeringVectors or SteeringAdapters, got {type(vectors).__name__}"
         )
+    is_vectors = isinstance(vectors, SteeringVectors)
     steps = _Steps(progress)
     ps = _prompt_set(model, vectors, prompts)
     tgt = _target(vectors, target)
     notes: list[str] = []
     cfg = vectors.config or {}
     power, q = float(cfg.get("power", 2.0)), float(cfg.get("q", 1.0))
-    radius = float(vectors.radius.mean())
+    radius = float(vectors.radius.mean()) if is_vectors else float(vectors.radius)
 
     with steps("objective and random baseline"):
-        rand = random_vectors(model, vectors.site, n=n_random, radius=radius, seed=random_seed)
-        both = torch.cat([vectors.vectors.float(), rand.vectors.float()])
-        scores = _objective(model, both, vectors.site, tgt, ps, power, q)  # one prefix pass
-        objective, random_objective = scores[: len(vectors)], scores[len(vectors) :]
+        if isinstance(vectors, SteeringVectors):
+            rand = random_vectors(model, vectors.site, n=n_random, radius=radius, seed=random_seed)
+            both = torch.cat([vectors.vectors.float(), rand.vectors.float()])
+            scores = _objective(model, both, vectors.site, tgt, ps, power, q)  # one prefix pass
+            objective, random_objective = scores[: len(vectors)], scores[len(vectors) :]
+        else:  # adapters: against random adapters of the same layer, rank and radius
+            rand_a = random_adapters(
+                model, vectors.layer, n=n_random, radius=radius, rank=vectors.rank, seed=random_seed
+            )
+            objective, random_objective = (
+                perturbation_objectives(model, p, ps, tgt, power=power, q=q).tolist()
+                for p in (vectors, rand_a)
+            )
 
     with steps("similarity"):
-        vsim = cosine_matrix(vectors)
+        # vectors: cosines of θ; adapters: cosines of their weight edits ΔW_out
+        vsim = cosine_matrix(
+            vectors if is_vectors else vectors.weight_deltas().flatten(1)  # type: ignore[union-attr]
+        )
         dsim = delta_similarity(model, ps, vectors, target=tgt)
 
     if generations is None and getattr(model, "tokenizer", None) is not None:
         with steps("steered generation"):
-            generations = generate_steered(model, vectors, ps, max_new_tokens=max_new_tokens)
+            generations = generate(model, vectors, ps, max_new_tokens=max_new_tokens)
     elif generations is None:
         notes.append("no completions: the model has no tokenizer to decode text with")
 
-    sae_obj, sae_name = _pick_sae(model, vectors, sae, notes)
+    sae_obj = sae_name = None
+    sv = vectors if isinstance(vectors, SteeringVectors) else None  # the vector-only parts
+    if sv is not None:
+        sae_obj, sae_name = _pick_sae(model, sv, sae, notes)
+    elif sae is not None:
+        notes.append("SAE parts skipped: decomposition onto SAE features is for vectors")
     decompositions = feature_tokens = None
-    if sae_obj is not None:
+    if sae_obj is not None and sv is not None:
         from melbo_lens.analysis.sae import decompose_onto_sae
 
         with steps("SAE decomposition"):
             decompositions = [
-                decompose_onto_sae(vectors, sae_obj, index=k, top_k=top_features)
+                decompose_onto_sae(sv, sae_obj, index=k, top_k=top_features)
                 for k in range(len(vectors))
             ]
         if getattr(model, "tokenizer", None) is not None:
@@ -404,9 +424,11 @@ def analyze_run(
         ]
 
     token_deltas = activations = None
-    if generations is not None:
+    if generations is not None and sv is None:
+        notes.append("per-token views skipped: they are computed for steering vectors")
+    elif generations is not None and sv is not None:
         with steps("token views"):
-            token_deltas = token_delta_norms(model, vectors, generations, target=tgt)
+            token_deltas = token_delta_norms(model, sv, generations, target=tgt)
             if decompositions is not None:
                 activations = []
                 for k, dec in enumerate(decompositions):
@@ -418,7 +440,7 @@ def analyze_run(
                     text = (generations.prompts[0], generations.for_vector(k)[0])
                     activations.append(
                         feature_token_activations(
-                            model, vectors, k, sae_obj, (up or dec.features)[0], text
+                            model, sv, k, sae_obj, (up or dec.features)[0], text
                         )
                     )
 
@@ -487,7 +509,9 @@ class _Steps:
 
 
 def _prompt_set(
-    model: Any, vectors: SteeringVectors, prompts: PromptSet | Sequence[str] | None
+    model: Any,
+    vectors: SteeringVectors | SteeringAdapters,
+    prompts: PromptSet | Sequence[str] | None,
 ) -> PromptSet:
     if isinstance(prompts, PromptSet):
         return prompts
@@ -501,7 +525,9 @@ def _prompt_set(
     return PromptSet.from_dict(vectors.prompts, model).to(device)
 
 
-def _target(vectors: SteeringVectors, target: HookSite | str | int | None) -> HookSite:
+def _target(
+    vectors: SteeringVectors | SteeringAdapters, target: HookSite | str | int | None
+) -> HookSite:
     if target is not None:
         return as_site(target)
     if vectors.target is None:
@@ -585,6 +611,13 @@ def _project(dec: DeltaDecomposition) -> DeltaDecomposition:
 
 
 # ---------------------------------------------------------------------- (de)serialising
+def _artifact_digest(art: SteeringVectors | SteeringAdapters) -> str:
+    """The digest that ties a saved analysis to the perturbation it was computed for."""
+    if isinstance(art, SteeringVectors):
+        return _digest(art.vectors)
+    return _digest(art.omega_a, art.omega_b)
+
+
 def _digest(*tensors: Tensor) -> str:
     h = hashlib.sha256()
     for t in tensors:

@@ -14,6 +14,7 @@ from melbo_lens import (
     PromptSet,
     SteeringVectors,
     attribute_target_delta,
+    melbo_objective,
     random_vectors,
     train_steering_vectors,
 )
@@ -224,3 +225,37 @@ def test_cli_report_computes_once_then_renders_the_saved_analysis(
     assert (tmp_path / "again.html").read_text().count('class="ml-row"') == 3
     assert main(["report", str(tmp_path / "nothing")]) == 2
     assert "no run directory" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------- adapters
+def test_analyze_run_and_report_take_adapters(tiny_tok_model, prompts, tmp_path):
+    """Adapters go through the same analysis and report: objectives measured by hand with
+    apply() on whole-model runs, random adapters as the baseline, files round-trip."""
+    from melbo_lens import AdapterConfig, random_adapters, train_steering_adapters
+    from melbo_lens.views.report import render_report
+
+    model = tiny_tok_model
+    cfg = AdapterConfig(1, TARGET, n_adapters=2, rank=2, radius=4.0, steps=5)
+    adapters = train_steering_adapters(model, prompts, cfg, progress=False)
+    run = analyze_run(model, adapters, prompts, n_random=3, max_new_tokens=4, progress=False)
+
+    def by_hand(art, k):
+        mask = prompts.attention_mask.long()
+        _, clean = model.run_with_cache(prompts.tokens, attention_mask=mask)
+        with art.apply(model, k):
+            _, dirty = model.run_with_cache(prompts.tokens, attention_mask=mask)
+        return float(melbo_objective(dirty[TARGET.name], clean[TARGET.name], prompts.target_mask))
+
+    assert run.objective == pytest.approx([by_hand(adapters, k) for k in range(2)], rel=1e-4)
+    rand = random_adapters(model, 1, n=3, radius=4.0, rank=2, seed=run.info["random_seed"])
+    assert run.random_objective == pytest.approx([by_hand(rand, k) for k in range(3)], rel=1e-4)
+    assert run.generations is not None and len(run.generations.steered) == 2
+    assert run.delta_similarity is not None and run.vector_similarity is not None
+    assert run.attributions is not None and len(run.attributions) == 2
+    assert run.decompositions is None and run.token_deltas is None
+    assert any("per-token views skipped" in n for n in run.notes)
+    run.save(tmp_path)
+    back = RunAnalysis.load(tmp_path)
+    assert isinstance(back.vectors, type(adapters)) and back.objective == run.objective
+    html_text = render_report(back)
+    assert "melbo_adapters" in html_text and "random adapters of the same layer" in html_text
