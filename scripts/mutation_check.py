@@ -35,21 +35,21 @@ class Mutant:
 MUTANTS = [
     Mutant(
         "sae_cosine_index_order",
-        "melbo_lens/analysis/sae.py",
+        "melbo_lens/analysis/sae/decompose.py",
         "chosen = torch.topk(score, k).indices",
         "chosen = torch.topk(score, k).indices.sort().values",
         ("tests/analysis/test_sae.py",),
     ),
     Mutant(
         "sae_sparse_not_reordered",
-        "melbo_lens/analysis/sae.py",
+        "melbo_lens/analysis/sae/decompose.py",
         "order = torch.argsort(weights.abs(), descending=True, stable=True)",
         "order = torch.arange(len(weights))",
         ("tests/analysis/test_sae.py",),
     ),
     Mutant(
         "atp_linearised_at_clean",
-        "melbo_lens/analysis/attribution.py",
+        "melbo_lens/analysis/attribution/estimators.py",
         "hooks = [*state.perturb, *((g.hook, tap(g)) for g in groups)]",
         "hooks = [*((g.hook, tap(g)) for g in groups)]",
         ("tests/analysis/test_attribution.py",),

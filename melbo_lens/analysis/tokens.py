@@ -387,18 +387,21 @@ def feature_token_activations(
         ...                                  ("Tell me a story", " Once upon"))  # doctest: +SKIP
         >>> max(acts.steered) > max(acts.unsteered)                              # doctest: +SKIP
     """
-    from melbo_lens.analysis import sae as sae_mod  # sae-lens stays unimported until an SAE is used
+    # sae-lens stays unimported until an SAE is used
+    from melbo_lens.analysis.sae.decompose import _check_fit
+    from melbo_lens.analysis.sae.features import _capture
+    from melbo_lens.analysis.sae.loading import _warn_unfolded, sae_site
 
     d_sae = int(sae.cfg.d_sae)
     if isinstance(feature, bool) or not isinstance(feature, int) or not 0 <= feature < d_sae:
         raise ValueError(f"feature must be an int in [0, {d_sae}) for this SAE, got {feature!r}")
     if not -len(vectors) <= index < len(vectors):
         raise IndexError(f"vector index {index} out of range for {len(vectors)} vectors")
-    ssite = require_hook(model, sae_mod.sae_site(sae))
+    ssite = require_hook(model, sae_site(sae))
     vsite = require_hook(model, vectors.site)
-    sae_mod._warn_unfolded(sae)
+    _warn_unfolded(sae)
     v = vectors.vectors[index]
-    sae_mod._check_fit(v, None, sae, True)
+    _check_fit(v, None, sae, True)
     if ssite.position < vsite.position:
         raise ValueError(
             f"the SAE reads {ssite.name}, before the vector's site {vsite.name}; the vector "
@@ -410,12 +413,12 @@ def feature_token_activations(
             raise ValueError(f"n_prompt={n_prompt} but the text has {len(ids)} tokens")
         n_p = n_prompt
     ps = PromptSet.from_tokens(model, [ids])
-    before = sae_mod._capture(model, ps, ssite)[0]
+    before = _capture(model, ps, ssite)[0]
     if ssite.position == vsite.position:  # same tensor: the vector is simply added
         after = before + scale * v.to(before.device, before.dtype)
     else:
         with vectors.apply(model, index, scale=scale):
-            after = sae_mod._capture(model, ps, ssite)[0]
+            after = _capture(model, ps, ssite)[0]
     with torch.no_grad():
         fb = sae.encode(before)[:, feature].float().cpu()
         fa = sae.encode(after)[:, feature].float().cpu()
@@ -463,7 +466,9 @@ def top_activating_tokens(
         >>> top_activating_tokens(model, sae, corpus, [12, 40], k=3)            # doctest: +SKIP
         {12: [('…the |sea|', 4.1), ...], 40: [...]}
     """
-    from melbo_lens.analysis import sae as sae_mod  # sae-lens stays unimported until an SAE is used
+    # sae-lens stays unimported until an SAE is used
+    from melbo_lens.analysis.sae.features import _capture
+    from melbo_lens.analysis.sae.loading import _warn_unfolded, sae_site
 
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ValueError(f"k must be an int >= 1, got {k!r}")
@@ -479,8 +484,8 @@ def top_activating_tokens(
         return {}
     if not texts:
         raise ValueError("no texts given; pass a corpus of at least one text")
-    site = require_hook(model, sae_mod.sae_site(sae))
-    sae_mod._warn_unfolded(sae)
+    site = require_hook(model, sae_site(sae))
+    _warn_unfolded(sae)
     tok = _tokenizer(model)
     special = set(getattr(tok, "all_special_ids", []) or []) if skip_special else set()
     cols = torch.tensor(feats)
@@ -490,7 +495,7 @@ def top_activating_tokens(
     for start in range(0, len(texts), batch_size):
         chunk = texts[start : start + batch_size]
         ps = PromptSet.from_chat(model, chunk) if chat else PromptSet.from_texts(model, chunk)
-        x = sae_mod._capture(model, ps, site)
+        x = _capture(model, ps, site)
         with torch.no_grad():
             acts = torch.stack(
                 [sae.encode(row)[:, cols.to(row.device)].float().cpu() for row in x]

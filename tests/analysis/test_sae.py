@@ -17,7 +17,7 @@ from sae_lens import (
 )
 from sae_lens.saes.sae import SAEMetadata
 
-from melbo_lens.analysis import sae as sae_mod
+from melbo_lens.analysis.sae import loading as sae_mod
 from melbo_lens.analysis.sae import (
     clamp_feature,
     compare_with_features,

@@ -1,0 +1,370 @@
+"""SAE features in the forward pass: what a steering vector does to each feature’s
+activation (`feature_effects`), features as steering vectors (`feature_vectors`), and
+feature clamps as a perturbation (`FeatureClamp`, `clamp_feature`)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from jaxtyping import Bool, Float, Int
+from sae_lens import SAE
+from torch import Tensor
+
+from melbo_lens.analysis.sae.decompose import _check_fit
+from melbo_lens.analysis.sae.loading import _hook_name, _warn_unfolded, decoder_directions, sae_site
+from melbo_lens.core.prompts import PromptSet
+from melbo_lens.core.segment import run_to_site
+from melbo_lens.core.sites import HookSite, require_hook
+from melbo_lens.perturbations.base import apply, pick_members, row_members
+from melbo_lens.perturbations.vectors import SteeringVectors
+
+__all__ = ["FeatureClamp", "FeatureEffects", "clamp_feature", "feature_effects", "feature_vectors"]
+
+
+# ---------------------------------------------------------------------- effects
+@dataclass
+class FeatureEffects:
+    """SAE feature activations at `sae_site` with and without a steering vector.
+
+    Only the `features` with the largest mean |change| (over the counted positions,
+    `mask`) are stored, per prompt and token: `before` / `after` [n, pos, top]. Means are
+    over the counted positions; `l0_before` / `l0_after` are the mean number of active
+    features per counted token, over the whole dictionary.
+    """
+
+    features: list[int]
+    mean_abs_change: list[float]
+    mean_before: list[float]
+    mean_after: list[float]
+    before: Float[Tensor, "n pos top"]
+    after: Float[Tensor, "n pos top"]
+    mask: Bool[Tensor, "n pos"]
+    tokens: Int[Tensor, "n pos"]
+    vector_site: HookSite
+    sae_site: HookSite
+    index: int
+    scale: float = 1.0
+    l0_before: float = 0.0
+    l0_after: float = 0.0
+
+    @property
+    def change(self) -> Float[Tensor, "n pos top"]:
+        return self.after - self.before
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "features": list(self.features),
+            "mean_abs_change": list(self.mean_abs_change),
+            "mean_before": list(self.mean_before),
+            "mean_after": list(self.mean_after),
+            "before": self.before.tolist(),
+            "after": self.after.tolist(),
+            "mask": self.mask.tolist(),
+            "tokens": self.tokens.tolist(),
+            "vector_site": self.vector_site.name,
+            "sae_site": self.sae_site.name,
+            "index": self.index,
+            "scale": self.scale,
+            "l0_before": self.l0_before,
+            "l0_after": self.l0_after,
+        }
+
+    def table(self, limit: int | None = None) -> str:
+        lines = [f"{'rank':>4} {'feature':>8} {'mean|Δ|':>9} {'before':>9} {'after':>9}"]
+        n = len(self.features) if limit is None else min(limit, len(self.features))
+        for j in range(n):
+            lines.append(
+                f"{j + 1:>4} {self.features[j]:>8} {self.mean_abs_change[j]:>9.4f} "
+                f"{self.mean_before[j]:>9.4f} {self.mean_after[j]:>9.4f}"
+            )
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return (
+            f"vector {self.index} at {self.vector_site.name} (scale {self.scale:g}) seen by the "
+            f"SAE at {self.sae_site.name}; L0 {self.l0_before:.1f} -> {self.l0_after:.1f}\n"
+            + self.table()
+        )
+
+
+def _capture(model: Any, prompts: PromptSet, site: HookSite) -> Tensor:
+    """The activation at `site` for the prompts; the forward pass stops there."""
+    with torch.no_grad():
+        return run_to_site(model, prompts.tokens, prompts.attention_mask, site.name)
+
+
+def feature_effects(
+    model: Any,
+    sae: SAE,
+    vectors: SteeringVectors,
+    index: int,
+    prompts: PromptSet | str | Sequence[str],
+    *,
+    top_n: int = 20,
+    scale: float = 1.0,
+    positions: Literal["all", "target"] = "all",
+    chunk_tokens: int = 4096,
+) -> FeatureEffects:
+    """Which SAE features a steering vector switches on or off, per prompt and token.
+
+    The vector is added at its own site (every position, as `vectors.apply` does); the
+    SAE reads its site, which must be the same or later (e.g. an SAE at the MELBO target).
+    Features are ranked by mean |activation change| over the real tokens
+    (`positions="all"`) or the prompts' target positions (`"target"`).
+
+    Examples:
+        >>> fx = feature_effects(model, sae, vectors, 0, prompts, top_n=10)  # doctest: +SKIP
+        >>> print(fx.table())                                            # doctest: +SKIP
+    """
+    if positions not in ("all", "target"):
+        raise ValueError(f"positions must be 'all' or 'target', got {positions!r}")
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    if not isinstance(prompts, PromptSet):
+        if len(prompts) == 0:
+            raise ValueError("no prompts given; pass a PromptSet or at least one text")
+        prompts = PromptSet.from_texts(model, list(prompts))
+    ssite = require_hook(model, sae_site(sae))
+    vsite = require_hook(model, vectors.site)
+    _warn_unfolded(sae)
+    d_model = int(model.cfg.d_model)
+    if vectors.d_model != d_model:
+        raise ValueError(
+            f"the vectors are {vectors.d_model}-dimensional but the model has d_model="
+            f"{d_model}; they come from another model"
+        )
+    v = vectors.vectors[index]
+    _check_fit(v, None, sae, True)
+    if ssite.position < vsite.position:
+        raise ValueError(
+            f"the SAE reads {ssite.name}, before the vector's site {vsite.name}; the vector "
+            "cannot change anything there. Use an SAE at the vector's site or later"
+        )
+    before = _capture(model, prompts, ssite)
+    if ssite.position == vsite.position:  # same tensor: read it with the vector added
+        after = before + scale * v.to(before.device, before.dtype)
+    else:
+        with vectors.apply(model, index, scale=scale):
+            after = _capture(model, prompts, ssite)
+    mask = prompts.attention_mask if positions == "all" else prompts.target_mask
+    flat_b, flat_a = before[mask], after[mask]  # [tokens, d_in]
+    n_tok = flat_b.shape[0]
+    d_sae = int(sae.cfg.d_sae)
+    sums = torch.zeros(3, d_sae, dtype=torch.float64)  # |Δ|, before, after
+    l0 = torch.zeros(2, dtype=torch.float64)
+    with torch.no_grad():
+        for start in range(0, n_tok, chunk_tokens):
+            fb = sae.encode(flat_b[start : start + chunk_tokens]).double().cpu()
+            fa = sae.encode(flat_a[start : start + chunk_tokens]).double().cpu()
+            sums += torch.stack([(fa - fb).abs().sum(0), fb.sum(0), fa.sum(0)])
+            l0 += torch.stack([(fb != 0).sum(), (fa != 0).sum()]).double()
+        means = sums / max(n_tok, 1)
+        top = torch.topk(means[0], min(top_n, d_sae)).indices
+        per_b = _encode_columns(sae, before, top)
+        per_a = _encode_columns(sae, after, top)
+    zero = torch.zeros((), dtype=per_b.dtype)
+    keep = mask[..., None].cpu()
+    return FeatureEffects(
+        features=[int(f) for f in top],
+        mean_abs_change=[float(x) for x in means[0, top]],
+        mean_before=[float(x) for x in means[1, top]],
+        mean_after=[float(x) for x in means[2, top]],
+        before=torch.where(keep, per_b, zero),
+        after=torch.where(keep, per_a, zero),
+        mask=mask.cpu(),
+        tokens=prompts.tokens.cpu(),
+        vector_site=vsite,
+        sae_site=ssite,
+        index=int(index),
+        scale=float(scale),
+        l0_before=float(l0[0]) / max(n_tok, 1),
+        l0_after=float(l0[1]) / max(n_tok, 1),
+    )
+
+
+def _encode_columns(sae: SAE, x: Tensor, cols: Tensor) -> Tensor:
+    """sae.encode(x)[..., cols] one prompt at a time (never [n, pos, d_sae] at once)."""
+    return torch.stack([sae.encode(row)[..., cols.to(row.device)].float().cpu() for row in x])
+
+
+# ---------------------------------------------------------------------- feature steering
+def feature_vectors(
+    sae: SAE,
+    features: int | Sequence[int],
+    *,
+    radius: float | Sequence[float] | Tensor | None = None,
+    target: HookSite | None = None,
+) -> SteeringVectors:
+    """Decoder directions of `features` as steering vectors at the SAE's site.
+
+    `radius=None` keeps the decoder rows as they are (adding one = the feature firing at
+    activation 1; `.apply(model, i, scale=a)` adds activation a). A number (or one per
+    feature) scales each to that norm, e.g. a learned vector's norm for a fair comparison.
+    `target` is recorded so `delta_similarity` and `Segment` know where to measure.
+
+    Examples:
+        >>> feats = feature_vectors(sae, [12, 40], radius=4.0)
+        >>> with feats.apply(model, 0):
+        ...     logits = model(prompts.tokens)
+    """
+    feats = [features] if isinstance(features, int) else [int(f) for f in features]
+    if not feats:
+        raise ValueError("no features given; pass at least one feature index")
+    d_sae = int(sae.cfg.d_sae)
+    bad = [f for f in feats if not 0 <= f < d_sae]
+    if bad:
+        raise ValueError(f"features {bad} out of range: the SAE has {d_sae} (0..{d_sae - 1})")
+    dec = decoder_directions(sae)[feats].float().cpu().clone()
+    r: Tensor | None = None
+    if radius is not None:
+        r = torch.as_tensor(radius, dtype=dec.dtype).flatten()
+        if r.numel() not in (1, len(feats)) or not (r > 0).all():
+            raise ValueError(
+                f"radius must be a positive number or one per feature ({len(feats)}), "
+                f"got {radius!r}"
+            )
+        dec = dec / dec.norm(dim=-1, keepdim=True).clamp_min(1e-12) * r[:, None]
+    meta = getattr(sae.cfg, "metadata", None)
+    return SteeringVectors(
+        vectors=dec,
+        site=sae_site(sae),
+        target=target,
+        method="sae_feature",
+        config={"features": feats, "radius": None if r is None else r.tolist()},
+        model_name=getattr(meta, "model_name", None),
+        metadata={"sae_hook_name": _hook_name(sae), "d_sae": d_sae},
+    )
+
+
+@dataclass
+class FeatureClamp:
+    """SAE-feature clamps as a `Perturbation`: member k sets feature `features[k]` of `sae`
+    to `values[k]` at the SAE's site, keeping the SAE's error term.
+
+    At every position: f = encode(x), f' = f with f'[feature] = value, and
+    x' = x + decode(f') − decode(f), so the reconstruction error (and every other
+    feature) stays as it was; `scale` blends x + scale·(x' − x). Rows whose member is None
+    are untouched.
+
+    Examples:
+        >>> clamps = FeatureClamp(sae, [3, 7], [10.0, 0.0])
+        >>> gens = generate(model, clamps, "tell me a story", max_new_tokens=4)
+        >>> len(gens.steered)
+        2
+    """
+
+    sae: Any
+    features: Sequence[int]
+    values: Sequence[float] | Tensor
+
+    def __post_init__(self) -> None:
+        d_sae = int(self.sae.cfg.d_sae)
+        self.features = [int(f) for f in _check_features(self.features, d_sae)]
+        values = torch.as_tensor(self.values, dtype=torch.float32)
+        if values.ndim == 0 and len(self.features) != 1:
+            values = values.expand(len(self.features))
+        if values.ndim == 0:
+            values = values[None]
+        if values.shape[:1] != (len(self.features),):
+            raise ValueError(
+                f"one value per feature: {len(self.features)} features, values "
+                f"{tuple(values.shape)}"
+            )
+        self.values = values
+
+    @property
+    def site(self) -> HookSite:
+        return sae_site(self.sae)
+
+    def __len__(self) -> int:
+        return len(self.features)
+
+    def __getitem__(self, index: int | slice | Sequence[int]) -> FeatureClamp:
+        idx = torch.arange(len(self))[[index] if isinstance(index, int) else index]
+        values = torch.as_tensor(self.values)[idx]
+        return FeatureClamp(self.sae, [self.features[int(i)] for i in idx], values)
+
+    def hooks(self, model: Any, rows: Any, scale: float = 1.0) -> list[tuple[str, Any]]:
+        site = require_hook(model, self.site)
+        _warn_unfolded(self.sae)
+        d_model = int(model.cfg.d_model)
+        if int(self.sae.cfg.d_in) != d_model:
+            raise ValueError(
+                f"the SAE reads d_in={self.sae.cfg.d_in} but the model has d_model={d_model}; "
+                "use an SAE trained on this model"
+            )
+        members = row_members(rows, len(self), "feature clamp")
+        sae, feats = self.sae, torch.tensor(self.features)
+        values = torch.as_tensor(self.values)
+
+        if isinstance(rows, int):  # one clamp on every row; its value may vary by position
+            feature, value = int(feats[members[0]]), values[members[0]]
+
+            def hook(act: Tensor, hook: Any = None) -> Tensor:
+                both = torch.stack([act, act])  # one encode/decode: per-token norms agree
+                f = sae.encode(both).clone()
+                target = value.to(dtype=f.dtype, device=f.device)
+                f[1, ..., feature] = target.expand(f.shape[1:-1])
+                out = sae.decode(f)
+                return act + (scale * (out[1] - out[0])).to(act.dtype)
+
+            return [(site.name, hook)]
+
+        if values.ndim != 1:
+            raise ValueError("per-row feature clamps take one number per feature")
+        on = pick_members(torch.ones(len(self)), members).bool()
+        feat_rows = pick_members(feats, members)
+        value_rows = pick_members(values, members)
+
+        def per_row(act: Tensor, hook: Any = None) -> Tensor:
+            b, g = act.shape[0], feat_rows.shape[0]
+            if b % g:
+                raise ValueError(
+                    f"{g} per-row clamps for a batch of {b} rows; the batch must hold a "
+                    "whole number of rows per member"
+                )
+            both = torch.stack([act, act])
+            f = sae.encode(both).clone()
+            gate = on.repeat_interleave(b // g).to(f.device)
+            rows_ = torch.arange(b, device=f.device)[gate]
+            idx = feat_rows.repeat_interleave(b // g).to(f.device)[gate]
+            val = value_rows.repeat_interleave(b // g).to(f.device, f.dtype)[gate]
+            f[1][rows_, :, idx] = val[:, None].expand(-1, f.shape[2])
+            out = sae.decode(f)
+            return act + (scale * (out[1] - out[0])).to(act.dtype)
+
+        return [(site.name, per_row)]
+
+
+def _check_features(features: Sequence[int], d_sae: int) -> Sequence[int]:
+    for f in features:
+        if isinstance(f, bool) or not isinstance(f, int | Tensor) or not 0 <= int(f) < d_sae:
+            raise ValueError(f"feature must be an int in [0, {d_sae}), got {f!r}")
+    return features
+
+
+@contextmanager
+def clamp_feature(
+    model: Any,
+    sae: SAE,
+    feature: int,
+    value: float | Tensor,
+) -> Iterator[Any]:
+    """Set SAE feature `feature` to `value` at the SAE's site, keeping the error term.
+
+    At every position: f = encode(x), f' = f with f'[feature] = value, and
+    x' = x + decode(f') − decode(f), so the SAE's reconstruction error (and every other
+    feature) stays as it was. `value` is a number or a tensor broadcastable to
+    [batch, pos]. The hook is removed on exit, also when the body raises.
+    (`FeatureClamp` is the same edit as a perturbation, for `generate` and `apply`.)
+
+    Examples:
+        >>> with clamp_feature(model, sae, 12, 10.0):
+        ...     logits = model(prompts.tokens)
+    """
+    with apply(model, FeatureClamp(sae, [feature], torch.as_tensor(value)[None]), 0):
+        yield model

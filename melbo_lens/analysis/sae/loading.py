@@ -1,0 +1,154 @@
+"""Loading SAEs (sae-lens) and what melbo_lens needs to know of one: the packaged SAEs and
+their registry, the hook site an SAE reads, its unit decoder directions."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from importlib import resources
+from pathlib import Path
+
+from jaxtyping import Float
+from sae_lens import SAE
+from torch import Tensor
+
+from melbo_lens.core.sites import HookSite
+
+__all__ = ["PACKAGED_SAES", "decoder_directions", "load_sae", "sae_site"]
+
+
+PACKAGED_SAES: dict[str, str] = {
+    # TopK SAEs (2048 latents, k=32) trained offline by scripts/train_saes.py; each
+    # folder holds metrics.json with FVE, L0, dead fraction and CE loss recovered.
+    "smollm2-135m-instruct-res7": "saes/smollm2-135m-instruct-res7",
+    "smollm2-135m-instruct-res22-pre": "saes/smollm2-135m-instruct-res22-pre",
+    "smollm2-135m-instruct/blocks.7.hook_resid_post": "saes/smollm2-135m-instruct-res7",
+    "smollm2-135m-instruct/blocks.22.hook_resid_pre": "saes/smollm2-135m-instruct-res22-pre",
+}
+
+
+_SAE_FILES = ("cfg.json", "sae_weights.safetensors")
+
+
+# ---------------------------------------------------------------------- loading
+def load_sae(
+    name_or_path: str | os.PathLike[str] | SAE,
+    *,
+    sae_id: str | None = None,
+    device: str = "cpu",
+) -> SAE:
+    """Load an SAE: a packaged name, a local sae-lens directory, or a pretrained release.
+
+    * a name in `PACKAGED_SAES` loads the SAE shipped with melbo_lens (offline);
+    * a directory written by sae-lens (`sae.save_model(dir)`: `cfg.json` and
+      `sae_weights.safetensors`) loads with `SAE.load_from_disk`;
+    * `load_sae(release, sae_id=...)` calls `SAE.from_pretrained(release, sae_id)`, which
+      needs the Hugging Face hub; offline it fails with a message saying so.
+
+    An `SAE` object is returned as it is.
+
+    Examples:
+        >>> sae = load_sae("runs/sae_l7")                              # doctest: +SKIP
+        >>> sae = load_sae("gpt2-small-res-jb", sae_id="blocks.8.hook_resid_pre")  # doctest: +SKIP
+    """
+    if isinstance(name_or_path, SAE):
+        return name_or_path
+    name = os.fspath(name_or_path)
+    if sae_id is None and name in PACKAGED_SAES:
+        folder = resources.files("melbo_lens").joinpath("data", *PACKAGED_SAES[name].split("/"))
+        with resources.as_file(folder) as path:
+            return _load_dir(Path(path), device)
+    path = Path(name).expanduser()
+    if sae_id is None:
+        if path.is_dir():
+            return _load_dir(path, device)
+        if path.is_file() and path.name in _SAE_FILES:
+            return _load_dir(path.parent, device)
+        known = sorted(PACKAGED_SAES) or "none packaged yet"
+        raise FileNotFoundError(
+            f"no SAE directory at {name!r}; expected a folder written by sae-lens "
+            f"(sae.save_model(dir): {' + '.join(_SAE_FILES)}), a packaged SAE name "
+            f"({known}), or a pretrained release with sae_id=..., e.g. "
+            "load_sae('gpt2-small-res-jb', sae_id='blocks.8.hook_resid_pre')"
+        )
+    try:
+        return SAE.from_pretrained(name, sae_id, device=device)
+    except ValueError as err:  # unknown release / id: sae-lens says which
+        raise ValueError(f"cannot load pretrained SAE {name!r} / {sae_id!r}: {err}") from err
+    except (OSError, ConnectionError) as err:  # hub unreachable, offline, not in cache
+        raise RuntimeError(
+            f"could not download pretrained SAE {name!r} / {sae_id!r} "
+            f"({type(err).__name__}: {str(err)[:160]}): "
+            "no pretrained SAE can be downloaded without network access to the Hugging Face "
+            "hub. Pass a local sae-lens directory instead: load_sae('/path/to/dir'), a "
+            "folder holding cfg.json and sae_weights.safetensors (written by "
+            "sae.save_model(dir), or copied from a machine with network access)"
+        ) from err
+
+
+def _load_dir(path: Path, device: str) -> SAE:
+    missing = [f for f in _SAE_FILES if not (path / f).is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"{path} is not a sae-lens SAE directory: it lacks {missing}; save one with "
+            "sae.save_model(dir)"
+        )
+    return SAE.load_from_disk(path, device=device)
+
+
+def _hook_name(sae: SAE) -> str | None:
+    meta = getattr(sae.cfg, "metadata", None)
+    name = getattr(meta, "hook_name", None) if meta is not None else None
+    return name if name is not None else getattr(sae.cfg, "hook_name", None)
+
+
+def sae_site(sae: SAE) -> HookSite:
+    """The residual-width `HookSite` the SAE reads (from `cfg.metadata.hook_name`).
+
+    Examples:
+        >>> sae_site(sae)                                              # doctest: +SKIP
+        HookSite(layer=7, point='resid_post')
+    """
+    name = _hook_name(sae)
+    if name is None:
+        raise ValueError(
+            "the SAE records no hook name (cfg.metadata.hook_name is None), so its site is "
+            "unknown; set it, e.g. sae.cfg.metadata.hook_name = 'blocks.7.hook_resid_post'"
+        )
+    head = getattr(sae.cfg.metadata, "hook_head_index", None)
+    if head is not None:
+        raise ValueError(f"the SAE reads head {head} of {name}, not a residual-width site")
+    try:
+        return HookSite.parse(name)
+    except ValueError as err:
+        raise ValueError(
+            f"the SAE reads {name!r}, which is not a residual-width hook site; steering "
+            f"vectors live in the residual stream ({err})"
+        ) from err
+
+
+def _site_or_none(sae: SAE) -> HookSite | None:
+    try:
+        return sae_site(sae)
+    except ValueError:
+        return None
+
+
+def _warn_unfolded(sae: SAE) -> None:
+    mode = getattr(sae.cfg, "normalize_activations", "none")
+    if mode in ("expected_average_only_in", "covariance_whitening"):
+        warnings.warn(
+            f"the SAE expects normalised inputs (normalize_activations={mode!r}) that it "
+            "does not apply itself; fold the normalisation into its weights first "
+            "(sae.fold_activation_norm_scaling_factor(...)), or activations are misread",
+            stacklevel=3,
+        )
+
+
+def decoder_directions(sae: SAE) -> Float[Tensor, "d_sae d_in"]:
+    """What each feature writes at activation 1: `W_dec` rows (unit rows for TopK SAEs
+    that rescale activations by decoder norm, whose decode divides by it)."""
+    w = sae.W_dec.detach()
+    if getattr(sae.cfg, "rescale_acts_by_decoder_norm", False):
+        w = w / w.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    return w
