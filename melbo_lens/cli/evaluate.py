@@ -14,7 +14,7 @@ from pathlib import Path
 
 from melbo_lens.core.io import atomic_write_text
 
-__all__ = ["add_arguments", "evaluate"]
+__all__ = ["add_arguments", "run"]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -34,7 +34,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="evaluate_out")
 
 
-def evaluate(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     import torch
 
     from melbo_lens.core.sites import HookSite

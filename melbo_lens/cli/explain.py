@@ -17,7 +17,7 @@ from melbo_lens.cli.options import _prompt_set, _read_prompts
 from melbo_lens.core.io import atomic_write_text
 from melbo_lens.perturbations.vectors import SteeringVectors
 
-__all__ = ["add_arguments", "explain"]
+__all__ = ["add_arguments", "run"]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -41,7 +41,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="explain_out")
 
 
-def explain(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     from melbo_lens.analysis.sae import (
         compare_with_features,
         decompose_onto_sae,

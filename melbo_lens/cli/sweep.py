@@ -16,7 +16,7 @@ from pathlib import Path
 from melbo_lens.cli.options import _add_training_args, _melbo_config, _prompt_set, _read_prompts
 from melbo_lens.core.io import atomic_write_text
 
-__all__ = ["add_arguments", "sweep"]
+__all__ = ["add_arguments", "run"]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -35,7 +35,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.set_defaults(out="sweep_out", max_new_tokens=32)
 
 
-def sweep(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     from melbo_lens.models.zoo import load_model
     from melbo_lens.workflows.radius import select_radius
 

@@ -36,23 +36,7 @@ from melbo_lens.methods.constraints import project_out, tangent_project, to_sphe
 from melbo_lens.methods.melbo import MelboConfig, _init_vectors, train_steering_vectors
 from melbo_lens.methods.objectives import melbo_objective_per_prompt
 
-__all__ = ["add_arguments", "run_benchmark", "block_flops", "naive_reference"]
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="smollm2-135m-instruct")
-    p.add_argument("--source", default="7")
-    p.add_argument("--target", default="blocks.22.hook_resid_pre")
-    p.add_argument("--radius", type=float, default=4.0)
-    p.add_argument("--n-vectors", type=int, default=32, help="K for the batched timing")
-    p.add_argument("--naive-steps", type=int, default=300)
-    p.add_argument("--timed-steps", type=int, default=3, help="steps timed for K vectors")
-    p.add_argument("--diversity-vectors", type=int, default=4)
-    p.add_argument("--power-steps", type=int, default=10)
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
-    p.add_argument("--out", default="bench_out", help="directory for bench.json")
-    p.add_argument("--quick", action="store_true", help="tiny settings, for a smoke test")
-    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile timing")
+__all__ = ["run_benchmark", "block_flops", "naive_reference", "adapters_benchmark"]
 
 
 # ---------------------------------------------------------------------- FLOP counting

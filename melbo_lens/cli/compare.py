@@ -1,0 +1,53 @@
+"""`melbo-lens compare`: cosines, nearest matches, principal angles of two files."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from melbo_lens.cli.options import (
+    _prompt_set,
+    _read_prompts,
+    _site,
+)
+from melbo_lens.core.io import atomic_write_text
+
+__all__ = ["add_arguments", "run"]
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("a")
+    p.add_argument("b")
+    p.add_argument("--model", help="also compare target-layer deltas on this model")
+    p.add_argument("--prompt", action="append")
+    p.add_argument("--prompts-file")
+    p.add_argument("--no-chat", action="store_true")
+    p.add_argument("--target", help="target site for deltas (default: the artifacts' target)")
+    p.add_argument("--target-positions", default="all")
+    p.add_argument("--json", help="also write the comparison as JSON")
+
+
+def run(args: argparse.Namespace) -> int:
+    from melbo_lens.analysis.similarity import compare_vectors
+    from melbo_lens.perturbations.vectors import SteeringVectors
+
+    a, b = SteeringVectors.load(args.a), SteeringVectors.load(args.b)
+    model = prompts = None
+    if args.model:
+        from melbo_lens.models.zoo import load_model
+
+        model = load_model(args.model)
+        prompts = _prompt_set(model, _read_prompts(args), not args.no_chat, args.target_positions)
+    result = compare_vectors(
+        a,
+        b,
+        model=model,
+        prompts=prompts,
+        target=_site(args.target, "resid_pre") if args.target else None,
+        labels=(Path(args.a).stem, Path(args.b).stem),
+    )
+    print(result)
+    if args.json:
+        atomic_write_text(args.json, json.dumps(result.to_dict(), indent=2))
+    return 0

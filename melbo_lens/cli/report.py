@@ -1,0 +1,78 @@
+"""`melbo-lens report`: one self-contained HTML report of a run directory."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from melbo_lens.cli.options import (
+    DEFAULT_MODEL,
+)
+
+__all__ = ["add_arguments", "run"]
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_dir", help="a directory from `train` or `demo` (vectors.safetensors)")
+    p.add_argument("--model", default=None, help="default: the vectors' provenance")
+    p.add_argument("--out", default=None, help="default: RUN_DIR/report.html")
+    p.add_argument("--recompute", action="store_true", help="redo a saved analysis")
+    p.add_argument("--sae", default="auto", help="'auto' (packaged, if one fits), 'none', a path")
+    p.add_argument("--n-random", type=int, default=32, help="random vectors for the baseline")
+    p.add_argument(
+        "--attribution",
+        default="exact",
+        choices=["exact", "attribution_patching", "integrated_gradients"],
+        help="exact split of Δ (default), or node estimates verified by patching (slower)",
+    )
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--quiet", action="store_true")
+
+
+def run(args: argparse.Namespace) -> int:
+    from melbo_lens.views.report import write_report
+    from melbo_lens.workflows.runs import ANALYSIS_JSON, VECTORS_FILE, RunAnalysis, analyze_run
+
+    run_dir = Path(args.run_dir)
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"no run directory {run_dir}")
+    if (run_dir / ANALYSIS_JSON).is_file() and not args.recompute:
+        run = RunAnalysis.load(run_dir)
+    else:
+        from melbo_lens.generation import SteeredGenerations
+        from melbo_lens.models.zoo import load_model
+        from melbo_lens.perturbations.vectors import SteeringVectors
+
+        if not (run_dir / VECTORS_FILE).is_file():
+            raise FileNotFoundError(
+                f"{run_dir} holds neither a saved analysis ({ANALYSIS_JSON}) nor vectors "
+                f"({VECTORS_FILE}); train some with `melbo-lens train --out {run_dir}`"
+            )
+        vectors = SteeringVectors.load(run_dir / VECTORS_FILE)
+        name = args.model or vectors.metadata.get("load_name") or vectors.model_name
+        model = load_model(name or DEFAULT_MODEL)
+        gens = None
+        saved = run_dir / "completions.json"
+        if saved.is_file():
+            gens = SteeredGenerations(**json.loads(saved.read_text()))
+            if gens.indices != list(range(len(vectors))):
+                gens = None  # made for other vectors: generate afresh
+        sae = None if args.sae == "none" else args.sae
+        start = time.perf_counter()
+        run = analyze_run(
+            model,
+            vectors,
+            generations=gens,
+            sae=sae,
+            n_random=args.n_random,
+            max_new_tokens=args.max_new_tokens,
+            attribution=args.attribution,
+            progress=not args.quiet,
+        )
+        run.save(run_dir)
+        print(f"analysed in {time.perf_counter() - start:.1f} s -> {run_dir / ANALYSIS_JSON}")
+    path = write_report(run, args.out or run_dir / "report.html")
+    print(f"report -> {path}")
+    return 0
