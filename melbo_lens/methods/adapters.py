@@ -320,7 +320,7 @@ def train_steering_adapters(
         )
     lrs = config.resolved_lrs(d_mlp, d_model)
     device = prompts.tokens.device
-    n, r, steps = config.n_adapters, config.rank, config.steps
+    n, r = config.n_adapters, config.rank
     store = {
         "omega_a": torch.zeros(n, d_mlp, r, dtype=torch.float32, device=device),
         "omega_b": torch.zeros(n, d_model, r, dtype=torch.float32, device=device),
@@ -344,21 +344,7 @@ def train_steering_adapters(
             **rec,
         )
 
-    spec = LoopSpec(
-        n=n,
-        steps=steps,
-        orthogonal=config.orthogonal,
-        solver=config.solver,
-        betas=config.betas,
-        amsgrad=config.uses_amsgrad,
-        soft_weight=config.soft_weight,
-        soft_on=config.soft_on,
-        per_batch=config.adapters_per_batch,
-        power=config.power,
-        q=config.q,
-        source=config.source,
-        target=config.target,
-    )
+    spec = LoopSpec.of(config, n=n, per_batch=config.adapters_per_batch)
     auto = config.lr == "auto"
     return train(
         model,

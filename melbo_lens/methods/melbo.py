@@ -248,7 +248,7 @@ def train_steering_vectors(
         )
     lr = config.resolved_lr(d_model)
     device = prompts.tokens.device
-    n, steps = config.n_vectors, config.steps
+    n = config.n_vectors
     store = {"theta": torch.zeros(n, d_model, dtype=torch.float32, device=device)}
     prior = SteeringVectors.load(resume) if isinstance(resume, str) else resume
 
@@ -267,21 +267,7 @@ def train_steering_vectors(
             **rec,
         )
 
-    spec = LoopSpec(
-        n=n,
-        steps=steps,
-        orthogonal=config.orthogonal,
-        solver=config.solver,
-        betas=config.betas,
-        amsgrad=config.uses_amsgrad,
-        soft_weight=config.soft_weight,
-        soft_on=config.soft_on,
-        per_batch=config.vectors_per_batch,
-        power=config.power,
-        q=config.q,
-        source=config.source,
-        target=config.target,
-    )
+    spec = LoopSpec.of(config, n=n, per_batch=config.vectors_per_batch)
     return train(
         model,
         prompts,

@@ -65,6 +65,26 @@ class LoopSpec:
     source: HookSite
     target: HookSite
 
+    @classmethod
+    def of(cls, config: Any, *, n: int, per_batch: int | None) -> LoopSpec:
+        """The loop settings of a method config (`MelboConfig`, `AdapterConfig`), which
+        share these field names; `n` and `per_batch` are named differently per method."""
+        return cls(
+            n=n,
+            steps=config.steps,
+            orthogonal=config.orthogonal,
+            solver=config.solver,
+            betas=config.betas,
+            amsgrad=config.uses_amsgrad,
+            soft_weight=config.soft_weight,
+            soft_on=config.soft_on,
+            per_batch=per_batch,
+            power=config.power,
+            q=config.q,
+            source=config.source,
+            target=config.target,
+        )
+
 
 class Family(Protocol):
     """What differs between trainable perturbations. Tensors have the member axis first."""

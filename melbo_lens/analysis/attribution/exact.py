@@ -56,16 +56,6 @@ def _perturbation(
     return site, artifact.hooks(model, index, scale)
 
 
-def _prompts(model: Any, prompts: Any) -> PromptSet:
-    if isinstance(prompts, PromptSet):
-        return prompts
-    if isinstance(prompts, str):
-        prompts = [prompts]
-    if prompts is None or len(prompts) == 0:
-        raise ValueError("no prompts given; pass a PromptSet or at least one text")
-    return PromptSet.from_texts(model, list(prompts))
-
-
 def _check_target(model: Any, source: HookSite, target: HookSite | None) -> HookSite:
     if target is None:
         raise ValueError("no target site: the artifact records none, so pass target=HookSite(...)")
@@ -154,7 +144,7 @@ def _prepare(
     scale: float,
     saes: dict[Any, Any] | None,
 ) -> _State:
-    prompts = _prompts(model, prompts)
+    prompts = PromptSet.coerce(model, prompts)
     source, perturb = _perturbation(model, artifact, index, scale)
     target = _check_target(
         model, source, as_site(target) if target is not None else getattr(artifact, "target", None)

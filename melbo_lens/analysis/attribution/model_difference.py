@@ -12,7 +12,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from melbo_lens.analysis.attribution.estimators import _sae_parts
-from melbo_lens.analysis.attribution.exact import _capture, _prompts
+from melbo_lens.analysis.attribution.exact import _capture
 from melbo_lens.analysis.attribution.results import Hook
 from melbo_lens.core.host import d_model_of
 from melbo_lens.core.prompts import PromptSet
@@ -143,7 +143,7 @@ def feature_change_attribution(
         >>> fc.ranked(10)  # doctest: +SKIP
     """
     _same_architecture(model_a, model_b)
-    prompts = _prompts(model_a, prompts)
+    prompts = PromptSet.coerce(model_a, prompts)
     site = require_hook(model_b, require_hook(model_a, as_site(site)))
     d_in = getattr(getattr(sae, "cfg", None), "d_in", None)
     if d_in is not None and int(d_in) != d_model_of(model_a):
