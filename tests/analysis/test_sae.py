@@ -17,7 +17,6 @@ from sae_lens import (
 )
 from sae_lens.saes.sae import SAEMetadata
 
-from melbo_lens.analysis.sae import loading as sae_mod
 from melbo_lens.analysis.sae import (
     clamp_feature,
     compare_with_features,
@@ -27,6 +26,7 @@ from melbo_lens.analysis.sae import (
     load_sae,
     sae_site,
 )
+from melbo_lens.analysis.sae import loading as sae_mod
 from melbo_lens.core.prompts import PromptSet
 from melbo_lens.core.sites import HookSite
 from melbo_lens.perturbations.vectors import SteeringVectors
