@@ -119,6 +119,18 @@ class CosineMatrix:
             "summary": self.summary(),
         }
 
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> CosineMatrix:
+        """Inverse of `to_dict` (the summary is recomputed, not read)."""
+        return cls(
+            values=torch.tensor(d["values"], dtype=torch.float64),
+            a_label=d["a_label"],
+            b_label=d["b_label"],
+            kind=d["kind"],
+            dim=int(d["dim"]),
+            same=bool(d["same"]),
+        )
+
     def table(self, limit: int | None = None) -> str:
         """The matrix, rows = A, columns = B (at most `limit` of each)."""
         v = self.values

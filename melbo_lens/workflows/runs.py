@@ -46,8 +46,6 @@ from torch import Tensor
 from melbo_lens.analysis.attribution import (
     DeltaAttribution,
     DeltaDecomposition,
-    GroupCompleteness,
-    NodeAttribution,
     attribute_target_delta,
 )
 from melbo_lens.analysis.deltas import perturbation_objectives
@@ -175,8 +173,8 @@ class RunAnalysis:
             "objective": self.objective,
             "random_objective": self.random_objective,
             "generations": None if self.generations is None else self.generations.to_dict(),
-            "vector_similarity": _cos_dict(self.vector_similarity),
-            "delta_similarity": _cos_dict(self.delta_similarity),
+            "vector_similarity": _to_dict(self.vector_similarity),
+            "delta_similarity": _to_dict(self.delta_similarity),
             "decompositions": None
             if self.decompositions is None
             else [d.to_dict() for d in self.decompositions],
@@ -185,7 +183,7 @@ class RunAnalysis:
             else {str(f): [[t, a] for t, a in toks] for f, toks in self.feature_tokens.items()},
             "attributions": None
             if self.attributions is None
-            else [_attribution_dict(a) for a in self.attributions],
+            else [_compact(a).to_saved(f"attr.{k}.")[0] for k, a in enumerate(self.attributions)],
             "token_deltas": None
             if self.token_deltas is None
             else [t.to_dict() for t in self.token_deltas],
@@ -208,12 +206,7 @@ class RunAnalysis:
         self.vectors.save(run_dir / VECTORS_FILE)
         tensors: dict[str, Tensor] = {}
         for k, att in enumerate(self.attributions or []):
-            dec = _project(att.decomposition)
-            tensors[f"attr.{k}.components"] = dec.components[..., 0].float()
-            tensors[f"attr.{k}.delta_norm"] = dec.delta[..., 0].float()
-            tensors[f"attr.{k}.target_mask"] = dec.target_mask.clone()
-            if dec.attention_mask is not None:
-                tensors[f"attr.{k}.attention_mask"] = dec.attention_mask.clone()
+            tensors.update(_compact(att).to_saved(f"attr.{k}.")[1])
         data = self.to_dict()
         data["tensors_sha256"] = _digest(*[tensors[k] for k in sorted(tensors)])
         if tensors:
@@ -280,16 +273,18 @@ class RunAnalysis:
             objective=[float(x) for x in data["objective"]],
             random_objective=[float(x) for x in data["random_objective"]],
             generations=opt("generations", lambda d: SteeredGenerations(**d)),
-            vector_similarity=opt("vector_similarity", _cos_from_dict),
-            delta_similarity=opt("delta_similarity", _cos_from_dict),
-            decompositions=opt("decompositions", lambda ds: [_decomposition(d) for d in ds]),
+            vector_similarity=opt("vector_similarity", CosineMatrix.from_dict),
+            delta_similarity=opt("delta_similarity", CosineMatrix.from_dict),
+            decompositions=opt("decompositions", lambda ds: _decompositions(ds)),
             feature_tokens=opt(
                 "feature_tokens",
                 lambda d: {int(f): [(str(t), float(a)) for t, a in v] for f, v in d.items()},
             ),
             attributions=opt(
                 "attributions",
-                lambda ds: [_attribution(d, tensors, k) for k, d in enumerate(ds)],
+                lambda ds: [
+                    DeltaAttribution.from_saved(d, tensors, f"attr.{k}.") for k, d in enumerate(ds)
+                ],
             ),
             token_deltas=opt("token_deltas", lambda ds: [TokenDeltas.from_dict(d) for d in ds]),
             feature_activations=opt(
@@ -627,107 +622,14 @@ def _digest(*tensors: Tensor) -> str:
     return h.hexdigest()
 
 
-def _cos_dict(m: CosineMatrix | None) -> dict[str, Any] | None:
-    if m is None:
-        return None
-    d = m.to_dict()
-    d.pop("summary", None)
-    return d
+def _to_dict(m: CosineMatrix | None) -> dict[str, Any] | None:
+    return None if m is None else m.to_dict()
 
 
-def _cos_from_dict(d: dict[str, Any]) -> CosineMatrix:
-    return CosineMatrix(
-        values=torch.tensor(d["values"], dtype=torch.float64),
-        a_label=d["a_label"],
-        b_label=d["b_label"],
-        kind=d["kind"],
-        dim=int(d["dim"]),
-        same=bool(d["same"]),
-    )
+def _decompositions(ds: list[dict[str, Any]]) -> list[SaeDecomposition]:
+    from melbo_lens.analysis.sae import SaeDecomposition  # sae-lens only when SAE parts exist
 
-
-def _decomposition(d: dict[str, Any]) -> SaeDecomposition:
-    from melbo_lens.analysis.sae import SaeDecomposition
-
-    def site(name: str | None) -> HookSite | None:
-        return None if name is None else HookSite.parse(name)
-
-    return SaeDecomposition(
-        features=[int(f) for f in d["features"]],
-        coefficients=[float(c) for c in d["coefficients"]],
-        explained=float(d["explained"]),
-        method=d["method"],
-        cosines=[float(c) for c in d["cosines"]],
-        explained_curve=[float(c) for c in d["explained_curve"]],
-        vector_norm=float(d["vector_norm"]),
-        nonnegative=bool(d["nonnegative"]),
-        vector_site=site(d["vector_site"]),
-        sae_site=site(d["sae_site"]),
-        label=d["label"],
-    )
-
-
-def _attribution_dict(att: DeltaAttribution) -> dict[str, Any]:
-    dec = att.decomposition
-    return {
-        "method": att.method,
-        "metric": att.metric,
-        "metric_steered": att.metric_steered,
-        "metric_unsteered": att.metric_unsteered,
-        "correlation": att.correlation,
-        "steps": att.steps,
-        "linearised_at": att.linearised_at,
-        "patch_direction": att.patch_direction,
-        "nodes": [n.to_dict() for n in att.nodes],
-        "groups": [
-            {
-                "group": g.group,
-                "n_nodes": g.n_nodes,
-                "estimate_sum": g.estimate_sum,
-                "patched_change": g.patched_change,
-            }
-            for g in att.groups
-        ],
-        "decomposition": {
-            "names": dec.names,
-            "kinds": dec.kinds,
-            "source": dec.source.name,
-            "target": dec.target.name,
-            "sum_error": dec.sum_error,
-        },
-    }
-
-
-def _attribution(d: dict[str, Any], tensors: dict[str, Tensor], k: int) -> DeltaAttribution:
-    dd = d["decomposition"]
-    key = f"attr.{k}."
-    missing = [n for n in ("components", "delta_norm", "target_mask") if key + n not in tensors]
-    if missing:
-        raise KeyError(f"attribution {k} lacks tensors {missing}")
-    dec = DeltaDecomposition(
-        names=list(dd["names"]),
-        kinds=list(dd["kinds"]),
-        components=tensors[key + "components"][..., None],
-        delta=tensors[key + "delta_norm"][..., None],
-        target_mask=tensors[key + "target_mask"].bool(),
-        source=HookSite.parse(dd["source"]),
-        target=HookSite.parse(dd["target"]),
-        sum_error=float(dd["sum_error"]),
-        attention_mask=tensors.get(key + "attention_mask"),
-    )
-    return DeltaAttribution(
-        decomposition=dec,
-        method=d["method"],
-        metric=d["metric"],
-        metric_steered=float(d["metric_steered"]),
-        metric_unsteered=float(d["metric_unsteered"]),
-        nodes=[NodeAttribution(**n) for n in d["nodes"]],
-        groups=[GroupCompleteness(**g) for g in d["groups"]],
-        correlation=d["correlation"],
-        steps=d["steps"],
-        linearised_at=d["linearised_at"],
-        patch_direction=d["patch_direction"],
-    )
+    return [SaeDecomposition.from_dict(d) for d in ds]
 
 
 def _jsonable(value: Any) -> Any:

@@ -217,6 +217,82 @@ class DeltaAttribution:
             "decomposition": self.decomposition.to_dict(),
         }
 
+    def to_saved(self, prefix: str) -> tuple[dict[str, Any], dict[str, Tensor]]:
+        """(JSON part, tensors named `prefix` + ...) of a compact attribution (components
+        and Δ as per-token norms, last axis 1), as a saved run analysis stores it."""
+        dec = self.decomposition
+        tensors = {
+            prefix + "components": dec.components[..., 0].float(),
+            prefix + "delta_norm": dec.delta[..., 0].float(),
+            prefix + "target_mask": dec.target_mask.clone(),
+        }
+        if dec.attention_mask is not None:
+            tensors[prefix + "attention_mask"] = dec.attention_mask.clone()
+        data = {
+            "method": self.method,
+            "metric": self.metric,
+            "metric_steered": self.metric_steered,
+            "metric_unsteered": self.metric_unsteered,
+            "correlation": self.correlation,
+            "steps": self.steps,
+            "linearised_at": self.linearised_at,
+            "patch_direction": self.patch_direction,
+            "nodes": [n.to_dict() for n in self.nodes],
+            "groups": [
+                {
+                    "group": g.group,
+                    "n_nodes": g.n_nodes,
+                    "estimate_sum": g.estimate_sum,
+                    "patched_change": g.patched_change,
+                }
+                for g in self.groups
+            ],
+            "decomposition": {
+                "names": dec.names,
+                "kinds": dec.kinds,
+                "source": dec.source.name,
+                "target": dec.target.name,
+                "sum_error": dec.sum_error,
+            },
+        }
+        return data, tensors
+
+    @classmethod
+    def from_saved(
+        cls, d: dict[str, Any], tensors: dict[str, Tensor], prefix: str
+    ) -> DeltaAttribution:
+        """Inverse of `to_saved`."""
+        dd = d["decomposition"]
+        missing = [
+            n for n in ("components", "delta_norm", "target_mask") if prefix + n not in tensors
+        ]
+        if missing:
+            raise KeyError(f"attribution {prefix!r} lacks tensors {missing}")
+        dec = DeltaDecomposition(
+            names=list(dd["names"]),
+            kinds=list(dd["kinds"]),
+            components=tensors[prefix + "components"][..., None],
+            delta=tensors[prefix + "delta_norm"][..., None],
+            target_mask=tensors[prefix + "target_mask"].bool(),
+            source=HookSite.parse(dd["source"]),
+            target=HookSite.parse(dd["target"]),
+            sum_error=float(dd["sum_error"]),
+            attention_mask=tensors.get(prefix + "attention_mask"),
+        )
+        return cls(
+            decomposition=dec,
+            method=d["method"],
+            metric=d["metric"],
+            metric_steered=float(d["metric_steered"]),
+            metric_unsteered=float(d["metric_unsteered"]),
+            nodes=[NodeAttribution(**n) for n in d["nodes"]],
+            groups=[GroupCompleteness(**g) for g in d["groups"]],
+            correlation=d["correlation"],
+            steps=d["steps"],
+            linearised_at=d["linearised_at"],
+            patch_direction=d["patch_direction"],
+        )
+
     def table(self, limit: int = 20) -> str:
         lines = [self.decomposition.table(limit), ""]
         if self.method == "exact":

@@ -110,6 +110,27 @@ class SaeDecomposition:
             "label": self.label,
         }
 
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> SaeDecomposition:
+        """Inverse of `to_dict`."""
+
+        def site(name: str | None) -> HookSite | None:
+            return None if name is None else HookSite.parse(name)
+
+        return cls(
+            features=[int(f) for f in d["features"]],
+            coefficients=[float(c) for c in d["coefficients"]],
+            explained=float(d["explained"]),
+            method=d["method"],
+            cosines=[float(c) for c in d["cosines"]],
+            explained_curve=[float(c) for c in d["explained_curve"]],
+            vector_norm=float(d["vector_norm"]),
+            nonnegative=bool(d["nonnegative"]),
+            vector_site=site(d["vector_site"]),
+            sae_site=site(d["sae_site"]),
+            label=d["label"],
+        )
+
     def table(self, limit: int | None = None) -> str:
         """One row per feature: rank, feature, coefficient, cosine, cumulative explained."""
         coef = "cosine" if self.method == "cosine" else "coef"
