@@ -50,11 +50,11 @@ from torch import Tensor
 from melbo_lens.core.host import d_model_of
 from melbo_lens.core.prompts import PromptSet
 from melbo_lens.core.segment import Segment
-from melbo_lens.core.sites import HookSite, as_site, check_order, check_sites
-from melbo_lens.methods.config import config_from_dict, config_to_dict
+from melbo_lens.core.sites import HookSite, as_site, check_order
+from melbo_lens.methods.config import LoopConfig, is_int
 from melbo_lens.methods.constraints import tangent_project
 from melbo_lens.methods.melbo import LR_SCALE
-from melbo_lens.methods.trainer import LoopSpec, train
+from melbo_lens.methods.trainer import FamilyBase, check_prompts_and_sites, train
 from melbo_lens.perturbations.adapters import SteeringAdapters, adapter_hooks, check_adapter_host
 
 __all__ = [
@@ -78,7 +78,7 @@ def adapter_lr(dim: int) -> float:
 
 
 @dataclass(frozen=True)
-class AdapterConfig:
+class AdapterConfig(LoopConfig):
     """Everything that defines a steering-adapter run (frozen, validated, JSON-able).
 
     The adapters edit block `source_layer`'s MLP output weights; the objective is
@@ -118,9 +118,6 @@ class AdapterConfig:
         object.__setattr__(self, "betas", tuple(self.betas))
         problems = []
 
-        def is_int(value: Any, low: int) -> bool:
-            return isinstance(value, int) and not isinstance(value, bool) and value >= low
-
         layer_ok = is_int(self.source_layer, 0)
         if not layer_ok:
             problems.append(f"source_layer must be an int >= 0, got {self.source_layer!r}")
@@ -128,27 +125,7 @@ class AdapterConfig:
             problems.append(f"n_adapters must be an int >= 1, got {self.n_adapters!r}")
         if not is_int(self.rank, 1):
             problems.append(f"rank must be an int >= 1, got {self.rank!r}")
-        if not (isinstance(self.radius, int | float) and 0 < self.radius < math.inf):
-            problems.append(f"radius must be a finite number > 0, got {self.radius!r}")
-        if not (self.power > 0 and self.q > 0):
-            problems.append(f"power and q must be > 0, got power={self.power} q={self.q}")
-        if not is_int(self.steps, 0):
-            problems.append(f"steps must be an int >= 0, got {self.steps!r}")
-        if self.lr != "auto" and not (
-            isinstance(self.lr, int | float) and not isinstance(self.lr, bool) and self.lr > 0
-        ):
-            problems.append(f"lr must be 'auto' or a number > 0, got {self.lr!r}")
-        if self.orthogonal not in ("none", "sequential", "simultaneous", "soft"):
-            problems.append(
-                "orthogonal must be 'none', 'sequential', 'simultaneous' or 'soft', "
-                f"got {self.orthogonal!r}"
-            )
-        if self.solver not in ("amsgrad", "power"):
-            problems.append(f"solver must be 'amsgrad' or 'power', got {self.solver!r}")
-        if self.soft_on not in ("vectors", "deltas"):
-            problems.append(f"soft_on must be 'vectors' or 'deltas', got {self.soft_on!r}")
-        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
-            problems.append(f"betas must be two numbers in [0, 1), got {self.betas!r}")
+        problems += self.loop_problems()
         if self.adapters_per_batch is not None:
             if not is_int(self.adapters_per_batch, 1):
                 problems.append(
@@ -169,11 +146,6 @@ class AdapterConfig:
             raise ValueError("invalid AdapterConfig: " + "; ".join(problems))
 
     @property
-    def uses_amsgrad(self) -> bool:
-        """AMSGrad unless `simultaneous` (see `MelboConfig.uses_amsgrad`)."""
-        return self.orthogonal != "simultaneous" if self.amsgrad is None else self.amsgrad
-
-    @property
     def source(self) -> HookSite:
         """Where the adapters write: `blocks.{source_layer}.hook_mlp_out`."""
         return HookSite(self.source_layer, "mlp_out")
@@ -183,13 +155,6 @@ class AdapterConfig:
         if self.lr == "auto":
             return adapter_lr(d_mlp), adapter_lr(d_model)
         return float(self.lr), float(self.lr)
-
-    def to_dict(self) -> dict[str, Any]:
-        return config_to_dict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> AdapterConfig:
-        return config_from_dict(cls, data)
 
 
 @dataclass
@@ -231,14 +196,18 @@ def _init_adapters(
     return torch.stack(a_rows).to(**to), torch.stack(b_rows).to(**to)
 
 
-class AdapterFamily:
+class AdapterFamily(FamilyBase):
     """Steering adapters for the trainer: unit columns of Ω_A and Ω_B; orthogonality acts
     on the Ω_B columns (what the adapter writes into the residual stream)."""
 
     noun = "adapter"
 
-    def __init__(self, config: AdapterConfig, d_mlp: int, d_model: int) -> None:
-        self.config, self.d_mlp, self.d_model = config, d_mlp, d_model
+    config: AdapterConfig
+
+    def __init__(self, config: AdapterConfig, model: Any, prompts: PromptSet) -> None:
+        super().__init__(config, model, prompts)
+        self.d_mlp, self.d_model = int(model.cfg.d_mlp), d_model_of(model)
+        self.n, self.per_batch = config.n_adapters, config.adapters_per_batch
 
     def init(self, indices: list[int], device: torch.device) -> dict[str, Tensor]:
         a, b = _init_adapters(
@@ -273,6 +242,46 @@ class AdapterFamily:
         lr_a, lr_b = self.config.resolved_lrs(self.d_mlp, self.d_model)
         return {"omega_a": lr_a, "omega_b": lr_b}
 
+    def empty(self, device: torch.device) -> dict[str, Tensor]:
+        n, r = self.n, self.config.rank
+        return {
+            "omega_a": torch.zeros(n, self.d_mlp, r, dtype=torch.float32, device=device),
+            "omega_b": torch.zeros(n, self.d_model, r, dtype=torch.float32, device=device),
+        }
+
+    def load(self, path: str) -> SteeringAdapters:
+        return SteeringAdapters.load(path)
+
+    def params_of(self, artifact: SteeringAdapters) -> dict[str, Tensor]:
+        return {"omega_a": artifact.omega_a, "omega_b": artifact.omega_b}
+
+    def artifact(
+        self, params: dict[str, Tensor], record: dict[str, Any], metadata: dict[str, Any]
+    ) -> SteeringAdapters:
+        return SteeringAdapters(
+            params["omega_a"],
+            params["omega_b"],
+            layer=self.config.source_layer,
+            radius=self.config.radius,
+            method="melbo_adapters",
+            **self.provenance(record, metadata),
+        )
+
+    def state(
+        self, step: int, indices: list[int], objective: Tensor, params: dict[str, Tensor]
+    ) -> AdapterTrainingState:
+        return AdapterTrainingState(step, indices, objective, params["omega_a"], params["omega_b"])
+
+    def metadata(self) -> dict[str, Any]:
+        lr_a, lr_b = self.config.resolved_lrs(self.d_mlp, self.d_model)
+        auto = self.config.lr == "auto"
+        return {
+            "lr_used": {"omega_a": lr_a, "omega_b": lr_b},
+            "lr_rule": "0.011/sqrt(column dim): d_mlp for omega_a, d_model for omega_b"
+            if auto
+            else "absolute",
+        }
+
 
 # ---------------------------------------------------------------------- training
 def train_steering_adapters(
@@ -304,68 +313,20 @@ def train_steering_adapters(
         >>> len(adapters), adapters.complete
         (2, True)
     """
-    if not isinstance(prompts, PromptSet):
-        raise TypeError(
-            f"prompts must be a PromptSet, got {type(prompts).__name__}; "
-            "build one with PromptSet.from_texts(model, texts)"
-        )
-    check_sites(model, config.source, config.target)
+    check_prompts_and_sites(model, prompts, config.source, config.target)
     check_adapter_host(model, config.source_layer)
-    d_model, d_mlp = d_model_of(model), int(model.cfg.d_mlp)
+    d_model = d_model_of(model)
     hard = config.orthogonal in ("sequential", "simultaneous")
     if hard and config.n_adapters * config.rank > d_model:
         raise ValueError(
             f"{config.orthogonal} orthogonality needs n_adapters × rank <= d_model, got "
             f"{config.n_adapters} × {config.rank} > {d_model}"
         )
-    lrs = config.resolved_lrs(d_mlp, d_model)
-    device = prompts.tokens.device
-    n, r = config.n_adapters, config.rank
-    store = {
-        "omega_a": torch.zeros(n, d_mlp, r, dtype=torch.float32, device=device),
-        "omega_b": torch.zeros(n, d_model, r, dtype=torch.float32, device=device),
-    }
-    prior = SteeringAdapters.load(resume) if isinstance(resume, str) else resume
-
-    def make_artifact(
-        params: dict[str, Tensor], rec: dict[str, Any], metadata: dict[str, Any]
-    ) -> SteeringAdapters:
-        return SteeringAdapters(
-            omega_a=params["omega_a"],
-            omega_b=params["omega_b"],
-            layer=config.source_layer,
-            radius=config.radius,
-            target=config.target,
-            method="melbo_adapters",
-            config=config.to_dict(),
-            model_name=getattr(model.cfg, "model_name", None),
-            prompts=prompts.to_dict(),
-            metadata=metadata,
-            **rec,
-        )
-
-    spec = LoopSpec.of(config, n=n, per_batch=config.adapters_per_batch)
-    auto = config.lr == "auto"
     return train(
         model,
         prompts,
-        AdapterFamily(config, d_mlp, d_model),
-        spec,
-        store=store,
-        resume=prior,
-        params_of=lambda prior: {"omega_a": prior.omega_a, "omega_b": prior.omega_b},
-        config=config.to_dict(),
-        config_name="AdapterConfig",
-        make_artifact=make_artifact,
-        make_state=lambda step, idx, obj, params: AdapterTrainingState(
-            step, idx, obj, params["omega_a"], params["omega_b"]
-        ),
-        metadata={
-            "lr_used": {"omega_a": lrs[0], "omega_b": lrs[1]},
-            "lr_rule": "0.011/sqrt(column dim): d_mlp for omega_a, d_model for omega_b"
-            if auto
-            else "absolute",
-        },
+        AdapterFamily(config, model, prompts),
+        resume=resume,
         progress=progress,
         callback=callback,
         checkpoint=checkpoint,

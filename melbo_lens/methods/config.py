@@ -7,12 +7,13 @@ so a config saved by another version or method fails loudly.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, fields
 from typing import Any, TypeVar
 
 from melbo_lens.core.sites import HookSite
 
-__all__ = ["config_from_dict", "config_to_dict"]
+__all__ = ["LoopConfig", "config_from_dict", "config_to_dict", "is_int"]
 
 T = TypeVar("T")
 
@@ -44,3 +45,66 @@ def config_from_dict(cls: type[T], data: dict[str, Any]) -> T:
         elif annotation.startswith("tuple") and isinstance(data[name], list):
             data[name] = tuple(data[name])
     return cls(**data)
+
+
+def is_int(value: Any, low: int) -> bool:
+    """An int (not a bool) >= `low`."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+
+C = TypeVar("C", bound="LoopConfig")
+
+
+class LoopConfig:
+    """What every config the trainer runs shares (a mixin for frozen dataclasses with the
+    fields radius, power, q, steps, lr, orthogonal, solver, betas, soft_on, amsgrad): the
+    JSON round trip, the checks of those fields, and the optimiser rule."""
+
+    def loop_problems(self) -> list[str]:
+        """Every problem with the shared fields, each naming the field and the value."""
+        return _loop_problems(self)  # the dataclass mixing this in declares the fields
+
+    @property
+    def uses_amsgrad(self) -> bool:
+        """AMSGrad (the source's choice) unless `simultaneous`, where plain Adam is used.
+
+        Under simultaneous Gram–Schmidt, member k first climbs towards directions that
+        earlier members later claim; AMSGrad's running max of squared gradients then keeps
+        its step tiny for the rest of the run, while Adam's β₂ = 0.98 forgets in ~50 steps.
+        """
+        c: Any = self
+        return c.orthogonal != "simultaneous" if c.amsgrad is None else bool(c.amsgrad)
+
+    def to_dict(self) -> dict[str, Any]:
+        return config_to_dict(self)
+
+    @classmethod
+    def from_dict(cls: type[C], data: dict[str, Any]) -> C:
+        return config_from_dict(cls, data)
+
+
+def _loop_problems(config: Any) -> list[str]:
+    """See `LoopConfig.loop_problems`."""
+    problems = []
+    r = config.radius
+    if not (isinstance(r, int | float) and not isinstance(r, bool) and 0 < r < math.inf):
+        problems.append(f"radius must be a finite number > 0, got {r!r}")
+    if not (config.power > 0 and config.q > 0):
+        problems.append(f"power and q must be > 0, got power={config.power} q={config.q}")
+    if not is_int(config.steps, 0):
+        problems.append(f"steps must be an int >= 0, got {config.steps!r}")
+    lr = config.lr
+    if lr != "auto" and not (isinstance(lr, int | float) and not isinstance(lr, bool) and lr > 0):
+        problems.append(f"lr must be 'auto' or a number > 0, got {lr!r}")
+    if config.orthogonal not in ("sequential", "simultaneous", "soft", "none"):
+        problems.append(
+            f"orthogonal must be 'sequential', 'simultaneous', 'soft' or 'none', "
+            f"got {config.orthogonal!r}"
+        )
+    if config.solver not in ("amsgrad", "power"):
+        problems.append(f"solver must be 'amsgrad' or 'power', got {config.solver!r}")
+    if config.soft_on not in ("vectors", "deltas"):
+        problems.append(f"soft_on must be 'vectors' or 'deltas', got {config.soft_on!r}")
+    if len(config.betas) != 2 or not all(0 <= b < 1 for b in config.betas):
+        problems.append(f"betas must be two numbers in [0, 1), got {config.betas!r}")
+    return problems

@@ -40,10 +40,10 @@ from torch import Tensor
 from melbo_lens.core.host import d_model_of
 from melbo_lens.core.prompts import PromptSet
 from melbo_lens.core.segment import Segment
-from melbo_lens.core.sites import HookSite, as_site, check_order, check_sites
-from melbo_lens.methods.config import config_from_dict, config_to_dict
+from melbo_lens.core.sites import HookSite, as_site, check_order
+from melbo_lens.methods.config import LoopConfig, is_int
 from melbo_lens.methods.constraints import tangent_project, to_sphere
-from melbo_lens.methods.trainer import LoopSpec, TrainingError, train
+from melbo_lens.methods.trainer import FamilyBase, TrainingError, check_prompts_and_sites, train
 from melbo_lens.perturbations.vectors import SteeringVectors
 
 __all__ = ["MelboConfig", "TrainingState", "TrainingError", "train_steering_vectors", "scaled_lr"]
@@ -66,7 +66,7 @@ def scaled_lr(radius: float, d_model: int) -> float:
 
 
 @dataclass(frozen=True)
-class MelboConfig:
+class MelboConfig(LoopConfig):
     """Everything that defines a MELBO run (frozen, validated, JSON-serialisable).
 
     `lr="auto"` (default) uses `scaled_lr(radius, d_model)`; a float is an absolute lr.
@@ -100,25 +100,9 @@ class MelboConfig:
         object.__setattr__(self, "target", as_site(self.target))
         object.__setattr__(self, "betas", tuple(self.betas))
         problems = []
-        if not (isinstance(self.n_vectors, int) and self.n_vectors >= 1):
+        if not is_int(self.n_vectors, 1):
             problems.append(f"n_vectors must be an int >= 1, got {self.n_vectors!r}")
-        if not (self.radius > 0 and math.isfinite(self.radius)):
-            problems.append(f"radius must be a finite number > 0, got {self.radius!r}")
-        if not self.power > 0 or not self.q > 0:
-            problems.append(f"power and q must be > 0, got power={self.power} q={self.q}")
-        if not (isinstance(self.steps, int) and self.steps >= 0):
-            problems.append(f"steps must be an int >= 0, got {self.steps!r}")
-        if self.lr != "auto" and not (isinstance(self.lr, int | float) and self.lr > 0):
-            problems.append(f"lr must be 'auto' or a number > 0, got {self.lr!r}")
-        if self.orthogonal not in ("sequential", "simultaneous", "soft", "none"):
-            problems.append(
-                f"orthogonal must be 'sequential', 'simultaneous', 'soft' or 'none', "
-                f"got {self.orthogonal!r}"
-            )
-        if self.solver not in ("amsgrad", "power"):
-            problems.append(f"solver must be 'amsgrad' or 'power', got {self.solver!r}")
-        if self.soft_on not in ("vectors", "deltas"):
-            problems.append(f"soft_on must be 'vectors' or 'deltas', got {self.soft_on!r}")
+        problems += self.loop_problems()
         if self.vectors_per_batch is not None and self.vectors_per_batch < 1:
             problems.append(f"vectors_per_batch must be >= 1, got {self.vectors_per_batch}")
         try:
@@ -128,25 +112,8 @@ class MelboConfig:
         if problems:
             raise ValueError("invalid MelboConfig: " + "; ".join(problems))
 
-    @property
-    def uses_amsgrad(self) -> bool:
-        """AMSGrad (the source's choice) unless `simultaneous`, where plain Adam is used.
-
-        Under simultaneous Gram–Schmidt, vector k first climbs towards directions that
-        earlier vectors later claim; AMSGrad's running max of squared gradients then keeps
-        its step tiny for the rest of the run, while Adam's β₂ = 0.98 forgets in ~50 steps.
-        """
-        return self.orthogonal != "simultaneous" if self.amsgrad is None else self.amsgrad
-
     def resolved_lr(self, d_model: int) -> float:
         return scaled_lr(self.radius, d_model) if self.lr == "auto" else float(self.lr)
-
-    def to_dict(self) -> dict[str, Any]:
-        return config_to_dict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> MelboConfig:
-        return config_from_dict(cls, data)
 
 
 @dataclass
@@ -171,13 +138,18 @@ def _init_vectors(indices: list[int], d_model: int, seed: int, device, dtype) ->
     return torch.stack(rows).to(device=device, dtype=dtype)
 
 
-class VectorFamily:
+class VectorFamily(FamilyBase):
     """MELBO vectors for the trainer: θ on the sphere of radius R, added at the source."""
 
     noun = "vector"
 
-    def __init__(self, config: MelboConfig, d_model: int, lr: float) -> None:
-        self.config, self.d_model, self.lr = config, d_model, lr
+    config: MelboConfig
+
+    def __init__(self, config: MelboConfig, model: Any, prompts: PromptSet) -> None:
+        super().__init__(config, model, prompts)
+        self.d_model = d_model_of(model)
+        self.lr = config.resolved_lr(self.d_model)
+        self.n, self.per_batch = config.n_vectors, config.vectors_per_batch
 
     def init(self, indices: list[int], device: torch.device) -> dict[str, Tensor]:
         return {
@@ -201,6 +173,31 @@ class VectorFamily:
 
     def lrs(self) -> dict[str, float]:
         return {"theta": self.lr}
+
+    def empty(self, device: torch.device) -> dict[str, Tensor]:
+        return {"theta": torch.zeros(self.n, self.d_model, dtype=torch.float32, device=device)}
+
+    def load(self, path: str) -> SteeringVectors:
+        return SteeringVectors.load(path)
+
+    def params_of(self, artifact: SteeringVectors) -> dict[str, Tensor]:
+        return {"theta": artifact.vectors}
+
+    def artifact(
+        self, params: dict[str, Tensor], record: dict[str, Any], metadata: dict[str, Any]
+    ) -> SteeringVectors:
+        return SteeringVectors(
+            params["theta"], self.config.source, method="melbo", **self.provenance(record, metadata)
+        )
+
+    def state(
+        self, step: int, indices: list[int], objective: Tensor, params: dict[str, Tensor]
+    ) -> TrainingState:
+        return TrainingState(step, indices, objective, params["theta"])
+
+    def metadata(self) -> dict[str, Any]:
+        rule = "0.011*R/sqrt(d_model)" if self.config.lr == "auto" else "absolute"
+        return {"lr_used": self.lr, "lr_rule": rule}
 
 
 def train_steering_vectors(
@@ -235,55 +232,17 @@ def train_steering_vectors(
         >>> vectors.vectors.shape, bool((vectors.objective > vectors.losses[:, 0]).all())
         (torch.Size([4, 32]), True)
     """
-    if not isinstance(prompts, PromptSet):
-        raise TypeError(
-            f"prompts must be a PromptSet, got {type(prompts).__name__}; "
-            "build one with PromptSet.from_texts(model, texts)"
-        )
-    check_sites(model, config.source, config.target)
+    check_prompts_and_sites(model, prompts, config.source, config.target)
     d_model = d_model_of(model)
     if config.orthogonal in ("sequential", "simultaneous") and config.n_vectors > d_model:
         raise ValueError(
             f"cannot train {config.n_vectors} mutually orthogonal vectors in d_model={d_model}"
         )
-    lr = config.resolved_lr(d_model)
-    device = prompts.tokens.device
-    n = config.n_vectors
-    store = {"theta": torch.zeros(n, d_model, dtype=torch.float32, device=device)}
-    prior = SteeringVectors.load(resume) if isinstance(resume, str) else resume
-
-    def make_artifact(
-        params: dict[str, Tensor], rec: dict[str, Any], metadata: dict[str, Any]
-    ) -> SteeringVectors:
-        return SteeringVectors(
-            vectors=params["theta"],
-            site=config.source,
-            target=config.target,
-            method="melbo",
-            config=config.to_dict(),
-            model_name=getattr(model.cfg, "model_name", None),
-            prompts=prompts.to_dict(),
-            metadata=metadata,
-            **rec,
-        )
-
-    spec = LoopSpec.of(config, n=n, per_batch=config.vectors_per_batch)
     return train(
         model,
         prompts,
-        VectorFamily(config, d_model, lr),
-        spec,
-        store=store,
-        resume=prior,
-        params_of=lambda prior: {"theta": prior.vectors},
-        config=config.to_dict(),
-        config_name="MelboConfig",
-        make_artifact=make_artifact,
-        make_state=lambda step, idx, obj, params: TrainingState(step, idx, obj, params["theta"]),
-        metadata={
-            "lr_used": lr,
-            "lr_rule": "0.011*R/sqrt(d_model)" if config.lr == "auto" else "absolute",
-        },
+        VectorFamily(config, model, prompts),
+        resume=resume,
         progress=progress,
         callback=callback,
         checkpoint=checkpoint,

@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from melbo_lens.core.host import frozen
 from melbo_lens.core.prompts import PromptSet
 from melbo_lens.core.segment import Segment
-from melbo_lens.core.sites import HookSite
+from melbo_lens.core.sites import HookSite, check_sites
 from melbo_lens.methods.constraints import gram_schmidt_members, project_out, project_out_earlier
 from melbo_lens.methods.objectives import cosine_penalty, melbo_objective_per_prompt
 
@@ -119,8 +119,69 @@ class Family(Protocol):
         """Learning rate of each parameter (AMSGrad)."""
         ...
 
+    # ------------------------------------------------------------------ to-artifact
+    config: Any  # the method config (a LoopConfig dataclass)
+    n: int  # members to train
+    per_batch: int | None  # at most this many members per forward pass (orthogonal="none")
+
+    def empty(self, device: torch.device) -> Params:
+        """Zero parameters of all n members (the store the loop fills)."""
+        ...
+
+    def load(self, path: str) -> Any:
+        """An artifact of this family from a file (to resume from)."""
+        ...
+
+    def params_of(self, artifact: Any) -> Params:
+        """The parameters stored in an artifact of this family."""
+        ...
+
+    def artifact(self, params: Params, record: dict[str, Any], metadata: dict[str, Any]) -> Any:
+        """The artifact for `params` of all members with the training record."""
+        ...
+
+    def state(self, step: int, indices: list[int], objective: Tensor, params: Params) -> Any:
+        """What a per-step callback sees."""
+        ...
+
+    def metadata(self) -> dict[str, Any]:
+        """What the artifact records about the run's settings (lr used and its rule)."""
+        ...
+
 
 Callback = Callable[[Any], "bool | None"]
+
+
+class FamilyBase:
+    """What every family shares: its config, the prompts and model name it records, and
+    the provenance fields of the artifact it builds."""
+
+    def __init__(self, config: Any, model: Any, prompts: PromptSet) -> None:
+        self.config, self.prompts = config, prompts
+        self.model_name = getattr(model.cfg, "model_name", None)
+
+    def provenance(self, record: dict[str, Any], metadata: dict[str, Any]) -> dict[str, Any]:
+        """Artifact fields other than the parameters and the method name."""
+        return {
+            "target": self.config.target,
+            "config": self.config.to_dict(),
+            "model_name": self.model_name,
+            "prompts": self.prompts.to_dict(),
+            "metadata": metadata,
+            **record,
+        }
+
+
+def check_prompts_and_sites(
+    model: Any, prompts: PromptSet, source: HookSite, target: HookSite
+) -> None:
+    """The checks every `train_*` entry point makes before anything runs."""
+    if not isinstance(prompts, PromptSet):
+        raise TypeError(
+            f"prompts must be a PromptSet, got {type(prompts).__name__}; "
+            "build one with PromptSet.from_texts(model, texts)"
+        )
+    check_sites(model, source, target)
 
 
 def check_finite(
@@ -345,13 +406,7 @@ def _member_basis(directions: Tensor) -> Tensor | None:
 
 
 def _start(
-    spec: LoopSpec,
-    device: torch.device,
-    store: Params,
-    resume: Any | None,
-    params_of: Callable[[Any], Params],
-    config: dict[str, Any],
-    config_name: str,
+    family: Family, spec: LoopSpec, device: torch.device, store: Params, resume: Any | None
 ) -> tuple[dict[str, Tensor], dict[str, Tensor], float]:
     """A fresh training record, or the record, group state and elapsed seconds of a
     resumed run (whose parameters are copied into `store`)."""
@@ -363,36 +418,26 @@ def _start(
     }
     if resume is None:
         return record, {}, 0.0
-    if resume.config != config:
+    prior = family.load(resume) if isinstance(resume, str) else resume
+    if prior.config != family.config.to_dict():
         raise ValueError(
             "cannot resume: the saved run's config differs from this one; pass "
-            f"{config_name}.from_dict(saved.config) to continue it"
+            f"{type(family.config).__name__}.from_dict(saved.config) to continue it"
         )
-    for name, value in params_of(resume).items():
+    for name, value in family.params_of(prior).items():
         store[name].copy_(value)
     for name in record:
-        if getattr(resume, name) is not None:
-            record[name].copy_(getattr(resume, name))
-    return record, dict(resume.resume_state), float(resume.metadata.get("train_seconds", 0.0))
-
-
-Artifact = Callable[[Params, dict[str, Tensor], dict[str, Any]], Any]
+        if getattr(prior, name) is not None:
+            record[name].copy_(getattr(prior, name))
+    return record, dict(prior.resume_state), float(prior.metadata.get("train_seconds", 0.0))
 
 
 def train(
     model: Any,
     prompts: PromptSet,
     family: Family,
-    spec: LoopSpec,
     *,
-    store: Params,
-    resume: Any | None,
-    params_of: Callable[[Any], Params],
-    config: dict[str, Any],
-    config_name: str,
-    make_artifact: Artifact,
-    make_state: Callable[[int, list[int], Tensor, Params], Any],
-    metadata: dict[str, Any],
+    resume: Any | None = None,
     progress: bool = True,
     callback: Callback | None = None,
     checkpoint: str | None = None,
@@ -400,22 +445,20 @@ def train(
     check_every: int = 10,
     compile: bool = False,
 ) -> Any:
-    """Run the loop; returns `make_artifact(store, record, metadata)`.
+    """Run the loop over `family`; returns `family.artifact(...)` of all members.
 
-    `store` holds every member's parameters ([n, ...] per name, zeros for a fresh run).
-    `resume` is an artifact of an earlier run of the same `config` (a `config_name`
-    dict): its parameters (`params_of(resume)`), training record (`losses` [n, steps],
-    `objective` [n], `steps_done` [n]) and the state of the group in flight continue.
+    `resume` (an artifact of this family or its path) continues an earlier run of the
+    same config: its parameters, training record and the state of the group in flight.
     """
     device = prompts.tokens.device
+    spec = LoopSpec.of(family.config, n=family.n, per_batch=family.per_batch)
     steps = spec.steps
-    record, resume_state, elapsed = _start(
-        spec, device, store, resume, params_of, config, config_name
-    )
+    store = family.empty(device)
+    record, resume_state, elapsed = _start(family, spec, device, store, resume)
     losses, objective, steps_done = record["losses"], record["objective"], record["steps_done"]
     segment = Segment(model, spec.source, spec.target, prompts, compile=compile)
     meta = {
-        **metadata,
+        **family.metadata(),
         "segment_blocks": segment.n_blocks,
         "layer_slicing": segment.layer_slicing,
         "compiled": segment.compile,
@@ -423,7 +466,7 @@ def train(
     }
 
     def artifact(state: dict[str, Tensor], seconds: float) -> Any:
-        return make_artifact(
+        return family.artifact(
             {n: v.detach().cpu().clone() for n, v in store.items()},
             {
                 "losses": losses.cpu().clone(),
@@ -470,7 +513,7 @@ def train(
                         check_finite(losses, indices, step + 1, lo, family.noun)
                         bar.set_postfix(objective=f"{float(obj.mean()):.4g}")
                     if callback is not None:
-                        if callback(make_state(step, indices, obj, group.detached())) is False:
+                        if callback(family.state(step, indices, obj, group.detached())) is False:
                             raise KeyboardInterrupt
                     if checkpoint and (step + 1) % checkpoint_every == 0 and step + 1 < steps:
                         seconds = elapsed + time.perf_counter() - start_time

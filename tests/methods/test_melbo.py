@@ -10,7 +10,6 @@ from melbo_lens import (
     HookSite,
     MelboConfig,
     PromptSet,
-    SteeringVectors,
     TrainingError,
     melbo_objective,
     steer,
@@ -249,38 +248,6 @@ def test_config_round_trip():
     assert MelboConfig.from_dict(c.to_dict()) == c
     with pytest.raises(ValueError, match="unknown MelboConfig fields"):
         MelboConfig.from_dict({**c.to_dict(), "bogus": 1})
-
-
-@pytest.mark.parametrize("orthogonal,stop_at", [("sequential", (1, 7)), ("simultaneous", (0, 13))])
-def test_interrupt_and_resume_equals_uninterrupted(tiny_model, tmp_path, orthogonal, stop_at):
-    prompts = PromptSet.from_tokens(tiny_model, TOKENS)
-    config = cfg(n_vectors=3, steps=20, orthogonal=orthogonal)
-    reference = train_steering_vectors(tiny_model, prompts, config, progress=False)
-
-    def ctrl_c(state):
-        if state.indices[0] == stop_at[0] and state.step == stop_at[1]:
-            raise KeyboardInterrupt  # what Ctrl-C does inside the loop
-
-    ckpt = tmp_path / "run.safetensors"
-    partial = train_steering_vectors(
-        tiny_model,
-        prompts,
-        config,
-        progress=False,
-        callback=ctrl_c,
-        checkpoint=str(ckpt),
-        checkpoint_every=5,
-    )
-    assert not partial.complete and partial.metadata["interrupted"]
-    saved = SteeringVectors.load(ckpt)
-    assert torch.equal(saved.steps_done, partial.steps_done)
-    if orthogonal == "sequential":  # vectors finished before the interrupt are final
-        assert partial.steps_done.tolist()[:1] == [20]
-        torch.testing.assert_close(partial.vectors[0], reference.vectors[0])
-    resumed = train_steering_vectors(tiny_model, prompts, config, progress=False, resume=str(ckpt))
-    assert resumed.complete and not resumed.metadata["interrupted"]
-    torch.testing.assert_close(resumed.vectors, reference.vectors, rtol=0, atol=1e-6)
-    torch.testing.assert_close(resumed.losses, reference.losses)
 
 
 def test_callback_false_stops_early(tiny_model):
