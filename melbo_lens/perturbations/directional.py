@@ -46,6 +46,7 @@ from torch import Tensor, nn
 
 from melbo_lens.core.host import post_norm
 from melbo_lens.core.prompts import PromptSet
+from melbo_lens.core.segment import run_to_site
 from melbo_lens.core.sites import HookSite, as_site, require_hook, residual_stream_sites
 from melbo_lens.perturbations.base import Hook, Rows, apply, pick_members, row_members
 from melbo_lens.perturbations.vectors import SteeringVectors
@@ -347,10 +348,6 @@ def clamp_direction(
         yield model
 
 
-class _Captured(Exception):
-    """Raised from a hook to stop the forward pass once the site is read."""
-
-
 def mean_projection(
     model: Any,
     prompts: PromptSet,
@@ -370,17 +367,8 @@ def mean_projection(
         raise ValueError(f"positions must be 'target' or 'all', got {positions!r}")
     unit = _unit(direction, int(model.cfg.d_model))
     (site,) = _sites(model, site)
-    captured: dict[str, Tensor] = {}
-
-    def grab(act: Tensor, hook: Any = None) -> Tensor:
-        captured["x"] = act.detach()
-        raise _Captured
-
-    with torch.no_grad(), model.hooks(fwd_hooks=[(site.name, grab)]):
-        try:
-            model(prompts.tokens, attention_mask=prompts.attention_mask.long())
-        except _Captured:
-            pass
+    with torch.no_grad():
+        act = run_to_site(model, prompts.tokens, prompts.attention_mask, site.name)
     mask = prompts.target_mask if positions == "target" else prompts.attention_mask
-    x = captured["x"][mask.to(captured["x"].device)].to(torch.float64)
+    x = act[mask.to(act.device)].to(torch.float64)
     return float((x @ unit.to(x.device)).mean())

@@ -7,9 +7,10 @@ import torch
 from conftest import make_tiny
 
 from melbo_lens import HookSite, SteeringVectors
+from melbo_lens.methods.contrast import pair_activations
+from melbo_lens.methods.estimators import logistic_probe, mean_difference, pca_directions
 from melbo_lens.methods.supervised import (
     mean_difference_vectors,
-    pair_activations,
     pca_vectors,
     probe_vectors,
     stability_curve,
@@ -187,3 +188,20 @@ def test_errors_say_what_is_wrong(tiny_tok_model):
         mean_difference_vectors(tiny_tok_model, POS, NEG, 1, position="answer", answer_tokens="ab")
     with pytest.raises(ValueError, match="sizes|every size"):
         stability_curve(tiny_tok_model, POS, NEG, 1, sizes=[8])
+
+
+def test_estimators_are_plain_callables_over_contrast_activations():
+    """On hand-made (P, N): the mean difference by hand, the first principal component
+    of the differences along the planted axis with the positive side up, and a probe
+    whose weights point from N to P."""
+    g = torch.Generator().manual_seed(0)
+    axis = torch.zeros(6, dtype=torch.float64)
+    axis[2] = 1.0
+    N = torch.randn(40, 6, generator=g, dtype=torch.float64)
+    P = N + 3.0 * axis + 0.1 * torch.randn(40, 6, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(mean_difference(P, N), (P - N).mean(0, keepdim=True))
+    dirs, _ = pca_directions(P, N, 1, False)
+    assert float(dirs[0] @ axis) > 0.99
+    w, info = logistic_probe(P, N, 1e-2, 500)
+    assert float(torch.nn.functional.normalize(w, dim=0) @ axis) > 0.9
+    assert isinstance(info, dict)
