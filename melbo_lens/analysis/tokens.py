@@ -31,6 +31,7 @@ from melbo_lens.core.prompts import PromptSet
 from melbo_lens.core.segment import run_to_site
 from melbo_lens.core.sites import HookSite, as_site, require_hook
 from melbo_lens.generation import SteeredGenerations
+from melbo_lens.perturbations.base import Perturbation
 from melbo_lens.perturbations.vectors import SteeringVectors, steering_hook
 
 __all__ = [
@@ -252,7 +253,7 @@ def _run_rows(
 
 def token_delta_norms(
     model: Any,
-    vectors: SteeringVectors,
+    vectors: SteeringVectors | Perturbation,
     texts_or_generations: SteeredGenerations | Text | Sequence[Text],
     *,
     indices: Sequence[int] | None = None,
@@ -282,18 +283,25 @@ def token_delta_norms(
     """
     if positions not in ("all", "completion"):
         raise ValueError(f"positions must be 'all' or 'completion', got {positions!r}")
+    if positions == "completion" and not isinstance(vectors, SteeringVectors):
+        raise ValueError(
+            "positions='completion' steers only the completion tokens, which is defined for "
+            f"steering vectors; a {type(vectors).__name__} applies at every position "
+            "(positions='all')"
+        )
     if labels is not None and len(labels) != len(vectors):
         raise ValueError(f"{len(labels)} labels for {len(vectors)} vectors; pass one per vector")
     if max_rows < 2:
         raise ValueError(f"max_rows must be >= 2 (a steered and an unsteered row), got {max_rows}")
     source = require_hook(model, vectors.site)
+    recorded = getattr(vectors, "target", None)
     if target is None:
-        if vectors.target is None:
+        if not isinstance(recorded, HookSite):
             raise ValueError(
                 "the vectors record no target site; pass target=HookSite(...) saying where "
                 "to measure the change"
             )
-        tgt = vectors.target
+        tgt = recorded
     else:
         tgt = as_site(target)
     tgt = require_hook(model, tgt)
@@ -319,14 +327,25 @@ def token_delta_norms(
         chunk = list(range(start, min(start + half, len(indices))))
         ids = [encoded[j][0] for j in chunk]
         ps = PromptSet.from_tokens(model, ids + ids)
-        vecs = vectors.vectors[[indices[j] for j in chunk]].float() * scale
-        rows = torch.cat([vecs, torch.zeros_like(vecs)]).to(ps.tokens.device)
         steer_mask = None
-        if positions == "completion":
-            pos = torch.arange(ps.tokens.shape[1], device=ps.tokens.device)
-            n_p = torch.tensor([encoded[j][1] for j in chunk], device=pos.device)
-            steer_mask = (pos[None] >= n_p[:, None]).repeat(2, 1) & ps.attention_mask
-        z = _run_rows(model, source, tgt, ps, rows, steer_mask)
+        if not isinstance(vectors, SteeringVectors):  # any perturbation, through its hooks
+            members: list[int | None] = [indices[j] for j in chunk] + [None] * len(chunk)
+            with torch.no_grad():
+                z = run_to_site(
+                    model,
+                    ps.tokens,
+                    ps.attention_mask,
+                    tgt.name,
+                    vectors.hooks(model, members, scale),
+                )
+        else:
+            vecs = vectors.vectors[[indices[j] for j in chunk]].float() * scale
+            rows = torch.cat([vecs, torch.zeros_like(vecs)]).to(ps.tokens.device)
+            if positions == "completion":
+                pos = torch.arange(ps.tokens.shape[1], device=ps.tokens.device)
+                n_p = torch.tensor([encoded[j][1] for j in chunk], device=pos.device)
+                steer_mask = (pos[None] >= n_p[:, None]).repeat(2, 1) & ps.attention_mask
+            z = _run_rows(model, source, tgt, ps, rows, steer_mask)
         n = len(chunk)
         norms = (z[:n].float() - z[n:].float()).norm(dim=-1).cpu()
         for r, j in enumerate(chunk):
@@ -353,7 +372,7 @@ def token_delta_norms(
     return out
 
 
-def _vector_label(vectors: SteeringVectors, index: int) -> str:
+def _vector_label(vectors: Any, index: int) -> str:
     labels = vectors.metadata.get("labels") if isinstance(vectors.metadata, dict) else None
     if isinstance(labels, list | tuple) and len(labels) == len(vectors):
         return str(labels[index])

@@ -419,12 +419,10 @@ def analyze_run(
         ]
 
     token_deltas = activations = None
-    if generations is not None and sv is None:
-        notes.append("per-token views skipped: they are computed for steering vectors")
-    elif generations is not None and sv is not None:
+    if generations is not None:
         with steps("token views"):
-            token_deltas = token_delta_norms(model, sv, generations, target=tgt)
-            if decompositions is not None:
+            token_deltas = token_delta_norms(model, vectors, generations, target=tgt)
+            if decompositions is not None and sv is not None:
                 activations = []
                 for k, dec in enumerate(decompositions):
                     if not dec.features:

@@ -252,8 +252,21 @@ def test_analyze_run_and_report_take_adapters(tiny_tok_model, prompts, tmp_path)
     assert run.generations is not None and len(run.generations.steered) == 2
     assert run.delta_similarity is not None and run.vector_similarity is not None
     assert run.attributions is not None and len(run.attributions) == 2
-    assert run.decompositions is None and run.token_deltas is None
-    assert any("per-token views skipped" in n for n in run.notes)
+    assert run.decompositions is None and run.feature_activations is None
+    assert run.token_deltas is not None and len(run.token_deltas) == 2
+    # per-token ‖Δ_t‖ of adapter 1 on its own text, against two whole-model runs
+    from melbo_lens.analysis.tokens import _token_ids
+
+    deltas = run.token_deltas[1]
+    text = (run.generations.prompts[0], run.generations.for_vector(1)[0])
+    ids = torch.tensor([_token_ids(model, text, None)[0]])
+    assert ids.shape[1] == len(deltas.norms)
+    _, clean = model.run_with_cache(ids, names_filter=TARGET.name)
+    with adapters.apply(model, 1):
+        _, dirty = model.run_with_cache(ids, names_filter=TARGET.name)
+    by_hand = (dirty[TARGET.name] - clean[TARGET.name])[0].norm(dim=-1)
+    # two float32 forward passes of the same model: agreement to float rounding
+    torch.testing.assert_close(torch.tensor(deltas.norms), by_hand, rtol=1e-4, atol=1e-5)
     run.save(tmp_path)
     back = RunAnalysis.load(tmp_path)
     assert isinstance(back.vectors, type(adapters)) and back.objective == run.objective
