@@ -10,6 +10,7 @@ seeded and reproducible.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -18,6 +19,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from melbo_lens.core.checks import is_int, is_positive
 from melbo_lens.core.host import supports_kv_cache
 from melbo_lens.core.prompts import PromptSet
 from melbo_lens.core.sites import HookSite, as_site
@@ -38,6 +40,7 @@ class SteeredGenerations:
     unsteered: list[str] | None
     scale: float
     settings: dict[str, Any] = field(default_factory=dict)
+    labels: list[str] | None = None  # per prompt, what the table shows (last user message)
 
     def for_vector(self, index: int) -> list[str]:
         return self.steered[self.indices.index(index)]
@@ -45,7 +48,7 @@ class SteeredGenerations:
     def table(self, width: int = 60) -> str:
         """Side-by-side text table: unsteered first, then each vector."""
         lines = []
-        for i, prompt in enumerate(self.prompts):
+        for i, prompt in enumerate(self.labels or self.prompts):
             lines.append(f"=== prompt {i}: {_short(prompt, width)}")
             if self.unsteered is not None:
                 lines.append(f"  unsteered | {_short(self.unsteered[i], width)}")
@@ -61,6 +64,7 @@ class SteeredGenerations:
             "unsteered": self.unsteered,
             "scale": self.scale,
             "settings": self.settings,
+            "labels": self.labels,
         }
 
 
@@ -228,7 +232,16 @@ def generate(
     """
     if getattr(model, "tokenizer", None) is None:
         raise ValueError("steered generation needs a model with a tokenizer to decode text")
+    _check_decoding(scale, max_new_tokens, temperature, top_p, seed, max_rows)
     ps = PromptSet.coerce(model, prompts, chat=chat)
+    n_ctx = getattr(model.cfg, "n_ctx", None)
+    longest = int(ps.lengths.max())
+    if isinstance(n_ctx, int) and longest + max_new_tokens > n_ctx:
+        raise ValueError(
+            f"the longest prompt ({longest} tokens) plus max_new_tokens={max_new_tokens} "
+            f"exceeds the model's context n_ctx={n_ctx}; lower max_new_tokens to at most "
+            f"{max(n_ctx - longest, 0)} or shorten the prompt"
+        )
     n_members = 0 if perturbation is None else len(perturbation)
     if indices is None:
         indices = list(range(n_members))
@@ -269,7 +282,34 @@ def generate(
     unsteered = grid.pop(0) if include_unsteered else None
     tok = model.tokenizer
     texts = list(ps.texts) if ps.texts is not None else [tok.decode(t) for t in ps.token_lists()]
-    return SteeredGenerations(texts, members, grid, unsteered, scale, settings)
+    labels = ps.display(tok)
+    return SteeredGenerations(texts, members, grid, unsteered, scale, settings, labels)
+
+
+def _check_decoding(
+    scale: float,
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float | None,
+    seed: int,
+    max_rows: int,
+) -> None:
+    """Each decoding setting in its range, or a ValueError naming it."""
+    problems = []
+    if isinstance(scale, bool) or not isinstance(scale, int | float) or not math.isfinite(scale):
+        problems.append(f"scale must be a finite number, got {scale!r}")
+    if not is_int(max_new_tokens, 0):
+        problems.append(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+    if not is_positive(temperature):
+        problems.append(f"temperature must be a finite number > 0, got {temperature!r}")
+    if top_p is not None and not (is_positive(top_p) and top_p <= 1):
+        problems.append(f"top_p must be in (0, 1] or None, got {top_p!r}")
+    if not (is_int(seed, 0) and seed < 2**63):
+        problems.append(f"seed must be an int in [0, 2**63), got {seed!r}")
+    if not is_int(max_rows, 1):
+        problems.append(f"max_rows must be an int >= 1, got {max_rows!r}")
+    if problems:
+        raise ValueError("; ".join(problems))
 
 
 def generate_steered(

@@ -8,15 +8,17 @@ __all__ = ["add_arguments", "run"]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="smollm2-135m-instruct")
-    p.add_argument("--source", default="7")
-    p.add_argument("--target", default="blocks.22.hook_resid_pre")
-    p.add_argument("--radius", type=float, default=4.0)
+    p.add_argument("--model", default="smollm2-135m-instruct", help="model to time on")
+    p.add_argument("--source", default="7", help="source layer or hook name")
+    p.add_argument("--target", default="blocks.22.hook_resid_pre", help="target layer or hook name")
+    p.add_argument("--radius", type=float, default=4.0, help="R")
     p.add_argument("--n-vectors", type=int, default=32, help="K for the batched timing")
-    p.add_argument("--naive-steps", type=int, default=300)
+    p.add_argument("--naive-steps", type=int, default=300, help="steps of the naive reference run")
     p.add_argument("--timed-steps", type=int, default=3, help="steps timed for K vectors")
-    p.add_argument("--diversity-vectors", type=int, default=4)
-    p.add_argument("--power-steps", type=int, default=10)
+    p.add_argument(
+        "--diversity-vectors", type=int, default=4, help="vectors for the diversity timing"
+    )
+    p.add_argument("--power-steps", type=int, default=10, help="steps of the power-solver timing")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
     p.add_argument("--out", default="bench_out", help="directory for bench.json")
     p.add_argument("--quick", action="store_true", help="tiny settings, for a smoke test")

@@ -10,6 +10,7 @@ from melbo_lens.cli.options import (
     _prompt_set,
     _read_prompts,
     _site,
+    add_prompt_args,
 )
 from melbo_lens.core.io import atomic_write_text
 
@@ -17,14 +18,11 @@ __all__ = ["add_arguments", "run"]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("a")
-    p.add_argument("b")
+    p.add_argument("a", help="first vectors file (.safetensors)")
+    p.add_argument("b", help="second vectors file (.safetensors)")
     p.add_argument("--model", help="also compare target-layer deltas on this model")
-    p.add_argument("--prompt", action="append")
-    p.add_argument("--prompts-file")
-    p.add_argument("--no-chat", action="store_true")
+    add_prompt_args(p)
     p.add_argument("--target", help="target site for deltas (default: the artifacts' target)")
-    p.add_argument("--target-positions", default="all")
     p.add_argument("--json", help="also write the comparison as JSON")
 
 
@@ -45,9 +43,20 @@ def run(args: argparse.Namespace) -> int:
         model=model,
         prompts=prompts,
         target=_site(args.target, "resid_pre") if args.target else None,
-        labels=(Path(args.a).stem, Path(args.b).stem),
+        labels=_labels(Path(args.a), Path(args.b)),
     )
     print(result)
     if args.json:
         atomic_write_text(args.json, json.dumps(result.to_dict(), indent=2))
     return 0
+
+
+def _labels(a: Path, b: Path) -> tuple[str, str]:
+    """Names that tell the two files apart: their stems, else their run directories,
+    else their paths (two default runs are both `vectors.safetensors`)."""
+    if a.stem != b.stem:
+        return a.stem, b.stem
+    ra, rb = a.resolve().parent, b.resolve().parent
+    if ra.name != rb.name:
+        return ra.name, rb.name
+    return str(a), str(b)

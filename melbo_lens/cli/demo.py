@@ -13,6 +13,7 @@ from melbo_lens.cli.options import (
     _read_prompts,
     _train,
 )
+from melbo_lens.cli.output import claimed_output
 from melbo_lens.core.io import atomic_write_text
 
 __all__ = ["add_arguments", "run"]
@@ -20,7 +21,7 @@ __all__ = ["add_arguments", "run"]
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     _add_training_args(p, n_vectors=6, steps=100)
-    p.add_argument("--width", type=int, default=110)
+    p.add_argument("--width", type=int, default=110, help="completions table width")
     # The first token (<|im_start|>) has ~6x the residual norm of the others; with all
     # positions its ||Δ_0|| dominates the objective, so the demo leaves it out. Residual
     # norms at SmolLM2's layer 7 are ~100-140 per token: without the first token, R = 16
@@ -30,11 +31,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    with claimed_output(args, "vectors.safetensors") as (path, resume):
+        return _demo(args, path, resume)
+
+
+def _demo(args: argparse.Namespace, path: Path, resume: str | None) -> int:
     from melbo_lens.generation import generate_steered
 
     prompts = _read_prompts(args)
     print(f"melbo-lens demo: {args.model}, {args.n_vectors} vectors, prompt: {prompts[0]!r}")
-    model, ps, vectors, path, seconds = _train(args, prompts)
+    model, ps, vectors, path, seconds = _train(args, prompts, path, resume)
     _print_vectors(vectors)
     gens = generate_steered(model, vectors, ps, max_new_tokens=args.max_new_tokens)
     print()

@@ -26,12 +26,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--source", type=int, default=1, help="source layer (resid_pre)")
     p.add_argument("--target", type=int, default=3, help="target layer (resid_pre)")
     p.add_argument("--positions", default="last:3", help="objective positions: all | last:N")
-    p.add_argument("--steps", type=int, default=300)
-    p.add_argument("--methods", default="melbo,random,jacobian")
+    p.add_argument("--steps", type=int, default=300, help="MELBO steps per vector")
+    p.add_argument(
+        "--methods", default="melbo,random,jacobian", help="comma-separated methods to score"
+    )
     p.add_argument("--heldout", type=int, default=16, help="held-out prompts for generalisation")
-    p.add_argument("--max-new-tokens", type=int, default=40)
+    p.add_argument("--max-new-tokens", type=int, default=40, help="tokens per completion")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (tiny model: 1)")
-    p.add_argument("--out", default="evaluate_out")
+    p.add_argument("--out", default="evaluate_out", help="output directory")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -13,7 +13,7 @@ import csv
 import json
 from pathlib import Path
 
-from melbo_lens.cli.options import _prompt_set, _read_prompts
+from melbo_lens.cli.options import _prompt_set, _read_prompts, add_prompt_args
 from melbo_lens.core.io import atomic_write_text
 from melbo_lens.perturbations.vectors import SteeringVectors
 
@@ -25,20 +25,26 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sae", required=True, help="SAE directory, packaged name or release")
     p.add_argument("--sae-id", help="SAE id within a sae-lens release (needs a network)")
     p.add_argument("--index", help="comma-separated vector indices (default: all)")
-    p.add_argument("--method", default="sparse", choices=["sparse", "cosine"])
-    p.add_argument("--top-k", type=int, default=20)
-    p.add_argument("--allow-site-mismatch", action="store_true")
+    p.add_argument(
+        "--method",
+        default="sparse",
+        choices=["sparse", "cosine"],
+        help="sparse: a few features that add up to the vector; cosine: nearest decoder rows",
+    )
+    p.add_argument("--top-k", type=int, default=20, help="features listed per vector")
+    p.add_argument(
+        "--allow-site-mismatch",
+        action="store_true",
+        help="use an SAE trained at another hook than the vectors'",
+    )
     p.add_argument("--model", help="with prompts: feature effects and feature comparison")
-    p.add_argument("--prompt", action="append")
-    p.add_argument("--prompts-file")
-    p.add_argument("--no-chat", action="store_true")
-    p.add_argument("--target-positions", default="all")
+    add_prompt_args(p)
     p.add_argument(
         "--attribution",
         choices=["exact", "attribution_patching", "integrated_gradients"],
         help="with --model: attribute the target delta to heads, MLPs and the SAE's features",
     )
-    p.add_argument("--out", default="explain_out")
+    p.add_argument("--out", default="explain_out", help="output directory")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -8,12 +8,21 @@ hessian) need no training loop. Every method writes OUT/<artifact>.safetensors.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 from typing import Any
 
-from melbo_lens.cli.options import SUPERVISED, _print_vectors, _prompt_set, _read_prompts, _site
+from melbo_lens.cli.options import (
+    SUPERVISED,
+    CliError,
+    _lr,
+    _print_vectors,
+    _prompt_set,
+    _read_list,
+    _read_prompts,
+    _site,
+)
+from melbo_lens.cli.output import claimed_output
 from melbo_lens.models.zoo import load_model
 
 __all__ = ["train_adapters", "train_other"]
@@ -21,17 +30,23 @@ __all__ = ["train_adapters", "train_other"]
 
 def train_adapters(args: argparse.Namespace) -> int:
     """MELBO steering adapters on the source block's MLP (rank --rank, norm --radius)."""
-    from melbo_lens.methods.adapters import AdapterConfig, train_steering_adapters
 
     source = _site(args.source, "mlp_out")
     if source.point != "mlp_out":
-        raise ValueError(
+        raise CliError(
             f"adapters perturb a block's MLP: give --source as a layer or "
             f"blocks.L.hook_mlp_out, got {source.name}"
         )
     orthogonal = args.orthogonal or "none"
     if orthogonal not in ("none", "sequential"):
-        raise ValueError(f"adapters support --orthogonal none|sequential, got {orthogonal}")
+        raise CliError(f"adapters support --orthogonal none|sequential, got {orthogonal}")
+    with claimed_output(args, "adapters.safetensors") as (path, resume):
+        return _train_adapters(args, source, orthogonal, path, resume)
+
+
+def _train_adapters(args: argparse.Namespace, source, orthogonal, path: Path, resume) -> int:
+    from melbo_lens.methods.adapters import AdapterConfig, train_steering_adapters
+
     model = load_model(args.model, bridge=args.bridge)
     ps = _prompt_set(model, _read_prompts(args), not args.no_chat, args.target_positions)
     config = AdapterConfig(
@@ -43,17 +58,19 @@ def train_adapters(args: argparse.Namespace) -> int:
         power=args.power,
         q=args.q,
         steps=args.steps,
-        lr=args.lr if args.lr == "auto" else float(args.lr),
+        lr=_lr(args.lr),
         orthogonal=orthogonal,
         seed=args.seed,
     )
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / "adapters.safetensors"
-    resume = str(path) if args.resume and path.exists() else None
     start = time.perf_counter()
     adapters = train_steering_adapters(
-        model, ps, config, progress=not args.quiet, checkpoint=str(path), resume=resume
+        model,
+        ps,
+        config,
+        progress=not args.quiet,
+        checkpoint=str(path),
+        resume=resume,
+        overwrite=True,  # claimed_output has checked --overwrite / --resume
     )
     adapters.metadata["load_name"] = args.model
     adapters.save(path)
@@ -61,15 +78,6 @@ def train_adapters(args: argparse.Namespace) -> int:
     state = "complete" if adapters.complete else "INTERRUPTED (resume with --resume)"
     print(f"\n{len(adapters)} adapters ({state}) in {time.perf_counter() - start:.1f} s -> {path}")
     return 0 if adapters.complete else 130
-
-
-def _read_list(path_str: str) -> list[str]:
-    path = Path(path_str)
-    text = path.read_text()
-    if path.suffix == ".json":
-        data = json.loads(text)
-        return list(data if isinstance(data, list) else data["prompts"])
-    return [line for line in text.splitlines() if line.strip()]
 
 
 def _position(value: str):
@@ -92,6 +100,16 @@ def _point(spec: str):
 
 def train_other(args: argparse.Namespace) -> int:
     """--method mean-diff|pca|probe|random|jacobian|hessian: no training loop."""
+    if args.resume:
+        raise CliError(
+            f"--resume applies to melbo and adapters; --method {args.method} has no "
+            "training loop to continue"
+        )
+    with claimed_output(args, "vectors.safetensors") as (path, _):
+        return _train_other(args, path)
+
+
+def _train_other(args: argparse.Namespace, path: Path) -> int:
     from melbo_lens.methods import baselines, supervised
 
     model = load_model(args.model, bridge=args.bridge)
@@ -102,12 +120,16 @@ def train_other(args: argparse.Namespace) -> int:
     curve = None
     if args.method in SUPERVISED:
         if not (args.positive_file and args.negative_file):
-            raise ValueError(
+            raise CliError(
                 f"--method {args.method} needs --positive-file and --negative-file "
                 "(.txt one prompt per line, or a .json list), paired line by line"
             )
-        pos = _prompt_set(model, _read_list(args.positive_file), chat, args.target_positions)
-        neg = _prompt_set(model, _read_list(args.negative_file), chat, args.target_positions)
+        pos = _prompt_set(
+            model, _read_list(args.positive_file, "--positive-file"), chat, args.target_positions
+        )
+        neg = _prompt_set(
+            model, _read_list(args.negative_file, "--negative-file"), chat, args.target_positions
+        )
         common: dict[str, Any] = dict(
             position=_position(args.position),
             answer_tokens=_answer_tokens(args.answer_tokens),
@@ -166,9 +188,7 @@ def train_other(args: argparse.Namespace) -> int:
                     model, ps, source, target, power=args.power, q=args.q, at=at, **common
                 )
     vectors.metadata["load_name"] = args.model
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = vectors.save(out / "vectors.safetensors")
+    vectors.save(path)
     seconds = time.perf_counter() - start
     spectrum = vectors.metadata.get("singular_values") or vectors.metadata.get("eigenvalues")
     print(f"{'vector':>6}  {'norm':>9}  {'objective':>12}  {'spectrum':>12}")

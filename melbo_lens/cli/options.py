@@ -1,13 +1,15 @@
 """Options and helpers shared by the CLI's subcommands: sites, prompts, training flags.
 
 Every subcommand module imports from here, never from `melbo_lens.cli` itself, so the
-package has no import cycle.
+package has no import cycle. Errors raised here are `CliError`s: their messages name
+the flag, the value and the fix in command-line terms.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 from pathlib import Path
 from typing import Any, Literal
@@ -17,73 +19,261 @@ from melbo_lens.core.prompts import bundled_prompts
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
 
+class CliError(ValueError):
+    """A bad command line: the message names the flag, the value and the fix."""
+
+
+# config field -> the flag that sets it (used to name differing fields on --resume)
+FLAG_OF = {
+    "source": "--source",
+    "source_layer": "--source",
+    "target": "--target",
+    "n_vectors": "--n-vectors",
+    "n_adapters": "--n-vectors",
+    "rank": "--rank",
+    "radius": "--radius",
+    "power": "--power",
+    "q": "--q",
+    "steps": "--steps",
+    "lr": "--lr",
+    "orthogonal": "--orthogonal",
+    "solver": "--solver",
+    "seed": "--seed",
+}
+
+
+# ---------------------------------------------------------------------- value types
+def positive_int(text: str) -> int:
+    """argparse type: an int >= 1."""
+    value = _int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an int >= 1, got {text}")
+    return value
+
+
+def nonnegative_int(text: str) -> int:
+    """argparse type: an int >= 0."""
+    value = _int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an int >= 0, got {text}")
+    return value
+
+
+def seed_int(text: str) -> int:
+    """argparse type: a seed in [0, 2**32)."""
+    value = _int(text)
+    if not 0 <= value < 2**32:
+        raise argparse.ArgumentTypeError(f"must be an int in [0, 2**32), got {text}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a finite number > 0."""
+    value = finite_float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return value
+
+
+def finite_float(text: str) -> float:
+    """argparse type: a finite number (no nan / inf)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+    return value
+
+
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an int, got {text!r}") from None
+
+
+# ---------------------------------------------------------------------- sites, prompts
 def _site(value: str, default_point: str):
     from melbo_lens.core.sites import parse_site
 
     return parse_site(value, default_point)
 
 
-def _read_prompts(args: argparse.Namespace) -> list[str]:
+def _read_list(path_str: str, flag: str) -> list[Any]:
+    """Prompts from a .txt (one per non-blank line) or .json file (a list, or an object
+    with a "prompts" list); each JSON entry a string or a conversation."""
+    path = Path(path_str)
+    if not path.is_file():
+        raise CliError(f"{flag} {path_str}: no such file")
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise CliError(f"{flag} {path_str}: not valid JSON ({err})") from None
+        if isinstance(data, dict):
+            if "prompts" not in data:
+                raise CliError(
+                    f'{flag} {path_str}: a JSON object needs a "prompts" list (found keys '
+                    f"{sorted(data)}); or make the file a JSON list of prompts"
+                )
+            data = data["prompts"]
+        if not isinstance(data, list):
+            raise CliError(f"{flag} {path_str}: expected a JSON list of prompts")
+        prompts = data
+    else:
+        prompts = [line for line in text.splitlines() if line.strip()]
+    if not prompts:
+        raise CliError(
+            f"{flag} {path_str}: no prompts in the file (only blank lines or an empty list); "
+            "give one prompt per line"
+        )
+    return prompts
+
+
+def _read_prompts(args: argparse.Namespace) -> list[Any]:
+    """--prompt (repeatable) and --prompts-file; the bundled demo prompts if neither."""
     prompts = list(args.prompt or [])
     if args.prompts_file:
-        path = Path(args.prompts_file)
-        text = path.read_text()
-        if path.suffix == ".json":
-            data = json.loads(text)
-            prompts += list(data if isinstance(data, list) else data["prompts"])
-        else:
-            prompts += [line for line in text.splitlines() if line.strip()]
+        prompts += _read_list(args.prompts_file, "--prompts-file")
     if not prompts:
         prompts = bundled_prompts("demo")
     return prompts
 
 
+TARGET_POSITIONS_HELP = "'all', 'N:' (positions N on), 'last:N' (the last N) or '0,3,-1'"
+
+
 def _target_positions(spec: str):
-    if spec == "all":
-        return None
-    if spec.startswith("last:"):
-        return slice(-int(spec.split(":", 1)[1]), None)
-    if spec.endswith(":"):  # "1:" = every position from 1 on (skips the first token)
-        return slice(int(spec[:-1]), None)
-    return [int(p) for p in spec.split(",")]
+    """--target-positions -> a target-position spec of `PromptSet`."""
+    try:
+        if spec == "all":
+            return None
+        if spec.startswith("last:"):
+            n = int(spec.split(":", 1)[1])
+            if n < 1:
+                raise ValueError
+            return slice(-n, None)
+        if spec.endswith(":"):  # "1:" = every position from 1 on (skips the first token)
+            return slice(int(spec[:-1]), None)
+        return [int(p) for p in spec.split(",")]
+    except ValueError:
+        raise CliError(
+            f"--target-positions {spec!r} is not a position spec; use {TARGET_POSITIONS_HELP} "
+            "(last:N needs N >= 1)"
+        ) from None
 
 
-def _prompt_set(model: Any, prompts: list[str], chat: bool, target_spec: str):
+def _prompt_set(model: Any, prompts: list[Any], chat: bool, target_spec: str):
     from melbo_lens.core.prompts import PromptSet
 
-    return PromptSet.coerce(
-        model, prompts, chat=chat, target_positions=_target_positions(target_spec)
+    positions = _target_positions(target_spec)
+    tokenizer = getattr(model, "tokenizer", None)
+    wants_template = chat or any(not isinstance(p, str) for p in prompts)
+    if wants_template and getattr(tokenizer, "chat_template", None) is None:
+        raise CliError(
+            "this model's tokenizer has no chat template; pass --no-chat to use the prompts "
+            "as plain text (conversations in a prompts file need a chat model)"
+        )
+    return PromptSet.coerce(model, prompts, chat=chat, target_positions=positions)
+
+
+# ---------------------------------------------------------------------- option groups
+def add_prompt_args(p: argparse.ArgumentParser | Any, *, positions: bool = True) -> None:
+    """--prompt, --prompts-file, --no-chat (and --target-positions)."""
+    g = p.add_argument_group("prompts") if isinstance(p, argparse.ArgumentParser) else p
+    g.add_argument("--prompt", action="append", help="a prompt (repeatable)")
+    g.add_argument(
+        "--prompts-file",
+        help='a .txt (one prompt per line) or .json (a list, or {"prompts": [...]}; entries '
+        "are strings or chat conversations); default: the bundled demo prompts",
     )
+    g.add_argument(
+        "--no-chat",
+        action="store_true",
+        help="use prompts as plain text, without the chat template",
+    )
+    if positions:
+        g.add_argument(
+            "--target-positions",
+            default="all",
+            help=f"positions where the change is measured: {TARGET_POSITIONS_HELP}",
+        )
 
 
 def _add_training_args(p: argparse.ArgumentParser, *, n_vectors: int, steps: int) -> None:
-    p.add_argument("--model", default=DEFAULT_MODEL, help="packaged name or a TransformerLens name")
-    p.add_argument("--bridge", action="store_true", help="use TransformerBridge as the host")
-    p.add_argument("--prompt", action="append", help="a prompt (repeatable)")
-    p.add_argument("--prompts-file", help="a .txt (one prompt per line) or .json list")
-    p.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
-    p.add_argument("--source", default="7", help="layer (resid_post) or hook name")
-    p.add_argument("--target", default="blocks.22.hook_resid_pre", help="layer or hook name")
-    p.add_argument(
-        "--target-positions", default="all", help="'all', 'N:' (from N on), 'last:N' or '0,3,-1'"
+    """The options every MELBO-training command shares, in groups."""
+    m = p.add_argument_group("model")
+    m.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        help="a packaged name (works offline) or a TransformerLens / Hugging Face name",
     )
-    p.add_argument("--radius", type=float, default=4.0)
-    p.add_argument("--power", type=float, default=2.0)
-    p.add_argument("--q", type=float, default=1.0)
-    p.add_argument("--n-vectors", type=int, default=n_vectors)
-    p.add_argument("--steps", type=int, default=steps)
-    p.add_argument("--lr", default="auto", help="'auto' (0.011·R/√d_model) or a number")
-    p.add_argument(
+    m.add_argument("--bridge", action="store_true", help="use TransformerBridge as the host")
+    add_prompt_args(p)
+    t = p.add_argument_group("training (MELBO vectors and adapters)")
+    t.add_argument(
+        "--source",
+        default="7",
+        help="where the perturbation is added: a layer (resid_post) or a hook name",
+    )
+    t.add_argument(
+        "--target",
+        default="blocks.22.hook_resid_pre",
+        help="where the change is measured: a layer (resid_post) or a hook name",
+    )
+    t.add_argument("--radius", type=positive_float, default=4.0, help="R, the norm of each vector")
+    t.add_argument(
+        "--power", type=positive_float, default=2.0, help="p: per-position change ||Δ||^p"
+    )
+    t.add_argument(
+        "--q", type=positive_float, default=1.0, help="q: per-prompt sum to the power 1/q"
+    )
+    t.add_argument(
+        "--n-vectors", type=positive_int, default=n_vectors, help="how many vectors to train"
+    )
+    t.add_argument("--steps", type=nonnegative_int, default=steps, help="steps per vector")
+    t.add_argument("--lr", default="auto", help="'auto' (0.011·R/√d_model) or a number")
+    t.add_argument(
         "--orthogonal",
         default=None,
         choices=["sequential", "simultaneous", "soft", "none"],
-        help="default: sequential (vectors), none (adapters)",
+        help="how vectors are kept apart; default: sequential (vectors), none (adapters)",
     )
-    p.add_argument("--solver", default="amsgrad", choices=["amsgrad", "power"])
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="melbo_out", help="output directory")
-    p.add_argument("--max-new-tokens", type=int, default=40)
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    t.add_argument(
+        "--solver",
+        default="amsgrad",
+        choices=["amsgrad", "power"],
+        help="AMSGrad on the sphere (the source's) or a safeguarded power step",
+    )
+    t.add_argument("--seed", type=seed_int, default=0, help="seed of the initial vectors")
+    o = p.add_argument_group("output")
+    o.add_argument("--out", default="melbo_out", help="output directory")
+    o.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the interrupted run in --out (same settings)",
+    )
+    o.add_argument(
+        "--overwrite", action="store_true", help="replace a finished run already in --out"
+    )
+    o.add_argument(
+        "--max-new-tokens",
+        type=nonnegative_int,
+        default=40,
+        help="tokens generated per completion",
+    )
+    o.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _lr(value: str) -> float | Literal["auto"]:
+    if value == "auto":
+        return "auto"
+    try:
+        return finite_float(value)
+    except argparse.ArgumentTypeError:
+        raise CliError(f"--lr must be 'auto' or a number, got {value!r}") from None
 
 
 def _melbo_config(args: argparse.Namespace, radius: float):
@@ -98,27 +288,30 @@ def _melbo_config(args: argparse.Namespace, radius: float):
         power=args.power,
         q=args.q,
         steps=args.steps,
-        lr=args.lr if args.lr == "auto" else float(args.lr),
+        lr=_lr(args.lr),
         orthogonal=args.orthogonal or "sequential",
         solver=args.solver,
         seed=args.seed,
     )
 
 
-def _train(args: argparse.Namespace, prompts: list[str]):
+def _train(args: argparse.Namespace, prompts: list[Any], path: Path, resume: str | None):
+    """Train MELBO vectors into `path` (claimed by the caller with `claimed_output`)."""
     from melbo_lens.methods.melbo import train_steering_vectors
     from melbo_lens.models.zoo import load_model
 
     model = load_model(args.model, bridge=args.bridge)
     ps = _prompt_set(model, prompts, not args.no_chat, args.target_positions)
     config = _melbo_config(args, args.radius)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / "vectors.safetensors"
-    resume = str(path) if getattr(args, "resume", False) and path.exists() else None
     start = time.perf_counter()
     vectors = train_steering_vectors(
-        model, ps, config, progress=not args.quiet, checkpoint=str(path), resume=resume
+        model,
+        ps,
+        config,
+        progress=not args.quiet,
+        checkpoint=str(path),
+        resume=resume,
+        overwrite=True,  # claimed_output has checked --overwrite / --resume
     )
     vectors.metadata["load_name"] = args.model
     vectors.save(path)

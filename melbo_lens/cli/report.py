@@ -27,8 +27,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         choices=["exact", "attribution_patching", "integrated_gradients"],
         help="exact split of Δ (default), or node estimates verified by patching (slower)",
     )
-    p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--max-new-tokens", type=int, default=32, help="tokens per completion")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -3,17 +3,26 @@
 For each R it trains MELBO vectors, completes the prompts under each, and prints
 objective, diversity, fluency (median perplexity under the unsteered model) and
 repetition per R with the recommended R (see `methods.radius`). Writes OUT/sweep.json
-(a `RadiusSweep`, completions included) and, with --save-vectors, the vectors per R.
+(a `RadiusSweep`, completions included); each finished radius is saved at once as
+OUT/radius_R.json and OUT/radius_R.safetensors, so `--resume` continues a killed sweep.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 from pathlib import Path
 
-from melbo_lens.cli.options import _add_training_args, _melbo_config, _prompt_set, _read_prompts
+from melbo_lens.cli.options import (
+    CliError,
+    _add_training_args,
+    _melbo_config,
+    _prompt_set,
+    _read_prompts,
+)
+from melbo_lens.cli.output import claimed_output
 from melbo_lens.core.io import atomic_write_text
 
 __all__ = ["add_arguments", "run"]
@@ -29,27 +38,49 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="collapse when median perplexity > this x the unsteered completions'",
     )
     p.add_argument("--repetition-limit", type=float, default=None, help="also collapse above")
-    p.add_argument("--save-vectors", action="store_true", help="OUT/vectors_R{R}.safetensors")
+    p.add_argument(
+        "--save-vectors",
+        action="store_true",
+        help="keep the vectors in the result (OUT/radius_R.safetensors are always written)",
+    )
     p.add_argument("--show", type=int, default=1, help="completions shown per R (prompt 0)")
-    p.add_argument("--width", type=int, default=100)
+    p.add_argument("--width", type=int, default=100, help="completions width")
     p.set_defaults(out="sweep_out", max_new_tokens=32)
 
 
 def run(args: argparse.Namespace) -> int:
+    try:
+        radii = [float(r) for r in args.radii.split(",") if r.strip()]
+    except ValueError:
+        raise CliError(f"--radii must be comma-separated numbers, got {args.radii!r}") from None
+    if not radii or not all(math.isfinite(r) and r > 0 for r in radii):
+        raise CliError(f"--radii must be finite numbers > 0, got {args.radii!r}")
+    with claimed_output(args, "sweep.json") as (path, _):
+        saved = sorted(path.parent.glob("radius_*.json"))
+        if saved and not (args.resume or args.overwrite):
+            raise CliError(
+                f"--out {path.parent} holds {len(saved)} finished radii of an interrupted "
+                "sweep; pass --resume to continue it or --overwrite to start over, or choose "
+                "another --out"
+            )
+        if args.overwrite:
+            for old in saved:
+                old.unlink()
+                old.with_suffix(".safetensors").unlink(missing_ok=True)
+        return _sweep(args, radii, path)
+
+
+def _sweep(args: argparse.Namespace, radii: list[float], path: Path) -> int:
     from melbo_lens.models.zoo import load_model
     from melbo_lens.workflows.radius import select_radius
 
-    try:
-        radii = [float(r) for r in args.radii.split(",") if r.strip()]
-    except ValueError as err:
-        raise ValueError(f"--radii must be comma-separated numbers, got {args.radii!r}") from err
     model = load_model(args.model, bridge=args.bridge)
     prompts = _read_prompts(args)
     ps = _prompt_set(model, prompts, not args.no_chat, args.target_positions)
-    config = _melbo_config(args, radii[0] if radii else 1.0)
+    config = _melbo_config(args, radii[0])
     print(
         f"melbo-lens sweep: {args.model}, {args.n_vectors} vectors x {args.steps} steps, "
-        f"radii {radii}"
+        f"radii {radii}; each finished radius is kept in {path.parent} (--resume continues)"
     )
     start = time.perf_counter()
     result = select_radius(
@@ -62,15 +93,9 @@ def run(args: argparse.Namespace) -> int:
         repetition_limit=args.repetition_limit,
         keep_vectors=args.save_vectors,
         progress=not args.quiet,
+        save_dir=path.parent,
     )
     seconds = time.perf_counter() - start
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    if result.vectors is not None:
-        for r, vectors in zip(result.radii, result.vectors, strict=True):
-            vectors.metadata["load_name"] = args.model
-            vectors.save(out / f"vectors_R{r:g}.safetensors")
-    path = out / "sweep.json"
     atomic_write_text(path, json.dumps(result.to_dict(), indent=2))
     print()
     if args.show > 0:

@@ -11,14 +11,16 @@ from melbo_lens.cli.options import (
     _print_vectors,
     _read_prompts,
     _train,
+    positive_float,
+    positive_int,
 )
+from melbo_lens.cli.output import claimed_output
 
 __all__ = ["add_arguments", "run"]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     _add_training_args(p, n_vectors=8, steps=300)
-    p.add_argument("--resume", action="store_true", help="continue OUT/vectors.safetensors")
     p.add_argument(
         "--method",
         default="melbo",
@@ -26,18 +28,31 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="melbo vectors, adapters (MELBO adapters on the source block's MLP), "
         "mean-diff|pca|probe (contrast pairs), random|jacobian|hessian (baselines)",
     )
-    p.add_argument("--rank", type=int, default=1, help="adapters: rank r")
-    p.add_argument("--positive-file", help="mean-diff/pca/probe: positive prompts")
-    p.add_argument("--negative-file", help="mean-diff/pca/probe: negative prompts (paired)")
-    p.add_argument("--position", default="last", help="last | mean | answer | an index")
-    p.add_argument("--answer-tokens", help="position=answer: comma-separated tokens or ids")
-    p.add_argument("--center", action="store_true", help="pca: centre the differences")
-    p.add_argument("--l2", type=float, default=1e-2, help="probe: L2 strength")
-    p.add_argument("--stability", action="store_true", help="print the pairs-stability curve")
-    p.add_argument("--iterations", type=int, default=40, help="jacobian/hessian: blocks")
-    p.add_argument("--tol", type=float, default=1e-5, help="jacobian/hessian: residual tol")
-    p.add_argument("--at", help="hessian: FILE.safetensors:INDEX, the point (p != 2)")
+    a = p.add_argument_group("--method adapters")
+    a.add_argument("--rank", type=positive_int, default=1, help="rank r of each adapter")
+    s = p.add_argument_group("--method mean-diff | pca | probe (contrast pairs)")
+    s.add_argument("--positive-file", help="positive prompts (.txt or .json), paired by line")
+    s.add_argument("--negative-file", help="negative prompts, paired with --positive-file")
+    s.add_argument(
+        "--position",
+        default="last",
+        help="where activations are read: last | mean | answer | an index",
+    )
+    s.add_argument("--answer-tokens", help="--position answer: comma-separated tokens or ids")
+    s.add_argument("--center", action="store_true", help="pca: centre the differences")
+    s.add_argument("--l2", type=positive_float, default=1e-2, help="probe: L2 strength")
+    s.add_argument("--stability", action="store_true", help="print the pairs-stability curve")
+    b = p.add_argument_group("--method jacobian | hessian (baselines)")
+    b.add_argument("--iterations", type=positive_int, default=40, help="eigensolver blocks at most")
+    b.add_argument("--tol", type=positive_float, default=1e-5, help="eigensolver residual tol")
+    b.add_argument("--at", help="hessian: FILE.safetensors:INDEX, the point (p != 2)")
     p.set_defaults(radius=None)
+    for action in p._actions:
+        if action.dest == "radius":
+            action.help = (
+                "R, the norm of each vector (default: 4; mean-diff|pca|probe: the "
+                "contrast's own norm)"
+            )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -51,7 +66,8 @@ def run(args: argparse.Namespace) -> int:
         return train_other(args)
     if args.radius is None:
         args.radius = 4.0
-    _, _, vectors, path, seconds = _train(args, _read_prompts(args))
+    with claimed_output(args, "vectors.safetensors") as (path, resume):
+        _, _, vectors, path, seconds = _train(args, _read_prompts(args), path, resume)
     _print_vectors(vectors)
     state = "complete" if vectors.complete else "INTERRUPTED (resume with --resume)"
     print(f"\n{len(vectors)} vectors ({state}) in {seconds:.1f} s -> {path}")

@@ -52,10 +52,43 @@ def _positions_for(spec: PositionSpec, length: int, prompt_index: int) -> list[i
 
 
 def _is_per_prompt(spec: Any, n: int) -> bool:
-    """A per-prompt list has one slice / None / list entry per prompt."""
-    if spec is None or isinstance(spec, slice) or len(spec) != n:
+    """A per-prompt list has one slice / None / list entry per prompt; a list that has
+    such entries but not one per prompt is an error, not a spec for every prompt."""
+    if spec is None or isinstance(spec, slice | str):
         return False
-    return all(s is None or isinstance(s, slice | list | tuple) for s in spec)
+    entries = list(spec)
+    if not any(s is None or isinstance(s, slice | list | tuple) for s in entries):
+        return False  # a plain list of ints: the same positions in every prompt
+    if len(entries) != n:
+        raise ValueError(
+            f"target_positions has {len(entries)} per-prompt entries for {n} prompts; give "
+            "one entry per prompt, or a single slice / list of ints for all of them"
+        )
+    return True
+
+
+def _check_rows(model: Any, rows: list[list[int]]) -> None:
+    """Token ids within the model's vocabulary and prompts within its context."""
+    cfg = getattr(model, "cfg", None)
+    d_vocab = getattr(cfg, "d_vocab", None)
+    n_ctx = getattr(cfg, "n_ctx", None)
+    for i, row in enumerate(rows):
+        if not row:
+            raise ValueError(f"prompt {i} is empty (0 tokens); remove it or give it text")
+        low, high = min(row), max(row)
+        if low < 0:
+            raise ValueError(f"prompt {i} has a negative token id {low}; token ids are >= 0")
+        if isinstance(d_vocab, int) and high >= d_vocab:
+            raise ValueError(
+                f"prompt {i} has token id {high}, outside the model's vocabulary "
+                f"(d_vocab={d_vocab}, ids 0..{d_vocab - 1}); was it tokenized for another model?"
+            )
+        if isinstance(n_ctx, int) and len(row) > n_ctx:
+            raise ValueError(
+                f"prompt {i} has {len(row)} tokens but the model's context is n_ctx={n_ctx}; "
+                "shorten the prompt (or split it into several) to at most "
+                f"{n_ctx} tokens"
+            )
 
 
 @dataclass(frozen=True, eq=False)
@@ -74,6 +107,9 @@ class PromptSet:
     target_mask: Bool[Tensor, "n pos"]
     texts: tuple[str, ...] | None = None
     target_spec: Any = field(default=None, compare=False)
+    # what to show a reader for each prompt: the last user message of a conversation,
+    # the text itself otherwise (None: show `texts`)
+    labels: tuple[str, ...] | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         if self.tokens.ndim != 2:
@@ -104,6 +140,7 @@ class PromptSet:
         attention_mask: Bool[Tensor, "n pos"] | None = None,
         texts: Sequence[str] | None = None,
         pad_token_id: int | None = None,
+        labels: Sequence[str] | None = None,
     ) -> PromptSet:
         """Build from token ids (no tokenizer needed); `model` may be None.
 
@@ -125,9 +162,7 @@ class PromptSet:
             rows = [list(map(int, r)) for r in tokens]
         if not rows:
             raise ValueError("no prompts given; pass at least one prompt")
-        for i, row in enumerate(rows):
-            if not row:
-                raise ValueError(f"prompt {i} is empty (0 tokens); remove it or give it text")
+        _check_rows(model, rows)
         if pad_token_id is None:
             pad_token_id = _pad_id(model)
         n, length = len(rows), max(len(r) for r in rows)
@@ -150,6 +185,7 @@ class PromptSet:
             target.to(device),
             tuple(texts) if texts is not None else None,
             target_positions,
+            tuple(labels) if labels is not None else None,
         )
 
     @classmethod
@@ -258,6 +294,8 @@ class PromptSet:
         conversations = convs
         if not conversations:
             raise ValueError("no conversations given; pass at least one")
+        for i, conv in enumerate(conversations):
+            _check_conversation(i, conv)
         texts = [
             tokenizer.apply_chat_template(
                 list(conv), tokenize=False, add_generation_prompt=add_generation_prompt
@@ -265,7 +303,10 @@ class PromptSet:
             for conv in conversations
         ]
         rows = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
-        return cls.from_tokens(model, rows, target_positions=target_positions, texts=texts)
+        labels = [_last_user_message(conv) for conv in conversations]
+        return cls.from_tokens(
+            model, rows, target_positions=target_positions, texts=texts, labels=labels
+        )
 
     # ------------------------------------------------------------------ views
     def __len__(self) -> int:
@@ -281,12 +322,14 @@ class PromptSet:
         idx = torch.arange(len(self))[index]
         length = int(self.attention_mask[idx].sum(-1).max())
         texts = None if self.texts is None else tuple(self.texts[int(i)] for i in idx)
+        labels = None if self.labels is None else tuple(self.labels[int(i)] for i in idx)
         return PromptSet(
             self.tokens[idx, :length],
             self.attention_mask[idx, :length],
             self.target_mask[idx, :length],
             texts,
             self.target_spec,
+            labels,
         )
 
     def to(self, device: torch.device | str) -> PromptSet:
@@ -296,6 +339,7 @@ class PromptSet:
             self.target_mask.to(device),
             self.texts,
             self.target_spec,
+            self.labels,
         )
 
     def left_padded(self, pad_token_id: int = 0) -> tuple[Tensor, Tensor]:
@@ -307,6 +351,17 @@ class PromptSet:
         tokens = torch.gather(self.tokens, 1, src)
         mask = torch.arange(length, device=self.tokens.device)[None] >= shift
         return torch.where(mask, tokens, torch.full_like(tokens, pad_token_id)), mask
+
+    def display(self, tokenizer: Any = None) -> list[str]:
+        """One readable line per prompt: its label (last user message), else its text,
+        else its decoded tokens."""
+        if self.labels is not None:
+            return list(self.labels)
+        if self.texts is not None:
+            return list(self.texts)
+        if tokenizer is None:
+            return [str(t) for t in self.token_lists()]
+        return [tokenizer.decode(t) for t in self.token_lists()]
 
     def token_lists(self) -> list[list[int]]:
         return [t[m].tolist() for t, m in zip(self.tokens, self.attention_mask, strict=True)]
@@ -326,6 +381,30 @@ class PromptSet:
     def from_dict(cls, data: dict[str, Any], model: Any = None) -> PromptSet:
         return cls.from_tokens(
             model, data["tokens"], target_positions=data["targets"], texts=data.get("texts")
+        )
+
+
+def _last_user_message(conv: Sequence[dict[str, str]]) -> str:
+    """What a reader recognises a conversation by: its last user message."""
+    users = [m["content"] for m in conv if m.get("role") == "user"]
+    return users[-1] if users else conv[-1]["content"]
+
+
+def _check_conversation(i: int, conv: Any) -> None:
+    ok = (
+        isinstance(conv, list | tuple)
+        and len(conv) > 0
+        and all(
+            isinstance(m, dict)
+            and isinstance(m.get("role"), str)
+            and isinstance(m.get("content"), str)
+            for m in conv
+        )
+    )
+    if not ok:
+        raise ValueError(
+            f"conversation {i} is {conv!r}; each prompt must be a string (one user turn) or a "
+            "non-empty list of {'role': str, 'content': str} messages"
         )
 
 

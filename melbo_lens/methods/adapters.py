@@ -145,6 +145,12 @@ class AdapterConfig(LoopConfig):
         if problems:
             raise ValueError("invalid AdapterConfig: " + "; ".join(problems))
 
+    lr_bound = "the columns' unit norm"
+
+    def lr_max(self) -> float:
+        """Ω_A and Ω_B have unit-norm columns: an absolute lr above 1 jumps across them."""
+        return 1.0
+
     @property
     def source(self) -> HookSite:
         """Where the adapters write: `blocks.{source_layer}.hook_mlp_out`."""
@@ -294,8 +300,8 @@ def train_steering_adapters(
     checkpoint: str | None = None,
     checkpoint_every: int = 50,
     resume: SteeringAdapters | str | None = None,
-    check_every: int = 10,
     compile: bool = False,
+    overwrite: bool = False,
 ) -> SteeringAdapters:
     """Train MELBO steering adapters; returns a `SteeringAdapters` artifact.
 
@@ -331,6 +337,6 @@ def train_steering_adapters(
         callback=callback,
         checkpoint=checkpoint,
         checkpoint_every=checkpoint_every,
-        check_every=check_every,
         compile=compile,
+        overwrite=overwrite,
     )

@@ -11,9 +11,10 @@ import math
 from dataclasses import asdict, fields
 from typing import Any, TypeVar
 
+from melbo_lens.core.checks import is_int, is_positive
 from melbo_lens.core.sites import HookSite
 
-__all__ = ["LoopConfig", "config_from_dict", "config_to_dict", "is_int"]
+__all__ = ["LoopConfig", "config_from_dict", "config_to_dict", "is_int", "is_positive"]
 
 T = TypeVar("T")
 
@@ -47,11 +48,6 @@ def config_from_dict(cls: type[T], data: dict[str, Any]) -> T:
     return cls(**data)
 
 
-def is_int(value: Any, low: int) -> bool:
-    """An int (not a bool) >= `low`."""
-    return isinstance(value, int) and not isinstance(value, bool) and value >= low
-
-
 C = TypeVar("C", bound="LoopConfig")
 
 
@@ -59,6 +55,14 @@ class LoopConfig:
     """What every config the trainer runs shares (a mixin for frozen dataclasses with the
     fields radius, power, q, steps, lr, orthogonal, solver, betas, soft_on, amsgrad): the
     JSON round trip, the checks of those fields, and the optimiser rule."""
+
+    lr_bound = "the radius"  # what bounds an absolute lr, in words (see `lr_max`)
+
+    def lr_max(self) -> float:
+        """The largest absolute lr that is not a jump across the constraint set: the
+        radius for a vector on the sphere of radius R."""
+        radius = getattr(self, "radius", 1.0)
+        return float(radius) if is_positive(radius) else math.inf
 
     def loop_problems(self) -> list[str]:
         """Every problem with the shared fields, each naming the field and the value."""
@@ -87,15 +91,23 @@ def _loop_problems(config: Any) -> list[str]:
     """See `LoopConfig.loop_problems`."""
     problems = []
     r = config.radius
-    if not (isinstance(r, int | float) and not isinstance(r, bool) and 0 < r < math.inf):
+    if not is_positive(r):
         problems.append(f"radius must be a finite number > 0, got {r!r}")
-    if not (config.power > 0 and config.q > 0):
-        problems.append(f"power and q must be > 0, got power={config.power} q={config.q}")
+    for name in ("power", "q"):
+        if not is_positive(getattr(config, name)):
+            problems.append(f"{name} must be a finite number > 0, got {getattr(config, name)!r}")
     if not is_int(config.steps, 0):
         problems.append(f"steps must be an int >= 0, got {config.steps!r}")
-    lr = config.lr
-    if lr != "auto" and not (isinstance(lr, int | float) and not isinstance(lr, bool) and lr > 0):
-        problems.append(f"lr must be 'auto' or a number > 0, got {lr!r}")
+    lr, lr_max = config.lr, config.lr_max()
+    if lr != "auto" and not (is_positive(lr) and lr <= lr_max):
+        problems.append(
+            f"lr must be 'auto' or a number in (0, {lr_max:g}], got {lr!r}: AMSGrad moves every "
+            f"coordinate by about lr per step, so an lr above {lr_max:g} ({config.lr_bound}) "
+            "jumps across the whole constraint set"
+        )
+    seed = getattr(config, "seed", 0)
+    if not (is_int(seed, 0) and seed < 2**32):
+        problems.append(f"seed must be an int in [0, 2**32), got {seed!r}")
     if config.orthogonal not in ("sequential", "simultaneous", "soft", "none"):
         problems.append(
             f"orthogonal must be 'sequential', 'simultaneous', 'soft' or 'none', "

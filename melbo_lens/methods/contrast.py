@@ -21,7 +21,11 @@ __all__ = ["Position", "pair_activations"]
 Position = Literal["last", "mean", "answer"] | int
 
 
-PromptsLike = PromptSet | Sequence[str] | Sequence[Sequence[int]]
+# A PromptSet; plain strings (tokenized as they are: no chat template); chat conversations
+# (lists of {"role", "content"} dicts: the chat template is applied); or token-id lists.
+PromptsLike = (
+    PromptSet | Sequence[str] | Sequence[Sequence[dict[str, str]]] | Sequence[Sequence[int]]
+)
 
 
 DEFAULT_ANSWER_LETTERS = ("A", "B", " A", " B")
@@ -37,8 +41,20 @@ def _as_prompt_set(model: Any, prompts: PromptsLike, name: str) -> PromptSet:
     if not items:
         raise ValueError(f"{name} is empty; give at least one contrast pair")
     if all(isinstance(p, str) for p in items):
-        return PromptSet.from_texts(model, items)
-    return PromptSet.from_tokens(model, items)
+        return PromptSet.from_texts(model, items)  # plain text: no chat template
+    if isinstance(items[0], dict):
+        raise TypeError(
+            f"{name} looks like one conversation; give a list of them (one per contrast pair)"
+        )
+    if all(isinstance(p, list | tuple) and p and isinstance(p[0], dict) for p in items):
+        return PromptSet.from_chat(model, items)  # conversations: the chat template
+    if all(isinstance(p, list | tuple) and all(isinstance(t, int) for t in p) for p in items):
+        return PromptSet.from_tokens(model, items)
+    raise TypeError(
+        f"{name} must be a PromptSet or a list of strings, chat conversations (lists of "
+        "{'role', 'content'} dicts) or token-id lists, one kind throughout; got "
+        f"{sorted({type(p).__name__ for p in items})}"
+    )
 
 
 def _answer_ids(model: Any, answer_tokens: Any) -> list[int]:

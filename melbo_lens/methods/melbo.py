@@ -103,8 +103,10 @@ class MelboConfig(LoopConfig):
         if not is_int(self.n_vectors, 1):
             problems.append(f"n_vectors must be an int >= 1, got {self.n_vectors!r}")
         problems += self.loop_problems()
-        if self.vectors_per_batch is not None and self.vectors_per_batch < 1:
-            problems.append(f"vectors_per_batch must be >= 1, got {self.vectors_per_batch}")
+        if self.vectors_per_batch is not None and not is_int(self.vectors_per_batch, 1):
+            problems.append(
+                f"vectors_per_batch must be an int >= 1, got {self.vectors_per_batch!r}"
+            )
         try:
             check_order(self.source, self.target)
         except ValueError as err:
@@ -210,8 +212,8 @@ def train_steering_vectors(
     checkpoint: str | None = None,
     checkpoint_every: int = 50,
     resume: SteeringVectors | str | None = None,
-    check_every: int = 10,
     compile: bool = False,
+    overwrite: bool = False,
 ) -> SteeringVectors:
     """Train MELBO steering vectors; returns a `SteeringVectors` artifact.
 
@@ -247,6 +249,6 @@ def train_steering_vectors(
         callback=callback,
         checkpoint=checkpoint,
         checkpoint_every=checkpoint_every,
-        check_every=check_every,
         compile=compile,
+        overwrite=overwrite,
     )

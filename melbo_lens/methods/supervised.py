@@ -26,6 +26,11 @@ Which token is read (`position`):
     " B", which for CAA-format prompts ("... (A) yes (B) no ... Answer: (A") is the
     answer letter. A prompt without any of those tokens is an error.
 
+Prompts (`positive`, `negative`, paired by index): a `PromptSet`; plain strings, which are
+tokenized as they are, *without* the chat template (build a `PromptSet.from_chat` or pass
+conversations to get it); chat conversations (lists of `{"role", "content"}` dicts), to
+which the chat template is applied; or token-id lists.
+
 Norms: a mean difference keeps its natural norm ||mean_i D_i|| unless `radius` is given.
 PCA and probe directions have no natural length, so each of their unit directions is
 scaled to that same natural norm (comparable strength, ready to apply), or to `radius`."""

@@ -22,23 +22,36 @@ in their forward pass.
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from melbo_lens.core.checks import is_int
 from melbo_lens.core.host import frozen
+from melbo_lens.core.io import OutputExists, exclusive_lock
 from melbo_lens.core.prompts import PromptSet
 from melbo_lens.core.segment import Segment
 from melbo_lens.core.sites import HookSite, check_sites
 from melbo_lens.methods.constraints import gram_schmidt_members, project_out, project_out_earlier
 from melbo_lens.methods.objectives import cosine_penalty, melbo_objective_per_prompt
+from melbo_lens.perturbations.artifact import describe_artifact
 
-__all__ = ["Family", "LoopSpec", "TrainingError", "check_finite", "train"]
+__all__ = [
+    "Family",
+    "LoopSpec",
+    "ResumeMismatch",
+    "TrainingError",
+    "check_finite",
+    "config_differences",
+    "train",
+]
 
 Params = dict[str, Tensor]
 
@@ -193,9 +206,62 @@ def check_finite(
         row, col = (int(x) for x in torch.nonzero(bad)[0])
         raise TrainingError(
             f"objective became NaN/inf at step {first_step + col} for {noun} {indices[row]}; "
-            "try a smaller radius or lr, a float32 model, or check the prompts for "
-            "overflow (partial results are kept in the checkpoint if one was given)"
+            + _ADVICE
         )
+
+
+_ADVICE = (
+    "try a smaller radius or lr, a float32 model, or check the prompts for overflow "
+    "(the last checkpoint, if one was given, holds only finite values)"
+)
+_PROBLEMS = (
+    "objective is NaN/inf or zero",
+    "gradient is NaN/inf or zero",
+    "parameters are NaN/inf or zero",
+)
+
+
+def _member_problems(objective: Tensor, grads: Params, directions: Tensor) -> Tensor:
+    """Per member, one bit per entry of `_PROBLEMS` (0 = healthy), without a host sync:
+    a zero objective or gradient means the perturbation does not reach the target."""
+    k = objective.shape[0]
+    obj_bad = ~torch.isfinite(objective) | (objective == 0)
+    finite = torch.ones(k, dtype=torch.bool, device=objective.device)
+    zero = torch.ones_like(finite)
+    for g in grads.values():
+        flat = g.reshape(k, -1)
+        finite &= torch.isfinite(flat).all(1)
+        zero &= (flat == 0).all(1)
+    norms = directions.reshape(k, directions.shape[1], -1).norm(dim=-1)
+    param_bad = ~(torch.isfinite(norms) & (norms > 0)).all(1)
+    return obj_bad.int() | (~finite | zero).int() << 1 | param_bad.int() << 2
+
+
+def _raise_problems(codes: Tensor, indices: list[int], step: int, noun: str) -> None:
+    row = int(torch.nonzero(codes)[0])
+    what = [p for bit, p in enumerate(_PROBLEMS) if int(codes[row]) >> bit & 1]
+    raise TrainingError(f"at step {step} for {noun} {indices[row]}: {'; '.join(what)}; " + _ADVICE)
+
+
+class ResumeMismatch(ValueError):
+    """A run cannot resume from a checkpoint written with other settings.
+
+    `differing` maps each config field that differs to (saved value, this run's value).
+    """
+
+    def __init__(self, differing: dict[str, tuple[Any, Any]], config_name: str) -> None:
+        self.differing = differing
+        listed = ", ".join(f"{k} (saved {a!r}, now {b!r})" for k, (a, b) in differing.items())
+        super().__init__(
+            f"cannot resume: the saved run's config differs in {listed}; continue it with "
+            f"{config_name}.from_dict(saved.config), or start a new run elsewhere"
+        )
+
+
+def config_differences(saved: dict[str, Any], now: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """Fields whose values differ between two config dicts (missing = None)."""
+    keys = list(now) + [k for k in saved if k not in now]
+    return {k: (saved.get(k), now.get(k)) for k in keys if saved.get(k) != now.get(k)}
 
 
 def groups_of(spec: LoopSpec) -> list[list[int]]:
@@ -419,11 +485,9 @@ def _start(
     if resume is None:
         return record, {}, 0.0
     prior = family.load(resume) if isinstance(resume, str) else resume
-    if prior.config != family.config.to_dict():
-        raise ValueError(
-            "cannot resume: the saved run's config differs from this one; pass "
-            f"{type(family.config).__name__}.from_dict(saved.config) to continue it"
-        )
+    differing = config_differences(prior.config, family.config.to_dict())
+    if differing:
+        raise ResumeMismatch(differing, type(family.config).__name__)
     for name, value in family.params_of(prior).items():
         store[name].copy_(value)
     for name in record:
@@ -440,16 +504,56 @@ def train(
     resume: Any | None = None,
     progress: bool = True,
     callback: Callback | None = None,
-    checkpoint: str | None = None,
+    checkpoint: str | os.PathLike[str] | None = None,
     checkpoint_every: int = 50,
-    check_every: int = 10,
     compile: bool = False,
+    overwrite: bool = False,
 ) -> Any:
     """Run the loop over `family`; returns `family.artifact(...)` of all members.
 
     `resume` (an artifact of this family or its path) continues an earlier run of the
     same config: its parameters, training record and the state of the group in flight.
+    Every step checks (one reduction) that each member's objective, gradient and
+    parameters are finite and its parameters non-zero, and raises `TrainingError`
+    naming the step and member otherwise, so a checkpoint never holds NaN.
+
+    `checkpoint` is locked while training (a second run writing it fails, naming this
+    one); a checkpoint that already holds a result is only replaced with
+    `overwrite=True` (or continued with `resume=checkpoint`).
     """
+    if not is_int(checkpoint_every, 1):
+        raise ValueError(f"checkpoint_every must be an int >= 1, got {checkpoint_every!r}")
+    if checkpoint is None:
+        return _run(model, prompts, family, resume, progress, callback, None, 50, compile)
+    checkpoint = str(checkpoint)
+    if resume is None and not overwrite and Path(checkpoint).exists():
+        raise OutputExists(checkpoint, *describe_artifact(checkpoint))
+    with exclusive_lock(checkpoint):
+        return _run(
+            model,
+            prompts,
+            family,
+            resume,
+            progress,
+            callback,
+            checkpoint,
+            checkpoint_every,
+            compile,
+        )
+
+
+def _run(
+    model: Any,
+    prompts: PromptSet,
+    family: Family,
+    resume: Any | None,
+    progress: bool,
+    callback: Callback | None,
+    checkpoint: str | None,
+    checkpoint_every: int,
+    compile: bool,
+) -> Any:
+    """The loop itself (see `train`)."""
     device = prompts.tokens.device
     spec = LoopSpec.of(family.config, n=family.n, per_batch=family.per_batch)
     steps = spec.steps
@@ -502,15 +606,17 @@ def train(
                     group.opt.zero_grad(set_to_none=True)
                     loss, obj = _loss(segment, group, spec)
                     loss.backward()
+                    grads = {n: p.grad for n, p in group.params.items() if p.grad is not None}
                     losses[indices, step] = obj
                     group.update(obj)
+                    codes = _member_problems(obj, grads, family.directions(group.detached()))
+                    if bool(codes.any()):  # the one host sync of the check
+                        _raise_problems(codes, indices, step, family.noun)
                     steps_done[indices] = step + 1
                     for n, p in group.params.items():
                         store[n][indices] = p.detach()
                     bar.update(len(indices))
-                    if (step + 1) % check_every == 0 or step + 1 == steps:
-                        lo = max(first, step + 1 - check_every)
-                        check_finite(losses, indices, step + 1, lo, family.noun)
+                    if progress and ((step + 1) % 10 == 0 or step + 1 == steps):
                         bar.set_postfix(objective=f"{float(obj.mean()):.4g}")
                     if callback is not None:
                         if callback(family.state(step, indices, obj, group.detached())) is False:

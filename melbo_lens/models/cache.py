@@ -11,7 +11,7 @@ import json
 import logging
 import os
 import shutil
-import tempfile
+import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -22,6 +22,7 @@ from safetensors.torch import load_file
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 from melbo_lens.core.host import hooked_transformer_is_the_host
+from melbo_lens.core.io import temporary_beside
 
 if TYPE_CHECKING:
     from transformer_lens.model_bridge import TransformerBridge
@@ -73,8 +74,12 @@ def _build_entry(
     entry.parent.mkdir(parents=True, exist_ok=True)
     if entry.exists():  # a directory without a manifest is an interrupted or damaged entry
         _remove_tree(entry)
-    logger.info("converting %s to a HookedTransformer once; caching at %s", spec.name, entry)
-    work = Path(tempfile.mkdtemp(prefix=f".tmp-{entry.name}-", dir=entry.parent))
+    print(  # the conversion's progress bars follow; say why they appear only once
+        f"melbo_lens: first use of {spec.name}: converting it to a HookedTransformer once "
+        f"(about a minute); later loads read the cache at {entry}",
+        file=sys.stderr,
+    )
+    work = temporary_beside(entry, directory=True)
     try:
         _convert_into(spec, sources, work)
         files = {
@@ -101,7 +106,9 @@ def _remove_stale_siblings(entry: Path) -> None:
     for sibling in entry.parent.iterdir():
         try:
             stale = (sibling / "manifest.json").is_file() or (
-                sibling.name.startswith(".tmp-") and time.time() - sibling.stat().st_mtime > 86400
+                sibling.name.startswith(".")
+                and sibling.name.endswith(".tmp")
+                and time.time() - sibling.stat().st_mtime > 86400
             )
         except OSError:  # removed meanwhile by another process
             continue

@@ -156,6 +156,21 @@ def load_model(
         ) from error
 
 
+_EXAMPLES = ("gpt2", "EleutherAI/pythia-160m", "google/gemma-2-2b", "Qwen/Qwen2.5-1.5B-Instruct")
+
+
+def _official_names() -> list[str]:
+    """TransformerLens's official model names (their module moved within 3.x)."""
+    import importlib
+
+    for module in ("transformer_lens.supported_models", "transformer_lens.loading_from_pretrained"):
+        try:
+            return list(importlib.import_module(module).OFFICIAL_MODEL_NAMES)
+        except (ImportError, AttributeError):
+            continue
+    return []
+
+
 def _load_from_hub(
     name: str, *, device: str | torch.device, dtype: torch.dtype, bridge: bool
 ) -> HookedTransformer | TransformerBridge:
@@ -173,6 +188,18 @@ def _load_from_hub(
                 dtype=dtype,  # pyright: ignore[reportArgumentType]  (TL accepts a torch.dtype)
                 **PROCESSING,  # pyright: ignore[reportArgumentType]
             )
+    except ValueError as error:
+        if "Valid official model names" not in str(error):
+            raise
+        names = _official_names()
+
+        raise ModelUnavailableError(
+            f"unknown model {name!r}. Packaged models (offline): {', '.join(PACKAGED_MODELS)}, "
+            "planted-arithmetic. Otherwise give one of TransformerLens's "
+            f"{len(names)} official names (needs a network), e.g. "
+            f"{', '.join(n for n in names if n in _EXAMPLES)}; all are listed in "
+            "transformer_lens.supported_models.OFFICIAL_MODEL_NAMES"
+        ) from None
     except OSError as error:
         raise ModelUnavailableError(
             f"could not fetch {name!r} from the Hugging Face hub "

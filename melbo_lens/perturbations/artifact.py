@@ -25,7 +25,7 @@ from torch import Tensor
 from melbo_lens.core.io import ArtifactError, atomic_save_tensors, read_metadata
 from melbo_lens.core.sites import HookSite
 
-__all__ = ["ArtifactError", "load_artifact", "register_format"]
+__all__ = ["ArtifactError", "describe_artifact", "load_artifact", "register_format"]
 
 _RESUME = "resume."
 
@@ -133,6 +133,26 @@ def _loaded_fields(
         target = None if info.get("target") is None else HookSite.from_dict(info["target"])
     except (KeyError, TypeError, ValueError) as err:
         raise ArtifactError(f"{path} has corrupt target metadata: {err!r}") from err
+    if not isinstance(info, dict):
+        raise ArtifactError(f"{path} has corrupt metadata: expected a JSON object")
+    for name, value in tensors.items():
+        is_item = name not in _TRAINING and not name.startswith(_RESUME)
+        if is_item and value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise ArtifactError(f"{path} holds NaN/inf in {name!r}; the file cannot be used")
+    expected = {
+        "method": (str,),
+        "config": (dict,),
+        "model_name": (str, type(None)),
+        "prompts": (dict, type(None)),
+        "metadata": (dict,),
+    }
+    for name, types in expected.items():
+        if name in info and not isinstance(info[name], types):
+            kinds = " or ".join("null" if t is type(None) else t.__name__ for t in types)
+            raise ArtifactError(
+                f"{path} has corrupt metadata: {name!r} must be {kinds}, got "
+                f"{type(info[name]).__name__} {info[name]!r:.60}; was the file edited by hand?"
+            )
     return {
         "target": target,
         "method": info.get("method", default_method),
@@ -174,6 +194,28 @@ def register_format(fmt: str) -> Callable[[T], T]:
 def file_format(path: str | os.PathLike[str]) -> str | None:
     """The melbo_lens format tag in a safetensors file's metadata (None if absent)."""
     return read_metadata(path).get("format")
+
+
+def describe_artifact(path: str | os.PathLike[str]) -> tuple[str, bool]:
+    """(a one-line description of what `path` holds, whether it is a finished result)."""
+    try:
+        art = load_artifact(path)
+    except (ArtifactError, ValueError, OSError) as err:
+        return f"a file that is not a readable melbo_lens artifact ({err})", True
+    method = getattr(art, "method", "?")
+    noun = getattr(art, "_NOUN", "item")
+    steps_done = getattr(art, "steps_done", None)
+    if steps_done is None:
+        return f"a {method} result ({len(art)} {noun}s)", True
+    steps = int(art.config.get("steps", 0))
+    finished = int((steps_done >= steps).sum())
+    if art.complete:
+        return f"a finished {method} run ({len(art)} {noun}s x {steps} steps)", True
+    return (
+        f"an interrupted {method} run ({finished} of {len(art)} {noun}s finished, "
+        f"{int(steps_done.sum())} of {len(art) * steps} steps)",
+        False,
+    )
 
 
 def load_artifact(path: str | os.PathLike[str]) -> Any:

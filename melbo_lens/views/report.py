@@ -418,16 +418,33 @@ def _attribution_part(run: RunAnalysis, k: int, page: _Page) -> str:
     return "".join(out)
 
 
+ORTHOGONAL_TOL = 1e-3  # |cos| below which the report calls vectors orthogonal
+
+
 def _similarity_section(run: RunAnalysis, page: _Page) -> str:
     parts = ['<section id="similarity"><h2>Similarity</h2><div class="grid">']
     labels = run.labels
-    for m, name in ((run.vector_similarity, "vectors"), (run.delta_similarity, "target deltas")):
+    note = ""
+    shown = [(run.delta_similarity, "target deltas")]
+    vec = run.vector_similarity
+    if vec is not None:
+        max_abs = vec.summary()["max_abs"]
+        # orthogonal vectors give the identity: nothing to see, so say it instead
+        if max_abs <= ORTHOGONAL_TOL:  # False for nan (a single vector)
+            note = (
+                f"<p class='note'>The vectors are mutually orthogonal (every |cos| ≤ "
+                f"{ORTHOGONAL_TOL:g}), so their cosine matrix is the identity and is not "
+                "drawn; the target deltas above show how alike their effects are.</p>"
+            )
+        else:
+            shown.append((vec, "vectors"))
+    for m, name in shown:
         if m is not None:
             fig = similarity_heatmap(
                 m, title=f"cosine similarity of {name}", row_labels=labels, col_labels=labels
             )
             parts.append(page.figure(fig))
-    parts.append("</div>")
+    parts.append("</div>" + note)
     if run.token_deltas is not None:
         parts.append(page.figure(token_delta_heatmap(run.token_deltas)))
     if run.decompositions is not None:

@@ -22,14 +22,17 @@ the smaller R). None when already the smallest R collapses.
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import statistics
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
-from tqdm.auto import tqdm
-
+from melbo_lens.core.io import atomic_write_text
 from melbo_lens.core.prompts import PromptSet
 from melbo_lens.methods.melbo import MelboConfig, train_steering_vectors
 from melbo_lens.perturbations.vectors import SteeringVectors
@@ -188,6 +191,90 @@ class RadiusSweep:
         return self.table()
 
 
+def _say(progress: bool, line: str) -> None:
+    if progress:
+        print(line, file=sys.stderr, flush=True)
+
+
+def _measure(
+    model: Any,
+    prompts: PromptSet,
+    vectors: SteeringVectors,
+    max_new_tokens: int,
+    embed: Any,
+    unsteered: list[str] | None,
+    baseline: float,
+) -> dict[str, Any]:
+    """Objective, diversity, fluency and repetition of one radius's vectors (and, on the
+    first radius, the unsteered completions and their fluency)."""
+    from melbo_lens.analysis.diversity import completion_diversity, fluency, repetition_score
+    from melbo_lens.generation import generate_steered
+
+    gens = generate_steered(
+        model, vectors, prompts, max_new_tokens=max_new_tokens, include_unsteered=not unsteered
+    )
+    if not unsteered:
+        unsteered = list(gens.unsteered or [])
+        baseline = _median(fluency(model, prompts, unsteered))
+    flat = [text for per_vector in gens.steered for text in per_vector]
+    per_prompt = [
+        completion_diversity([gens.steered[v][i] for v in range(len(gens.steered))], embed=embed)
+        for i in range(len(prompts))
+    ]
+    obj = vectors.objective
+    return {
+        "obj": float(obj.float().mean()) if obj is not None else math.nan,
+        "div": statistics.fmean(d.mean_distance for d in per_prompt),
+        "var": statistics.fmean(d.variance for d in per_prompt),
+        "flu": _median(fluency(model, prompts, flat)),
+        "rep": statistics.fmean(repetition_score(t) for t in flat),
+        "completions": gens.steered,
+        "unsteered": unsteered,
+        "baseline": baseline,
+        "prompts": list(gens.prompts),
+    }
+
+
+def _radius_path(save_dir: str | os.PathLike[str], radius: float, suffix: str) -> Path:
+    return Path(save_dir) / f"radius_{radius:g}{suffix}"
+
+
+def _save_radius(
+    save_dir: str | os.PathLike[str],
+    radius: float,
+    settings: dict[str, Any],
+    row: dict[str, Any],
+    vectors: SteeringVectors,
+) -> None:
+    vectors.save(_radius_path(save_dir, radius, ".safetensors"))
+    record = {"radius": radius, "settings": settings, "row": row}
+    atomic_write_text(_radius_path(save_dir, radius, ".json"), json.dumps(record))
+
+
+def _saved_radius(
+    save_dir: str | os.PathLike[str], radius: float, settings: dict[str, Any]
+) -> tuple[dict[str, Any], SteeringVectors] | None:
+    """The saved measurements and vectors of `radius`, if both are there."""
+    path = _radius_path(save_dir, radius, ".json")
+    vectors_path = _radius_path(save_dir, radius, ".safetensors")
+    if not (path.is_file() and vectors_path.is_file()):
+        return None
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+        saved_settings, row = record["settings"], record["row"]
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise ValueError(f"{path} is not a saved sweep radius ({err}); delete it") from err
+    differing = [k for k in settings if k != "config" and saved_settings.get(k) != settings[k]]
+    saved_cfg, cfg = saved_settings.get("config") or {}, settings["config"]
+    differing += [f"config.{k}" for k in cfg if saved_cfg.get(k) != cfg[k]]
+    if differing:
+        raise ValueError(
+            f"{path} was measured with other settings ({', '.join(differing)}); resume "
+            "with the saved settings, or clear the folder to start the sweep over"
+        )
+    return row, SteeringVectors.load(vectors_path)
+
+
 def _median(values: Sequence[float]) -> float:
     finite = [v for v in values if not math.isnan(v)]
     return statistics.median(finite) if finite else math.nan
@@ -205,6 +292,7 @@ def select_radius(
     embed: Any = None,
     keep_vectors: bool = False,
     progress: bool = True,
+    save_dir: str | os.PathLike[str] | None = None,
 ) -> RadiusSweep:
     """Train at each radius, measure the completions, recommend R at the cusp.
 
@@ -213,16 +301,18 @@ def select_radius(
     objective, diversity (`embed`, default all-MiniLM-L6-v2), fluency (median perplexity
     under the unsteered model) and repetition; see the module docstring for the rule.
     Needs a model with a tokenizer and `config.n_vectors >= 2` (diversity is *between*
-    vectors).
+    vectors). With `progress`, each radius is announced ("radius i of n") and its training
+    shows a bar of vector-steps. With `save_dir`, each finished radius is saved there at
+    once (`radius_R.json` with its measurements and completions, `radius_R.safetensors`
+    with its vectors, both atomic), and a later call with the same settings reuses them,
+    so an interrupted sweep resumes at the first unfinished radius; a saved radius made
+    with other settings is an error naming them.
 
     Examples:
         >>> sweep = select_radius(model, prompts, MelboConfig(HookSite(7),
         ...     HookSite(22, "resid_pre"), n_vectors=4, steps=40), [4, 8, 16, 32])  # doctest: +SKIP
         >>> print(sweep.table()); sweep.recommended  # doctest: +SKIP
     """
-    from melbo_lens.analysis.diversity import completion_diversity, fluency, repetition_score
-    from melbo_lens.generation import generate_steered
-
     if not isinstance(prompts, PromptSet):
         raise TypeError(
             f"prompts must be a PromptSet, got {type(prompts).__name__}; "
@@ -238,37 +328,42 @@ def select_radius(
     if getattr(model, "tokenizer", None) is None:
         raise ValueError("select_radius generates text; the model needs a tokenizer")
     radii = sorted(radii)
+    settings = {  # what a saved radius must share to be reused (its radius is its own)
+        "config": {k: v for k, v in config.to_dict().items() if k != "radius"},
+        "max_new_tokens": max_new_tokens,
+        "prompts": prompts.to_dict()["tokens"],
+    }
     rows: dict[str, list[float]] = {k: [] for k in ("obj", "div", "var", "flu", "rep")}
     completions: list[list[list[str]]] = []
     kept: list[SteeringVectors] = []
     unsteered: list[str] = []
     prompt_texts: list[str] = []
     baseline = math.nan
-    for radius in tqdm(radii, desc="radii", disable=not progress):
-        vectors = train_steering_vectors(
-            model, prompts, replace(config, radius=radius), progress=False
-        )
-        gens = generate_steered(
-            model, vectors, prompts, max_new_tokens=max_new_tokens, include_unsteered=not unsteered
-        )
-        if not unsteered:
-            unsteered = list(gens.unsteered or [])
-            baseline = _median(fluency(model, prompts, unsteered))
-        prompt_texts = list(gens.prompts)
-        flat = [text for per_vector in gens.steered for text in per_vector]
-        per_prompt = [
-            completion_diversity(
-                [gens.steered[v][i] for v in range(len(gens.steered))], embed=embed
+    for i, radius in enumerate(radii):
+        saved = _saved_radius(save_dir, radius, settings) if save_dir is not None else None
+        if saved is not None:
+            row, vectors = saved
+            _say(progress, f"radius {i + 1} of {len(radii)}: R={radius:g} (saved, reused)")
+        else:
+            _say(
+                progress,
+                f"radius {i + 1} of {len(radii)}: R={radius:g}, {config.n_vectors} vectors x "
+                f"{config.steps} steps",
             )
-            for i in range(len(prompts))
-        ]
-        obj = vectors.objective
-        rows["obj"].append(float(obj.float().mean()) if obj is not None else math.nan)
-        rows["div"].append(statistics.fmean(d.mean_distance for d in per_prompt))
-        rows["var"].append(statistics.fmean(d.variance for d in per_prompt))
-        rows["flu"].append(_median(fluency(model, prompts, flat)))
-        rows["rep"].append(statistics.fmean(repetition_score(t) for t in flat))
-        completions.append(gens.steered)
+            vectors = train_steering_vectors(
+                model, prompts, replace(config, radius=radius), progress=progress
+            )
+            row = _measure(
+                model, prompts, vectors, max_new_tokens, embed, unsteered or None, baseline
+            )
+            if save_dir is not None:
+                _save_radius(save_dir, radius, settings, row, vectors)
+        if not unsteered:
+            unsteered, baseline = row["unsteered"], row["baseline"]
+        prompt_texts = row["prompts"]
+        for key in rows:
+            rows[key].append(row[key])
+        completions.append(row["completions"])
         if keep_vectors:
             kept.append(vectors)
     sweep = RadiusSweep(

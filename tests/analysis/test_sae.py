@@ -261,12 +261,14 @@ def test_clamp_feature_keeps_error_term(tiny_model):
     # clamping to the current activation changes nothing (error term kept)
     with clamp_feature(tiny_model, sae, feat, f[..., feat]):
         same = tiny_model(tokens)
+    # tol: tiny-model logits / SAE activations are O(1-10)
     torch.testing.assert_close(same, base_logits, atol=1e-5, rtol=0)
     # another value changes exactly that feature's decoded contribution
     with clamp_feature(tiny_model, sae, feat, 5.0):
         x_clamped = _resid(tiny_model, tokens, SITE)
         changed = tiny_model(tokens)
     expected = x + (5.0 - f[..., feat])[..., None] * sae.W_dec[feat].detach()
+    # tol: tiny-model logits / SAE activations are O(1-10)
     torch.testing.assert_close(x_clamped, expected, atol=1e-5, rtol=0)
     assert (changed - base_logits).abs().max() > 1e-3
     # hooks removed on exit, also when the body raises
@@ -297,6 +299,7 @@ def test_clamp_feature_other_architectures(tiny_model, kind):
     f = sae.encode(x).detach()
     feat = int(f.sum((0, 1)).argmax())
     with clamp_feature(tiny_model, sae, feat, f[..., feat]):
+        # tol: tiny-model logits / SAE activations are O(1-10)
         torch.testing.assert_close(tiny_model(tokens), base, atol=1e-5, rtol=0)
     with clamp_feature(tiny_model, sae, feat, 0.0):
         x0 = _resid(tiny_model, tokens, SITE)
@@ -307,6 +310,7 @@ def test_clamp_feature_other_architectures(tiny_model, kind):
         cos = torch.nn.functional.cosine_similarity(delta, direction.expand_as(delta), dim=-1)
         assert (cos < -0.999).all()
     else:
+        # tol: tiny-model logits / SAE activations are O(1-10)
         torch.testing.assert_close(delta, -f[..., feat, None] * direction, atol=1e-5, rtol=0)
 
 
@@ -322,6 +326,7 @@ def test_feature_effects_finds_planted_feature(tiny_model):
     assert fx.mean_abs_change[0] == pytest.approx(3.0, abs=1e-4)
     assert fx.before.shape == (2, 5, 5) and fx.after.shape == (2, 5, 5)
     assert not fx.before[1, 3:].any()  # padding is zeroed
+    # tol: tiny-model logits / SAE activations are O(1-10)
     torch.testing.assert_close(fx.change[..., 0][fx.mask], torch.full((8,), 3.0), atol=1e-4, rtol=0)
     assert fx.l0_before == pytest.approx(D_SAE)
     # resid_pre of the next block is the same tensor: same answer

@@ -27,6 +27,7 @@ def test_cosine_matrix_by_hand():
     b = torch.tensor([[0.0, 2.0], [-3.0, 0.0], [1.0, -1.0]])
     cm = cosine_matrix(a, b)
     expected = torch.tensor([[0.0, -1.0, S], [S, -S, 0.0]], dtype=torch.float64)
+    # tol: cosines and angles are O(1) by construction
     torch.testing.assert_close(cm.values, expected, atol=1e-12, rtol=0)
     assert cm.summary()["max_abs"] == pytest.approx(1.0)
     assert cm.summary()["mean_abs"] == pytest.approx((1 + 3 * S) / 6)
@@ -39,6 +40,7 @@ def test_cosine_matrix_by_hand():
 def test_principal_angles_identical_orthogonal_and_by_hand(rng):
     a = torch.randn(3, 10, generator=rng, dtype=torch.float64)
     mixed = torch.randn(3, 3, generator=rng, dtype=torch.float64) @ a  # same span
+    # tol: cosines and angles are O(1) by construction
     torch.testing.assert_close(
         principal_angles(a, mixed).angles, torch.zeros(3, dtype=torch.float64), atol=1e-7, rtol=0
     )
@@ -56,6 +58,7 @@ def test_principal_angles_identical_orthogonal_and_by_hand(rng):
     line = torch.tensor([[1.0, 1.0, 0, 0, 0, 0], [2.0, 2.0, 0, 0, 0, 0]])
     pa = principal_angles(line, eye[:3])
     assert (pa.rank_a, pa.rank_b) == (1, 3)
+    # tol: cosines and angles are O(1) by construction
     torch.testing.assert_close(pa.angles, torch.zeros(1, dtype=torch.float64), atol=1e-7, rtol=0)
     assert "rank 1" in str(pa)
 
@@ -98,6 +101,7 @@ def test_delta_similarity_of_a_vector_with_itself_is_one(tiny_model, prompts, rn
             )
         deltas.append((c[target] - base[target])[prompts.target_mask].flatten())
     d = torch.nn.functional.normalize(torch.stack(deltas), dim=-1)
+    # tol: cosines and angles are O(1) by construction
     torch.testing.assert_close(dm.values.float(), d @ d.T, atol=1e-5, rtol=0)
 
 

@@ -57,6 +57,7 @@ def trained(tiny_model, prompts):
 
 def test_columns_are_unit_norm_after_training(trained):
     for omega in (trained.omega_a, trained.omega_b):
+        # tol: unit-norm columns, entries O(1)
         torch.testing.assert_close(omega.norm(dim=1), torch.ones(3, 2), rtol=0, atol=1e-6)
     assert trained.radius == 2.0 and trained.layer == LAYER and trained.target == TGT
 
@@ -152,7 +153,9 @@ def test_batched_training_equals_one_at_a_time(tiny_model, prompts):
     alone = train_steering_adapters(
         tiny_model, prompts, cfg(n_adapters=3, adapters_per_batch=1), progress=False
     )
+    # tol: unit-norm columns, entries O(1)
     torch.testing.assert_close(together.omega_a, alone.omega_a, rtol=0, atol=1e-5)
+    # tol: unit-norm columns, entries O(1)
     torch.testing.assert_close(together.omega_b, alone.omega_b, rtol=0, atol=1e-5)
     torch.testing.assert_close(together.losses, alone.losses, rtol=1e-5, atol=0)
 
@@ -291,6 +294,7 @@ def test_adapters_gain_the_power_solver(tiny_model, prompts):
         tiny_model, prompts, cfg(solver="power", steps=8, rank=2), progress=False
     )
     for omega in (sa.omega_a, sa.omega_b):
+        # tol: unit-norm columns, entries O(1)
         torch.testing.assert_close(omega.norm(dim=1), torch.ones(3, 2), rtol=0, atol=1e-6)
     assert (sa.objective > 2.0 * sa.losses[:, 0]).all()  # far above the random start
     assert (sa.objective >= sa.losses.max(dim=1).values * (1 - 1e-5)).all()  # safeguarded

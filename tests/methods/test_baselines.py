@@ -149,8 +149,10 @@ def test_random_vectors_norms_orthogonality_seeds(tiny_model):
     assert sv.method == "random" and sv.vectors.shape == (6, 32)
     torch.testing.assert_close(sv.radius, torch.full((6,), 2.5))
     gram = sv.vectors @ sv.vectors.T
+    # tol: Gram entries are O(R²)=6.25; the rerun is bit-exact
     torch.testing.assert_close(gram, 6.25 * torch.eye(6), atol=1e-5, rtol=0)
     again = random_vectors(tiny_model, HookSite(1), n=6, radius=2.5, seed=3)
+    # tol: Gram entries are O(R²)=6.25; the rerun is bit-exact
     torch.testing.assert_close(again.vectors, sv.vectors, atol=0, rtol=0)
     other = random_vectors(tiny_model, HookSite(1), n=6, radius=2.5, seed=4)
     assert (other.vectors - sv.vectors).abs().max() > 0.1

@@ -113,6 +113,7 @@ def test_pca_recovers_a_planted_axis(rng):
         sv = pca_vectors(model, pos, neg, EMBED, n_components=3, center=center)
         assert cos(sv.vectors[0], u) > 0.99, center  # signed: the positive side is +u
         gram = torch.nn.functional.normalize(sv.vectors, dim=-1)
+        # tol: entries of an orthonormal Gram matrix are O(1)
         torch.testing.assert_close(gram @ gram.T, torch.eye(3), atol=1e-5, rtol=0)
         share = sv.metadata["explained_variance"]
         assert share[0] > 0.8 and share[0] >= share[1] >= share[2]

@@ -110,6 +110,7 @@ def test_training_learns_the_task_and_round_trips(tmp_path):
     save_toy(model, tmp_path, {"note": "test"})
     again = load_toy(tmp_path)
     tokens = model.to_tokens(clean_prompts(4, seed=0))
+    # tol: the same weights and inputs must give identical logits
     torch.testing.assert_close(model(tokens), again(tokens), rtol=0, atol=0)
     assert 0.0 <= toy_accuracy(again, clean_prompts(8, seed=0)) <= 1.0
 

@@ -179,6 +179,7 @@ def test_clamp_sets_the_projection_at_the_sites_only(tiny_model):
         after = _projections(tiny_model, r)
     for site in sites:
         proj, norm = after[site.name]
+        # tol: absolute, scaled by the largest residual norm
         torch.testing.assert_close(proj, torch.full_like(proj, 2.5), atol=1e-5 * norm.max(), rtol=0)
     proj, _ = after["blocks.0.hook_resid_post"]  # upstream: untouched
     assert (proj - 2.5).abs().max() > 1e-2
@@ -186,6 +187,7 @@ def test_clamp_sets_the_projection_at_the_sites_only(tiny_model):
     values = torch.arange(TOKENS.shape[1], dtype=torch.float32)
     with clamp_direction(tiny_model, r, values, sites=HookSite(3, "resid_pre")):
         proj, norm = _projections(tiny_model, r)["blocks.3.hook_resid_pre"]
+    # tol: absolute, scaled by the largest residual norm
     torch.testing.assert_close(proj, values.expand_as(proj), atol=1e-5 * norm.max(), rtol=0)
 
 

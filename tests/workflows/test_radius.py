@@ -85,7 +85,7 @@ def test_radius_sweep_recommendation_table_and_round_trip():
 
 
 # ------------------------------------------------------------------------- the sweep
-CFG = MelboConfig(HookSite(1), HookSite(3), n_vectors=3, steps=15, lr=0.05, seed=0)
+CFG = MelboConfig(HookSite(1), HookSite(3), n_vectors=3, steps=15, seed=0)
 PROMPTS = ["hello there", "what is two plus two?"]
 
 
@@ -171,5 +171,5 @@ def test_sweep_command_on_smollm2(tmp_path, capsys):
     assert sweep.radii == [1.0, 64.0]
     assert sweep.objective[0] < sweep.objective[1]
     assert len(sweep.completions[1]) == 2 and len(sweep.unsteered) == 1
-    assert (tmp_path / "vectors_R64.safetensors").exists()
-    assert (tmp_path / "vectors_R1.safetensors").exists()
+    assert (tmp_path / "radius_64.safetensors").exists()
+    assert (tmp_path / "radius_1.safetensors").exists()

@@ -16,9 +16,10 @@ __all__ = ["token_delta_heatmap"]
 def token_delta_heatmap(deltas: Sequence[TokenDeltas]) -> go.Figure:
     """‖Δ_t‖ per vector (rows) and token position (columns).
 
-    Shorter sequences are padded with blanks. A column's tick label is its token when
-    every row has that token there (the shared prompt), else its position; hover shows
-    each row's own token. A black bar marks where each row's completion starts.
+    Shorter sequences are padded with blanks. Every cell is labelled with its own row's
+    token (completions differ between rows); a column's tick label is its token when
+    every row has that token there (the shared prompt), else its position. Hover adds
+    the position and ‖Δ‖. A black bar marks where each row's completion starts.
 
     Examples:
         >>> token_delta_heatmap(token_delta_norms(model, vectors, gens))  # doctest: +SKIP
@@ -29,9 +30,11 @@ def token_delta_heatmap(deltas: Sequence[TokenDeltas]) -> go.Figure:
     rows = _unique([d.label for d in deltas])
     z: list[list[float | None]] = []
     text: list[list[str]] = []
+    cell: list[list[str]] = []
     for row, d in zip(rows, deltas, strict=True):
         pad = width - len(d.tokens)
         z.append([_num(x) for x in d.norms] + [None] * pad)
+        cell.append([_esc(_short_token(tok)) for tok in d.tokens] + [""] * pad)
         text.append(
             [
                 f"{_esc(row)}<br>position {t} ({'prompt' if t < d.n_prompt else 'completion'}"
@@ -53,6 +56,9 @@ def token_delta_heatmap(deltas: Sequence[TokenDeltas]) -> go.Figure:
             y=rows,
             text=text,
             hovertemplate="%{text}<extra></extra>",
+            customdata=cell,
+            texttemplate="%{customdata}",
+            textfont={"size": 9},
             colorscale="Viridis",
             zmin=0,
             colorbar={"title": "‖Δ_t‖"},
@@ -88,3 +94,9 @@ def token_delta_heatmap(deltas: Sequence[TokenDeltas]) -> go.Figure:
         template=_TEMPLATE,
     )
     return fig
+
+
+def _short_token(token: str, width: int = 8) -> str:
+    """A token as a cell label: visible whitespace, at most `width` characters."""
+    shown = token.replace("\n", "⏎").replace(" ", "·") or "∅"
+    return shown if len(shown) <= width else shown[: width - 1] + "…"

@@ -1,0 +1,84 @@
+"""An output directory claimed by one command: locked, and never overwritten unasked.
+
+`claimed_output(args, filename)` takes an exclusive lock on `--out` for the command's
+life, then looks at `OUT/filename`: a finished result there is only replaced with
+`--overwrite`; an interrupted one is continued with `--resume` (or replaced with
+`--overwrite`); `--resume` with nothing to resume says so and starts fresh.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from melbo_lens.cli.options import FLAG_OF, CliError
+from melbo_lens.core.io import LockHeld, exclusive_lock
+
+__all__ = ["claimed_output", "resume_mismatch_message"]
+
+
+@contextmanager
+def claimed_output(args: argparse.Namespace, filename: str) -> Iterator[tuple[Path, str | None]]:
+    """(the output file, the checkpoint to resume from or None) under a lock on --out."""
+    from melbo_lens.methods.trainer import ResumeMismatch
+    from melbo_lens.perturbations.artifact import describe_artifact
+
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise CliError(f"--out {out} is a file; give a directory")
+    try:
+        with exclusive_lock(out):
+            out.mkdir(parents=True, exist_ok=True)
+            path = out / filename
+            resume = _check_existing(args, out, path, describe_artifact)
+            try:
+                yield path, resume
+            except ResumeMismatch as err:
+                raise CliError(resume_mismatch_message(err, path)) from None
+    except LockHeld as err:
+        raise CliError(f"--out {out}: {err}") from None
+
+
+def _check_existing(args: argparse.Namespace, out: Path, path: Path, describe) -> str | None:
+    """The checkpoint to resume from (or None), after refusing to overwrite unasked."""
+    resume = getattr(args, "resume", False)
+    overwrite = getattr(args, "overwrite", False)
+    if resume and overwrite:
+        raise CliError("--resume and --overwrite contradict each other; pass one")
+    if path.exists() and not (resume or overwrite):
+        what, finished = describe(path)
+        fix = (
+            "--overwrite to replace it"
+            if finished
+            else "--resume to continue it or --overwrite to replace it"
+        )
+        raise CliError(
+            f"--out {out} already holds {what} in {path.name}; pass {fix}, or choose another --out"
+        )
+    if resume and not path.exists():
+        print(f"--resume: no checkpoint at {path}; starting a fresh run", file=sys.stderr)
+        return None
+    return str(path) if resume else None
+
+
+def resume_mismatch_message(err, path: Path) -> str:
+    """A resume refusal in flag terms: which flags differ, and their saved values."""
+    parts = []
+    for field, (saved, now) in err.differing.items():
+        flag = FLAG_OF.get(field, field)
+        parts.append(f"{flag} (saved {_show(saved)}, now {_show(now)})")
+    return (
+        f"--resume: {path} was trained with other settings: {', '.join(parts)}; rerun with "
+        "the saved values to continue it, or drop --resume and pass --overwrite to start over"
+    )
+
+
+def _show(value) -> str:
+    if isinstance(value, dict) and "layer" in value:
+        from melbo_lens.core.sites import HookSite
+
+        return HookSite.from_dict(value).name
+    return repr(value)
