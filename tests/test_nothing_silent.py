@@ -510,3 +510,20 @@ def test_17_orthogonal_vectors_show_delta_similarity_not_the_identity():
     page = _Page()
     html = _similarity_section(run, page) + json.dumps(page.figs)  # type: ignore[arg-type]
     assert "cosine similarity of vectors" in html and "mutually orthogonal" not in html
+
+
+def test_15_the_first_load_says_its_conversion_is_one_time(tmp_path, monkeypatch, capsys):
+    from melbo_lens.models import cache
+    from melbo_lens.models.names import PACKAGED_MODELS
+
+    def convert(spec, sources, work):  # stands in for the minute-long GGUF conversion
+        (work / "hooked_transformer").mkdir()
+
+    monkeypatch.setattr(cache, "_convert_into", convert)
+    spec = next(iter(PACKAGED_MODELS.values()))
+    entry = tmp_path / "models" / spec.name / "key"
+    cache._build_entry(spec, [], entry, {"k": 1})
+    err = capsys.readouterr().err
+    assert f"first use of {spec.name}: converting it to a HookedTransformer once" in err
+    assert (entry / "manifest.json").is_file()
+    assert [p.name for p in entry.parent.iterdir()] == ["key"]  # no temporary left
