@@ -71,6 +71,7 @@ def _train_adapters(args: argparse.Namespace, source, orthogonal, path: Path, re
         checkpoint=str(path),
         resume=resume,
         overwrite=True,  # claimed_output has checked --overwrite / --resume
+        max_rows_per_pass=args.max_rows_per_pass,
     )
     adapters.metadata["load_name"] = args.model
     adapters.save(path)

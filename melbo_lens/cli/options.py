@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any, Literal
 
-from melbo_lens.core.prompts import bundled_prompts
+from melbo_lens.core.prompts import POSITION_SPECS, bundled_prompts, parse_positions
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
@@ -65,6 +65,11 @@ def seed_int(text: str) -> int:
     if not 0 <= value < 2**32:
         raise argparse.ArgumentTypeError(f"must be an int in [0, 2**32), got {text}")
     return value
+
+
+def rows_limit(text: str) -> int | str:
+    """argparse type: 'auto' or an int >= 1."""
+    return "auto" if text == "auto" else positive_int(text)
 
 
 def positive_float(text: str) -> float:
@@ -142,27 +147,15 @@ def _read_prompts(args: argparse.Namespace) -> list[Any]:
     return prompts
 
 
-TARGET_POSITIONS_HELP = "'all', 'N:' (positions N on), 'last:N' (the last N) or '0,3,-1'"
+TARGET_POSITIONS_HELP = POSITION_SPECS
 
 
 def _target_positions(spec: str):
     """--target-positions -> a target-position spec of `PromptSet`."""
     try:
-        if spec == "all":
-            return None
-        if spec.startswith("last:"):
-            n = int(spec.split(":", 1)[1])
-            if n < 1:
-                raise ValueError
-            return slice(-n, None)
-        if spec.endswith(":"):  # "1:" = every position from 1 on (skips the first token)
-            return slice(int(spec[:-1]), None)
-        return [int(p) for p in spec.split(",")]
-    except ValueError:
-        raise CliError(
-            f"--target-positions {spec!r} is not a position spec; use {TARGET_POSITIONS_HELP} "
-            "(last:N needs N >= 1)"
-        ) from None
+        return parse_positions(spec)
+    except ValueError as err:
+        raise CliError(f"--target-positions {err}") from None
 
 
 def _prompt_set(model: Any, prompts: list[Any], chat: bool, target_spec: str):
@@ -248,6 +241,14 @@ def _add_training_args(p: argparse.ArgumentParser, *, n_vectors: int, steps: int
         help="AMSGrad on the sphere (the source's) or a safeguarded power step",
     )
     t.add_argument("--seed", type=seed_int, default=0, help="seed of the initial vectors")
+    t.add_argument(
+        "--max-rows-per-pass",
+        type=rows_limit,
+        default=None,
+        help="split each step into passes of at most this many rows (vectors x prompts), "
+        "accumulating gradients: less memory, same result; 'auto' fits the free memory "
+        "(default: one pass)",
+    )
     o = p.add_argument_group("output")
     o.add_argument("--out", default="melbo_out", help="output directory")
     o.add_argument(
@@ -312,6 +313,7 @@ def _train(args: argparse.Namespace, prompts: list[Any], path: Path, resume: str
         checkpoint=str(path),
         resume=resume,
         overwrite=True,  # claimed_output has checked --overwrite / --resume
+        max_rows_per_pass=args.max_rows_per_pass,
     )
     vectors.metadata["load_name"] = args.model
     vectors.save(path)

@@ -17,7 +17,7 @@ from pathlib import Path
 from melbo_lens.cli.options import FLAG_OF, CliError
 from melbo_lens.core.io import LockHeld, exclusive_lock
 
-__all__ = ["claimed_output", "resume_mismatch_message"]
+__all__ = ["claimed_output", "locked", "resume_mismatch_message"]
 
 
 @contextmanager
@@ -29,17 +29,28 @@ def claimed_output(args: argparse.Namespace, filename: str) -> Iterator[tuple[Pa
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise CliError(f"--out {out} is a file; give a directory")
+    with locked(out):
+        out.mkdir(parents=True, exist_ok=True)
+        path = out / filename
+        resume = _check_existing(args, out, path, describe_artifact)
+        try:
+            yield path, resume
+        except ResumeMismatch as err:
+            raise CliError(resume_mismatch_message(err, path)) from None
+
+
+@contextmanager
+def locked(out: Path) -> Iterator[None]:
+    """An exclusive lock on --out for the block; a live holder is a CliError naming it."""
     try:
-        with exclusive_lock(out):
-            out.mkdir(parents=True, exist_ok=True)
-            path = out / filename
-            resume = _check_existing(args, out, path, describe_artifact)
-            try:
-                yield path, resume
-            except ResumeMismatch as err:
-                raise CliError(resume_mismatch_message(err, path)) from None
+        lock = exclusive_lock(out)
+        lock.__enter__()
     except LockHeld as err:
         raise CliError(f"--out {out}: {err}") from None
+    try:
+        yield
+    finally:
+        lock.__exit__(None, None, None)
 
 
 def _check_existing(args: argparse.Namespace, out: Path, path: Path, describe) -> str | None:

@@ -21,8 +21,10 @@ from melbo_lens.cli.options import (
     _melbo_config,
     _prompt_set,
     _read_prompts,
+    positive_float,
+    positive_int,
 )
-from melbo_lens.cli.output import claimed_output
+from melbo_lens.cli.output import claimed_output, locked
 from melbo_lens.core.io import atomic_write_text
 
 __all__ = ["add_arguments", "run"]
@@ -31,6 +33,27 @@ __all__ = ["add_arguments", "run"]
 def add_arguments(p: argparse.ArgumentParser) -> None:
     _add_training_args(p, n_vectors=4, steps=100)
     p.add_argument("--radii", default="2,4,8,16,32,64", help="comma-separated radii")
+    g = p.add_argument_group("grid sweeps (prompt sets x sites x radii x seeds x methods)")
+    g.add_argument(
+        "--grid",
+        help="a .yaml/.json sweep grid (see melbo_lens.workflows.sweeps.SweepGrid); one "
+        "artifact per cell in OUT/cells, the table in OUT/results.csv, resumable",
+    )
+    g.add_argument(
+        "--executor",
+        default="local",
+        choices=["local", "ray"],
+        help="run cells here one by one, or as tasks on a Ray cluster",
+    )
+    g.add_argument(
+        "--address",
+        default=None,
+        help="Ray cluster: 'auto' joins the one this machine is in, ray://HOST:10001 a "
+        "remote one (default: start a local instance)",
+    )
+    g.add_argument("--workers", type=positive_int, default=None, help="Ray actors (models)")
+    g.add_argument("--cpus-per-cell", type=positive_float, default=1.0, help="Ray num_cpus")
+    g.add_argument("--gpus-per-cell", type=float, default=0.0, help="Ray num_gpus")
     p.add_argument(
         "--fluency-limit",
         type=float,
@@ -49,6 +72,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.grid:
+        return _grid_sweep(args)
     try:
         radii = [float(r) for r in args.radii.split(",") if r.strip()]
     except ValueError:
@@ -94,6 +119,7 @@ def _sweep(args: argparse.Namespace, radii: list[float], path: Path) -> int:
         keep_vectors=args.save_vectors,
         progress=not args.quiet,
         save_dir=path.parent,
+        max_rows_per_pass=args.max_rows_per_pass,
     )
     seconds = time.perf_counter() - start
     atomic_write_text(path, json.dumps(result.to_dict(), indent=2))
@@ -106,6 +132,35 @@ def _sweep(args: argparse.Namespace, radii: list[float], path: Path) -> int:
         print()
     print(result.table())
     print(f"\nswept {len(radii)} radii in {seconds:.1f} s -> {path}")
+    return 0
+
+
+def _grid_sweep(args: argparse.Namespace) -> int:
+    from melbo_lens.workflows.sweeps import SweepGrid, run_sweep
+
+    if not Path(args.grid).is_file():
+        raise CliError(f"--grid {args.grid}: no such file")
+    try:
+        grid = SweepGrid.load(args.grid)
+    except ValueError as err:
+        raise CliError(f"--grid {args.grid}: {err}") from None
+    out = Path(args.out)
+    with locked(out):  # finished cells are never redone: a rerun resumes
+        result = run_sweep(
+            grid,
+            out,
+            executor=args.executor,
+            address=args.address,
+            workers=args.workers,
+            num_cpus=args.cpus_per_cell,
+            num_gpus=args.gpus_per_cell,
+            progress=not args.quiet,
+        )
+    from melbo_lens.views.sweep_report import write_sweep_report
+
+    report = write_sweep_report(result)
+    print(result.to_pandas().drop(columns=["cell", "options"]).to_string(index=False))
+    print(f"\n{len(result.rows)} cells ({len(result.ran)} run now) -> {out}/results.csv, {report}")
     return 0
 
 

@@ -21,7 +21,7 @@ import torch
 from jaxtyping import Bool, Int
 from torch import Tensor
 
-__all__ = ["PromptSet", "TargetPositions"]
+__all__ = ["PromptSet", "TargetPositions", "parse_positions"]
 
 PositionSpec = slice | Sequence[int] | None
 TargetPositions = PositionSpec | Sequence[PositionSpec]
@@ -316,7 +316,7 @@ class PromptSet:
     def lengths(self) -> Int[Tensor, " n"]:
         return self.attention_mask.sum(-1)
 
-    def __getitem__(self, index: int | slice | Sequence[int]) -> PromptSet:
+    def __getitem__(self, index: int | slice | Sequence[int] | Tensor) -> PromptSet:
         if isinstance(index, int):
             index = [index]
         idx = torch.arange(len(self))[index]
@@ -406,6 +406,34 @@ def _check_conversation(i: int, conv: Any) -> None:
             f"conversation {i} is {conv!r}; each prompt must be a string (one user turn) or a "
             "non-empty list of {'role': str, 'content': str} messages"
         )
+
+
+POSITION_SPECS = "'all', 'N:' (positions N on), 'last:N' (the last N) or '0,3,-1'"
+
+
+def parse_positions(spec: str) -> TargetPositions:
+    """A target-position spec written as text (as on the command line or in a sweep
+    grid) -> the form `PromptSet` takes.
+
+    Examples:
+        >>> parse_positions("last:3"), parse_positions("1:"), parse_positions("0,-1")
+        (slice(-3, None, None), slice(1, None, None), [0, -1])
+    """
+    try:
+        if spec == "all":
+            return None
+        if spec.startswith("last:"):
+            n = int(spec.split(":", 1)[1])
+            if n < 1:
+                raise ValueError
+            return slice(-n, None)
+        if spec.endswith(":"):  # "1:" = every position from 1 on (skips the first token)
+            return slice(int(spec[:-1]), None)
+        return [int(p) for p in spec.split(",")]
+    except ValueError:
+        raise ValueError(
+            f"{spec!r} is not a position spec; use {POSITION_SPECS} (last:N needs N >= 1)"
+        ) from None
 
 
 def _tokenizer(model: Any) -> Any:

@@ -15,6 +15,7 @@ a hook, so at least nothing after the target runs.
 
 from __future__ import annotations
 
+import copy
 import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -173,6 +174,18 @@ class Segment:
         idx = torch.arange(k * n, device=self.prompts.tokens.device) % n
         out = self._forward(None, idx, hooks)
         return out.view(k, n, *out.shape[1:])
+
+    def subset(self, prompt_index: Tensor) -> Segment:
+        """This segment restricted to some prompts (sharing the cached prefix): for
+        splitting a step's rows into passes. Trailing padding the chosen prompts do not
+        need is trimmed, which leaves every real token's activations as they are."""
+        sub = copy.copy(self)
+        sub.prompts = self.prompts[prompt_index]
+        length = sub.prompts.tokens.shape[1]
+        if self.prefix is not None:
+            sub.prefix = self.prefix[prompt_index, :length]
+        sub.unsteered = self.unsteered[prompt_index, :length]
+        return sub
 
     # ------------------------------------------------------------------ internals
     def _run_prefix(self) -> Tensor:

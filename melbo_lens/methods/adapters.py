@@ -302,6 +302,7 @@ def train_steering_adapters(
     resume: SteeringAdapters | str | None = None,
     compile: bool = False,
     overwrite: bool = False,
+    max_rows_per_pass: int | str | None = None,
 ) -> SteeringAdapters:
     """Train MELBO steering adapters; returns a `SteeringAdapters` artifact.
 
@@ -339,4 +340,5 @@ def train_steering_adapters(
         checkpoint_every=checkpoint_every,
         compile=compile,
         overwrite=overwrite,
+        max_rows_per_pass=max_rows_per_pass,
     )

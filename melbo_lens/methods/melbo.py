@@ -214,6 +214,7 @@ def train_steering_vectors(
     resume: SteeringVectors | str | None = None,
     compile: bool = False,
     overwrite: bool = False,
+    max_rows_per_pass: int | str | None = None,
 ) -> SteeringVectors:
     """Train MELBO steering vectors; returns a `SteeringVectors` artifact.
 
@@ -251,4 +252,5 @@ def train_steering_vectors(
         checkpoint_every=checkpoint_every,
         compile=compile,
         overwrite=overwrite,
+        max_rows_per_pass=max_rows_per_pass,
     )

@@ -45,9 +45,9 @@ def melbo_objective_per_prompt(
         raise ValueError(
             f"mask must be [*batch, pos] = {tuple(steered.shape[:-1])}, got {tuple(mask.shape)}"
         )
-    delta = steered - unsteered
-    if delta.dtype in (torch.float16, torch.bfloat16):
-        delta = delta.float()  # accumulate low-precision activations in fp32
+    if steered.dtype in (torch.float16, torch.bfloat16):
+        steered = steered.float()  # subtract and accumulate low-precision activations in fp32
+    delta = steered - unsteered.to(steered.dtype)
     sq = delta.pow(2).sum(-1)  # ||Δ_t||² per token
     safe = torch.where(mask, sq, torch.ones_like(sq))  # no pow() of 0 off the mask
     per_token = torch.where(mask, safe.pow(power / 2), torch.zeros_like(sq))

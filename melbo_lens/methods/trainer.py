@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 from melbo_lens.core.checks import is_int
 from melbo_lens.core.host import frozen
 from melbo_lens.core.io import OutputExists, exclusive_lock
+from melbo_lens.core.memory import pass_memory, rows_per_pass
 from melbo_lens.core.prompts import PromptSet
 from melbo_lens.core.segment import Segment
 from melbo_lens.core.sites import HookSite, check_sites
@@ -461,6 +462,49 @@ def _loss(segment: Segment, group: _Group, spec: LoopSpec) -> tuple[Tensor, Tens
     return loss, objective.detach()
 
 
+def _pieces(k: int, n: int, max_rows: int | None) -> list[tuple[slice, Tensor | None]]:
+    """(members, prompts or None for all) pieces that cover k × n rows, each at most
+    `max_rows` rows: whole members while a member's n rows fit, else prompt blocks."""
+    if max_rows is None or k * n <= max_rows:
+        return [(slice(0, k), None)]
+    if n <= max_rows:
+        m = max_rows // n
+        return [(slice(lo, min(lo + m, k)), None) for lo in range(0, k, m)]
+    return [
+        (slice(j, j + 1), torch.arange(lo, min(lo + max_rows, n)))
+        for j in range(k)
+        for lo in range(0, n, max_rows)
+    ]
+
+
+def _backward(segment: Segment, group: _Group, spec: LoopSpec, max_rows: int | None) -> Tensor:
+    """Gradients of the step's loss in `group`'s parameters, in passes of at most
+    `max_rows` rows (gradient accumulation: the objective is a sum over members and
+    prompts, so the pieces add up to one pass); returns each member's objective."""
+    k = next(iter(group.params.values())).shape[0]
+    pieces = _pieces(k, len(segment.prompts), max_rows)
+    if len(pieces) == 1:
+        loss, objective = _loss(segment, group, spec)
+        loss.backward()
+        return objective
+    if spec.orthogonal == "soft" and spec.soft_on == "deltas":
+        raise ValueError(
+            "soft_on='deltas' compares every member's target deltas, so a step cannot be "
+            "split into passes; use soft_on='vectors', or a larger max_rows_per_pass"
+        )
+    objective = torch.zeros(k, device=segment.unsteered.device)
+    for members, prompt_index in pieces:
+        part = segment if prompt_index is None else segment.subset(prompt_index)
+        params = {name: p[members] for name, p in group.params.items()}
+        obj = _objective(part, group.family.target(part, params), spec)
+        (-obj.sum()).backward()
+        objective[members] += obj.detach()
+    if spec.orthogonal == "soft" and k > 1:
+        penalty = cosine_penalty(group.family.directions(group.params).flatten(1))
+        (spec.soft_weight * objective.mean() * penalty).backward()
+    return objective
+
+
 def _member_basis(directions: Tensor) -> Tensor | None:
     """Orthonormal rows spanning all direction rows of the given members (rank-revealing)."""
     rows = directions.reshape(-1, directions.shape[-1]).double()
@@ -508,6 +552,7 @@ def train(
     checkpoint_every: int = 50,
     compile: bool = False,
     overwrite: bool = False,
+    max_rows_per_pass: int | str | None = None,
 ) -> Any:
     """Run the loop over `family`; returns `family.artifact(...)` of all members.
 
@@ -517,43 +562,48 @@ def train(
     parameters are finite and its parameters non-zero, and raises `TrainingError`
     naming the step and member otherwise, so a checkpoint never holds NaN.
 
+    `max_rows_per_pass` splits each step's rows (members × prompts) into passes of at
+    most that many rows, accumulating gradients (same result to float rounding, less
+    activation memory); `"auto"` picks it from the free memory. Before the first step
+    the activation memory of a pass is estimated (`core.memory`) and a pass that cannot
+    fit raises MemoryError saying how much it needs and which knob lowers it.
+
     `checkpoint` is locked while training (a second run writing it fails, naming this
     one); a checkpoint that already holds a result is only replaced with
     `overwrite=True` (or continued with `resume=checkpoint`).
     """
     if not is_int(checkpoint_every, 1):
         raise ValueError(f"checkpoint_every must be an int >= 1, got {checkpoint_every!r}")
-    if checkpoint is None:
-        return _run(model, prompts, family, resume, progress, callback, None, 50, compile)
-    checkpoint = str(checkpoint)
-    if resume is None and not overwrite and Path(checkpoint).exists():
-        raise OutputExists(checkpoint, *describe_artifact(checkpoint))
-    with exclusive_lock(checkpoint):
-        return _run(
-            model,
-            prompts,
-            family,
-            resume,
-            progress,
-            callback,
-            checkpoint,
-            checkpoint_every,
-            compile,
+    if not (max_rows_per_pass in (None, "auto") or is_int(max_rows_per_pass, 1)):
+        raise ValueError(
+            f"max_rows_per_pass must be None, 'auto' or an int >= 1, got {max_rows_per_pass!r}"
         )
+    run = _Run(progress, callback, None, checkpoint_every, compile, max_rows_per_pass)
+    if checkpoint is None:
+        return _run(model, prompts, family, resume, run)
+    run.checkpoint = str(checkpoint)
+    if resume is None and not overwrite and Path(run.checkpoint).exists():
+        raise OutputExists(run.checkpoint, *describe_artifact(run.checkpoint))
+    with exclusive_lock(run.checkpoint):
+        return _run(model, prompts, family, resume, run)
 
 
-def _run(
-    model: Any,
-    prompts: PromptSet,
-    family: Family,
-    resume: Any | None,
-    progress: bool,
-    callback: Callback | None,
-    checkpoint: str | None,
-    checkpoint_every: int,
-    compile: bool,
-) -> Any:
+@dataclass
+class _Run:
+    """How `train` runs the loop (nothing here changes the result)."""
+
+    progress: bool
+    callback: Callback | None
+    checkpoint: str | None
+    checkpoint_every: int
+    compile: bool
+    max_rows_per_pass: int | str | None
+
+
+def _run(model: Any, prompts: PromptSet, family: Family, resume: Any | None, run: _Run) -> Any:
     """The loop itself (see `train`)."""
+    progress, callback, checkpoint = run.progress, run.callback, run.checkpoint
+    checkpoint_every, compile = run.checkpoint_every, run.compile
     device = prompts.tokens.device
     spec = LoopSpec.of(family.config, n=family.n, per_batch=family.per_batch)
     steps = spec.steps
@@ -561,12 +611,16 @@ def _run(
     record, resume_state, elapsed = _start(family, spec, device, store, resume)
     losses, objective, steps_done = record["losses"], record["objective"], record["steps_done"]
     segment = Segment(model, spec.source, spec.target, prompts, compile=compile)
+    rows = max(len(g) for g in groups_of(spec)) * len(prompts)
+    memory = pass_memory(model, segment.n_blocks, prompts.tokens.shape[1])
+    max_rows = rows_per_pass(memory, rows, run.max_rows_per_pass, device)
     meta = {
         **family.metadata(),
         "segment_blocks": segment.n_blocks,
         "layer_slicing": segment.layer_slicing,
         "compiled": segment.compile,
         "host": type(model).__name__,
+        "rows_per_pass": max_rows or rows,
     }
 
     def artifact(state: dict[str, Tensor], seconds: float) -> Any:
@@ -604,8 +658,7 @@ def _run(
                 resume_state = {}
                 for step in range(first, steps):
                     group.opt.zero_grad(set_to_none=True)
-                    loss, obj = _loss(segment, group, spec)
-                    loss.backward()
+                    obj = _backward(segment, group, spec, max_rows)
                     grads = {n: p.grad for n, p in group.params.items() if p.grad is not None}
                     losses[indices, step] = obj
                     group.update(obj)

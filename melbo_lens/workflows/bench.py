@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import time
 from pathlib import Path
 from typing import Any
@@ -30,6 +29,7 @@ import torch
 
 from melbo_lens.core.host import frozen
 from melbo_lens.core.io import atomic_write_text
+from melbo_lens.core.memory import peak_bytes
 from melbo_lens.core.prompts import PromptSet
 from melbo_lens.core.segment import Segment
 from melbo_lens.methods.constraints import project_out, tangent_project, to_sphere
@@ -80,7 +80,8 @@ def matmul_throughput(size: int = 2048, seconds: float = 2.0) -> float:
 
 
 def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """Peak memory of this process so far, MiB (RSS on CPU; see `core.memory.peak_bytes`)."""
+    return peak_bytes("cpu") / 2**20
 
 
 # ---------------------------------------------------------------------- naive reference

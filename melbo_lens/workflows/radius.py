@@ -293,6 +293,7 @@ def select_radius(
     keep_vectors: bool = False,
     progress: bool = True,
     save_dir: str | os.PathLike[str] | None = None,
+    max_rows_per_pass: int | str | None = None,
 ) -> RadiusSweep:
     """Train at each radius, measure the completions, recommend R at the cusp.
 
@@ -351,7 +352,11 @@ def select_radius(
                 f"{config.steps} steps",
             )
             vectors = train_steering_vectors(
-                model, prompts, replace(config, radius=radius), progress=progress
+                model,
+                prompts,
+                replace(config, radius=radius),
+                progress=progress,
+                max_rows_per_pass=max_rows_per_pass,
             )
             row = _measure(
                 model, prompts, vectors, max_new_tokens, embed, unsteered or None, baseline

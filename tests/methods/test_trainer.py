@@ -83,3 +83,35 @@ def test_interrupt_and_resume_equals_uninterrupted(
             getattr(resumed, name), getattr(reference, name), rtol=0, atol=1e-6
         )
     torch.testing.assert_close(resumed.losses, reference.losses)
+
+
+@pytest.mark.parametrize(
+    "family,orthogonal,max_rows",
+    [
+        ("vectors", "simultaneous", 5),  # whole members: 2 per pass (2 prompts each)
+        ("vectors", "soft", 2),  # one member per pass
+        ("vectors", "none", 1),  # one (member, prompt) row per pass
+        ("adapters", "none", 3),
+    ],
+)
+def test_split_passes_equal_one_pass(tiny_model, family, orthogonal, max_rows):
+    """Gradient accumulation over passes of `max_rows` rows gives one pass's result."""
+    train, make_config, _, names = FAMILIES[family]
+    prompts = PromptSet.from_tokens(tiny_model, TOKENS)
+    config = make_config(orthogonal=orthogonal)
+    whole = train(tiny_model, prompts, config, progress=False)
+    split = train(tiny_model, prompts, config, progress=False, max_rows_per_pass=max_rows)
+    assert split.metadata["rows_per_pass"] == max_rows
+    assert whole.metadata["rows_per_pass"] == 3 * len(TOKENS)
+    # step 0's objective is one forward pass: equal up to float rounding of the sums
+    torch.testing.assert_close(split.losses[:, 0], whole.losses[:, 0], rtol=1e-6, atol=0)
+    for name in names:  # 20 steps of AMSGrad carry that rounding along; entries are O(1)
+        torch.testing.assert_close(getattr(split, name), getattr(whole, name), rtol=1e-4, atol=1e-5)
+
+
+def test_soft_deltas_cannot_be_split(tiny_model):
+    train, make_config, _, _ = FAMILIES["vectors"]
+    prompts = PromptSet.from_tokens(tiny_model, TOKENS)
+    config = make_config(orthogonal="soft", soft_on="deltas")
+    with pytest.raises(ValueError, match="soft_on='deltas' compares every member"):
+        train(tiny_model, prompts, config, progress=False, max_rows_per_pass=2)
