@@ -16,11 +16,11 @@ from melbo_lens.core.memory import pass_memory, rows_per_pass
 # the measured peak RSS growth and the estimate (bytes). `split` rows per pass (0: all).
 PROBE = textwrap.dedent(
     """
-    import resource, sys, torch
+    import sys, torch
     torch.set_num_threads(1)
     from transformer_lens import HookedTransformer, HookedTransformerConfig
     from melbo_lens import HookSite, MelboConfig, PromptSet, train_steering_vectors
-    from melbo_lens.core.memory import pass_memory
+    from melbo_lens.core.memory import pass_memory, peak_bytes
     rows, pos, split = 16, 128, int(sys.argv[1])
     cfg = HookedTransformerConfig(n_layers=6, d_model=256, n_ctx=512, d_head=32, n_heads=8,
         d_mlp=1024, d_vocab=100, act_fn="gelu", normalization_type="LN",
@@ -29,11 +29,9 @@ PROBE = textwrap.dedent(
     ps = PromptSet.from_tokens(model, torch.randint(0, 100, (rows, pos),
         generator=torch.Generator().manual_seed(0)).tolist())
     config = MelboConfig(HookSite(0), HookSite(5), n_vectors=1, steps=1)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    now = int(open("/proc/self/statm").read().split()[1]) * 4096 // 1024
+    before = peak_bytes("cpu")  # this process's own high-water mark (VmHWM)
     train_steering_vectors(model, ps, config, progress=False, max_rows_per_pass=split or None)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print((peak - max(before, now)) * 1024, pass_memory(model, 5, pos).bytes_for(split or rows))
+    print(peak_bytes("cpu") - before, pass_memory(model, 5, pos).bytes_for(split or rows))
     """
 )
 
@@ -46,7 +44,7 @@ def _probe(split: int) -> tuple[int, int]:
     return measured, estimate
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc and ru_maxrss")
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
 def test_estimate_matches_the_measured_peak_and_splitting_lowers_it():
     whole, estimate = _probe(0)
     # the estimate (16·d_model + 2·d_mlp activations and 3·heads·pos² scores per token and
