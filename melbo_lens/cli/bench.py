@@ -24,6 +24,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true", help="tiny settings, for a smoke test")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile timing")
     p.add_argument("--adapters", action="store_true", help="adapters: K together vs one by one")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    p.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "bfloat16", "float16"],
+        help="the model's dtype (θ and the objective stay fp32)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:

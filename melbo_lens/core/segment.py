@@ -91,7 +91,7 @@ def _add_rows(delta: Tensor):
 
     def hook(act: Tensor, hook: Any = None) -> Tensor:
         d = delta if delta.ndim == 1 else delta[:, None, :]
-        return act + d.to(act.dtype)
+        return act + d.to(act.device, act.dtype)
 
     return hook
 
@@ -222,7 +222,7 @@ class Segment:
         x = self.prefix[idx]
         if rows is not None:
             if self.source.is_block_boundary:
-                x = x + rows[:, None, :].to(x.dtype)
+                x = x + rows[:, None, :].to(x.device, x.dtype)
             else:
                 hooks.append((self.source.name, _add_rows(rows)))
         captured: dict[str, Tensor] = {}

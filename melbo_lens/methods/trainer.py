@@ -441,9 +441,10 @@ class _Group:
 
 def _objective(segment: Segment, z: Tensor, spec: LoopSpec) -> Tensor:
     """MELBO's objective of each member from its target activations z [k, n, pos, d]."""
-    mask = segment.prompts.target_mask.expand(z.shape[:-1])
+    # on a model split over devices z comes from the target block's device
+    mask = segment.prompts.target_mask.to(z.device).expand(z.shape[:-1])
     per_prompt = melbo_objective_per_prompt(
-        z, segment.unsteered.expand_as(z), mask, power=spec.power, q=spec.q
+        z, segment.unsteered.to(z.device).expand_as(z), mask, power=spec.power, q=spec.q
     )
     return per_prompt.sum(-1)
 

@@ -68,20 +68,38 @@ def step_flops(
     return tokens * (fwd + bwd)
 
 
-def matmul_throughput(size: int = 2048, seconds: float = 2.0) -> float:
-    """fp32 FLOP/s of a large square matmul, the machine's practical ceiling."""
-    a, b = torch.randn(size, size), torch.randn(size, size)
+def matmul_throughput(
+    size: int = 2048,
+    seconds: float = 2.0,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+) -> float:
+    """FLOP/s of a large square matmul in `dtype` on `device`: the practical ceiling."""
+    a = torch.randn(size, size, device=device).to(dtype)
+    b = torch.randn(size, size, device=device).to(dtype)
+    _sync(device)
     a @ b
+    _sync(device)
     n, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:
         a @ b
         n += 1
+        if n % 16 == 0:
+            _sync(device)
+    _sync(device)
     return 2 * size**3 * n / (time.perf_counter() - start)
 
 
-def _peak_rss_mb() -> float:
-    """Peak memory of this process so far, MiB (RSS on CPU; see `core.memory.peak_bytes`)."""
-    return peak_bytes("cpu") / 2**20
+def _sync(device: torch.device | str) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _peak_mb(device: str) -> float:
+    """Peak memory so far, MiB: the process's peak RSS on CPU, the CUDA allocator's peak
+    on a GPU (`core.memory.peak_bytes`)."""
+    return peak_bytes(device) / 2**20
 
 
 # ---------------------------------------------------------------------- naive reference
@@ -107,7 +125,10 @@ def _naive(model, prompts, config, steps, index, basis) -> dict[str, Any]:
     src, tgt = config.source, config.target
     theta = torch.nn.Parameter(
         to_sphere(
-            project_out(_init_vectors([index], d_model, config.seed, "cpu", torch.float32), basis),
+            project_out(
+                _init_vectors([index], d_model, config.seed, prompts.tokens.device, torch.float32),
+                basis,
+            ),
             config.radius,
         )[0]
     )
@@ -123,7 +144,7 @@ def _naive(model, prompts, config, steps, index, basis) -> dict[str, Any]:
     captured: dict[str, torch.Tensor] = {}
 
     def add(act, hook):
-        return act + theta
+        return act + theta.to(act.dtype)
 
     def grab(act, hook):
         captured["z"] = act
@@ -193,14 +214,16 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     from melbo_lens.core.sites import parse_site as _site
     from melbo_lens.models.zoo import load_model
 
+    device = getattr(args, "device", "cpu")
+    dtype = getattr(torch, getattr(args, "dtype", "float32"))
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.quick:
         args.naive_steps, args.timed_steps = min(args.naive_steps, 5), 1
         args.n_vectors, args.diversity_vectors = min(args.n_vectors, 2), 2
         args.power_steps, args.no_compile = min(args.power_steps, 3), True
-    rss0 = _peak_rss_mb()
-    model = load_model(args.model)
+    rss0 = _peak_mb(device)
+    model = load_model(args.model, device=device, dtype=dtype)
     prompts = PromptSet.coerce(model, bundled_prompts("demo"), chat=True)
     source, target = _site(args.source, "resid_post"), _site(args.target, "resid_post")
     cfg = model.cfg
@@ -211,11 +234,12 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     print(
         f"model {cfg.model_name}: {cfg.n_layers} layers, d_model {cfg.d_model}; "
         f"{source.name} -> {target.name} ({seg_blocks} blocks per step); "
-        f"prompt {n_tok} tokens; {torch.get_num_threads()} threads"
+        f"prompt {n_tok} tokens; {torch.get_num_threads()} threads; {device}, {dtype}"
     )
 
-    peak = matmul_throughput(1024 if args.quick else 2048)
-    print(f"matmul ceiling (fp32 2048² in this run): {peak / 1e9:.1f} GFLOP/s")
+    size = 1024 if args.quick else (8192 if device.startswith("cuda") else 2048)
+    peak = matmul_throughput(size, dtype=dtype, device=device)
+    print(f"matmul ceiling ({dtype} {size}² in this run): {peak / 1e9:.1f} GFLOP/s")
 
     # (a) naive reference, vector 0
     naive_cfg = MelboConfig(**base, n_vectors=1, steps=args.naive_steps)
@@ -245,7 +269,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     # (c) melbo_lens, K vectors in one batch; steady-state step time between callbacks
     k = args.n_vectors
     k_flops = step_flops(cfg, n_tok * k, P, seg_blocks, seg_blocks, unembed=False)
-    rss_before = _peak_rss_mb()
+    rss_before = _peak_mb(device)
     step_s = _step_seconds(
         model,
         prompts,
@@ -256,7 +280,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         f"(c) melbo_lens, {k} vectors batched: {k_ms:.2f} ms per vector-step "
         f"({naive_ms / k_ms:.2f}x faster than naive); {achieved / 1e9:.1f} GFLOP/s = "
         f"{100 * achieved / peak:.0f}% of the matmul ceiling; peak RSS "
-        f"{_peak_rss_mb():.0f} MB (process; {rss_before - rss0:.0f} MB before this phase)"
+        f"{_peak_mb(device):.0f} MB (process; {rss_before - rss0:.0f} MB before this phase)"
     )
 
     # (c') the same with the segment's blocks through torch.compile (one-off compile cost)
@@ -344,6 +368,8 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         "radius": args.radius,
         "prompt_tokens": n_tok,
         "threads": torch.get_num_threads(),
+        "device": device,
+        "dtype": str(dtype),
         "matmul_gflops": peak / 1e9,
         "naive_ms_per_vector_step": naive_ms,
         "one_vector_ms_per_vector_step": one_ms,
@@ -356,7 +382,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         "melbo_lens_final_objective": one_curve[-1],
         "time_to_solution_s": tts,
         "diversity": div,
-        "peak_rss_mb": _peak_rss_mb(),
+        "peak_memory_mb": _peak_mb(device),
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
