@@ -21,6 +21,7 @@ from melbo_lens.cli.options import (
     _read_list,
     _read_prompts,
     _site,
+    _train_checkpointed,
 )
 from melbo_lens.cli.output import claimed_output
 from melbo_lens.models.zoo import load_model
@@ -62,22 +63,12 @@ def _train_adapters(args: argparse.Namespace, source, orthogonal, path: Path, re
         orthogonal=orthogonal,
         seed=args.seed,
     )
-    start = time.perf_counter()
-    adapters = train_steering_adapters(
-        model,
-        ps,
-        config,
-        progress=not args.quiet,
-        checkpoint=str(path),
-        resume=resume,
-        overwrite=True,  # claimed_output has checked --overwrite / --resume
-        max_rows_per_pass=args.max_rows_per_pass,
+    adapters, seconds = _train_checkpointed(
+        train_steering_adapters, model, ps, config, args, path, resume
     )
-    adapters.metadata["load_name"] = args.model
-    adapters.save(path)
     _print_vectors(adapters)
     state = "complete" if adapters.complete else "INTERRUPTED (resume with --resume)"
-    print(f"\n{len(adapters)} adapters ({state}) in {time.perf_counter() - start:.1f} s -> {path}")
+    print(f"\n{len(adapters)} adapters ({state}) in {seconds:.1f} s -> {path}")
     return 0 if adapters.complete else 130
 
 

@@ -304,8 +304,17 @@ def _train(args: argparse.Namespace, prompts: list[Any], path: Path, resume: str
     model = load_model(args.model, bridge=args.bridge)
     ps = _prompt_set(model, prompts, not args.no_chat, args.target_positions)
     config = _melbo_config(args, args.radius)
+    vectors, seconds = _train_checkpointed(
+        train_steering_vectors, model, ps, config, args, path, resume
+    )
+    return model, ps, vectors, path, seconds
+
+
+def _train_checkpointed(train_fn, model, ps, config, args, path: Path, resume: str | None):
+    """Run a `train_*` function with the CLI's checkpoint, resume and memory options,
+    save the result at `path` (claimed by the caller); (artifact, seconds)."""
     start = time.perf_counter()
-    vectors = train_steering_vectors(
+    artifact = train_fn(
         model,
         ps,
         config,
@@ -315,10 +324,9 @@ def _train(args: argparse.Namespace, prompts: list[Any], path: Path, resume: str
         overwrite=True,  # claimed_output has checked --overwrite / --resume
         max_rows_per_pass=args.max_rows_per_pass,
     )
-    vectors.metadata["load_name"] = args.model
-    vectors.save(path)
-    seconds = time.perf_counter() - start
-    return model, ps, vectors, path, seconds
+    artifact.metadata["load_name"] = args.model
+    artifact.save(path)
+    return artifact, time.perf_counter() - start
 
 
 def _print_vectors(vectors) -> None:
