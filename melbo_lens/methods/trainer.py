@@ -216,7 +216,7 @@ _ADVICE = (
     "(the last checkpoint, if one was given, holds only finite values)"
 )
 _PROBLEMS = (
-    "objective is NaN/inf or zero",
+    "objective is NaN/inf or zero (zero: no change reaches the target)",
     "gradient is NaN/inf or zero",
     "parameters are NaN/inf or zero",
 )
