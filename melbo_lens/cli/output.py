@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 from melbo_lens.cli.options import FLAG_OF, CliError
@@ -42,15 +42,12 @@ def claimed_output(args: argparse.Namespace, filename: str) -> Iterator[tuple[Pa
 @contextmanager
 def locked(out: Path) -> Iterator[None]:
     """An exclusive lock on --out for the block; a live holder is a CliError naming it."""
-    try:
-        lock = exclusive_lock(out)
-        lock.__enter__()
-    except LockHeld as err:
-        raise CliError(f"--out {out}: {err}") from None
-    try:
+    with ExitStack() as stack:
+        try:
+            stack.enter_context(exclusive_lock(out))
+        except LockHeld as err:
+            raise CliError(f"--out {out}: {err}") from None
         yield
-    finally:
-        lock.__exit__(None, None, None)
 
 
 def _check_existing(args: argparse.Namespace, out: Path, path: Path, describe) -> str | None:

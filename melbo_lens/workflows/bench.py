@@ -79,11 +79,11 @@ def matmul_throughput(
     a = torch.randn(size, size, device=device).to(dtype)
     b = torch.randn(size, size, device=device).to(dtype)
     _sync(device)
-    a @ b
+    _ = a @ b  # warm-up
     _sync(device)
     n, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:
-        a @ b
+        _ = a @ b
         n += 1
         if n % 16 == 0:
             _sync(device)

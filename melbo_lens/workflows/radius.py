@@ -22,7 +22,6 @@ the smaller R). None when already the smallest R collapses.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import statistics
@@ -32,10 +31,10 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from melbo_lens.core.io import atomic_write_text
 from melbo_lens.core.prompts import PromptSet
 from melbo_lens.methods.melbo import MelboConfig, train_steering_vectors
 from melbo_lens.perturbations.vectors import SteeringVectors
+from melbo_lens.workflows.saved import load_unit, save_unit
 
 __all__ = ["RadiusSweep", "recommend_radius", "select_radius"]
 
@@ -235,34 +234,22 @@ def _measure(
     }
 
 
-def _radius_path(save_dir: str | os.PathLike[str], radius: float, suffix: str) -> Path:
-    return Path(save_dir) / f"radius_{radius:g}{suffix}"
-
-
-def _save_radius(
-    save_dir: str | os.PathLike[str],
-    radius: float,
-    settings: dict[str, Any],
-    row: dict[str, Any],
-    vectors: SteeringVectors,
-) -> None:
-    vectors.save(_radius_path(save_dir, radius, ".safetensors"))
-    record = {"radius": radius, "settings": settings, "row": row}
-    atomic_write_text(_radius_path(save_dir, radius, ".json"), json.dumps(record))
+def _unit(radius: float) -> str:
+    return f"radius_{radius:g}"
 
 
 def _saved_radius(
     save_dir: str | os.PathLike[str], radius: float, settings: dict[str, Any]
 ) -> tuple[dict[str, Any], SteeringVectors] | None:
     """The saved measurements and vectors of `radius`, if both are there."""
-    path = _radius_path(save_dir, radius, ".json")
-    vectors_path = _radius_path(save_dir, radius, ".safetensors")
-    if not (path.is_file() and vectors_path.is_file()):
+    saved = load_unit(save_dir, _unit(radius))
+    if saved is None:
         return None
+    record, vectors = saved
+    path = Path(save_dir) / f"{_unit(radius)}.json"
     try:
-        record = json.loads(path.read_text(encoding="utf-8"))
         saved_settings, row = record["settings"], record["row"]
-    except (json.JSONDecodeError, KeyError, TypeError) as err:
+    except (KeyError, TypeError) as err:
         raise ValueError(f"{path} is not a saved sweep radius ({err}); delete it") from err
     differing = [k for k in settings if k != "config" and saved_settings.get(k) != settings[k]]
     saved_cfg, cfg = saved_settings.get("config") or {}, settings["config"]
@@ -272,7 +259,7 @@ def _saved_radius(
             f"{path} was measured with other settings ({', '.join(differing)}); resume "
             "with the saved settings, or clear the folder to start the sweep over"
         )
-    return row, SteeringVectors.load(vectors_path)
+    return row, vectors
 
 
 def _median(values: Sequence[float]) -> float:
@@ -362,7 +349,8 @@ def select_radius(
                 model, prompts, vectors, max_new_tokens, embed, unsteered or None, baseline
             )
             if save_dir is not None:
-                _save_radius(save_dir, radius, settings, row, vectors)
+                record = {"radius": radius, "settings": settings, "row": row}
+                save_unit(save_dir, _unit(radius), vectors, record)
         if not unsteered:
             unsteered, baseline = row["unsteered"], row["baseline"]
         prompt_texts = row["prompts"]

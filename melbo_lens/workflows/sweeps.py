@@ -43,6 +43,7 @@ from melbo_lens.core.io import atomic_write_text
 from melbo_lens.core.prompts import PromptSet, parse_positions
 from melbo_lens.core.sites import parse_site
 from melbo_lens.perturbations.vectors import SteeringVectors
+from melbo_lens.workflows.saved import load_unit, save_unit
 
 __all__ = ["Cell", "SweepGrid", "SweepResult", "run_cell", "run_sweep"]
 
@@ -183,7 +184,7 @@ def run_cell(model: Any, grid: SweepGrid, cell: Cell) -> tuple[SteeringVectors, 
     )
     options = {k: v for k, v in cell.method.items() if k != "method"}
     shared = dict(grid.config)
-    n = int(shared.get("n_vectors", 8))
+    n = int(shared.get("n_vectors", MelboConfig.n_vectors))
     kind = cell.method["method"]
     if kind == "melbo":
         config = MelboConfig(
@@ -286,15 +287,8 @@ class SweepResult:
 
 
 def _finished(out: Path, cell: Cell) -> dict[str, Any] | None:
-    record, artifact = out / "cells" / f"{cell.id}.json", out / "cells" / f"{cell.id}.safetensors"
-    if record.is_file() and artifact.is_file():
-        return json.loads(record.read_text(encoding="utf-8"))
-    return None
-
-
-def _save(out: Path, cell: Cell, vectors: SteeringVectors, measured: dict[str, Any]) -> None:
-    vectors.save(out / "cells" / f"{cell.id}.safetensors")
-    atomic_write_text(out / "cells" / f"{cell.id}.json", json.dumps(measured))  # last: done
+    saved = load_unit(out / "cells", cell.id)
+    return None if saved is None else saved[0]
 
 
 def _manifest(out: Path, grid: SweepGrid, cells: list[Cell]) -> None:
@@ -353,14 +347,14 @@ def run_sweep(
         model = loader()
         for i, cell in enumerate(pending):
             _say(progress, f"cell {i + 1} of {len(pending)}: {cell.id}")
-            _save(out, cell, *run_cell(model, grid, cell))
+            save_unit(out / "cells", cell.id, *run_cell(model, grid, cell))
     elif pending:
         from melbo_lens.workflows.sweeps_ray import run_on_ray
 
         for i, (cell, vectors, measured) in enumerate(
             run_on_ray(grid, pending, loader, address, workers, num_cpus, num_gpus, max_retries)
         ):
-            _save(out, cell, vectors, measured)
+            save_unit(out / "cells", cell.id, vectors, measured)
             _say(progress, f"cell {i + 1} of {len(pending)} done: {cell.id}")
     rows = [row for c in cells if (row := _finished(out, c)) is not None]
     result = SweepResult(out, rows, [c.id for c in pending])
