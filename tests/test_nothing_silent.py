@@ -147,7 +147,9 @@ def test_04_bad_values_stop_training_at_their_step(tiny_model, tmp_path, value, 
     ps = PromptSet.from_tokens(tiny_model, [[1, 2, 3, 4]])
     cfg = MelboConfig(HookSite(1), HookSite(3), n_vectors=1, steps=30)
     path = tmp_path / "ckpt.safetensors"
-    with pytest.raises(TrainingError, match=f"at step 13 for vector 0: objective is .*{problem}"):
+    with pytest.raises(
+        TrainingError, match=rf"at step 13 for vector 0 \(start 0\): objective is .*{problem}"
+    ):
         train_steering_vectors(
             tiny_model,
             ps,
@@ -430,7 +432,7 @@ def test_15_help_lists_every_command_and_every_option_has_help():
             if not isinstance(action, argparse._HelpAction):
                 assert action.help, (name, action.dest)
     train = subs["train"].format_help()
-    assert "(default: 300)" in train  # defaults are shown
+    assert "300 with AMSGrad (default: auto)" in train  # defaults are shown
     for group in ("prompts:", "training (MELBO vectors and adapters):", "--method adapters:"):
         assert group in train
 

@@ -19,6 +19,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--diversity-vectors", type=int, default=4, help="vectors for the diversity timing"
     )
     p.add_argument("--power-steps", type=int, default=10, help="steps of the power-solver timing")
+    p.add_argument(
+        "--slots", type=int, default=32, help="orthogonal vectors for the time-to-N timing"
+    )
+    p.add_argument(
+        "--reference-slots",
+        type=int,
+        default=None,
+        help="slots of the previous default actually run (default: all; its time for "
+        "--slots is then per-slot time x slots)",
+    )
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
     p.add_argument("--out", default="bench_out", help="directory for bench.json")
     p.add_argument("--quick", action="store_true", help="tiny settings, for a smoke test")

@@ -20,7 +20,7 @@ __all__ = ["add_arguments", "run"]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    _add_training_args(p, n_vectors=6, steps=100)
+    _add_training_args(p, n_vectors=6)
     p.add_argument("--width", type=int, default=110, help="completions table width")
     # The first token (<|im_start|>) has ~6x the residual norm of the others; with all
     # positions its ||Δ_0|| dominates the objective, so the demo leaves it out. Residual

@@ -11,6 +11,7 @@ import argparse
 import json
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -57,6 +58,20 @@ def nonnegative_int(text: str) -> int:
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be an int >= 0, got {text}")
     return value
+
+
+def auto_or_int(minimum: int) -> Callable[[str], int | str]:
+    """argparse type: 'auto' or an int >= `minimum`."""
+
+    def parse(text: str) -> int | str:
+        if text == "auto":
+            return "auto"
+        value = _int(text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be 'auto' or an int >= {minimum}, got {text}")
+        return value
+
+    return parse
 
 
 def seed_int(text: str) -> int:
@@ -195,7 +210,7 @@ def add_prompt_args(p: argparse.ArgumentParser | Any, *, positions: bool = True)
         )
 
 
-def _add_training_args(p: argparse.ArgumentParser, *, n_vectors: int, steps: int) -> None:
+def _add_training_args(p: argparse.ArgumentParser, *, n_vectors: int) -> None:
     """The options every MELBO-training command shares, in groups."""
     m = p.add_argument_group("model")
     m.add_argument(
@@ -226,7 +241,26 @@ def _add_training_args(p: argparse.ArgumentParser, *, n_vectors: int, steps: int
     t.add_argument(
         "--n-vectors", type=positive_int, default=n_vectors, help="how many vectors to train"
     )
-    t.add_argument("--steps", type=nonnegative_int, default=steps, help="steps per vector")
+    t.add_argument(
+        "--steps",
+        type=auto_or_int(0),
+        default="auto",
+        help="steps of the first vector (with --starts-per-vector 1: of every vector); "
+        "'auto': 40 with the power solver, 300 with AMSGrad",
+    )
+    t.add_argument(
+        "--starts-per-vector",
+        type=auto_or_int(1),
+        default="auto",
+        help="candidate starts trained together for each sequential vector ('auto': 8; "
+        "1: one start per vector, the source's way)",
+    )
+    t.add_argument(
+        "--slot-steps",
+        type=auto_or_int(1),
+        default="auto",
+        help="steps between later vectors of a window of starts ('auto': 10 power, 60 AMSGrad)",
+    )
     t.add_argument("--lr", default="auto", help="'auto' (0.011·R/√d_model) or a number")
     t.add_argument(
         "--orthogonal",
@@ -236,9 +270,10 @@ def _add_training_args(p: argparse.ArgumentParser, *, n_vectors: int, steps: int
     )
     t.add_argument(
         "--solver",
-        default="amsgrad",
-        choices=["amsgrad", "power"],
-        help="AMSGrad on the sphere (the source's) or a safeguarded power step",
+        default="auto",
+        choices=["auto", "amsgrad", "power"],
+        help="AMSGrad on the sphere (the source's) or a safeguarded power step; 'auto': "
+        "power for a window of starts, AMSGrad otherwise",
     )
     t.add_argument("--seed", type=seed_int, default=0, help="seed of the initial vectors")
     t.add_argument(
@@ -293,6 +328,8 @@ def _melbo_config(args: argparse.Namespace, radius: float):
         orthogonal=args.orthogonal or "sequential",
         solver=args.solver,
         seed=args.seed,
+        starts_per_vector=args.starts_per_vector,
+        slot_steps=args.slot_steps,
     )
 
 
@@ -313,6 +350,8 @@ def _train(args: argparse.Namespace, prompts: list[Any], path: Path, resume: str
 def _train_checkpointed(train_fn, model, ps, config, args, path: Path, resume: str | None):
     """Run a `train_*` function with the CLI's checkpoint, resume and memory options,
     save the result at `path` (claimed by the caller); (artifact, seconds)."""
+    if not args.quiet:
+        print(training_plan(config), flush=True)
     start = time.perf_counter()
     artifact = train_fn(
         model,
@@ -327,6 +366,24 @@ def _train_checkpointed(train_fn, model, ps, config, args, path: Path, resume: s
     artifact.metadata["load_name"] = args.model
     artifact.save(path)
     return artifact, time.perf_counter() - start
+
+
+def training_plan(config: Any) -> str:
+    """One line saying how a config trains, with its "auto" values resolved."""
+    noun = "adapter" if hasattr(config, "n_adapters") else "vector"
+    n = getattr(config, "n_adapters", getattr(config, "n_vectors", 0))
+    if config.windowed:
+        how = (
+            f"each the best of a window of {config.starts} starts, {config.loop_solver()} "
+            f"solver, {config.loop_steps()} steps for the first and "
+            f"{config.loop_slot_steps()} more for each later one"
+        )
+    else:
+        how = f"{config.loop_solver()} solver, {config.loop_steps()} steps each"
+    return (
+        f"training {n} {noun}s ({config.orthogonal}), R = {config.radius:g}, "
+        f"{config.source.name} -> {config.target.name}: {how}"
+    )
 
 
 def _print_vectors(vectors) -> None:

@@ -31,7 +31,7 @@ __all__ = ["add_arguments", "run"]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    _add_training_args(p, n_vectors=4, steps=100)
+    _add_training_args(p, n_vectors=4)
     p.add_argument("--radii", default="2,4,8,16,32,64", help="comma-separated radii")
     g = p.add_argument_group("grid sweeps (prompt sets x sites x radii x seeds x methods)")
     g.add_argument(

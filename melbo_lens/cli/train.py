@@ -20,7 +20,7 @@ __all__ = ["add_arguments", "run"]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    _add_training_args(p, n_vectors=8, steps=300)
+    _add_training_args(p, n_vectors=8)
     p.add_argument(
         "--method",
         default="melbo",

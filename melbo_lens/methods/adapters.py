@@ -102,7 +102,7 @@ class AdapterConfig(LoopConfig):
     radius: float = 4.0
     power: float = 2.0
     q: float = 1.0
-    steps: int = 300
+    steps: int | Literal["auto"] = 300
     lr: float | Literal["auto"] = "auto"
     orthogonal: AdapterOrthogonal = "none"
     solver: Literal["amsgrad", "power"] = "amsgrad"

@@ -14,7 +14,16 @@ from typing import Any, TypeVar
 from melbo_lens.core.checks import is_int, is_positive
 from melbo_lens.core.sites import HookSite
 
-__all__ = ["LoopConfig", "config_from_dict", "config_to_dict", "is_int", "is_positive"]
+__all__ = [
+    "AUTO_SLOT_STEPS",
+    "AUTO_STARTS",
+    "AUTO_STEPS",
+    "LoopConfig",
+    "config_from_dict",
+    "config_to_dict",
+    "is_int",
+    "is_positive",
+]
 
 T = TypeVar("T")
 
@@ -50,6 +59,12 @@ def config_from_dict(cls: type[T], data: dict[str, Any]) -> T:
 
 C = TypeVar("C", bound="LoopConfig")
 
+# What steps="auto" and slot_steps="auto" stand for, per solver (see the README's
+# benchmark: the power step reaches AMSGrad's 300-step objective in a few steps).
+AUTO_STARTS = 8  # starts per sequential vector (starts_per_vector="auto")
+AUTO_STEPS = {"amsgrad": 300, "power": 40}
+AUTO_SLOT_STEPS = {"amsgrad": 60, "power": 10}
+
 
 class LoopConfig:
     """What every config the trainer runs shares (a mixin for frozen dataclasses with the
@@ -57,6 +72,41 @@ class LoopConfig:
     JSON round trip, the checks of those fields, and the optimiser rule."""
 
     lr_bound = "the radius"  # what bounds an absolute lr, in words (see `lr_max`)
+
+    @property
+    def starts(self) -> int:
+        """Candidate starts per sequential slot (1: one start per member)."""
+        return 1
+
+    @property
+    def windowed(self) -> bool:
+        """Sequential slots filled from a window of candidate starts."""
+        c: Any = self
+        return c.orthogonal == "sequential" and self.starts > 1
+
+    def loop_solver(self) -> str:
+        """The solver `solver="auto"` stands for: the safeguarded power step when a window
+        of starts fills sequential slots (each slot is a greedy maximisation, where the
+        power step's speed is the point and the window supplies the multi-start),
+        AMSGrad otherwise (its slow path keeps independent starts apart)."""
+        c: Any = self
+        if c.solver != "auto":
+            return c.solver
+        return "power" if self.windowed else "amsgrad"
+
+    def loop_steps(self) -> int:
+        """The steps `steps="auto"` stands for: `AUTO_STEPS[solver]`."""
+        c: Any = self
+        return AUTO_STEPS[self.loop_solver()] if c.steps == "auto" else int(c.steps)
+
+    def loop_slot_steps(self) -> int:
+        """The steps between later slots of a window (`slot_steps="auto"`: `AUTO_SLOT_STEPS`
+        of the solver, at most `steps`)."""
+        c: Any = self
+        value = getattr(c, "slot_steps", "auto")
+        if value != "auto":
+            return int(value)
+        return min(AUTO_SLOT_STEPS[self.loop_solver()], self.loop_steps())
 
     def lr_max(self) -> float:
         """The largest absolute lr that is not a jump across the constraint set: the
@@ -67,6 +117,24 @@ class LoopConfig:
     def loop_problems(self) -> list[str]:
         """Every problem with the shared fields, each naming the field and the value."""
         return _loop_problems(self)  # the dataclass mixing this in declares the fields
+
+    def window_problems(self, field: str) -> list[str]:
+        """Problems with the candidate window's fields (`field`: its per-method name)."""
+        c: Any = self
+        problems = []
+        value = getattr(c, field)
+        if value == "auto":
+            pass
+        elif not is_int(value, 1):
+            problems.append(f"{field} must be 'auto' or an int >= 1, got {value!r}")
+        elif getattr(c, field) > 1 and c.orthogonal != "sequential":
+            problems.append(
+                f"{field}={getattr(c, field)} needs orthogonal='sequential' (the window fills "
+                f"sequential slots), got orthogonal={c.orthogonal!r}; use {field}=1"
+            )
+        if not (c.slot_steps == "auto" or is_int(c.slot_steps, 1)):
+            problems.append(f"slot_steps must be 'auto' or an int >= 1, got {c.slot_steps!r}")
+        return problems
 
     @property
     def uses_amsgrad(self) -> bool:
@@ -96,8 +164,8 @@ def _loop_problems(config: Any) -> list[str]:
     for name in ("power", "q"):
         if not is_positive(getattr(config, name)):
             problems.append(f"{name} must be a finite number > 0, got {getattr(config, name)!r}")
-    if not is_int(config.steps, 0):
-        problems.append(f"steps must be an int >= 0, got {config.steps!r}")
+    if not (config.steps == "auto" or is_int(config.steps, 0)):
+        problems.append(f"steps must be 'auto' or an int >= 0, got {config.steps!r}")
     lr, lr_max = config.lr, config.lr_max()
     if lr != "auto" and not (is_positive(lr) and lr <= lr_max):
         problems.append(
@@ -113,8 +181,8 @@ def _loop_problems(config: Any) -> list[str]:
             f"orthogonal must be 'sequential', 'simultaneous', 'soft' or 'none', "
             f"got {config.orthogonal!r}"
         )
-    if config.solver not in ("amsgrad", "power"):
-        problems.append(f"solver must be 'amsgrad' or 'power', got {config.solver!r}")
+    if config.solver not in ("auto", "amsgrad", "power"):
+        problems.append(f"solver must be 'auto', 'amsgrad' or 'power', got {config.solver!r}")
     if config.soft_on not in ("vectors", "deltas"):
         problems.append(f"soft_on must be 'vectors' or 'deltas', got {config.soft_on!r}")
     if len(config.betas) != 2 or not all(0 <= b < 1 for b in config.betas):

@@ -10,16 +10,23 @@ effect. Many vectors are learned; "hard" orthogonality keeps each new one orthog
 the earlier ones, "soft" penalises their pairwise cosine similarity.
 
 `train_steering_vectors` trains K vectors at once on the batch axis of a `Segment` (the
-prefix runs once; each step runs only the blocks from source to target). The default
-optimiser is the source's AMSGrad (AdamW, betas (0.9, 0.98), no weight decay) with the
-gradient projected onto the sphere's tangent space and θ renormalised after each step.
-`solver="power"` is a faster alternative: a safeguarded power-iteration step
-θ ← R·∇/||∇|| that is exactly power iteration for a linear map.
+prefix runs once; each step runs only the blocks from source to target). The source's
+optimiser is AMSGrad (AdamW, betas (0.9, 0.98), no weight decay) with the gradient
+projected onto the sphere's tangent space and θ renormalised after each step.
+`solver="power"` is a safeguarded power-iteration step θ ← R·∇/||∇|| (exactly power
+iteration for a linear map) that reaches AMSGrad's 300-step objective in a few steps;
+it is what `solver="auto"` runs for the default window of starts.
 
 Orthogonality modes:
-  * `sequential` - the source's semantics: vector k trains after vectors 0..k-1 are
-    final, orthogonal to them (at init, on the gradient, after the step). Prompts are
-    batched, vectors are not.
+  * `sequential` (default) - the source's semantics: vector k is the best direction
+    found orthogonal to vectors 0..k-1 (at init, on the gradient, after the step). By
+    default each vector is the best of a *window* of `starts_per_vector` = 8 candidate
+    starts trained together on the batch axis: slot 0 is the best candidate after `steps`
+    steps, every later slot the best after `slot_steps` more; the accepted candidate is
+    replaced by a fresh start and the others stay warm, projected off it (see the
+    trainer's `_Window`). With a window, `solver="auto"` is the power step and
+    `steps="auto"` / `slot_steps="auto"` are 40 / 10. `starts_per_vector=1` is the
+    source's one start per vector (AMSGrad, 300 steps).
   * `simultaneous` - all K train together; Gram–Schmidt in a fixed order each step.
   * `soft` - all K together; penalty `soft_weight · mean objective · Σ_{j<k} cos²` on
     vectors (`soft_on="vectors"`) or on their target deltas (`soft_on="deltas"`).
@@ -41,7 +48,7 @@ from melbo_lens.core.host import d_model_of
 from melbo_lens.core.prompts import PromptSet
 from melbo_lens.core.segment import Segment
 from melbo_lens.core.sites import HookSite, as_site, check_order
-from melbo_lens.methods.config import LoopConfig, is_int
+from melbo_lens.methods.config import AUTO_STARTS, LoopConfig, is_int
 from melbo_lens.methods.constraints import tangent_project, to_sphere
 from melbo_lens.methods.trainer import FamilyBase, TrainingError, check_prompts_and_sites, train
 from melbo_lens.perturbations.vectors import SteeringVectors
@@ -70,6 +77,10 @@ class MelboConfig(LoopConfig):
     """Everything that defines a MELBO run (frozen, validated, JSON-serialisable).
 
     `lr="auto"` (default) uses `scaled_lr(radius, d_model)`; a float is an absolute lr.
+    `starts_per_vector`, `solver`, `steps` and `slot_steps` default to "auto": a window
+    of 8 starts per sequential vector with the power solver, 40 steps for vector 0 and
+    10 for each later one (`starts`, `loop_solver()`, `loop_steps()`,
+    `loop_slot_steps()` give the values run; the artifact's metadata records them).
     `vectors_per_batch` caps how many vectors share a forward pass (memory).
 
     Examples:
@@ -84,16 +95,25 @@ class MelboConfig(LoopConfig):
     radius: float = 4.0
     power: float = 2.0
     q: float = 1.0
-    steps: int = 300
+    steps: int | Literal["auto"] = "auto"
     lr: float | Literal["auto"] = "auto"
     orthogonal: Orthogonal = "sequential"
-    solver: Solver = "amsgrad"
+    solver: Solver | Literal["auto"] = "auto"
     betas: tuple[float, float] = (0.9, 0.98)
     soft_weight: float = 1.0
     soft_on: Literal["vectors", "deltas"] = "vectors"
     vectors_per_batch: int | None = None
     amsgrad: bool | None = None
     seed: int = 0
+    starts_per_vector: int | Literal["auto"] = "auto"
+    slot_steps: int | Literal["auto"] = "auto"
+
+    @property
+    def starts(self) -> int:
+        """`starts_per_vector` as run: "auto" is `AUTO_STARTS` for sequential, else 1."""
+        if self.starts_per_vector == "auto":
+            return AUTO_STARTS if self.orthogonal == "sequential" else 1
+        return int(self.starts_per_vector)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "source", as_site(self.source))
@@ -103,6 +123,7 @@ class MelboConfig(LoopConfig):
         if not is_int(self.n_vectors, 1):
             problems.append(f"n_vectors must be an int >= 1, got {self.n_vectors!r}")
         problems += self.loop_problems()
+        problems += self.window_problems("starts_per_vector")
         if self.vectors_per_batch is not None and not is_int(self.vectors_per_batch, 1):
             problems.append(
                 f"vectors_per_batch must be an int >= 1, got {self.vectors_per_batch!r}"
@@ -120,7 +141,12 @@ class MelboConfig(LoopConfig):
 
 @dataclass
 class TrainingState:
-    """What a per-step callback sees. Return False from the callback to stop early."""
+    """What a per-step callback sees. Return False from the callback to stop early.
+
+    With a window of starts (the default), `indices` is `[k]`, the vector being filled,
+    and `objective` / `vectors` have one row per candidate start; `step` counts from 0
+    in each vector's phase.
+    """
 
     step: int
     indices: list[int]  # which vectors are training now

@@ -8,8 +8,9 @@ radius R, unit columns), how to project a gradient onto its tangent space, which
 how to run the segment with the parameters applied. Everything else is here, once:
 
 * groups of members that share a forward pass (`sequential`: one member at a time,
-  orthogonal to the finished ones; `simultaneous`: all, Gram–Schmidt in a fixed order each
-  step; `soft`: all, penalised pairwise cosines of directions or target deltas; `none`);
+  orthogonal to the finished ones, each the best of a window of candidate starts trained
+  together (`_Window`); `simultaneous`: all, Gram–Schmidt in a fixed order each step;
+  `soft`: all, penalised pairwise cosines of directions or target deltas; `none`);
 * the solvers: AMSGrad on the manifold (gradient projected on the tangent space, then
   retraction) and a safeguarded power step (θ ← retract(∇), halving on a drop);
 * checkpoint/resume (bit-exact), per-step callbacks, NaN/inf errors that name the step and
@@ -78,6 +79,13 @@ class LoopSpec:
     q: float
     source: HookSite
     target: HookSite
+    starts: int = 1  # candidate starts per slot (orthogonal="sequential" only)
+    slot_steps: int = 0  # steps between acceptances after the first (starts > 1)
+
+    @property
+    def windowed(self) -> bool:
+        """Sequential slots filled from a window of `starts` candidates (see `_Window`)."""
+        return self.orthogonal == "sequential" and self.starts > 1
 
     @classmethod
     def of(cls, config: Any, *, n: int, per_batch: int | None) -> LoopSpec:
@@ -85,9 +93,9 @@ class LoopSpec:
         share these field names; `n` and `per_batch` are named differently per method."""
         return cls(
             n=n,
-            steps=config.steps,
+            steps=config.loop_steps(),
             orthogonal=config.orthogonal,
-            solver=config.solver,
+            solver=config.loop_solver(),
             betas=config.betas,
             amsgrad=config.uses_amsgrad,
             soft_weight=config.soft_weight,
@@ -97,6 +105,8 @@ class LoopSpec:
             q=config.q,
             source=config.source,
             target=config.target,
+            starts=config.starts,
+            slot_steps=config.loop_slot_steps(),
         )
 
 
@@ -238,10 +248,10 @@ def _member_problems(objective: Tensor, grads: Params, directions: Tensor) -> Te
     return obj_bad.int() | (~finite | zero).int() << 1 | param_bad.int() << 2
 
 
-def _raise_problems(codes: Tensor, indices: list[int], step: int, noun: str) -> None:
+def _raise_problems(codes: Tensor, labels: list[str], step: int) -> None:
     row = int(torch.nonzero(codes)[0])
     what = [p for bit, p in enumerate(_PROBLEMS) if int(codes[row]) >> bit & 1]
-    raise TrainingError(f"at step {step} for {noun} {indices[row]}: {'; '.join(what)}; " + _ADVICE)
+    raise TrainingError(f"at step {step} for {labels[row]}: {'; '.join(what)}; " + _ADVICE)
 
 
 class ResumeMismatch(ValueError):
@@ -291,6 +301,7 @@ class _Group:
 
     def __init__(self, family: Family, spec: LoopSpec, raw: Params, basis: Tensor | None) -> None:
         self.family, self.spec, self.basis = family, spec, basis
+        self.joint = spec.orthogonal == "simultaneous"  # Gram–Schmidt between members
         self.params: Params = {k: torch.nn.Parameter(v) for k, v in self.constrain(raw).items()}
         lrs = family.lrs()
         self.opt = torch.optim.AdamW(
@@ -316,7 +327,7 @@ class _Group:
 
     def constrain(self, params: Params) -> Params:
         params = self._project_basis(params)
-        if self.spec.orthogonal == "simultaneous":
+        if self.joint:
             dirs = gram_schmidt_members(self.family.directions(params))
             params = self.family.with_directions(params, dirs)
         return self.family.retract(params)
@@ -333,7 +344,7 @@ class _Group:
 
     def project_grad(self, grads: Params, params: Params) -> Params:
         grads = self._project_basis(self.family.tangent(grads, params))
-        if self.spec.orthogonal == "simultaneous":
+        if self.joint:
             grads = self._earlier_removed(grads, params)
         return grads
 
@@ -355,7 +366,7 @@ class _Group:
             new = self.constrain(self.detached())
             for n, p in self.params.items():
                 p.copy_(new[n])
-            if self.spec.orthogonal == "simultaneous":
+            if self.joint:
                 # Momentum along earlier members would keep pushing member k into
                 # directions Gram–Schmidt removes each step; drop it (member 0 unaffected).
                 momentum = {n: self.opt.state[p]["exp_avg"] for n, p in self.params.items()}
@@ -367,7 +378,7 @@ class _Group:
         # did not drop, else halve the step from the last accepted point. Per member.
         ascent = {n: -g for n, g in grads.items()}  # type: ignore[operator]
         ok = objective >= self.accepted_obj
-        if self.spec.orthogonal == "simultaneous":
+        if self.joint:
             # When an earlier member moved, member k's constraint set moved with it and its
             # last accepted objective is stale: accept member k's new point unconditionally.
             flat = torch.cat([p.flatten(1) for p in params.values()], 1)
@@ -396,6 +407,37 @@ class _Group:
         if self.spec.solver == "power" and bool(self.accepted_obj.isfinite().all()):
             return self.constrain({n: a.clone() for n, a in self.accepted.items()})
         return {n: p.detach().clone() for n, p in self.params.items()}
+
+    @torch.no_grad()
+    def refill(self, rows: list[int], fresh: Params, basis: Tensor) -> None:
+        """Members `rows` restart from `fresh`; every member moves off the new `basis`,
+        with its momentum. The others keep their optimiser state, except the power
+        solver's last accepted objective, stale now that the constraint set moved."""
+        self.basis = basis
+        params = self.detached()
+        for name, value in params.items():
+            value[rows] = fresh[name].to(value.dtype)
+        new = self.constrain(params)
+        for name, p in self.params.items():
+            p.copy_(new[name])
+            state = self.opt.state.get(p, {})
+            for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
+                if key in state:
+                    state[key][rows] = 0.0
+        momentum = {
+            n: self.opt.state[p]["exp_avg"]
+            for n, p in self.params.items()
+            if "exp_avg" in self.opt.state.get(p, {})
+        }
+        if len(momentum) == len(self.params):
+            cleaned = self._project_basis(momentum)
+            for name in momentum:
+                momentum[name].copy_(cleaned[name])
+        for name in self.params:
+            self.accepted[name] = new[name].clone()
+            self.accepted_grad[name][rows] = 0.0
+        self.accepted_obj.fill_(-math.inf)
+        self.beta[rows] = 1.0
 
     # ------------------------------------------------------------------ resume state
     def state_tensors(self) -> dict[str, Tensor]:
@@ -521,7 +563,8 @@ def _start(
 ) -> tuple[dict[str, Tensor], dict[str, Tensor], float]:
     """A fresh training record, or the record, group state and elapsed seconds of a
     resumed run (whose parameters are copied into `store`)."""
-    n, steps = spec.n, spec.steps
+    n = spec.n
+    steps = max(n_steps for _, n_steps in _phases(spec)) if n else spec.steps
     record = {
         "losses": torch.full((n, steps), float("nan"), dtype=torch.float32, device=device),
         "objective": torch.full((n,), float("nan"), dtype=torch.float32, device=device),
@@ -601,18 +644,145 @@ class _Run:
     max_rows_per_pass: int | str | None
 
 
+def _phases(spec: LoopSpec) -> list[tuple[list[int], int]]:
+    """(members a phase finishes, its steps), in order. Without a window a phase is a
+    group of `groups_of`; with one, phase k fills slot k (`steps`, then `slot_steps`)."""
+    if spec.windowed:
+        return [([k], spec.steps if k == 0 else spec.slot_steps) for k in range(spec.n)]
+    return [(indices, spec.steps) for indices in groups_of(spec)]
+
+
+class _Window:
+    """Sequential slots filled from a window of candidate starts trained together.
+
+    `starts` candidates (start j initialised as member j of a one-start run would be)
+    train independently on the batch axis, each orthogonal to the accepted members.
+    Slot 0 takes the best candidate after `steps` steps, every later slot the best after
+    `slot_steps` more. The accepted candidate's row restarts fresh; the others stay
+    warm: projected off the new member (their momentum too), keeping their progress. A
+    candidate that loses most of its length to that projection (below `_COLLAPSED`) was
+    converging onto the accepted direction and restarts fresh too.
+
+    Why this design: vector k stays orthogonal to 0..k-1 and is the best direction
+    found, as in one-start `sequential`; the batch axis now carries `starts` candidates
+    per pass; and each slot is the best of several local optima, not the one a single
+    start falls into. Candidates are independent rather than mutually orthogonal (as in
+    `simultaneous`): under Gram–Schmidt the first candidate is free and the others are
+    fenced off it, so the window would reproduce a single start's optimum (measured on a
+    planted model: the same misses as one start).
+    """
+
+    def __init__(self, family: Family, spec: LoopSpec, device: torch.device) -> None:
+        self.family, self.spec, self.device = family, spec, device
+        self.ids = list(range(spec.starts))
+        self.next = spec.starts
+
+    def group(self, basis: Tensor | None) -> _Group:
+        return _Group(self.family, self.spec, self.family.init(self.ids, self.device), basis)
+
+    def labels(self, slot: int) -> list[str]:
+        return [f"{self.family.noun} {slot} (start {j})" for j in self.ids]
+
+    def state(self, group: _Group) -> dict[str, Tensor]:
+        ids = torch.tensor(self.ids + [self.next], dtype=torch.long)
+        return {**group.state_tensors(), "window.ids": ids}
+
+    def load(self, group: _Group, state: dict[str, Tensor]) -> None:
+        if "window.ids" not in state:
+            raise ValueError("the checkpoint's resume state has no candidate window")
+        *ids, self.next = (int(i) for i in state["window.ids"])
+        self.ids = ids
+        group.load_state_tensors(state)
+
+    @torch.no_grad()
+    def accept(
+        self, segment: Segment, group: _Group, store: Params, slot: int, last: bool
+    ) -> Tensor:
+        """Write the best candidate into `store[slot]` and refill the window (unless
+        `last`); returns the accepted objective."""
+        family = self.family
+        candidates = group.result()
+        objective = _objective(segment, family.target(segment, candidates), self.spec)
+        best = int(torch.argmax(torch.where(objective.isfinite(), objective, -math.inf)))
+        for name, value in candidates.items():
+            store[name][slot] = value[best]
+        if last:
+            return objective[best]
+        basis = _member_basis(family.directions({n: v[: slot + 1] for n, v in store.items()}))
+        assert basis is not None
+        dirs = family.directions(group.detached()).flatten(1)
+        kept = project_out(dirs.reshape(-1, basis.shape[1]), basis).reshape(dirs.shape)
+        # a candidate that loses most of its length was converging onto the accepted
+        # direction: it restarts fresh rather than from its noisy remainder
+        collapsed = kept.norm(dim=-1) < _COLLAPSED * dirs.norm(dim=-1)
+        rows = [best] + [j for j in range(len(self.ids)) if j != best and bool(collapsed[j])]
+        for j in rows:
+            self.ids[j], self.next = self.next, self.next + 1
+        group.refill(rows, family.init([self.ids[j] for j in rows], self.device), basis)
+        return objective[best]
+
+
+_COLLAPSED = 0.1  # relative length left after projection below which a candidate restarts
+
+
+def _open_group(
+    family: Family,
+    spec: LoopSpec,
+    store: Params,
+    indices: list[int],
+    window: _Window | None,
+    resume_state: dict[str, Tensor],
+    first: int,
+) -> _Group:
+    """The group that trains `indices` (a window's candidates for slot indices[0]),
+    orthogonal to the members before it under `sequential`, with the resumed state."""
+    device = next(iter(store.values())).device
+    basis = None
+    if spec.orthogonal == "sequential" and indices[0] > 0:
+        basis = _member_basis(family.directions({n: v[: indices[0]] for n, v in store.items()}))
+    if window is not None:
+        group = window.group(basis)
+    else:
+        group = _Group(family, spec, family.init(indices, device), basis)
+    if resume_state:
+        state = {k: v.to(device) for k, v in resume_state.items()}
+        if window is not None:
+            window.load(group, state)
+        elif first > 0:
+            group.load_state_tensors(state)
+    return group
+
+
+def _close_phase(
+    segment: Segment,
+    spec: LoopSpec,
+    group: _Group,
+    window: _Window | None,
+    store: Params,
+    indices: list[int],
+) -> Tensor:
+    """Write the phase's members into `store` (a window: its best candidate, then refill);
+    returns their objective."""
+    if window is not None:
+        return window.accept(segment, group, store, indices[0], indices[0] == spec.n - 1)
+    final = group.result()
+    for n, v in final.items():
+        store[n][indices] = v
+    with torch.no_grad():
+        return _objective(segment, group.family.target(segment, final), spec)
+
+
 def _run(model: Any, prompts: PromptSet, family: Family, resume: Any | None, run: _Run) -> Any:
     """The loop itself (see `train`)."""
     progress, callback, checkpoint = run.progress, run.callback, run.checkpoint
     checkpoint_every, compile = run.checkpoint_every, run.compile
     device = prompts.tokens.device
     spec = LoopSpec.of(family.config, n=family.n, per_batch=family.per_batch)
-    steps = spec.steps
     store = family.empty(device)
     record, resume_state, elapsed = _start(family, spec, device, store, resume)
     losses, objective, steps_done = record["losses"], record["objective"], record["steps_done"]
     segment = Segment(model, spec.source, spec.target, prompts, compile=compile)
-    rows = max(len(g) for g in groups_of(spec)) * len(prompts)
+    rows = (spec.starts if spec.windowed else max(len(g) for g in groups_of(spec))) * len(prompts)
     memory = pass_memory(model, segment.n_blocks, prompts.tokens.shape[1])
     max_rows = rows_per_pass(memory, rows, run.max_rows_per_pass, device)
     meta = {
@@ -622,6 +792,9 @@ def _run(model: Any, prompts: PromptSet, family: Family, resume: Any | None, run
         "compiled": segment.compile,
         "host": type(model).__name__,
         "rows_per_pass": max_rows or rows,
+        "steps": spec.steps,
+        "solver": spec.solver,
+        **({"starts": spec.starts, "slot_steps": spec.slot_steps} if spec.windowed else {}),
     }
 
     def artifact(state: dict[str, Tensor], seconds: float) -> Any:
@@ -636,64 +809,75 @@ def _run(model: Any, prompts: PromptSet, family: Family, resume: Any | None, run
             {**meta, "train_seconds": seconds},
         )
 
-    bar = tqdm(total=spec.n * steps, disable=not progress, desc=f"{family.noun}s", unit="step")
-    bar.update(int(steps_done.sum()))
+    bar = tqdm(
+        total=sum(len(i) * n for i, n in _phases(spec)),
+        disable=not progress,
+        desc=f"{family.noun}s",
+        unit="step",
+    )
+    bar.update(sum(int(steps_done[i].sum()) for i, _ in _phases(spec)))
     start_time = time.perf_counter()
+    window = _Window(family, spec, device) if spec.windowed else None
     group: _Group | None = None
     indices: list[int] = []
     interrupted = False
+
+    def group_state() -> dict[str, Tensor]:
+        assert group is not None
+        return window.state(group) if window is not None else group.state_tensors()
+
     with frozen(model):  # only the perturbation gets gradients; flags restored on exit
         try:
-            for indices in groups_of(spec):
-                done = ~torch.isnan(objective)  # a final objective is written when a group ends
+            for indices, n_steps in _phases(spec):
+                done = ~torch.isnan(objective)  # a final objective is written when a phase ends
                 if bool(done[indices].all()):
                     continue
-                basis = None
-                if spec.orthogonal == "sequential" and indices[0] > 0:
-                    accepted = {n: v[: indices[0]] for n, v in store.items()}
-                    basis = _member_basis(family.directions(accepted))
-                group = _Group(family, spec, family.init(indices, device), basis)
-                first = int(steps_done[indices[0]])
-                if first > 0 and resume_state:
-                    group.load_state_tensors({k: v.to(device) for k, v in resume_state.items()})
-                resume_state = {}
-                for step in range(first, steps):
+                if group is None or window is None:
+                    first = int(steps_done[indices[0]])
+                    group = _open_group(family, spec, store, indices, window, resume_state, first)
+                    resume_state = {}
+                labels = (
+                    window.labels(indices[0]) if window else [f"{family.noun} {i}" for i in indices]
+                )
+                for step in range(int(steps_done[indices[0]]), n_steps):
                     group.opt.zero_grad(set_to_none=True)
                     obj = _backward(segment, group, spec, max_rows)
                     grads = {n: p.grad for n, p in group.params.items() if p.grad is not None}
-                    losses[indices, step] = obj
                     group.update(obj)
                     codes = _member_problems(obj, grads, family.directions(group.detached()))
                     if bool(codes.any()):  # the one host sync of the check
-                        _raise_problems(codes, indices, step, family.noun)
+                        _raise_problems(codes, labels, step)
+                    # a window records its best candidate (the slot's value so far)
+                    rows = [int(torch.argmax(obj))] if window else slice(None)
+                    losses[indices, step] = obj[rows]
                     steps_done[indices] = step + 1
                     for n, p in group.params.items():
-                        store[n][indices] = p.detach()
+                        store[n][indices] = p.detach()[rows]
                     bar.update(len(indices))
-                    if progress and ((step + 1) % 10 == 0 or step + 1 == steps):
+                    if progress and ((step + 1) % 10 == 0 or step + 1 == n_steps):
                         bar.set_postfix(objective=f"{float(obj.mean()):.4g}")
                     if callback is not None:
                         if callback(family.state(step, indices, obj, group.detached())) is False:
                             raise KeyboardInterrupt
-                    if checkpoint and (step + 1) % checkpoint_every == 0 and step + 1 < steps:
+                    if checkpoint and (step + 1) % checkpoint_every == 0 and step + 1 < n_steps:
                         seconds = elapsed + time.perf_counter() - start_time
-                        artifact(group.state_tensors(), seconds).save(checkpoint)
-                final = group.result()
-                for n, v in final.items():
-                    store[n][indices] = v
-                with torch.no_grad():
-                    objective[indices] = _objective(segment, family.target(segment, final), spec)
+                        artifact(group_state(), seconds).save(checkpoint)
+                objective[indices] = _close_phase(segment, spec, group, window, store, indices)
+                if window is not None:
+                    meta["starts_used"] = window.next
                 check_finite(objective[:, None], indices, 1, 0, family.noun)
-                group = None
+                if window is None:
+                    group = None
                 if checkpoint:
-                    artifact({}, elapsed + time.perf_counter() - start_time).save(checkpoint)
+                    state = group_state() if group is not None else {}
+                    artifact(state, elapsed + time.perf_counter() - start_time).save(checkpoint)
         except KeyboardInterrupt:
             interrupted = True
         finally:
             bar.close()
     elapsed += time.perf_counter() - start_time
-    state = group.state_tensors() if (interrupted and group is not None) else {}
-    if interrupted and group is not None:
+    state = group_state() if (interrupted and group is not None) else {}
+    if interrupted and group is not None and window is None:
         for n, p in group.params.items():
             store[n][indices] = p.detach()
     result = artifact(state, elapsed)

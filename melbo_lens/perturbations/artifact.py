@@ -97,8 +97,7 @@ class _Rows:
         steps_done = getattr(self, "steps_done", None)
         if steps_done is None:
             return True
-        steps = int(getattr(self, "config", {}).get("steps", 0))
-        return bool((steps_done >= steps).all())
+        return bool((steps_done >= _required_steps(self, len(steps_done))).all())
 
     def _tensors(self) -> dict[str, Tensor]:
         """Everything `save` writes as tensors."""
@@ -207,15 +206,31 @@ def describe_artifact(path: str | os.PathLike[str]) -> tuple[str, bool]:
     steps_done = getattr(art, "steps_done", None)
     if steps_done is None:
         return f"a {method} result ({len(art)} {noun}s)", True
-    steps = int(art.config.get("steps", 0))
-    finished = int((steps_done >= steps).sum())
+    steps = _steps(art)
+    finished = int((steps_done >= _required_steps(art, len(steps_done))).sum())
     if art.complete:
         return f"a finished {method} run ({len(art)} {noun}s x {steps} steps)", True
     return (
         f"an interrupted {method} run ({finished} of {len(art)} {noun}s finished, "
-        f"{int(steps_done.sum())} of {len(art) * steps} steps)",
+        f"{int(steps_done.sum())} steps done)",
         False,
     )
+
+
+def _steps(art: Any) -> int:
+    """Steps of the first member as run (`steps="auto"` is resolved into metadata)."""
+    steps = getattr(art, "metadata", {}).get("steps", getattr(art, "config", {}).get("steps"))
+    return int(steps) if isinstance(steps, int | float) else 0
+
+
+def _required_steps(art: Any, n: int) -> Tensor:
+    """Steps each member needs to be finished: `steps`, or with a window of starts
+    `steps` for the first and `slot_steps` for the others."""
+    steps = torch.full((n,), _steps(art), dtype=torch.long)
+    slot_steps = getattr(art, "metadata", {}).get("slot_steps")
+    if slot_steps is not None and n > 1:
+        steps[1:] = int(slot_steps)
+    return steps
 
 
 def load_artifact(path: str | os.PathLike[str]) -> Any:

@@ -225,6 +225,11 @@ def _config_section(run: RunAnalysis) -> str:
         "norms": [round(float(x), 4) for x in v.norms],
         "SAE": run.sae_name or "none",
     }
+    meta = v.metadata or {}
+    if "solver" in meta:  # what the trainer ran ("auto" config values resolved)
+        window = f"{meta['starts']} starts per vector, " if "starts" in meta else ""
+        later = f" + {meta['slot_steps']} per later vector" if "slot_steps" in meta else ""
+        prov["training"] = f"{window}{meta['solver']} solver, {meta['steps']} steps{later}"
     prompts = run.info.get("prompts") or []
     plist = "".join(f"<li>{_pre(p)}</li>" for p in prompts)
     seconds = run.info.get("seconds") or {}

@@ -208,6 +208,10 @@ def _delta_similarity(segment: Segment, vectors: torch.Tensor) -> float:
         return float((gram.sum() - gram.diagonal().sum()) / (k * (k - 1))) if k > 1 else 0.0
 
 
+# one AMSGrad start per vector: what the naive reference runs
+LONE: dict[str, Any] = dict(starts_per_vector=1, solver="amsgrad")
+
+
 # ---------------------------------------------------------------------- the benchmark
 def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     from melbo_lens.core.prompts import PromptSet, bundled_prompts
@@ -222,6 +226,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         args.naive_steps, args.timed_steps = min(args.naive_steps, 5), 1
         args.n_vectors, args.diversity_vectors = min(args.n_vectors, 2), 2
         args.power_steps, args.no_compile = min(args.power_steps, 3), True
+        args.slots, args.reference_slots = 2, 2
     rss0 = _peak_mb(device)
     model = load_model(args.model, device=device, dtype=dtype)
     prompts = PromptSet.coerce(model, bundled_prompts("demo"), chat=True)
@@ -255,7 +260,10 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
 
     # (b) melbo_lens, one vector, same init and optimiser: same curve, less work per step
     one = train_steering_vectors(
-        model, prompts, MelboConfig(**base, n_vectors=1, steps=args.naive_steps), progress=False
+        model,
+        prompts,
+        MelboConfig(**base, n_vectors=1, steps=args.naive_steps, **LONE),
+        progress=False,
     )
     one_ms = 1e3 * one.metadata["train_seconds"] / args.naive_steps
     one_curve = one.record("losses")[0].tolist()
@@ -313,7 +321,9 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     power = train_steering_vectors(
         model,
         prompts,
-        MelboConfig(**base, n_vectors=1, steps=args.power_steps, solver="power"),
+        MelboConfig(
+            **base, n_vectors=1, steps=args.power_steps, solver="power", starts_per_vector=1
+        ),
         progress=False,
     )
     power_curve = power.record("losses")[0].tolist() + [float(power.record("objective")[0])]
@@ -361,6 +371,11 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
             f"mean |cos| of target deltas {sim:.3f}"
         )
 
+    # (f) time to N orthogonal vectors: the default config vs the previous default
+    slots = time_to_vectors(model, prompts, base, args, naive_ms, segment)
+    # (g) vector 0 on a model with a planted direction behind a threshold
+    planted = planted_vector_0(seeds=range(2 if args.quick else 5))
+
     result = {
         "model": cfg.model_name,
         "source": source.name,
@@ -382,6 +397,8 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         "melbo_lens_final_objective": one_curve[-1],
         "time_to_solution_s": tts,
         "diversity": div,
+        "time_to_vectors": slots,
+        "planted_vector_0": planted,
         "peak_memory_mb": _peak_mb(device),
     }
     out = Path(args.out)
@@ -389,6 +406,122 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     atomic_write_text(out / "bench.json", json.dumps(result, indent=2))
     print(f"\nresults -> {out / 'bench.json'}")
     return result
+
+
+# ---------------------------------------------------------------------- (f) N vectors
+PREVIOUS_DEFAULT: dict[str, Any] = dict(starts_per_vector=1, solver="amsgrad", steps=300)
+
+
+def time_to_vectors(
+    model: Any,
+    prompts: PromptSet,
+    base: dict[str, Any],
+    args: argparse.Namespace,
+    naive_ms: float,
+    segment: Segment,
+) -> dict[str, Any]:
+    """Time to `args.slots` orthogonal vectors with the default config against the
+    previous default (one AMSGrad start per vector, 300 steps: `PREVIOUS_DEFAULT`), and
+    the naive reference's time for the same vector-steps; per-slot objective ratios and
+    diversity (mean |cos| of target deltas). The previous default runs its first
+    `args.reference_slots` slots; each slot costs the same 300 one-vector steps, so its
+    time for all slots is that per-slot time times the slots (printed as such)."""
+    n, m = args.slots, min(args.reference_slots or args.slots, args.slots)
+    new_kw: dict[str, Any] = dict(steps=3, slot_steps=2) if args.quick else {}
+    previous = dict(PREVIOUS_DEFAULT, steps=args.naive_steps if args.quick else 300)
+    new = train_steering_vectors(
+        model, prompts, MelboConfig(**base, n_vectors=n, **new_kw), progress=False
+    )
+    old = train_steering_vectors(
+        model, prompts, MelboConfig(**base, n_vectors=m, **previous), progress=False
+    )
+    # the default's solver and steps with one start per vector: where the speed comes from
+    lone_kw: dict[str, Any] = dict(
+        starts_per_vector=1, solver=new.metadata["solver"], steps=new.metadata["steps"]
+    )
+    lone = train_steering_vectors(
+        model, prompts, MelboConfig(**base, n_vectors=n, **lone_kw), progress=False
+    )
+    lone_s = float(lone.metadata["train_seconds"])
+    new_s = float(new.metadata["train_seconds"])
+    old_s = float(old.metadata["train_seconds"]) * n / m
+    naive_s = naive_ms / 1e3 * previous["steps"] * n
+    new_obj, old_obj = new.record("objective"), old.record("objective")
+    ratios = (new_obj[:m] / old_obj).tolist()
+    div_new = _delta_similarity(segment, new.vectors)
+    div_common = (
+        _delta_similarity(segment, new.vectors[:m]),
+        _delta_similarity(segment, old.vectors),
+    )
+    meta = new.metadata
+    label = f"{meta['starts']} starts, {meta['solver']}, {meta['steps']}+{meta['slot_steps']} steps"
+    extrapolated = "" if m == n else f" ({m} slots run, x{n / m:g})"
+    print(
+        f"\n(f) time to {n} orthogonal vectors:\n"
+        f"    naive reference, {previous['steps']} steps each    {naive_s:9.1f} s   (per-step "
+        f"time of (a) x {previous['steps'] * n} vector-steps)\n"
+        f"    previous default, 1 start, AMSGrad  {old_s:9.1f} s{extrapolated}\n"
+        f"    1 start, {lone_kw['solver']}, {lone_kw['steps']} steps each     {lone_s:9.1f} s   "
+        f"objective sum {float(lone.record('objective').sum()):.4g} (default's: "
+        f"{float(new_obj.sum()):.4g}); vector 0 {float(lone.record('objective')[0]):.4g} "
+        f"(default's: {float(new_obj[0]):.4g})\n"
+        f"    default: {label}\n"
+        f"{'':40}{new_s:9.1f} s   {old_s / new_s:.1f}x faster than the previous default"
+        f", {naive_s / new_s:.1f}x than naive\n"
+        f"    per-slot objective, default / previous (slots 0..{m - 1}): min {min(ratios):.3g}, "
+        f"median {sorted(ratios)[len(ratios) // 2]:.3g}; sum over those slots "
+        f"{float(new_obj[:m].sum() / old_obj.sum()):.3g}x\n"
+        f"    ratios: [{', '.join(f'{r:.3g}' for r in ratios)}]\n"
+        f"    diversity (mean |cos| of target deltas, lower is more diverse): default "
+        f"{div_common[0]:.3f} vs previous {div_common[1]:.3f} over the first {m}; default, "
+        f"all {n}: {div_new:.3f}; {meta.get('starts_used', 1)} starts used"
+    )
+    return {
+        "slots": n,
+        "reference_slots": m,
+        "default": {"config": new.config, "metadata_steps": meta["steps"], "seconds": new_s},
+        "default_objectives": new_obj.tolist(),
+        "previous_default_objectives": old_obj.tolist(),
+        "previous_default_seconds": old_s,
+        "one_start_seconds": lone_s,
+        "one_start_objectives": lone.record("objective").tolist(),
+        "naive_seconds": naive_s,
+        "speedup_vs_previous_default": old_s / new_s,
+        "speedup_vs_naive": naive_s / new_s,
+        "per_slot_ratio": ratios,
+        "delta_abs_cos_default": div_new,
+        "delta_abs_cos_first_slots": {"default": div_common[0], "previous": div_common[1]},
+        "starts_used": meta.get("starts_used"),
+    }
+
+
+def planted_vector_0(seeds: Any = range(5), radius: float = 2.0) -> dict[str, Any]:
+    """Vector 0's objective as a fraction of the planted optimum (the better of ±R·u) on
+    `planted_direction_model(threshold=4)`, per seed: the default config vs the previous
+    default (one AMSGrad start, 300 steps)."""
+    from melbo_lens.analysis.deltas import perturbation_objectives
+    from melbo_lens.core.sites import HookSite
+    from melbo_lens.models.planted import planted_direction_model
+    from melbo_lens.perturbations.vectors import SteeringVectors
+
+    model, planted = planted_direction_model((12.0,), d_model=64, threshold=4.0)
+    prompts = PromptSet.from_tokens(model, [[1, 2, 3, 4, 5, 6], [7, 8, 9, 10]])
+    source, target = HookSite(0), HookSite(2)
+    ends = SteeringVectors(torch.stack([radius * planted[0], -radius * planted[0]]), source)
+    optimum = float(perturbation_objectives(model, ends, prompts, target).max())
+    fractions: dict[str, list[float]] = {"default": [], "previous default": []}
+    for seed in seeds:
+        for name, kw in (("default", {}), ("previous default", PREVIOUS_DEFAULT)):
+            config = MelboConfig(source, target, n_vectors=1, radius=radius, seed=seed, **kw)
+            sv = train_steering_vectors(model, prompts, config, progress=False)
+            fractions[name].append(float(sv.record("objective")[0]) / optimum)
+    n = len(fractions["default"])
+    print(f"\n(g) vector 0 on a planted direction behind a threshold ({n} seeds):")
+    for name, values in fractions.items():
+        hits = sum(v >= 0.98 for v in values)
+        listed = ", ".join(f"{v:.3f}" for v in values)
+        print(f"    {name:<17} >= 98% of the planted optimum from {hits} of {n} seeds [{listed}]")
+    return {"optimum": optimum, "fractions": fractions}
 
 
 # ---------------------------------------------------------------------- adapters

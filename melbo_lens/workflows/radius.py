@@ -336,7 +336,7 @@ def select_radius(
             _say(
                 progress,
                 f"radius {i + 1} of {len(radii)}: R={radius:g}, {config.n_vectors} vectors x "
-                f"{config.steps} steps",
+                f"{config.loop_steps()} steps",
             )
             vectors = train_steering_vectors(
                 model,

@@ -165,7 +165,9 @@ def test_random_vectors_norms_orthogonality_seeds(tiny_model):
 
 def test_random_vectors_are_melbos_starting_point(tiny_model):
     prompts = PromptSet.from_tokens(tiny_model, TOKENS)
-    cfg = MelboConfig(HookSite(0), HookSite(2), n_vectors=4, radius=2.0, steps=0, seed=7)
+    cfg = MelboConfig(
+        HookSite(0), HookSite(2), n_vectors=4, radius=2.0, steps=0, seed=7, starts_per_vector=1
+    )
     start = train_steering_vectors(tiny_model, prompts, cfg, progress=False)
     rand = random_vectors(tiny_model, HookSite(0), n=4, radius=2.0, seed=7)
     torch.testing.assert_close(rand.vectors, start.vectors, atol=1e-5, rtol=1e-5)

@@ -173,7 +173,8 @@ def test_deterministic_for_a_seed(tiny_model):
 
 def test_losses_record_objective_before_each_step(tiny_model):
     prompts = PromptSet.from_tokens(tiny_model, TOKENS)
-    sv = train_steering_vectors(tiny_model, prompts, cfg(n_vectors=2, steps=25), progress=False)
+    one_start = cfg(n_vectors=2, steps=25, starts_per_vector=1)
+    sv = train_steering_vectors(tiny_model, prompts, one_start, progress=False)
     assert sv.losses.shape == (2, 25)
     assert torch.isfinite(sv.losses).all()
     assert (sv.losses[:, -1] > sv.losses[:, 0]).all()  # training increases the objective
@@ -184,14 +185,18 @@ def test_losses_record_objective_before_each_step(tiny_model):
 def test_scale_aware_lr_moves_vectors_where_absolute_lr_does_not(tiny_model):
     """At large R, lr=1e-3 leaves θ at its initialisation; 0.011·R/√d moves it."""
     prompts = PromptSet.from_tokens(tiny_model, TOKENS)
+    lone = dict(starts_per_vector=1, solver="amsgrad")
     init = train_steering_vectors(
-        tiny_model, prompts, cfg(n_vectors=1, radius=32.0, steps=0), progress=False
+        tiny_model, prompts, cfg(n_vectors=1, radius=32.0, steps=0, **lone), progress=False
     )
     fixed = train_steering_vectors(
-        tiny_model, prompts, cfg(n_vectors=1, radius=32.0, steps=100, lr=1e-3), progress=False
+        tiny_model,
+        prompts,
+        cfg(n_vectors=1, radius=32.0, steps=100, lr=1e-3, **lone),
+        progress=False,
     )
     auto = train_steering_vectors(
-        tiny_model, prompts, cfg(n_vectors=1, radius=32.0, steps=100), progress=False
+        tiny_model, prompts, cfg(n_vectors=1, radius=32.0, steps=100, **lone), progress=False
     )
 
     def cos(a, b):
