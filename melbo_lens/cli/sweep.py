@@ -104,7 +104,7 @@ def _sweep(args: argparse.Namespace, radii: list[float], path: Path) -> int:
     ps = _prompt_set(model, prompts, not args.no_chat, args.target_positions)
     config = _melbo_config(args, radii[0])
     print(
-        f"melbo-lens sweep: {args.model}, {args.n_vectors} vectors x {args.steps} steps, "
+        f"melbo-lens sweep: {args.model}, {args.n_vectors} vectors x {config.loop_steps()} steps, "
         f"radii {radii}; each finished radius is kept in {path.parent} (--resume continues)"
     )
     start = time.perf_counter()

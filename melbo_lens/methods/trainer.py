@@ -809,13 +809,14 @@ def _run(model: Any, prompts: PromptSet, family: Family, resume: Any | None, run
             {**meta, "train_seconds": seconds},
         )
 
+    phases = _phases(spec)
     bar = tqdm(
-        total=sum(len(i) * n for i, n in _phases(spec)),
+        total=sum(len(i) * n for i, n in phases),
         disable=not progress,
         desc=f"{family.noun}s",
         unit="step",
     )
-    bar.update(sum(int(steps_done[i].sum()) for i, _ in _phases(spec)))
+    bar.update(sum(int(steps_done[i].sum()) for i, _ in phases))
     start_time = time.perf_counter()
     window = _Window(family, spec, device) if spec.windowed else None
     group: _Group | None = None
@@ -828,7 +829,7 @@ def _run(model: Any, prompts: PromptSet, family: Family, resume: Any | None, run
 
     with frozen(model):  # only the perturbation gets gradients; flags restored on exit
         try:
-            for indices, n_steps in _phases(spec):
+            for indices, n_steps in phases:
                 done = ~torch.isnan(objective)  # a final objective is written when a phase ends
                 if bool(done[indices].all()):
                     continue
@@ -848,11 +849,11 @@ def _run(model: Any, prompts: PromptSet, family: Family, resume: Any | None, run
                     if bool(codes.any()):  # the one host sync of the check
                         _raise_problems(codes, labels, step)
                     # a window records its best candidate (the slot's value so far)
-                    rows = [int(torch.argmax(obj))] if window else slice(None)
-                    losses[indices, step] = obj[rows]
+                    kept = [int(torch.argmax(obj))] if window else slice(None)
+                    losses[indices, step] = obj[kept]
                     steps_done[indices] = step + 1
                     for n, p in group.params.items():
-                        store[n][indices] = p.detach()[rows]
+                        store[n][indices] = p.detach()[kept]
                     bar.update(len(indices))
                     if progress and ((step + 1) % 10 == 0 or step + 1 == n_steps):
                         bar.set_postfix(objective=f"{float(obj.mean()):.4g}")
