@@ -57,6 +57,7 @@ from melbo_lens.methods.baselines import (
     random_vectors,
 )
 from melbo_lens.methods.constraints import gram_schmidt, tangent_project, to_sphere
+from melbo_lens.methods.defaults import default_sites
 from melbo_lens.methods.melbo import (
     MelboConfig,
     TrainingError,
@@ -69,6 +70,7 @@ from melbo_lens.methods.objectives import (
     melbo_objective,
     melbo_objective_per_prompt,
 )
+from melbo_lens.methods.radius import RadiusChoice, recommend_radius
 from melbo_lens.methods.supervised import (
     mean_difference_vectors,
     pca_vectors,
@@ -92,7 +94,7 @@ from melbo_lens.perturbations.directional import (
     orthogonalize_weights,
 )
 from melbo_lens.perturbations.vectors import SteeringVectors, steer
-from melbo_lens.workflows.radius import RadiusSweep, recommend_radius, select_radius
+from melbo_lens.workflows.radius import RadiusSweep, select_radius
 from melbo_lens.workflows.runs import RunAnalysis, RunAnalysisError, analyze_run
 
 __version__ = "0.1.0"
@@ -154,6 +156,8 @@ __all__ = [
     "completion_diversity",
     "fluency",
     "recommend_radius",
+    "RadiusChoice",
+    "default_sites",
     "repetition_score",
     "select_radius",
     "AdapterConfig",

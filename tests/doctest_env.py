@@ -60,7 +60,9 @@ def _doctest_objects() -> dict:
         "pos_texts": ["i love it", "great day", "so happy"],
         "neg_texts": ["i hate it", "awful day", "so sad"],
         "random_objs": [1.0, 2.0, 1.5],
-        "config": melbo_lens.MelboConfig(HookSite(1), HookSite(3), n_vectors=2, steps=3),
+        "config": melbo_lens.MelboConfig(
+            HookSite(1), HookSite(3), n_vectors=2, radius=4.0, steps=3
+        ),
     }
 
 

@@ -12,12 +12,14 @@ from melbo_lens.cli.options import _target_positions
 
 
 def test_target_position_specs():
-    assert _target_positions("all") is None
+    assert _target_positions("auto") is None  # MELBO's default: outlier-norm positions out
+    assert _target_positions("all") == slice(None)
     assert _target_positions("last:3") == slice(-3, None)
     assert _target_positions("0,2,-1") == [0, 2, -1]
     assert _target_positions("1:") == slice(1, None)
-    # the demo leaves out the first token, whose residual norm dominates the objective
-    assert build_parser().parse_args(["demo"]).target_positions == "1:"
+    # the demo uses the defaults: positions, sites and R chosen for the model
+    demo = build_parser().parse_args(["demo"])
+    assert (demo.target_positions, demo.radius, demo.source, demo.target) == ("auto",) * 4
 
 
 def test_adapters_need_an_mlp_source(capsys):

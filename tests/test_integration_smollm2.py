@@ -162,3 +162,20 @@ def test_bench_quick_naive_reference_and_segment_agree(tmp_path, capsys):
     assert ours == pytest.approx(naive, rel=1e-4)
     assert result["batched_ms_per_vector_step"] > 0 and result["matmul_gflops"] > 0
     assert "time to solution" in capsys.readouterr().out
+
+
+def test_train_cli_with_only_a_prompt_chooses_and_records_everything(tmp_path, capsys):
+    """`melbo-lens train --prompt ...` and nothing to tune: sites by depth, the first
+    token (the attention sink) left out, R searched; all printed and saved."""
+    out = tmp_path / "t"
+    argv = ["train", "--prompt", CHATS[0], "--out", str(out), "--n-vectors", "2", "--quiet"]
+    assert main(argv) == 0
+    text = capsys.readouterr().out
+    assert "sites (auto): blocks.7.hook_resid_post -> blocks.22.hook_resid_pre" in text
+    assert "target positions (auto): left out [[0]]" in text
+    assert "radius (auto): R = " in text and "of the" in text
+    sv = SteeringVectors.load(out / "vectors.safetensors")
+    chosen = sv.metadata["auto"]["radius"]["radius"]
+    norm = sv.metadata["auto"]["radius"]["residual_norm"]
+    assert sv.config["radius"] == chosen and 2**-6 * norm <= chosen <= 4 * norm
+    assert sv.prompts["targets"][0][0] == 1  # position 0 is out

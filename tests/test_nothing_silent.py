@@ -89,7 +89,7 @@ def test_02_train_refuses_to_overwrite_a_finished_run(cli_model, tmp_path, capsy
 
 def test_02_library_training_refuses_to_overwrite_a_checkpoint(tiny_model, tmp_path):
     ps = PromptSet.from_tokens(tiny_model, [[1, 2, 3, 4]])
-    cfg = MelboConfig(HookSite(1), HookSite(3), n_vectors=1, steps=2)
+    cfg = MelboConfig(HookSite(1), HookSite(3), n_vectors=1, radius=4.0, steps=2)
     path = tmp_path / "ckpt.safetensors"
     train_steering_vectors(tiny_model, ps, cfg, progress=False, checkpoint=str(path))
     with pytest.raises(OutputExists, match="finished melbo run .* overwrite=True"):
@@ -127,6 +127,7 @@ def test_03_resume_without_checkpoint_says_so(cli_model, tmp_path, capsys):
 
 def test_03_resume_with_other_settings_names_the_flags(cli_model, tmp_path, capsys):
     argv = ["train", *TINY, "--out", str(tmp_path / "r"), "--n-vectors", "1", "--steps", "2"]
+    argv += ["--radius", "4"]
     assert main(argv) == 0
     assert main([*argv, "--resume", "--radius", "2", "--seed", "3"]) == 2
     line = _err_line(capsys)
@@ -145,7 +146,7 @@ def _poison(step: int, value: float):
 @pytest.mark.parametrize("value,problem", [(float("nan"), "NaN/inf"), (0.0, "zero")])
 def test_04_bad_values_stop_training_at_their_step(tiny_model, tmp_path, value, problem):
     ps = PromptSet.from_tokens(tiny_model, [[1, 2, 3, 4]])
-    cfg = MelboConfig(HookSite(1), HookSite(3), n_vectors=1, steps=30)
+    cfg = MelboConfig(HookSite(1), HookSite(3), n_vectors=1, radius=4.0, steps=30)
     path = tmp_path / "ckpt.safetensors"
     with pytest.raises(
         TrainingError, match=rf"at step 13 for vector 0 \(start 0\): objective is .*{problem}"
@@ -173,11 +174,13 @@ def test_04_bad_values_stop_training_at_their_step(tiny_model, tmp_path, value, 
         ("n_vectors", True, "n_vectors must be an int >= 1, got True"),
         ("lr", 1e38, "lr must be 'auto' or a number in (0, 4]"),
         ("lr", 1e30, "lr must be 'auto' or a number in (0, 4]"),
+        ("radius", "big", "radius must be 'auto' or a finite number > 0, got 'big'"),
+        ("radius", float("nan"), "radius must be 'auto' or a finite number > 0, got nan"),
     ],
 )
 def test_05_config_fields_are_validated(field, value, words):
     with pytest.raises(ValueError) as err:
-        MelboConfig(HookSite(1), HookSite(3), **{field: value})
+        MelboConfig(HookSite(1), HookSite(3), **{"radius": 4.0, field: value})
     assert words in str(err.value)
 
 
@@ -327,7 +330,7 @@ def test_11_sweep_announces_radii_saves_each_and_resumes(tiny_tok_model, tmp_pat
     from melbo_lens.workflows import radius as radius_module
 
     ps = PromptSet.from_texts(tiny_tok_model, ["hello there"])
-    cfg = MelboConfig(HookSite(1), HookSite(3), n_vectors=2, steps=4)
+    cfg = MelboConfig(HookSite(1), HookSite(3), n_vectors=2, radius=4.0, steps=4)
     embed = lambda texts: torch.ones(len(texts), 3)  # noqa: E731  (diversity is not tested)
     kwargs = dict(max_new_tokens=3, embed=embed, save_dir=tmp_path)
     trained = []
@@ -359,7 +362,7 @@ def test_11_sweep_announces_radii_saves_each_and_resumes(tiny_tok_model, tmp_pat
         radius_module.select_radius(
             tiny_tok_model,
             ps,
-            MelboConfig(HookSite(1), HookSite(3), n_vectors=2, steps=5),
+            MelboConfig(HookSite(1), HookSite(3), n_vectors=2, radius=4.0, steps=5),
             [1.0],
             **kwargs,
         )

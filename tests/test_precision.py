@@ -45,7 +45,7 @@ def low(request):
 
 
 def _cfg(**kw):
-    return MelboConfig(HookSite(1), HookSite(3), n_vectors=3, steps=15, **kw)
+    return MelboConfig(HookSite(1), HookSite(3), n_vectors=3, radius=4.0, steps=15, **kw)
 
 
 @pytest.fixture(scope="module")

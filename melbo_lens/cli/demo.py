@@ -22,12 +22,9 @@ __all__ = ["add_arguments", "run"]
 def add_arguments(p: argparse.ArgumentParser) -> None:
     _add_training_args(p, n_vectors=6)
     p.add_argument("--width", type=int, default=110, help="completions table width")
-    # The first token (<|im_start|>) has ~6x the residual norm of the others; with all
-    # positions its ||Δ_0|| dominates the objective, so the demo leaves it out. Residual
-    # norms at SmolLM2's layer 7 are ~100-140 per token: without the first token, R = 16
-    # changes behaviour while staying fluent (R = 32 gives gibberish; R = 4, the source's
-    # value for Qwen-1.8B, barely changes the completions). `melbo-lens sweep` measures it.
-    p.set_defaults(out="demo_out", radius=16.0, target_positions="1:")
+    # Sites, target positions and R are the defaults (`methods.defaults`): chosen for
+    # the model and prompt before training, printed, and kept in the artifact.
+    p.set_defaults(out="demo_out")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -33,6 +33,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--heldout", type=int, default=16, help="held-out prompts for generalisation")
     p.add_argument("--max-new-tokens", type=int, default=40, help="tokens per completion")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (tiny model: 1)")
+    p.add_argument(
+        "--defaults",
+        action="store_true",
+        help="MELBO on pure defaults (auto sites, positions and R; --radius, --source, "
+        "--target, --positions and --steps unused); random and Jacobian at MELBO's R",
+    )
+    p.add_argument("--first-seed", type=int, default=0, help="seeds run from this one on")
     p.add_argument("--out", default="evaluate_out", help="output directory")
 
 
@@ -57,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
         model,
         n_vectors=args.n_vectors,
         radius=args.radius if args.radius is not None else DEFAULT_RADIUS,
-        seeds=list(range(args.seeds)),
+        seeds=list(range(args.first_seed, args.first_seed + args.seeds)),
         source=HookSite(args.source, "resid_pre"),
         target=HookSite(args.target, "resid_pre"),
         target_positions=positions,
@@ -66,6 +73,7 @@ def run(args: argparse.Namespace) -> int:
         max_new_tokens=args.max_new_tokens,
         n_heldout=args.heldout,
         log=lambda line: print(line, flush=True),
+        defaults=args.defaults,
     )
     seconds = time.perf_counter() - start
     print(report.table())

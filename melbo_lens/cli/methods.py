@@ -20,7 +20,8 @@ from melbo_lens.cli.options import (
     _prompt_set,
     _read_list,
     _read_prompts,
-    _site,
+    _site_or_auto,
+    _sites,
     _train_checkpointed,
 )
 from melbo_lens.cli.output import claimed_output
@@ -32,11 +33,15 @@ __all__ = ["train_adapters", "train_other"]
 def train_adapters(args: argparse.Namespace) -> int:
     """MELBO steering adapters on the source block's MLP (rank --rank, norm --radius)."""
 
-    source = _site(args.source, "mlp_out")
-    if source.point != "mlp_out":
+    source = _site_or_auto(args.source, "mlp_out")
+    if source is not None and source.point != "mlp_out":
         raise CliError(
             f"adapters perturb a block's MLP: give --source as a layer or "
             f"blocks.L.hook_mlp_out, got {source.name}"
+        )
+    if args.radius == "auto":
+        raise CliError(
+            "--radius auto is for MELBO vectors; give adapters a number (e.g. --radius 4)"
         )
     orthogonal = args.orthogonal or "none"
     if orthogonal not in ("none", "sequential"):
@@ -50,9 +55,10 @@ def _train_adapters(args: argparse.Namespace, source, orthogonal, path: Path, re
 
     model = load_model(args.model, bridge=args.bridge)
     ps = _prompt_set(model, _read_prompts(args), not args.no_chat, args.target_positions)
+    auto_source, target = _sites(args, model)
     config = AdapterConfig(
-        source.layer,
-        _site(args.target, "resid_post"),
+        (source or auto_source).layer,
+        target,
         n_adapters=args.n_vectors,
         rank=args.rank,
         radius=4.0 if args.radius is None else args.radius,
@@ -105,17 +111,20 @@ def _train_other(args: argparse.Namespace, path: Path) -> int:
     from melbo_lens.methods import baselines, supervised
 
     model = load_model(args.model, bridge=args.bridge)
-    source = _site(args.source, "resid_post")
-    target = _site(args.target, "resid_post")
+    if args.method in SUPERVISED and not (args.positive_file and args.negative_file):
+        raise CliError(
+            f"--method {args.method} needs --positive-file and --negative-file "
+            "(.txt one prompt per line, or a .json list), paired line by line"
+        )
+    if args.radius == "auto" and args.method not in SUPERVISED:
+        raise CliError(
+            f"--radius auto is for MELBO vectors; give --method {args.method} a number (default 4)"
+        )
+    source, target = _sites(args, model)
     chat = not args.no_chat
     start = time.perf_counter()
     curve = None
     if args.method in SUPERVISED:
-        if not (args.positive_file and args.negative_file):
-            raise CliError(
-                f"--method {args.method} needs --positive-file and --negative-file "
-                "(.txt one prompt per line, or a .json list), paired line by line"
-            )
         pos = _prompt_set(
             model, _read_list(args.positive_file, "--positive-file"), chat, args.target_positions
         )
@@ -125,7 +134,7 @@ def _train_other(args: argparse.Namespace, path: Path) -> int:
         common: dict[str, Any] = dict(
             position=_position(args.position),
             answer_tokens=_answer_tokens(args.answer_tokens),
-            radius=args.radius,
+            radius=None if args.radius == "auto" else args.radius,
         )
         if args.method == "mean-diff":
             vectors = supervised.mean_difference_vectors(model, pos, neg, source, **common)
@@ -153,7 +162,7 @@ def _train_other(args: argparse.Namespace, path: Path) -> int:
                 **common,
             )
     else:
-        radius = 4.0 if args.radius is None else args.radius
+        radius = 4.0 if args.radius is None else float(args.radius)
         if args.method == "random":
             vectors = baselines.random_vectors(
                 model,

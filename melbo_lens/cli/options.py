@@ -95,6 +95,11 @@ def positive_float(text: str) -> float:
     return value
 
 
+def auto_or_positive_float(text: str) -> float | str:
+    """argparse type: 'auto' or a finite number > 0."""
+    return "auto" if text == "auto" else positive_float(text)
+
+
 def finite_float(text: str) -> float:
     """argparse type: a finite number (no nan / inf)."""
     try:
@@ -118,6 +123,22 @@ def _site(value: str, default_point: str):
     from melbo_lens.core.sites import parse_site
 
     return parse_site(value, default_point)
+
+
+def _site_or_auto(value: str, default_point: str):
+    """A site, or None for 'auto' (the method's default, `methods.defaults`)."""
+    return None if value == "auto" else _site(value, default_point)
+
+
+def _sites(args: argparse.Namespace, model: Any, source_point: str = "resid_post"):
+    """(source, target) from --source / --target, 'auto' resolved by depth for `model`."""
+    from melbo_lens.core.host import n_layers_of
+    from melbo_lens.methods.defaults import default_sites
+
+    auto = default_sites(n_layers_of(model))
+    source = _site_or_auto(args.source, source_point) or auto[0]
+    target = _site_or_auto(args.target, "resid_post") or auto[1]
+    return source, target
 
 
 def _read_list(path_str: str, flag: str) -> list[Any]:
@@ -205,7 +226,7 @@ def add_prompt_args(p: argparse.ArgumentParser | Any, *, positions: bool = True)
     if positions:
         g.add_argument(
             "--target-positions",
-            default="all",
+            default="auto",
             help=f"positions where the change is measured: {TARGET_POSITIONS_HELP}",
         )
 
@@ -223,15 +244,23 @@ def _add_training_args(p: argparse.ArgumentParser, *, n_vectors: int) -> None:
     t = p.add_argument_group("training (MELBO vectors and adapters)")
     t.add_argument(
         "--source",
-        default="7",
-        help="where the perturbation is added: a layer (resid_post) or a hook name",
+        default="auto",
+        help="where the perturbation is added: a layer (resid_post) or a hook name; 'auto': "
+        "the residual stream entering block n_layers/4",
     )
     t.add_argument(
         "--target",
-        default="blocks.22.hook_resid_pre",
-        help="where the change is measured: a layer (resid_post) or a hook name",
+        default="auto",
+        help="where the change is measured: a layer (resid_post) or a hook name; 'auto': "
+        "entering block 3 n_layers/4",
     )
-    t.add_argument("--radius", type=positive_float, default=4.0, help="R, the norm of each vector")
+    t.add_argument(
+        "--radius",
+        type=auto_or_positive_float,
+        default="auto",
+        help="R, the norm of each vector; 'auto': searched before training, at the "
+        "diversity/fluency cusp on a grid scaled to the source's residual norm",
+    )
     t.add_argument(
         "--power", type=positive_float, default=2.0, help="p: per-position change ||Δ||^p"
     )
@@ -312,13 +341,13 @@ def _lr(value: str) -> float | Literal["auto"]:
         raise CliError(f"--lr must be 'auto' or a number, got {value!r}") from None
 
 
-def _melbo_config(args: argparse.Namespace, radius: float):
+def _melbo_config(args: argparse.Namespace, radius: Any):
     """The MelboConfig that the shared training options (`_add_training_args`) describe."""
     from melbo_lens.methods.melbo import MelboConfig
 
     return MelboConfig(
-        source=_site(args.source, "resid_post"),
-        target=_site(args.target, "resid_post"),
+        source=_site_or_auto(args.source, "resid_post"),
+        target=_site_or_auto(args.target, "resid_post"),
         n_vectors=args.n_vectors,
         radius=radius,
         power=args.power,
@@ -380,13 +409,21 @@ def training_plan(config: Any) -> str:
         )
     else:
         how = f"{config.loop_solver()} solver, {config.loop_steps()} steps each"
-    return (
-        f"training {n} {noun}s ({config.orthogonal}), R = {config.radius:g}, "
-        f"{config.source.name} -> {config.target.name}: {how}"
+    radius = "auto" if config.radius == "auto" else f"{config.radius:g}"
+    source = getattr(config, "source", None)
+    sites = (
+        "auto sites"
+        if source is None or config.target is None
+        else (f"{source.name} -> {config.target.name}")
     )
+    return f"training {n} {noun}s ({config.orthogonal}), R = {radius}, {sites}: {how}"
 
 
 def _print_vectors(vectors) -> None:
+    from melbo_lens.methods.defaults import describe_defaults
+
+    for name, line in describe_defaults(vectors.metadata).items():
+        print(f"{name}: {line}")
     print(f"{'vector':>6}  {'objective':>12}  {'steps':>5}")
     for k in range(len(vectors)):
         obj = float(vectors.objective[k]) if vectors.objective is not None else float("nan")

@@ -46,12 +46,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     b.add_argument("--iterations", type=positive_int, default=40, help="eigensolver blocks at most")
     b.add_argument("--tol", type=positive_float, default=1e-5, help="eigensolver residual tol")
     b.add_argument("--at", help="hessian: FILE.safetensors:INDEX, the point (p != 2)")
-    p.set_defaults(radius=None)
+    p.set_defaults(radius=None)  # each method's own default (see the help)
     for action in p._actions:
         if action.dest == "radius":
             action.help = (
-                "R, the norm of each vector (default: 4; mean-diff|pca|probe: the "
-                "contrast's own norm)"
+                "R, the norm of each vector (default: melbo 'auto', searched before training; "
+                "adapters, random, jacobian, hessian: 4; mean-diff|pca|probe: the contrast's "
+                "own norm)"
             )
 
 
@@ -65,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
 
         return train_other(args)
     if args.radius is None:
-        args.radius = 4.0
+        args.radius = "auto"
     with claimed_output(args, "vectors.safetensors") as (path, resume):
         _, _, vectors, path, seconds = _train(args, _read_prompts(args), path, resume)
     _print_vectors(vectors)

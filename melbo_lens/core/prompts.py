@@ -408,20 +408,30 @@ def _check_conversation(i: int, conv: Any) -> None:
         )
 
 
-POSITION_SPECS = "'all', 'N:' (positions N on), 'last:N' (the last N) or '0,3,-1'"
+POSITION_SPECS = (
+    "'auto' (all but outlier-norm positions, for MELBO training), 'all', 'N:' (positions N "
+    "on), 'last:N' (the last N) or '0,3,-1'"
+)
 
 
 def parse_positions(spec: str) -> TargetPositions:
     """A target-position spec written as text (as on the command line or in a sweep
     grid) -> the form `PromptSet` takes.
 
+    "auto" is None (no positions given: MELBO training leaves out the outlier-norm
+    positions, `methods.defaults`); "all" is every real token, explicitly.
+
     Examples:
         >>> parse_positions("last:3"), parse_positions("1:"), parse_positions("0,-1")
         (slice(-3, None, None), slice(1, None, None), [0, -1])
+        >>> parse_positions("auto"), parse_positions("all")
+        (None, slice(None, None, None))
     """
     try:
-        if spec == "all":
+        if spec == "auto":
             return None
+        if spec == "all":
+            return slice(None)
         if spec.startswith("last:"):
             n = int(spec.split(":", 1)[1])
             if n < 1:

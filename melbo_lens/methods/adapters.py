@@ -53,6 +53,7 @@ from melbo_lens.core.segment import Segment
 from melbo_lens.core.sites import HookSite, as_site, check_order
 from melbo_lens.methods.config import LoopConfig, is_int
 from melbo_lens.methods.constraints import tangent_project
+from melbo_lens.methods.defaults import default_positions
 from melbo_lens.methods.melbo import LR_SCALE
 from melbo_lens.methods.trainer import FamilyBase, check_prompts_and_sites, train
 from melbo_lens.perturbations.adapters import SteeringAdapters, adapter_hooks, check_adapter_host
@@ -312,7 +313,9 @@ def train_steering_adapters(
     `checkpoint=path` that state is also saved, and `train_steering_adapters(...,
     resume=path)` continues the run exactly. NaN/inf stops training with a
     `TrainingError` naming the step and the adapter. Orthogonality modes and solvers are
-    those of vectors, acting on the Ω_B columns.
+    those of vectors, acting on the Ω_B columns. Prompts built without target positions
+    leave out the outlier-norm positions at the target, as for vectors
+    (`methods.defaults`).
 
     Examples:
         >>> cfg = AdapterConfig(1, HookSite(3), n_adapters=2, steps=5)
@@ -329,10 +332,13 @@ def train_steering_adapters(
             f"{config.orthogonal} orthogonality needs n_adapters × rank <= d_model, got "
             f"{config.n_adapters} × {config.rank} > {d_model}"
         )
+    prompts, positions = default_positions(model, prompts, config.target)
+    family = AdapterFamily(config, model, prompts)
+    family.auto = {} if positions is None else {"positions": positions}
     return train(
         model,
         prompts,
-        AdapterFamily(config, model, prompts),
+        family,
         resume=resume,
         progress=progress,
         callback=callback,

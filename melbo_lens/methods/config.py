@@ -159,7 +159,10 @@ def _loop_problems(config: Any) -> list[str]:
     """See `LoopConfig.loop_problems`."""
     problems = []
     r = config.radius
-    if not is_positive(r):
+    if getattr(config, "auto_radius", False):
+        if not (r == "auto" or is_positive(r)):
+            problems.append(f"radius must be 'auto' or a finite number > 0, got {r!r}")
+    elif not is_positive(r):
         problems.append(f"radius must be a finite number > 0, got {r!r}")
     for name in ("power", "q"):
         if not is_positive(getattr(config, name)):

@@ -36,6 +36,7 @@ Orthogonality modes:
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -50,7 +51,14 @@ from melbo_lens.core.segment import Segment
 from melbo_lens.core.sites import HookSite, as_site, check_order
 from melbo_lens.methods.config import AUTO_STARTS, LoopConfig, is_int
 from melbo_lens.methods.constraints import tangent_project, to_sphere
-from melbo_lens.methods.trainer import FamilyBase, TrainingError, check_prompts_and_sites, train
+from melbo_lens.methods.defaults import resolve_defaults
+from melbo_lens.methods.trainer import (
+    FamilyBase,
+    TrainingError,
+    check_prompt_set,
+    check_prompts_and_sites,
+    train,
+)
 from melbo_lens.perturbations.vectors import SteeringVectors
 
 __all__ = ["MelboConfig", "TrainingState", "TrainingError", "train_steering_vectors", "scaled_lr"]
@@ -89,10 +97,10 @@ class MelboConfig(LoopConfig):
         True
     """
 
-    source: HookSite
-    target: HookSite
+    source: HookSite | None = None
+    target: HookSite | None = None
     n_vectors: int = 8
-    radius: float = 4.0
+    radius: float | Literal["auto"] = "auto"
     power: float = 2.0
     q: float = 1.0
     steps: int | Literal["auto"] = "auto"
@@ -116,8 +124,9 @@ class MelboConfig(LoopConfig):
         return int(self.starts_per_vector)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "source", as_site(self.source))
-        object.__setattr__(self, "target", as_site(self.target))
+        for name in ("source", "target"):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, as_site(getattr(self, name)))
         object.__setattr__(self, "betas", tuple(self.betas))
         problems = []
         if not is_int(self.n_vectors, 1):
@@ -128,15 +137,31 @@ class MelboConfig(LoopConfig):
             problems.append(
                 f"vectors_per_batch must be an int >= 1, got {self.vectors_per_batch!r}"
             )
-        try:
-            check_order(self.source, self.target)
-        except ValueError as err:
-            problems.append(str(err))
+        if self.source is not None and self.target is not None:
+            try:
+                check_order(self.source, self.target)
+            except ValueError as err:
+                problems.append(str(err))
         if problems:
             raise ValueError("invalid MelboConfig: " + "; ".join(problems))
 
+    auto_radius = True  # radius="auto" is a valid value (see `LoopConfig.loop_problems`)
+
+    def sites(self) -> tuple[HookSite, HookSite]:
+        """(source, target) of a config whose sites are set (`train_steering_vectors`
+        sets the defaults of `methods.defaults` first)."""
+        if self.source is None or self.target is None:
+            raise ValueError("source/target are None (auto); train_steering_vectors sets them")
+        return self.source, self.target
+
+    def radius_value(self) -> float:
+        """R of a config whose radius is set (not "auto")."""
+        if self.radius == "auto":
+            raise ValueError("radius='auto' is chosen by train_steering_vectors before training")
+        return float(self.radius)
+
     def resolved_lr(self, d_model: int) -> float:
-        return scaled_lr(self.radius, d_model) if self.lr == "auto" else float(self.lr)
+        return scaled_lr(self.radius_value(), d_model) if self.lr == "auto" else float(self.lr)
 
 
 @dataclass
@@ -177,6 +202,7 @@ class VectorFamily(FamilyBase):
         super().__init__(config, model, prompts)
         self.d_model = d_model_of(model)
         self.lr = config.resolved_lr(self.d_model)
+        self.radius, (self.source, _) = config.radius_value(), config.sites()
         self.n, self.per_batch = config.n_vectors, config.vectors_per_batch
 
     def init(self, indices: list[int], device: torch.device) -> dict[str, Tensor]:
@@ -185,7 +211,7 @@ class VectorFamily(FamilyBase):
         }
 
     def retract(self, params: dict[str, Tensor]) -> dict[str, Tensor]:
-        return {"theta": to_sphere(params["theta"], self.config.radius)}
+        return {"theta": to_sphere(params["theta"], self.radius)}
 
     def tangent(self, grads: dict[str, Tensor], params: dict[str, Tensor]) -> dict[str, Tensor]:
         return {"theta": tangent_project(grads["theta"], params["theta"])}
@@ -215,7 +241,7 @@ class VectorFamily(FamilyBase):
         self, params: dict[str, Tensor], record: dict[str, Any], metadata: dict[str, Any]
     ) -> SteeringVectors:
         return SteeringVectors(
-            params["theta"], self.config.source, method="melbo", **self.provenance(record, metadata)
+            params["theta"], self.source, method="melbo", **self.provenance(record, metadata)
         )
 
     def state(
@@ -237,7 +263,7 @@ def train_steering_vectors(
     callback: Callback | None = None,
     checkpoint: str | None = None,
     checkpoint_every: int = 50,
-    resume: SteeringVectors | str | None = None,
+    resume: SteeringVectors | str | os.PathLike[str] | None = None,
     compile: bool = False,
     overwrite: bool = False,
     max_rows_per_pass: int | str | None = None,
@@ -261,17 +287,24 @@ def train_steering_vectors(
         >>> vectors.vectors.shape, bool((vectors.objective > vectors.losses[:, 0]).all())
         (torch.Size([4, 32]), True)
     """
-    check_prompts_and_sites(model, prompts, config.source, config.target)
+    check_prompt_set(prompts)
+    prior = SteeringVectors.load(str(resume)) if isinstance(resume, str | os.PathLike) else resume
+    config, prompts, auto = resolve_defaults(
+        model, prompts, config, train_steering_vectors, prior=prior, progress=progress
+    )
+    check_prompts_and_sites(model, prompts, *config.sites())
     d_model = d_model_of(model)
     if config.orthogonal in ("sequential", "simultaneous") and config.n_vectors > d_model:
         raise ValueError(
             f"cannot train {config.n_vectors} mutually orthogonal vectors in d_model={d_model}"
         )
+    family = VectorFamily(config, model, prompts)
+    family.auto = auto
     return train(
         model,
         prompts,
-        VectorFamily(config, model, prompts),
-        resume=resume,
+        family,
+        resume=prior,
         progress=progress,
         callback=callback,
         checkpoint=checkpoint,

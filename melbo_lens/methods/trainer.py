@@ -51,6 +51,7 @@ __all__ = [
     "ResumeMismatch",
     "TrainingError",
     "check_finite",
+    "check_prompt_set",
     "config_differences",
     "train",
 ]
@@ -147,6 +148,7 @@ class Family(Protocol):
     config: Any  # the method config (a LoopConfig dataclass)
     n: int  # members to train
     per_batch: int | None  # at most this many members per forward pass (orthogonal="none")
+    auto: dict[str, Any]  # what the method's defaults chose (sites, positions, R), or {}
 
     def empty(self, device: torch.device) -> Params:
         """Zero parameters of all n members (the store the loop fills)."""
@@ -183,6 +185,7 @@ class FamilyBase:
     def __init__(self, config: Any, model: Any, prompts: PromptSet) -> None:
         self.config, self.prompts = config, prompts
         self.model_name = getattr(model.cfg, "model_name", None)
+        self.auto: dict[str, Any] = {}  # what `methods.defaults` chose for this run
 
     def provenance(self, record: dict[str, Any], metadata: dict[str, Any]) -> dict[str, Any]:
         """Artifact fields other than the parameters and the method name."""
@@ -200,12 +203,17 @@ def check_prompts_and_sites(
     model: Any, prompts: PromptSet, source: HookSite, target: HookSite
 ) -> None:
     """The checks every `train_*` entry point makes before anything runs."""
+    check_prompt_set(prompts)
+    check_sites(model, source, target)
+
+
+def check_prompt_set(prompts: Any) -> None:
+    """Training takes a `PromptSet` (coerce texts with `PromptSet.from_texts`)."""
     if not isinstance(prompts, PromptSet):
         raise TypeError(
             f"prompts must be a PromptSet, got {type(prompts).__name__}; "
             "build one with PromptSet.from_texts(model, texts)"
         )
-    check_sites(model, source, target)
 
 
 def check_finite(
@@ -795,6 +803,7 @@ def _run(model: Any, prompts: PromptSet, family: Family, resume: Any | None, run
         "steps": spec.steps,
         "solver": spec.solver,
         **({"starts": spec.starts, "slot_steps": spec.slot_steps} if spec.windowed else {}),
+        **({"auto": family.auto} if family.auto else {}),
     }
 
     def artifact(state: dict[str, Tensor], seconds: float) -> Any:

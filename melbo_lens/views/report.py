@@ -30,6 +30,7 @@ import plotly.graph_objects as go
 from plotly.offline import get_plotlyjs
 
 from melbo_lens.core.io import atomic_write_text
+from melbo_lens.methods.defaults import describe_defaults
 from melbo_lens.views.figures import (
     attribution_bars,
     feature_heatmap,
@@ -230,6 +231,7 @@ def _config_section(run: RunAnalysis) -> str:
         window = f"{meta['starts']} starts per vector, " if "starts" in meta else ""
         later = f" + {meta['slot_steps']} per later vector" if "slot_steps" in meta else ""
         prov["training"] = f"{window}{meta['solver']} solver, {meta['steps']} steps{later}"
+    prov.update(describe_defaults(meta))  # sites, positions and R chosen by the defaults
     prompts = run.info.get("prompts") or []
     plist = "".join(f"<li>{_pre(p)}</li>" for p in prompts)
     seconds = run.info.get("seconds") or {}

@@ -33,6 +33,7 @@ from melbo_lens.core.memory import peak_bytes
 from melbo_lens.core.prompts import PromptSet
 from melbo_lens.core.segment import Segment
 from melbo_lens.methods.constraints import project_out, tangent_project, to_sphere
+from melbo_lens.methods.defaults import default_positions
 from melbo_lens.methods.melbo import MelboConfig, _init_vectors, train_steering_vectors
 from melbo_lens.methods.objectives import melbo_objective_per_prompt
 
@@ -231,6 +232,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     model = load_model(args.model, device=device, dtype=dtype)
     prompts = PromptSet.coerce(model, bundled_prompts("demo"), chat=True)
     source, target = _site(args.source, "resid_post"), _site(args.target, "resid_post")
+    prompts, _ = default_positions(model, prompts, target)  # as training resolves them
     cfg = model.cfg
     P = prompts.tokens.shape[1]
     n_tok = int(prompts.attention_mask.sum())

@@ -105,9 +105,11 @@ class MethodRun:
     changed: int
     recurrence: dict[str, dict[int, float]] = field(default_factory=dict)
     seconds: float = 0.0
+    radius: float | None = None  # R the vectors have (with defaults=True: MELBO's choice)
 
     def to_dict(self) -> dict[str, Any]:
         return {
+            "radius": self.radius,
             "method": self.method,
             "seed": self.seed,
             "prompt": self.prompt,
@@ -220,6 +222,7 @@ def evaluate_planted(
     max_new_tokens: int = 40,
     n_heldout: int = 16,
     log: Callable[[str], None] | None = None,
+    defaults: bool = False,
 ) -> PlantedReport:
     """Run the planted-behaviour benchmark (see the module docstring) on `model`.
 
@@ -231,6 +234,12 @@ def evaluate_planted(
     radius 48 suits the shipped toy (`melbo_lens.models.toy.DEFAULT_RADIUS`). MELBO's K vectors are
     kept orthogonal with in-graph Gram-Schmidt (``orthogonal="simultaneous"``: one batch
     of K, ~K times faster than ``"sequential"`` on CPU).
+
+    `defaults=True` runs MELBO as a user who tunes nothing would: ``MelboConfig(n_vectors,
+    seed=s)`` on a prompt without target positions, so sites, positions and R are the
+    defaults (`methods.defaults`; `radius`, `source`, `target`, `target_positions`,
+    `steps` and `orthogonal` are then unused). Random and Jacobian vectors use the sites
+    and the R that MELBO chose for the same seed.
 
     Examples:
         >>> from melbo_lens.models.toy import load_toy
@@ -249,14 +258,29 @@ def evaluate_planted(
     source, target = as_site(source), as_site(target)
     behaviours = list(TRIGGER_PHRASES)
     positions = None if target_positions is None else slice(-target_positions, None)
+    if defaults:
+        positions = None  # the default positions (`methods.defaults`)
+    elif positions is None:
+        positions = slice(None)  # every position, explicitly
     runs: list[MethodRun] = []
     for seed in seeds:
         prompt = clean_prompts(1, 1000 + seed)[0]
         heldout = clean_prompts(n_heldout, 5000 + seed)
         prompts = PromptSet.from_texts(model, [prompt], target_positions=positions)
+        melbo, melbo_seconds = None, 0.0
+        if defaults:  # MELBO first: the others use its sites and R
+            start = time.perf_counter()
+            config = MelboConfig(n_vectors=n_vectors, seed=seed)
+            melbo = train_steering_vectors(model, prompts, config, progress=False)
+            melbo_seconds = time.perf_counter() - start
+            source, target = melbo.site, HookSite.from_dict(melbo.config["target"])
+            radius = float(melbo.config["radius"])
         for method in methods:
             start = time.perf_counter()
-            if method == "melbo":
+            if method == "melbo" and melbo is not None:
+                vectors = melbo
+                start -= melbo_seconds
+            elif method == "melbo":
                 config = MelboConfig(
                     source,
                     target,
@@ -304,6 +328,7 @@ def evaluate_planted(
                 changed=sum(c != unsteered for c in completions),
                 recurrence=recurrence,
                 seconds=time.perf_counter() - start,
+                radius=radius,
             )
             runs.append(run)
             if log is not None:
@@ -311,13 +336,18 @@ def evaluate_planted(
                 log(f"seed {seed} {method:<8} full/partial hits: {found}  ({run.seconds:.0f}s)")
     settings = {
         "n_vectors": n_vectors,
-        "radius": radius,
+        "radius": "auto" if defaults else radius,
         "seeds": list(seeds),
         "source": source.name,
         "target": target.name,
-        "target_positions": "all" if target_positions is None else f"last {target_positions}",
-        "steps": steps,
-        "orthogonal": orthogonal,
+        "target_positions": "auto"
+        if defaults
+        else "all"
+        if target_positions is None
+        else f"last {target_positions}",
+        "steps": "auto" if defaults else steps,
+        "orthogonal": "sequential" if defaults else orthogonal,
+        "defaults": defaults,
         "methods": list(methods),
         "max_new_tokens": max_new_tokens,
         "n_heldout": n_heldout,

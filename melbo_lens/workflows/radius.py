@@ -12,12 +12,15 @@ collapses. `select_radius` measures that curve. For each R in a grid it trains v
 * fluency    - median perplexity of the steered completions under the unsteered model;
 * repetition - mean fraction of repeated word trigrams in the steered completions.
 
-**Recommendation rule.** Fluency has *collapsed* at R when its median perplexity exceeds
-`fluency_limit` × the median perplexity of the unsteered completions (the model's own
-greedy text, the fluency floor), or, with `repetition_limit` set, when the mean
-repetition exceeds it. Scanning R upwards, the radii before the first collapse are
-admissible; the recommended R is the admissible one with the highest diversity (ties:
-the smaller R). None when already the smallest R collapses.
+`radius="auto"` (`methods.radius`) makes the same choice before every training run,
+cheaply, from next-token distributions instead of generated text.
+
+**Recommendation rule** (`recommend_radius`). Fluency has *collapsed* at R when its
+median perplexity exceeds `fluency_limit` × the median perplexity of the unsteered
+completions (the model's own greedy text, the fluency floor), or, with
+`repetition_limit` set, when the mean repetition exceeds it. Scanning R upwards, the
+radii before the first collapse are admissible; the recommended R is the admissible one
+with the highest diversity (ties: the smaller R). None when already the smallest R collapses.
 """
 
 from __future__ import annotations
@@ -33,50 +36,11 @@ from typing import Any
 
 from melbo_lens.core.prompts import PromptSet
 from melbo_lens.methods.melbo import MelboConfig, train_steering_vectors
+from melbo_lens.methods.radius import recommend_radius
 from melbo_lens.perturbations.vectors import SteeringVectors
 from melbo_lens.workflows.saved import load_unit, save_unit
 
 __all__ = ["RadiusSweep", "recommend_radius", "select_radius"]
-
-
-def recommend_radius(
-    radii: Sequence[float],
-    diversity: Sequence[float],
-    fluency: Sequence[float],
-    baseline_fluency: float,
-    fluency_limit: float,
-    *,
-    repetition: Sequence[float] | None = None,
-    repetition_limit: float | None = None,
-) -> float | None:
-    """The cusp: highest-diversity R before the first R whose fluency collapses.
-
-    Collapse at R: fluency[R] > fluency_limit · baseline_fluency (nan counts as collapse),
-    or repetition[R] > repetition_limit when that limit is given. Radii are scanned in
-    increasing order.
-
-    Examples:
-        >>> recommend_radius([1, 2, 4, 8], [0.1, 0.3, 0.5, 0.9], [2.0, 2.5, 3.0, 20.0], 2.0, 2.0)
-        4
-        >>> recommend_radius([1, 2], [0.1, 0.3], [9.0, 9.0], 2.0, 2.0) is None
-        True
-    """
-    if not (len(radii) == len(diversity) == len(fluency)):
-        raise ValueError(
-            f"radii, diversity and fluency need one value per radius, got lengths "
-            f"{len(radii)}, {len(diversity)}, {len(fluency)}"
-        )
-    bound = fluency_limit * baseline_fluency
-    best: tuple[float, float] | None = None  # (diversity, R)
-    for k in sorted(range(len(radii)), key=lambda k: radii[k]):
-        collapsed = not fluency[k] <= bound  # also true for nan
-        if repetition_limit is not None and repetition is not None:
-            collapsed |= repetition[k] > repetition_limit
-        if collapsed:
-            break
-        if best is None or diversity[k] > best[0]:
-            best = (diversity[k], radii[k])
-    return None if best is None else best[1]
 
 
 @dataclass

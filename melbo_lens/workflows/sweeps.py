@@ -70,7 +70,7 @@ class SweepGrid:
     config: dict[str, Any] = field(default_factory=dict)
     behaviors: dict[str, str] = field(default_factory=dict)
     chat: bool = True
-    target_positions: str = "all"
+    target_positions: str = "auto"
     max_new_tokens: int = 24
 
     def __post_init__(self) -> None:

@@ -28,7 +28,8 @@ PROBE = textwrap.dedent(
     model = HookedTransformer(cfg).eval()
     ps = PromptSet.from_tokens(model, torch.randint(0, 100, (rows, pos),
         generator=torch.Generator().manual_seed(0)).tolist())
-    config = MelboConfig(HookSite(0), HookSite(5), n_vectors=1, steps=1, starts_per_vector=1)
+    config = MelboConfig(HookSite(0), HookSite(5), n_vectors=1, radius=4.0, steps=1,
+        starts_per_vector=1)
     before = peak_bytes("cpu")  # this process's own high-water mark (VmHWM)
     train_steering_vectors(model, ps, config, progress=False, max_rows_per_pass=split or None)
     print(peak_bytes("cpu") - before, pass_memory(model, 5, pos).bytes_for(split or rows))

@@ -1,0 +1,167 @@
+"""The defaults that scale with the model: sites by depth, positions by norm, R by search.
+
+`MelboConfig()` leaves three things to the model it meets:
+
+* **sites** (`source=None`, `target=None`): the quarter points of the depth, rounded
+  inwards (`default_sites`): SmolLM2-135M (30 layers) gets the output of block 7 ->
+  the input of block 22, gemma-3-270m (18) 4 -> 13, the 4-layer toy 0 -> 3. These are
+  the sites hand-tuned on both shipped models before any defaults existed (the SmolLM2
+  demo's 7 -> 22, where the packaged SAE also reads; the toy benchmark's input of block
+  1 -> input of block 3, the same activations). The source perturbs early-middle layers
+  and the target reads the change well before the unembedding, where it is still a
+  change of computation rather than of the output distribution.
+* **target positions** (a `PromptSet` built without `target_positions`): every real
+  token except those whose unsteered norm at the target is an outlier
+  (`core.outliers`: more than 5x the prompt's median, the first-token sink of
+  Llama-style models), which would otherwise take the whole objective.
+* **radius** (`radius="auto"`): the search of `methods.radius`, R at the cusp on a
+  grid scaled to the median residual norm at the source.
+
+`resolve_defaults` applies them and returns the record the artifact keeps under
+`metadata["auto"]`; with `progress` it also prints each choice.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from collections.abc import Callable
+from dataclasses import replace
+from typing import Any
+
+from melbo_lens.core.host import n_layers_of
+from melbo_lens.core.outliers import OUTLIER_FACTOR, without_norm_outliers
+from melbo_lens.core.prompts import PromptSet
+from melbo_lens.core.sites import HookSite, check_sites
+
+__all__ = [
+    "SOURCE_DEPTH",
+    "TARGET_DEPTH",
+    "default_positions",
+    "default_sites",
+    "describe_defaults",
+    "resolve_defaults",
+]
+
+SOURCE_DEPTH = 0.25
+TARGET_DEPTH = 0.75
+
+
+def default_sites(n_layers: int) -> tuple[HookSite, HookSite]:
+    """Source and target at the quarter points of the depth, rounded inwards: the
+    residual stream leaving block ⌈n/4⌉ − 1 (= entering block ⌈n/4⌉) and entering block
+    ⌊3n/4⌋. Models under 3 layers: the embeddings to the last block's output.
+
+    Examples:
+        >>> [s.name for s in default_sites(30)]  # SmolLM2-135M
+        ['blocks.7.hook_resid_post', 'blocks.22.hook_resid_pre']
+        >>> [s.name for s in default_sites(4)]  # the planted-arithmetic toy
+        ['blocks.0.hook_resid_post', 'blocks.3.hook_resid_pre']
+        >>> [s.name for s in default_sites(2)]
+        ['blocks.0.hook_resid_pre', 'blocks.1.hook_resid_post']
+    """
+    if n_layers < 3:
+        return HookSite(0, "resid_pre"), HookSite(n_layers - 1, "resid_post")
+    source = HookSite(math.ceil(n_layers * SOURCE_DEPTH) - 1, "resid_post")
+    return source, HookSite(math.floor(n_layers * TARGET_DEPTH), "resid_pre")
+
+
+def default_positions(
+    model: Any, prompts: PromptSet, target: HookSite
+) -> tuple[PromptSet, dict[str, Any] | None]:
+    """Prompts built without `target_positions` lose their outlier-norm positions at
+    `target`; explicit positions are kept as given (record None)."""
+    if prompts.target_spec is not None:
+        return prompts, None
+    resolved, excluded = without_norm_outliers(model, prompts, target)
+    return resolved, {
+        "rule": f"all real tokens except those with norm > {OUTLIER_FACTOR:g} x the prompt's "
+        f"median at {target.name}",
+        "factor": OUTLIER_FACTOR,
+        "excluded": excluded,
+    }
+
+
+def _say(progress: bool, line: str) -> None:
+    if progress:
+        print(line, file=sys.stderr, flush=True)
+
+
+def resolve_defaults(
+    model: Any,
+    prompts: PromptSet,
+    config: Any,
+    train_fn: Callable[..., Any],
+    *,
+    prior: Any = None,
+    progress: bool = True,
+) -> tuple[Any, PromptSet, dict[str, Any]]:
+    """(config with sites and radius filled in, prompts with the default positions, the
+    record of what was chosen). A run resumed from `prior` reuses its radius."""
+    from melbo_lens.methods.radius import search_radius
+
+    auto: dict[str, Any] = {}
+    if config.source is None or config.target is None:
+        source, target = default_sites(n_layers_of(model))
+        config = replace(config, source=config.source or source, target=config.target or target)
+        auto["sites"] = {
+            "rule": f"quarter points of the depth rounded inwards: the output of block "
+            f"ceil({SOURCE_DEPTH:g} n_layers) - 1, the input of block floor({TARGET_DEPTH:g} "
+            "n_layers)",
+            "source": config.source.name,
+            "target": config.target.name,
+        }
+        _say(progress, f"auto sites: {config.source.name} -> {config.target.name}")
+    check_sites(model, config.source, config.target)
+    prompts, positions = default_positions(model, prompts, config.target)
+    if positions is not None:
+        auto["positions"] = positions
+        left = sum(map(len, positions["excluded"]))
+        _say(progress, f"auto positions: {left} outlier-norm position(s) left out")
+    if config.radius == "auto":
+        if prior is not None:
+            saved = (prior.metadata or {}).get("auto", {}).get("radius")
+            if saved is None:
+                raise ValueError(
+                    f"the run being resumed chose no radius automatically (it used "
+                    f"radius={prior.config.get('radius')!r}); resume with that radius"
+                )
+            auto["radius"] = saved
+            config = replace(config, radius=float(saved["radius"]))
+        else:
+            choice = search_radius(model, prompts, config, train_fn, progress=progress)
+            auto["radius"] = choice.to_dict()
+            config = replace(config, radius=choice.radius)
+            _say(progress, f"auto radius: {choice.summary()}")
+    return config, prompts, auto
+
+
+def describe_defaults(metadata: dict[str, Any] | None) -> dict[str, str]:
+    """What the defaults chose for a trained artifact, one line per choice (for the CLI
+    and the report); {} when nothing was chosen automatically.
+
+    Examples:
+        >>> meta = {"train_seconds": 100.0, "auto": {"positions": {"rule": "r",
+        ...     "excluded": [[0], []]}}}
+        >>> describe_defaults(meta)
+        {'target positions (auto)': 'left out [[0], []] (per prompt): r'}
+    """
+    from melbo_lens.methods.radius import RadiusChoice
+
+    meta = metadata or {}
+    auto = meta.get("auto") or {}
+    out = {}
+    if "sites" in auto:
+        sites = auto["sites"]
+        out["sites (auto)"] = f"{sites['source']} -> {sites['target']}: {sites['rule']}"
+    if "positions" in auto:
+        pos = auto["positions"]
+        out["target positions (auto)"] = f"left out {pos['excluded']} (per prompt): {pos['rule']}"
+    if "radius" in auto:
+        choice = RadiusChoice.from_dict(auto["radius"])
+        line = choice.summary()
+        train = meta.get("train_seconds")
+        if train:
+            line += f"; the search took {choice.seconds / train:.0%} of the {train:.1f} s training"
+        out["radius (auto)"] = line
+    return out
