@@ -41,6 +41,7 @@ __all__ = [
     "default_sites",
     "describe_defaults",
     "resolve_defaults",
+    "say",
 ]
 
 SOURCE_DEPTH = 0.25
@@ -82,7 +83,9 @@ def default_positions(
     }
 
 
-def _say(progress: bool, line: str) -> None:
+def say(progress: bool, line: str) -> None:
+    """Print a progress line to stderr when `progress` is on (what the search and the
+    defaults report while they choose)."""
     if progress:
         print(line, file=sys.stderr, flush=True)
 
@@ -111,13 +114,13 @@ def resolve_defaults(
             "source": config.source.name,
             "target": config.target.name,
         }
-        _say(progress, f"auto sites: {config.source.name} -> {config.target.name}")
+        say(progress, f"auto sites: {config.source.name} -> {config.target.name}")
     check_sites(model, config.source, config.target)
     prompts, positions = default_positions(model, prompts, config.target)
     if positions is not None:
         auto["positions"] = positions
         left = sum(map(len, positions["excluded"]))
-        _say(progress, f"auto positions: {left} outlier-norm position(s) left out")
+        say(progress, f"auto positions: {left} outlier-norm position(s) left out")
     if config.radius == "auto":
         if prior is not None:
             saved = (prior.metadata or {}).get("auto", {}).get("radius")
@@ -132,7 +135,7 @@ def resolve_defaults(
             choice = search_radius(model, prompts, config, train_fn, progress=progress)
             auto["radius"] = choice.to_dict()
             config = replace(config, radius=choice.radius)
-            _say(progress, f"auto radius: {choice.summary()}")
+            say(progress, f"auto radius: {choice.summary()}")
     return config, prompts, auto
 
 

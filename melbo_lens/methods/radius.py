@@ -33,7 +33,6 @@ fluency above `FLUENCY_LIMIT`.
 from __future__ import annotations
 
 import math
-import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -247,6 +246,8 @@ def search_radius(
 ) -> RadiusChoice:
     """Find R for `config` (sites and prompts as resolved) with the walk described in
     the module docstring; `train_fn` trains the probe vectors (`train_steering_vectors`)."""
+    from melbo_lens.methods.defaults import say  # defaults calls this function
+
     start = time.perf_counter()
     if len(prompts) > SEARCH_PROMPTS:  # R is a property of model and sites; a few suffice
         prompts = prompts[:SEARCH_PROMPTS]
@@ -276,12 +277,7 @@ def search_radius(
         flu, div = probe(vectors.vectors)
         obj = float(vectors.objective.float().mean())
         rows[r] = (flu, div, obj)
-        if progress:
-            print(
-                f"radius search: R = {r:.4g}  fluency {flu:.3g}  diversity {div:.3f}",
-                file=sys.stderr,
-                flush=True,
-            )
+        say(progress, f"radius search: R = {r:.4g}  fluency {flu:.3g}  diversity {div:.3f}")
         return flu <= FLUENCY_LIMIT
 
     k = OCTAVES.index(START_OCTAVE)

@@ -28,13 +28,13 @@ from __future__ import annotations
 import math
 import os
 import statistics
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from melbo_lens.core.prompts import PromptSet
+from melbo_lens.methods.defaults import say
 from melbo_lens.methods.melbo import MelboConfig, train_steering_vectors
 from melbo_lens.methods.radius import recommend_radius
 from melbo_lens.perturbations.vectors import SteeringVectors
@@ -152,11 +152,6 @@ class RadiusSweep:
 
     def __str__(self) -> str:
         return self.table()
-
-
-def _say(progress: bool, line: str) -> None:
-    if progress:
-        print(line, file=sys.stderr, flush=True)
 
 
 def _measure(
@@ -295,9 +290,9 @@ def select_radius(
         saved = _saved_radius(save_dir, radius, settings) if save_dir is not None else None
         if saved is not None:
             row, vectors = saved
-            _say(progress, f"radius {i + 1} of {len(radii)}: R={radius:g} (saved, reused)")
+            say(progress, f"radius {i + 1} of {len(radii)}: R={radius:g} (saved, reused)")
         else:
-            _say(
+            say(
                 progress,
                 f"radius {i + 1} of {len(radii)}: R={radius:g}, {config.n_vectors} vectors x "
                 f"{config.loop_steps()} steps",
