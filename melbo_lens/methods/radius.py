@@ -41,8 +41,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from melbo_lens.core.outliers import residual_norms
 from melbo_lens.core.prompts import PromptSet
-from melbo_lens.core.segment import run_to_site
 from melbo_lens.core.sites import HookSite
 from melbo_lens.perturbations.vectors import steering_hook
 
@@ -172,10 +172,8 @@ class RadiusChoice:
 # ---------------------------------------------------------------------- measurement
 def median_source_norm(model: Any, prompts: PromptSet, source: HookSite) -> float:
     """ρ: the median per-token residual norm at the source over the prompts' real tokens."""
-    with torch.no_grad():
-        z = run_to_site(model, prompts.tokens, prompts.attention_mask, source.name)
-    norms = z.float().norm(dim=-1)[prompts.attention_mask.to(z.device)]
-    return float(norms.median())
+    norms = residual_norms(model, prompts, source)
+    return float(norms[prompts.attention_mask.to(norms.device)].median())
 
 
 class _Probe:
