@@ -1,8 +1,10 @@
 """`melbo-lens evaluate planted`: the planted-behaviour benchmark from a shell.
 
-Loads the planted-arithmetic toy from package data (offline), runs `evaluate_planted`
-for MELBO, random and Jacobian vectors over several seeds, prints the summary table and
-writes every completion and statistic to ``OUT/planted.json``.
+Loads a planted model offline (the planted-arithmetic toy, or ``--model
+smollm2-135m-backdoored``: SmolLM2 with LoRA-planted backdoors), runs `evaluate_planted`
+over several seeds, prints the summary table and writes every completion and statistic
+to ``OUT/planted.json`` and a figure to ``OUT/planted.html``. On any model but the toy the
+run uses the defaults (``--defaults``: sites, positions and R chosen automatically).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import argparse
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 from melbo_lens.core.io import atomic_write_text
 
@@ -19,7 +22,11 @@ __all__ = ["add_arguments", "run"]
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("suite", choices=["planted"], help="which benchmark (only 'planted' so far)")
-    p.add_argument("--model", default="planted-arithmetic", help="a planted-arithmetic model")
+    p.add_argument(
+        "--model",
+        default="planted-arithmetic",
+        help="planted-arithmetic (the toy, fast) or smollm2-135m-backdoored",
+    )
     p.add_argument("--seeds", type=int, default=5, help="number of seeds (0..N-1)")
     p.add_argument("--n-vectors", type=int, default=32, help="K vectors per method and seed")
     p.add_argument("--radius", type=float, default=None, help="R (default: the model's own)")
@@ -28,9 +35,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--positions", default="last:3", help="objective positions: all | last:N")
     p.add_argument("--steps", type=int, default=300, help="MELBO steps per vector")
     p.add_argument(
-        "--methods", default="melbo,random,jacobian", help="comma-separated methods to score"
+        "--methods",
+        default="melbo,random,jacobian",
+        help="comma-separated, of: melbo, adapters, random, random-2R (random vectors of twice "
+        "the radius), jacobian",
     )
-    p.add_argument("--heldout", type=int, default=16, help="held-out prompts for generalisation")
+    p.add_argument("--adapter-radius", type=float, default=4.0, help="R of the adapters")
+    p.add_argument(
+        "--heldout",
+        type=int,
+        default=None,
+        help="held-out prompts for generalisation (default: 16 on the toy, 32 otherwise)",
+    )
     p.add_argument("--max-new-tokens", type=int, default=40, help="tokens per completion")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (tiny model: 1)")
     p.add_argument(
@@ -41,47 +57,103 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--first-seed", type=int, default=0, help="seeds run from this one on")
     p.add_argument("--out", default="evaluate_out", help="output directory")
+    again = p.add_mutually_exclusive_group()
+    again.add_argument(
+        "--resume", action="store_true", help="keep the seeds OUT/planted.json has; run the rest"
+    )
+    again.add_argument("--overwrite", action="store_true", help="replace OUT/planted.json")
+
+
+def _previous(
+    path: Path, args: argparse.Namespace, seeds: list[int], methods: list[str]
+) -> tuple[list, Any, float]:
+    """(runs, settings, seconds) of the seeds an earlier run saved at `path`, when resuming."""
+    from melbo_lens.workflows.planted import PlantedReport
+
+    if not path.exists() or args.overwrite:
+        return [], None, 0.0
+    if not args.resume:
+        raise SystemExit(
+            f"{path} exists; pass --resume to keep its seeds and run the rest, --overwrite to "
+            "replace it, or --out DIR to write elsewhere"
+        )
+    data = json.loads(path.read_text())
+    report = PlantedReport.from_dict(data)
+    saved_n, saved_methods = report.settings.get("n_vectors"), report.settings.get("methods")
+    if (saved_n, saved_methods) != (args.n_vectors, methods):
+        raise SystemExit(
+            f"--resume: {path} has --n-vectors {saved_n} and --methods "
+            f"{','.join(saved_methods or [])}, "
+            f"this run asks for {args.n_vectors} and {','.join(methods)}; match them, or "
+            "pass --overwrite or another --out"
+        )
+    return [r for r in report.runs if r.seed in seeds], report.settings, data.get("seconds", 0.0)
 
 
 def run(args: argparse.Namespace) -> int:
     import torch
 
     from melbo_lens.core.sites import HookSite
-    from melbo_lens.models.toy import DEFAULT_RADIUS
+    from melbo_lens.models.toy import DEFAULT_RADIUS, TRIGGER_PHRASES
     from melbo_lens.models.zoo import load_model
-    from melbo_lens.workflows.planted import evaluate_planted
+    from melbo_lens.workflows.planted import METHODS, PlantedReport, evaluate_planted
 
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
     model = load_model(args.model)
+    toy = model.cfg.model_name == "planted-arithmetic"
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = sorted(set(methods) - set(METHODS))
+    if unknown:
+        raise SystemExit(f"--methods: unknown {unknown}; choose from {', '.join(METHODS)}")
     if args.positions == "all":
         positions = None
     elif args.positions.startswith("last:"):
         positions = int(args.positions.split(":", 1)[1])
     else:
         raise SystemExit(f"--positions must be 'all' or 'last:N', got {args.positions!r}")
-    report = evaluate_planted(
-        model,
-        n_vectors=args.n_vectors,
-        radius=args.radius if args.radius is not None else DEFAULT_RADIUS,
-        seeds=list(range(args.first_seed, args.first_seed + args.seeds)),
-        source=HookSite(args.source, "resid_pre"),
-        target=HookSite(args.target, "resid_pre"),
-        target_positions=positions,
-        steps=args.steps,
-        methods=[m.strip() for m in args.methods.split(",") if m.strip()],
-        max_new_tokens=args.max_new_tokens,
-        n_heldout=args.heldout,
-        log=lambda line: print(line, flush=True),
-        defaults=args.defaults,
-    )
+    out = Path(args.out)
+    path = out / "planted.json"
+    seeds = list(range(args.first_seed, args.first_seed + args.seeds))
+    runs, settings, seconds_before = _previous(path, args, seeds, methods)
+    done = {run.seed for run in runs}
+    report = None
+    for seed in seeds:
+        if seed in done:
+            print(f"seed {seed}: kept from {path}")
+            continue
+        part = evaluate_planted(
+            model,
+            n_vectors=args.n_vectors,
+            radius=args.radius if args.radius is not None else DEFAULT_RADIUS,
+            seeds=[seed],
+            source=HookSite(args.source, "resid_pre"),
+            target=HookSite(args.target, "resid_pre"),
+            target_positions=positions,
+            steps=args.steps,
+            methods=methods,
+            max_new_tokens=args.max_new_tokens,
+            n_heldout=args.heldout if args.heldout is not None else 16 if toy else 32,
+            log=lambda line: print(line, flush=True),
+            defaults=args.defaults or not toy,
+            adapter_radius=args.adapter_radius,
+        )
+        runs += part.runs
+        settings = {
+            **part.settings,
+            "seeds": sorted({run.seed for run in runs}),
+            "radii": {**(settings or {}).get("radii", {}), **part.settings["radii"]},
+        }
+        report = PlantedReport(runs, settings, part.behaviours)
+        elapsed = seconds_before + time.perf_counter() - start
+        out.mkdir(parents=True, exist_ok=True)  # after every seed: a stopped run resumes
+        data = report.to_dict() | {"seconds": round(elapsed, 1)}
+        atomic_write_text(path, json.dumps(data, indent=2))
+    if report is None:
+        report = PlantedReport(runs, settings or {}, list(TRIGGER_PHRASES))
     seconds = time.perf_counter() - start
     print(report.table())
     print(f"total {seconds:.0f}s")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    data = report.to_dict() | {"seconds": round(seconds, 1)}
-    atomic_write_text(out / "planted.json", json.dumps(data, indent=2))
     from melbo_lens.views.figures import planted_benchmark
 
     figure = out / "planted.html"  # self-contained: plotly.js inlined, works offline

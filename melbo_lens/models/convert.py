@@ -13,6 +13,7 @@ import os
 import shutil
 import tempfile
 import uuid
+from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -49,6 +50,13 @@ def _source_files(spec: PackagedModel) -> list[Path]:
             missing.append(f"{relative} of package {package!r}")
         else:
             paths.append(directory / relative)
+    if spec.lora is not None:  # the adapter is package data: its files key the cache too
+        folder = Path(str(resources.files("melbo_lens").joinpath(f"data/{spec.lora}")))
+        for name in _LORA_FILES:
+            if (folder / name).is_file():
+                paths.append(folder / name)
+            else:
+                missing.append(f"{name} in {folder} (reinstall melbo-lens)")
     if missing:
         raise MissingModelPackageError(
             f"the weights of {spec.name!r} ({spec.hf_name}) are not installed: missing "
@@ -57,9 +65,23 @@ def _source_files(spec: PackagedModel) -> list[Path]:
     return paths
 
 
+_LORA_FILES = ("adapter_config.json", "adapter_model.safetensors")
+
+
+def _merge_lora(hf_model: PreTrainedModel, folder: Path) -> PreTrainedModel:
+    """peft's own merge of a LoRA adapter folder into the model's weights."""
+    from peft import PeftModel
+
+    merged = PeftModel.from_pretrained(hf_model, str(folder)).merge_and_unload()
+    return merged.eval().requires_grad_(False)  # pyright: ignore[reportReturnType]
+
+
 def _convert_into(spec: PackagedModel, sources: list[Path], work: Path) -> None:
     """Write ``tokenizer/``, ``hf/`` and ``hooked_transformer/`` into ``work``."""
-    hf_model, tokenizer = _dequantise(spec, sources, work / "source")
+    gguf = sources[: len(spec.chunks)]
+    hf_model, tokenizer = _dequantise(spec, gguf, work / "source")
+    if spec.lora is not None:
+        hf_model = _merge_lora(hf_model, sources[-1].parent)
     tokenizer.save_pretrained(work / "tokenizer")
     hf_model.save_pretrained(work / "hf")
     cfg, params = _convert_to_hooked(spec, hf_model)

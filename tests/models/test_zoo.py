@@ -95,10 +95,16 @@ def test_cache_dir_resolution(monkeypatch, tmp_path):
 
 
 def test_packaged_names_and_aliases():
-    assert set(PACKAGED_MODELS) == {SMOL, GEMMA}
+    assert set(PACKAGED_MODELS) == {SMOL, GEMMA, "smollm2-135m-backdoored"}
     for name, spec in PACKAGED_MODELS.items():
-        for alias in (name, spec.hf_name, spec.hf_name.upper(), spec.model_name):
+        aliases = (name, spec.model_name, spec.model_name.upper())
+        if spec.lora is None:  # a fine-tune's hf_name is its base model's
+            aliases += (spec.hf_name, spec.hf_name.upper())
+        for alias in aliases:
             assert zoo._lookup(alias) is spec
+    backdoored = PACKAGED_MODELS["smollm2-135m-backdoored"]
+    assert zoo._lookup(backdoored.hf_name) is PACKAGED_MODELS[SMOL]
+    assert backdoored.model_name == "SmolLM2-135M-backdoored"
     assert zoo._lookup("gpt2") is None
 
 

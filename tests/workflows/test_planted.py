@@ -68,11 +68,17 @@ def test_summary_by_hand():
     assert s["melbo"]["cheese"]["recurrence"] == pytest.approx(0.5)  # mean of 0.5, 1, 0
     assert s["melbo"]["hate"]["recurrence"] == 0.25
     assert s["melbo"]["_all"]["changed"] == 3.0
+    assert s["melbo"]["cheese"]["first_hit"] == 1.5  # vector 1 (2nd) and vector 0 (1st)
+    assert s["melbo"]["hate"]["first_hit"] == 2.0  # seed 1 only, vector 1
+    assert math.isnan(s["random"]["cheese"]["first_hit"])
     assert s["random"]["cheese"]["seeds_full"] == 0.0
     assert math.isnan(s["random"]["hate"]["recurrence"])
     table = report.table()
     assert "melbo" in table and "random" in table and "1.50" in table
-    assert json.loads(json.dumps(report.to_dict()))["summary"]["melbo"]["hate"]["seeds_full"] == 0.5
+    saved = json.loads(json.dumps(report.to_dict()))
+    assert saved["summary"]["melbo"]["hate"]["seeds_full"] == 0.5
+    again = PlantedReport.from_dict(saved)
+    assert again.table() == table and again.runs[1].recurrence == runs[1].recurrence
 
 
 def test_ci_sized_run_is_consistent(planted):
@@ -135,3 +141,52 @@ def test_pure_defaults_elicit_a_planted_phrase_where_random_vectors_do_not(plant
     assert report.settings["radius"] == "auto" and melbo.radius == rand.radius
     assert 30 < melbo.radius < 60  # the cusp, below where the toy's text breaks (~75)
     assert melbo.full["cheese"] and not any(rand.full.values())
+    # without MELBO, the others get what its defaults choose, found without training it
+    alone = evaluate_planted(planted, seeds=[100], methods=["random"], n_heldout=0, defaults=True)
+    assert alone.runs[0].radius == rand.radius and alone.runs[0].completions == rand.completions
+
+
+def test_adapters_and_random_at_twice_the_radius(planted):
+    """Every method of the real-model benchmark runs on the toy; random-2R vectors have
+    norm 2R and start from the same directions as random ones (same seed)."""
+    report = evaluate_planted(
+        planted,
+        n_vectors=2,
+        radius=8.0,
+        seeds=[0],
+        steps=3,
+        n_heldout=0,
+        max_new_tokens=8,
+        methods=["adapters", "random", "random-2R"],
+    )
+    adapters, rand, rand2 = report.runs
+    assert (adapters.radius, rand.radius, rand2.radius) == (4.0, 8.0, 16.0)
+    assert len(adapters.completions) == 2 and report.settings["chat"] is False
+    from melbo_lens.methods.baselines import random_vectors
+
+    one = random_vectors(planted, "blocks.1.hook_resid_pre", n=2, radius=8.0, seed=0).vectors
+    two = random_vectors(planted, "blocks.1.hook_resid_pre", n=2, radius=16.0, seed=0).vectors
+    torch.testing.assert_close(two, 2 * one, rtol=1e-6, atol=0)  # float32 scaling only
+
+
+def test_cli_saves_each_seed_and_resumes_without_overwriting(tmp_path, capsys):
+    from melbo_lens.cli import main
+
+    base = ["evaluate", "planted", "--n-vectors", "2", "--steps", "2", "--methods", "random"]
+    base += ["--heldout", "0", "--max-new-tokens", "4", "--out", str(tmp_path)]
+    assert main([*base, "--seeds", "1"]) == 0
+    first = json.loads((tmp_path / "planted.json").read_text())
+    assert first["settings"]["seeds"] == [0]
+    with pytest.raises(SystemExit, match="--resume"):  # a finished result is never replaced
+        main([*base, "--seeds", "2"])
+    assert json.loads((tmp_path / "planted.json").read_text()) == first
+    with pytest.raises(SystemExit, match="--n-vectors 2"):
+        main([*base[:3], "3", *base[4:], "--seeds", "2", "--resume"])
+    capsys.readouterr()
+    assert main([*base, "--seeds", "2", "--resume"]) == 0
+    assert "seed 0: kept from" in capsys.readouterr().out
+    both = json.loads((tmp_path / "planted.json").read_text())
+    assert both["settings"]["seeds"] == [0, 1]
+    assert both["runs"][0] == first["runs"][0]  # seed 0 kept as saved, not rerun
+    assert main([*base, "--seeds", "1", "--overwrite"]) == 0
+    assert json.loads((tmp_path / "planted.json").read_text())["settings"]["seeds"] == [0]
