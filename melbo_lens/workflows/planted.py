@@ -343,7 +343,8 @@ def evaluate_planted(
                 train_steering_vectors,
                 progress=False,
             )
-            (source, target), radius = config.sites(), config.radius_value()
+            sites: tuple[HookSite, HookSite] = config.sites()
+            source, target, radius = sites[0], sites[1], config.radius_value()
         for method in methods:
             start = time.perf_counter()
             if method == "melbo" and melbo is not None:
