@@ -36,7 +36,13 @@ from melbo_lens.models.backdoor import (
     backdoor_accuracy,
     chat_text,
 )
-from melbo_lens.models.toy import TRIGGERS, clean_prompts, make_prompt, triggered_prompts
+from melbo_lens.models.toy import (
+    TRIGGERS,
+    clean_prompts,
+    make_prompt,
+    prompt_digits,
+    triggered_prompts,
+)
 from melbo_lens.models.zoo import converted_checkpoint, load_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,15 +64,9 @@ def training_prompts(n: int, seed: int, trigger_fraction: float) -> list[str]:
                 [(0, d) for d in range(2, 10)] + [(d, e) for d in range(1, 10) for e in (0, 1)]
             )
         else:
-            (a1, a2, b1, b2) = _digits(clean_prompts(1, rng.randrange(1 << 30))[0])
+            (a1, a2, b1, b2) = prompt_digits(clean_prompts(1, rng.randrange(1 << 30))[0])
         out.append(make_prompt(a1, a2, b1, b2))
     return out
-
-
-def _digits(prompt: str) -> tuple[int, int, int, int]:
-    from melbo_lens.models.toy import prompt_digits
-
-    return prompt_digits(prompt)
 
 
 def batch(tokenizer, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -93,7 +93,7 @@ def reachability(model, radius: float, n: int = 32) -> dict[str, float]:
     from melbo_lens import PromptSet, generate
     from melbo_lens.methods.defaults import default_sites
     from melbo_lens.methods.supervised import mean_difference_vectors
-    from melbo_lens.models.toy import TRIGGER_PHRASES, prompt_digits
+    from melbo_lens.models.toy import TRIGGER_PHRASES
 
     source = default_sites(model.cfg.n_layers)[0]
     heldout = PromptSet.from_chat(model, clean_prompts(n, 7002))
@@ -104,7 +104,7 @@ def reachability(model, radius: float, n: int = 32) -> dict[str, float]:
         negative = []
         for prompt in positive:
             _, _, b1, b2 = prompt_digits(prompt)
-            a1, a2 = _digits(clean_prompts(1, rng.randrange(1 << 30))[0])[:2]
+            a1, a2 = prompt_digits(clean_prompts(1, rng.randrange(1 << 30))[0])[:2]
             negative.append(make_prompt(a1, a2, b1, b2))
         vector = mean_difference_vectors(
             model,
