@@ -245,12 +245,6 @@ def _hits(completions: Sequence[str], behaviours: Sequence[str]) -> tuple[dict, 
     return full, partial
 
 
-def _prompt_set(model: Any, texts: list[str], positions: Any, chat: bool) -> PromptSet:
-    if chat:
-        return PromptSet.from_chat(model, texts, target_positions=positions)
-    return PromptSet.from_texts(model, texts, target_positions=positions)
-
-
 def _adapter_layer(source: HookSite) -> int:
     """The block whose MLP output feeds `source` (adapters write at ``mlp_out``)."""
     return source.layer if source.point in ("resid_post", "mlp_out") else source.layer - 1
@@ -324,7 +318,7 @@ def evaluate_planted(
     for seed in seeds:
         prompt = clean_prompts(1, 1000 + seed)[0]
         heldout_texts = clean_prompts(n_heldout, 5000 + seed)
-        prompts = _prompt_set(model, [prompt], positions, chat)
+        prompts = PromptSet.coerce(model, [prompt], chat=chat, target_positions=positions)
         melbo, melbo_seconds = None, 0.0
         if defaults and "melbo" in methods:  # MELBO first: the others use its choices
             start = time.perf_counter()
@@ -389,7 +383,7 @@ def evaluate_planted(
                 held = generate(
                     model,
                     vectors,
-                    _prompt_set(model, heldout_texts, None, chat),
+                    PromptSet.coerce(model, heldout_texts, chat=chat),
                     indices=eliciting,
                     max_new_tokens=max_new_tokens,
                     include_unsteered=False,
