@@ -28,7 +28,8 @@ SUBCOMMANDS = {
     "generate": "completions under a saved perturbation (or plain, without one)",
     "bench": "time melbo_lens against a naive reference",
     "compare": "cosines, nearest matches, principal angles of two files",
-    "explain": "decompose saved vectors onto an SAE's features",
+    "explain": "what vectors mean: SAE decomposition, feature dashboards, vector cards",
+    "corpus": "build the offline explanation corpus, or describe one",
     "sweep": "train at a grid of radii; recommend R at the cusp",
     "evaluate": "benchmarks: `evaluate planted` (the planted toy)",
 }

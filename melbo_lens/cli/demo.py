@@ -12,6 +12,8 @@ from melbo_lens.cli.options import (
     _print_vectors,
     _read_prompts,
     _train,
+    add_corpus_arg,
+    resolve_corpus,
 )
 from melbo_lens.cli.output import claimed_output
 from melbo_lens.core.io import atomic_write_text
@@ -22,6 +24,7 @@ __all__ = ["add_arguments", "run"]
 def add_arguments(p: argparse.ArgumentParser) -> None:
     _add_training_args(p, n_vectors=6)
     p.add_argument("--width", type=int, default=110, help="completions table width")
+    add_corpus_arg(p)
     # Sites, target positions and R are the defaults (`methods.defaults`): chosen for
     # the model and prompt before training, printed, and kept in the artifact.
     p.set_defaults(out="demo_out")
@@ -49,7 +52,8 @@ def _demo(args: argparse.Namespace, path: Path, resume: str | None) -> int:
     from melbo_lens.workflows.runs import analyze_run
 
     start = time.perf_counter()
-    run = analyze_run(model, vectors, ps, generations=gens, progress=not args.quiet)
+    corpus = resolve_corpus(args, model.tokenizer)
+    run = analyze_run(model, vectors, ps, generations=gens, corpus=corpus, progress=not args.quiet)
     run.save(args.out)
     report = write_report(run, Path(args.out) / "report.html")
     print(f"analysed and reported in {time.perf_counter() - start:.1f} s")

@@ -437,3 +437,31 @@ SUPERVISED: dict[str, Literal["mean_difference", "pca", "probe"]] = {
     "probe": "probe",
 }
 BASELINES = ("random", "jacobian", "hessian")
+
+
+def add_corpus_arg(p: argparse.ArgumentParser) -> None:
+    """`--corpus NAME_OR_FILE`: the text explanations read (dashboards, cards)."""
+    p.add_argument(
+        "--corpus",
+        default="melbo-chat-prose",
+        help="corpus for dashboards and cards: a name (built offline on first use), a "
+        ".jsonl/.jsonl.gz/.txt file, or 'prompts' (the bundled prompts, ~100 tokens)",
+    )
+
+
+def resolve_corpus(args: argparse.Namespace, tokenizer: Any = None) -> Any:
+    """`args.corpus` as a `Corpus`; the default corpus is built once if missing (~1 min;
+    `tokenizer` counts its tokens)."""
+    from melbo_lens.analysis.corpus import DEFAULT_CORPUS, corpus_dir, load_corpus
+
+    name = args.corpus
+    if name == DEFAULT_CORPUS and not (corpus_dir(name) / "manifest.json").is_file():
+        from melbo_lens.analysis.corpus_build import build_corpus
+
+        print(
+            f"melbo_lens: first use of corpus {name!r}: building it offline once (about a "
+            f"minute); later runs read the cache at {corpus_dir(name)}",
+            flush=True,
+        )
+        return build_corpus(name, tokenizer=tokenizer)
+    return load_corpus(name)

@@ -7,9 +7,7 @@ import json
 import time
 from pathlib import Path
 
-from melbo_lens.cli.options import (
-    DEFAULT_MODEL,
-)
+from melbo_lens.cli.options import DEFAULT_MODEL, add_corpus_arg, resolve_corpus
 
 __all__ = ["add_arguments", "run"]
 
@@ -21,6 +19,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--recompute", action="store_true", help="redo a saved analysis")
     p.add_argument("--sae", default="auto", help="'auto' (packaged, if one fits), 'none', a path")
     p.add_argument("--n-random", type=int, default=32, help="random vectors for the baseline")
+    add_corpus_arg(p)
     p.add_argument(
         "--attribution",
         default="exact",
@@ -69,6 +68,7 @@ def run(args: argparse.Namespace) -> int:
             n_random=args.n_random,
             max_new_tokens=args.max_new_tokens,
             attribution=args.attribution,
+            corpus=resolve_corpus(args, model.tokenizer),
             progress=not args.quiet,
         )
         run.save(run_dir)

@@ -49,7 +49,7 @@ from __future__ import annotations
 import os
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from transformer_lens import HookedTransformer
@@ -180,6 +180,17 @@ def converted_checkpoint(
     if not (entry / "manifest.json").is_file():
         _build_entry(spec, sources, entry, identity)
     return entry
+
+
+def load_tokenizer(name: str = "smollm2-135m-instruct") -> Any:
+    """The tokenizer of a packaged model (from its cache entry, offline), or a hub name's.
+
+    The plain tokenizer, without the BOS-adding variant `load_model` sets on the model."""
+    from transformers import AutoTokenizer
+
+    if _lookup(name) is not None:
+        return AutoTokenizer.from_pretrained(str(converted_checkpoint(name) / "tokenizer"))
+    return AutoTokenizer.from_pretrained(name)
 
 
 _EXAMPLES = ("gpt2", "EleutherAI/pythia-160m", "google/gemma-2-2b", "Qwen/Qwen2.5-1.5B-Instruct")

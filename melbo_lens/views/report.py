@@ -3,10 +3,12 @@
 A report renders a `RunAnalysis` (`melbo_lens.workflows.runs`) and computes nothing of its own.
 Its sections: the run's config and provenance; a table of the vectors (objective
 against random vectors of the same norm, top SAE features, a completion snippet) where
-clicking a row opens that vector's details (completions against the unsteered ones, the
-token views, its SAE decomposition and the attribution of its target-layer change);
-similarity of the vectors and of their deltas; the random baseline; notes on any part
-that was skipped.
+clicking a row opens that vector's details (its card: where its direction is present in
+the corpus, its effect on next-token predictions, the latents it turns on and off, its
+behaviour; completions against the unsteered ones, the token views, its SAE decomposition
+and the attribution of its target-layer change); similarity of the vectors and of their
+deltas; the random baseline; the feature dashboards (every latent number in the page
+links to its dashboard, which opens in place); notes on any part that was skipped.
 
 Offline by construction: plotly.js and the circuitsvis bundle are inlined once per page
 (not per figure), every figure is a JSON spec drawn by a small script (figures in a
@@ -31,6 +33,8 @@ from plotly.offline import get_plotlyjs
 
 from melbo_lens.core.io import atomic_write_text
 from melbo_lens.methods.defaults import describe_defaults
+from melbo_lens.views.dashboards import CSS as _DASH_CSS
+from melbo_lens.views.dashboards import card_html, dashboard_html, latent_anchor
 from melbo_lens.views.figures import (
     attribution_bars,
     feature_heatmap,
@@ -69,6 +73,7 @@ def render_report(run: RunAnalysis, *, title: str | None = None) -> str:
         _vectors_section(run, page),
         _similarity_section(run, page),
         _baseline_section(run, page),
+        _dashboards_section(run),
         _notes_section(run),
     ]
     return _document(title, "\n".join(body), page)
@@ -179,6 +184,7 @@ def _nav() -> str:
         ("vectors", "Vectors"),
         ("similarity", "Similarity"),
         ("baselines", "Baselines"),
+        ("dashboards", "Dashboards"),
         ("notes", "Notes"),
     ]
     return "<nav>" + " · ".join(f'<a href="#{a}">{t}</a>' for a, t in links) + "</nav>"
@@ -268,7 +274,8 @@ def _top_features(run: RunAnalysis, k: int, n: int = 3) -> str:
         toks = (run.feature_tokens or {}).get(f) or []
         tip = f' title="{_e(", ".join(t for t, _ in toks[:5]))}"' if toks else ""
         tok = f" <span class='tok'>{_e(toks[0][0])}</span>" if toks else ""
-        out.append(f"<span class='feat'{tip}>f{f} ({c:+.2f}){tok}</span>")
+        name = _latent_link(run, run.vectors.site.name, f, f"f{f}")
+        out.append(f"<span class='feat'{tip}>{name} ({c:+.2f}){tok}</span>")
     return "<br>".join(out) or "–"
 
 
@@ -335,6 +342,8 @@ def _detail_panel(run: RunAnalysis, k: int, page: _Page) -> str:
     if below:
         parts.append(f", above {below[k]:.0%} of {len(run.random_objective)} random vectors")
     parts.append("</p>")
+    if run.cards is not None:
+        parts.append(card_html(run.cards[k], link=lambda hook, f: _latent_href(run, hook, f)))
     parts.append(_completions(run, k))
     parts.append("<h4>Token views</h4>")
     if run.token_deltas is not None:
@@ -388,7 +397,7 @@ def _sae_part(run: RunAnalysis, k: int, page: _Page) -> str:
         rows.append(
             (
                 str(j + 1),
-                f"f{f}",
+                _latent_link(run, run.vectors.site.name, f, f"f{f}"),
                 _fmt(dec.coefficients[j], 3),
                 _fmt(dec.cosines[j], 3) if j < len(dec.cosines) else "–",
                 _fmt(dec.explained_curve[j], 3) if j < len(dec.explained_curve) else "–",
@@ -483,12 +492,41 @@ def _baseline_section(run: RunAnalysis, page: _Page) -> str:
     return "".join(parts) + "</section>"
 
 
+def _latent_href(run: RunAnalysis, hook: str | None, latent: int) -> str | None:
+    """`#anchor` of a latent's dashboard in this report, or None when it has none."""
+    dash = (run.dashboards or {}).get(hook or "")
+    return "#" + latent_anchor(hook, latent) if dash is not None and latent in dash else None
+
+
+def _latent_link(run: RunAnalysis, hook: str, latent: int, text: str) -> str:
+    href = _latent_href(run, hook, latent)
+    return f"<a class='latent-link' href='{href}'>{_e(text)}</a>" if href else _e(text)
+
+
+def _dashboards_section(run: RunAnalysis) -> str:
+    parts = ['<section id="dashboards"><h2>Feature dashboards</h2>']
+    if not run.dashboards:
+        parts.append("<p class='note'>No dashboards (no SAE or no tokenizer; see Notes).</p>")
+    for hook, dash in (run.dashboards or {}).items():
+        parts.append(
+            f"<h3>{_e(hook)}</h3><p class='small'>{len(dash)} latents over "
+            f"{dash.n_tokens:,} tokens of {_e(dash.info.get('corpus', '?'))}; click a latent "
+            "number anywhere in the report to open its dashboard.</p>"
+        )
+        parts.extend(
+            dashboard_html(dash[f], hook, link=lambda f, h=hook: _latent_href(run, h, f))
+            for f in dash.latents
+        )
+    return "".join(parts) + "</section>"
+
+
 def _notes_section(run: RunAnalysis) -> str:
     notes = "".join(f"<li>{_e(n)}</li>" for n in run.notes) or "<li>none</li>"
     return f'<section id="notes"><h2>Notes</h2><ul>{notes}</ul></section>'
 
 
-_CSS = """
+_CSS = (
+    """
 body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",sans-serif;margin:0 auto;max-width:1200px;
 padding:0 18px 60px;color:#1f2328}
 header{border-bottom:1px solid #d0d7de;margin-bottom:12px}
@@ -508,6 +546,8 @@ margin-top:14px;background:#fff}.ml-fig{min-height:300px;width:100%}
 .grid{display:grid;grid-template-columns:repeat(auto-fit,minmax(420px,1fr));gap:10px}
 .completions pre.steered{color:#0a3069}.melbo-caption{font-size:12px;color:#57606a;margin:4px 0}
 """
+    + _DASH_CSS
+)
 
 _JS = r"""
 (function () {
@@ -550,7 +590,24 @@ _JS = r"""
     if (window.history && history.replaceState) { history.replaceState(null, "", "#vector-" + k); }
   }
   window.melboShowVector = show;
+  function openLatent(id) {
+    var d = document.getElementById(id);
+    if (!d) { return false; }
+    d.open = true;
+    d.scrollIntoView({block: "start"});
+    return true;
+  }
   document.addEventListener("click", function (ev) {
+    var a = ev.target.closest ? ev.target.closest("a.latent-link") : null;
+    if (a) {
+      ev.preventDefault();
+      ev.stopPropagation();
+      var id = a.getAttribute("href").slice(1);
+      if (openLatent(id) && window.history && history.replaceState) {
+        history.replaceState(null, "", "#" + id);
+      }
+      return;
+    }
     var row = ev.target.closest ? ev.target.closest("tr.ml-row") : null;
     if (row) { show(row.dataset.vector); }
   });
@@ -565,5 +622,6 @@ _JS = r"""
   drawVisible(document);
   var m = /^#vector-(\d+)$/.exec(window.location.hash);
   if (m) { show(m[1]); }
+  if (/^#latent-/.test(window.location.hash)) { openLatent(window.location.hash.slice(1)); }
 })();
 """

@@ -48,6 +48,8 @@ from melbo_lens.analysis.attribution import (
     DeltaDecomposition,
     attribute_target_delta,
 )
+from melbo_lens.analysis.cards import PerturbationCard, vector_cards
+from melbo_lens.analysis.corpus import Corpus, load_corpus
 from melbo_lens.analysis.deltas import perturbation_objectives
 from melbo_lens.analysis.similarity import CosineMatrix, cosine_matrix, delta_similarity
 from melbo_lens.analysis.tokens import (
@@ -55,7 +57,6 @@ from melbo_lens.analysis.tokens import (
     TokenDeltas,
     feature_token_activations,
     token_delta_norms,
-    top_activating_tokens,
 )
 from melbo_lens.core.io import atomic_save_tensors, atomic_write_text, read_artifact
 from melbo_lens.core.prompts import PromptSet
@@ -70,6 +71,7 @@ from melbo_lens.perturbations.vectors import SteeringVectors
 
 if TYPE_CHECKING:
     from melbo_lens.analysis.sae import SaeDecomposition  # sae-lens is imported only when used
+    from melbo_lens.analysis.sae.dashboard_result import FeatureDashboards
 
 __all__ = ["RunAnalysis", "RunAnalysisError", "analyze_run", "bundled_corpus", "FORMAT"]
 
@@ -78,6 +80,7 @@ _TENSORS_FORMAT = "melbo_lens.run_analysis_tensors/1"
 ANALYSIS_JSON = "analysis.json"
 ANALYSIS_TENSORS = "analysis.safetensors"
 VECTORS_FILE = "vectors.safetensors"
+DASHBOARDS_DIR = "dashboards"
 
 
 class RunAnalysisError(ValueError):
@@ -107,10 +110,12 @@ class RunAnalysis:
     sae_name: str | None = None
     notes: list[str] = field(default_factory=list)
     info: dict[str, Any] = field(default_factory=dict)
+    dashboards: dict[str, FeatureDashboards] | None = None  # by SAE hook
+    cards: list[PerturbationCard] | None = None
 
     def __post_init__(self) -> None:
         n = len(self.vectors)
-        for name in ("objective", "decompositions", "attributions", "token_deltas"):
+        for name in ("objective", "decompositions", "attributions", "token_deltas", "cards"):
             value = getattr(self, name)
             if value is not None and len(value) != n:
                 raise ValueError(f"{name} has {len(value)} entries but there are {n} vectors")
@@ -193,6 +198,10 @@ class RunAnalysis:
             "sae_name": self.sae_name,
             "notes": list(self.notes),
             "info": self.info,
+            "cards": None if self.cards is None else [c.to_dict() for c in self.cards],
+            "dashboards": None
+            if self.dashboards is None
+            else {hook: d.info.get("key") for hook, d in self.dashboards.items()},
         }
 
     def save(self, run_dir: str | os.PathLike[str]) -> Path:
@@ -215,6 +224,8 @@ class RunAnalysis:
             )
         else:
             (run_dir / ANALYSIS_TENSORS).unlink(missing_ok=True)
+        for hook, dash in (self.dashboards or {}).items():
+            dash.save(run_dir / DASHBOARDS_DIR / hook)
         text = json.dumps(data, default=_jsonable)
         return atomic_write_text(run_dir / ANALYSIS_JSON, text)
 
@@ -257,13 +268,17 @@ class RunAnalysis:
                 f"the analysis: `melbo-lens report {run_dir} --recompute`"
             )
         try:
-            return cls._from_dict(data, vectors, tensors)
+            return cls._from_dict(data, vectors, tensors, run_dir)
         except (KeyError, TypeError, ValueError, IndexError) as err:
             raise RunAnalysisError(f"{path} has corrupt analysis data: {err!r}") from err
 
     @classmethod
     def _from_dict(
-        cls, data: dict[str, Any], vectors: SteeringVectors, tensors: dict[str, Tensor]
+        cls,
+        data: dict[str, Any],
+        vectors: SteeringVectors,
+        tensors: dict[str, Tensor],
+        run_dir: Path | None = None,
     ) -> RunAnalysis:
         def opt(key: str, fn: Any) -> Any:
             return None if data.get(key) is None else fn(data[key])
@@ -294,6 +309,8 @@ class RunAnalysis:
             sae_name=data.get("sae_name"),
             notes=list(data.get("notes", [])),
             info=dict(data.get("info", {})),
+            cards=opt("cards", lambda cs: [PerturbationCard.from_dict(c) for c in cs]),
+            dashboards=opt("dashboards", lambda d: _load_dashboards(run_dir, d)),
         )
 
     def __repr__(self) -> str:
@@ -325,7 +342,10 @@ def analyze_run(
     attribution_top: int = 8,
     top_features: int = 10,
     feature_token_k: int = 5,
-    corpus: Sequence[str] | None = None,
+    corpus: Corpus | str | os.PathLike[str] | Sequence[str] | None = None,
+    target_sae: Any = "auto",
+    dashboard_tokens: int = 32_768,
+    cards: bool = True,
     progress: bool = True,
 ) -> RunAnalysis:
     """Compute everything the report shows about `vectors` (see the module docstring).
@@ -338,6 +358,12 @@ def analyze_run(
     of Δ into source, heads and MLPs (a few forward passes); `attribution=
     "attribution_patching"` or `"integrated_gradients"` adds node estimates and verifies
     the top `attribution_top` by patching (on SmolLM2 about 10x the cost of "exact").
+
+    Explanations read `corpus` (a name such as "melbo-chat-prose", a file, a `Corpus` or
+    texts; None: the bundled prompts, about 100 tokens): feature dashboards of every
+    latent the decompositions name (first `dashboard_tokens` tokens, cached), and with
+    `cards` a card per vector (`vector_cards`) whose latents come from `target_sae`
+    ("auto": the packaged SAE at the target site, if any), with dashboards of those too.
 
     Examples:
         >>> run = analyze_run(model, vectors, prompts, n_random=16)   # doctest: +SKIP
@@ -391,8 +417,15 @@ def analyze_run(
     elif sae is not None:
         notes.append("SAE parts skipped: decomposition onto SAE features is for vectors")
     decompositions = feature_tokens = None
+    dashboards: dict[str, Any] = {}
+    texts = load_corpus(corpus) if corpus is not None else load_corpus("prompts")
+    if corpus is None:
+        notes.append(
+            "contexts come from the bundled prompts (~100 tokens); pass corpus="
+            "'melbo-chat-prose' (`melbo-lens corpus build`) for readable dashboards"
+        )
     if sae_obj is not None and sv is not None:
-        from melbo_lens.analysis.sae import decompose_onto_sae
+        from melbo_lens.analysis.sae import decompose_onto_sae, sae_site
 
         with steps("SAE decomposition"):
             decompositions = [
@@ -400,12 +433,14 @@ def analyze_run(
                 for k in range(len(vectors))
             ]
         if getattr(model, "tokenizer", None) is not None:
-            with steps("top-activating tokens"):
+            with steps("feature dashboards (source)"):
                 feats = sorted({f for d in decompositions for f in d.features})
-                texts = list(corpus) if corpus is not None else bundled_corpus()
-                feature_tokens = top_activating_tokens(
-                    model, sae_obj, texts, feats, k=feature_token_k
-                )
+                dash = _dashboards(model, sae_obj, texts, feats, dashboard_tokens, progress)
+                dashboards[sae_site(sae_obj).name] = dash
+                feature_tokens = {
+                    f: [(c.text(), c.value) for c in dash[f].top_activations[:feature_token_k]]
+                    for f in feats
+                }
 
     with steps("attribution"):
         sub = ps[: max(1, min(attribution_prompts, len(ps)))]
@@ -437,8 +472,22 @@ def analyze_run(
                         )
                     )
 
+    card_list = None
+    if cards and getattr(model, "tokenizer", None) is not None:
+        tsae = _pick_target_sae(model, vectors, tgt, target_sae, notes)
+        with steps("vector cards"):
+            card_list = vector_cards(model, vectors, texts, sae=tsae, generations=generations)
+        if tsae is not None:
+            with steps("feature dashboards (target)"):
+                feats = sorted({f for c in card_list for f, _ in c.latents_on + c.latents_off})
+                if feats:
+                    dashboards[tgt.name] = _dashboards(
+                        model, tsae, texts, feats, dashboard_tokens, progress
+                    )
+
     info = {
         "model": getattr(getattr(model, "cfg", None), "model_name", None),
+        "corpus": {"name": texts.name, "sha256": texts.sha256},
         "site": vectors.site.name,
         "target": tgt.name,
         "radius": radius,
@@ -472,7 +521,49 @@ def analyze_run(
         sae_name=sae_name,
         notes=notes,
         info=info,
+        dashboards=dashboards or None,
+        cards=card_list,
     )
+
+
+def _dashboards(
+    model: Any, sae: Any, corpus: Corpus, latents: list[int], max_tokens: int, progress: bool
+) -> Any:
+    from melbo_lens.analysis.sae.dashboards import feature_dashboards
+
+    return feature_dashboards(
+        model, sae, corpus, latents=latents, max_tokens=max_tokens, progress=progress
+    )
+
+
+def _pick_target_sae(model: Any, vectors: Any, tgt: HookSite, sae: Any, notes: list[str]) -> Any:
+    """The SAE whose latents cards list: `sae` itself, or the packaged one at the target."""
+    if sae is None:
+        return None
+    from melbo_lens.analysis.sae import load_sae, packaged_sae_for, sae_site
+
+    if not (isinstance(sae, str) and sae == "auto"):
+        sae_obj = load_sae(sae)
+        if sae_site(sae_obj).layer < vectors.site.layer:
+            raise ValueError(
+                f"target_sae reads {sae_site(sae_obj).name}, before the vectors' site "
+                f"{vectors.site.name}; a card's latents must come after the perturbation"
+            )
+        return sae_obj
+    key = packaged_sae_for(_model_names(model, vectors), tgt)
+    if key is None:
+        notes.append(f"cards list no latents: no packaged SAE at the target {tgt.name}")
+        return None
+    return load_sae(key)
+
+
+def _model_names(model: Any, vectors: Any) -> list[str | None]:
+    """What the model may be called in `PACKAGED_SAES`: load name, provenance, cfg name."""
+    return [
+        vectors.metadata.get("load_name"),
+        vectors.model_name,
+        getattr(getattr(model, "cfg", None), "model_name", None),
+    ]
 
 
 def bundled_corpus() -> list[str]:
@@ -550,16 +641,10 @@ def _pick_sae(model: Any, vectors: SteeringVectors, sae: Any, notes: list[str]) 
     if sae is None:
         notes.append("SAE parts skipped: no SAE was asked for (sae=None)")
         return None, None
-    from melbo_lens.analysis.sae import PACKAGED_SAES, load_sae, sae_site
+    from melbo_lens.analysis.sae import PACKAGED_SAES, load_sae, packaged_sae_for, sae_site
 
     if isinstance(sae, str) and sae == "auto":
-        names = [
-            vectors.metadata.get("load_name"),
-            vectors.model_name,
-            getattr(getattr(model, "cfg", None), "model_name", None),
-        ]
-        keys = [f"{str(n).lower()}/{vectors.site.name}" for n in names if n]
-        key = next((k for k in keys if k in PACKAGED_SAES), None)
+        key = packaged_sae_for(_model_names(model, vectors), vectors.site)
         if key is None:
             notes.append(
                 f"SAE parts skipped: no packaged SAE fits this model at {vectors.site.name} "
@@ -618,6 +703,24 @@ def _digest(*tensors: Tensor) -> str:
         h.update(str((t.dtype, tuple(t.shape))).encode())
         h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
+
+
+def _load_dashboards(run_dir: Path | None, keys: dict[str, Any]) -> dict[str, Any]:
+    """The run's saved dashboards, each checked against the key analysis.json recorded."""
+    from melbo_lens.analysis.sae.dashboard_result import FeatureDashboards
+
+    out = {}
+    for hook, key in keys.items():
+        if run_dir is None:
+            raise ValueError("dashboards are read from a run directory")
+        dash = FeatureDashboards.load(run_dir / DASHBOARDS_DIR / hook)
+        if dash.info.get("key") != key:
+            raise RunAnalysisError(
+                f"{run_dir / DASHBOARDS_DIR / hook} holds other dashboards than analysis.json "
+                f"records; recompute: `melbo-lens report {run_dir} --recompute`"
+            )
+        out[hook] = dash
+    return out
 
 
 def _to_dict(m: CosineMatrix | None) -> dict[str, Any] | None:

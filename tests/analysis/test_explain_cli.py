@@ -54,3 +54,63 @@ def test_explain_refuses_a_site_mismatch(tmp_path, capsys):
     )
     assert code == 2
     assert "site" in capsys.readouterr().err
+
+
+def test_explain_writes_dashboards_and_cards_and_claims_its_out(tmp_path, capsys):
+    """On the packaged toy model: dashboards of the named latents, a card per vector, one
+    offline page; a second run is refused without --overwrite, and --overwrite removes
+    what the earlier run wrote (no stale feature_effects.json beside new tables)."""
+    import torch
+    from sae_lens import StandardSAE, StandardSAEConfig
+    from sae_lens.saes.sae import SAEMetadata
+
+    from melbo_lens.analysis.sae.dashboard_result import FeatureDashboards
+    from melbo_lens.core.sites import HookSite
+
+    site = HookSite(1)
+    sae = StandardSAE(
+        StandardSAEConfig(
+            d_in=128, d_sae=32, metadata=SAEMetadata(hook_name=site.name, model_name="x")
+        )
+    )
+    sae.save_model(tmp_path / "sae")
+    gen = torch.Generator().manual_seed(0)
+    SteeringVectors(torch.randn(2, 128, generator=gen), site, target=HookSite(3)).save(
+        tmp_path / "v.safetensors"
+    )
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("a=1+2, b=3+4. a*b=?\n\na=5+0, b=2+2. a*b=? yes\n\nhello world\n" * 8)
+    base = [
+        "explain",
+        str(tmp_path / "v.safetensors"),
+        "--sae",
+        str(tmp_path / "sae"),
+        "--model",
+        "planted-arithmetic",
+        "--allow-site-mismatch",  # the SAE names another model
+        "--corpus",
+        str(corpus),
+        "--top-k",
+        "4",
+        "--out",
+        str(tmp_path / "out"),
+    ]
+    assert main([*base, "--prompt", "a=1+1, b=2+2. a*b=?", "--no-chat"]) == 0
+    out = tmp_path / "out"
+    assert (out / "feature_effects.json").is_file()
+    dash = FeatureDashboards.load(out / "dashboards" / site.name)
+    feats = {
+        f
+        for d in json.loads((out / "decomposition.json").read_text()).values()
+        for f in d["features"]
+    }
+    assert set(dash.latents) == feats
+    cards = json.loads((out / "cards.json").read_text())
+    assert [c["index"] for c in cards] == [0, 1] and all(c["promoted"] for c in cards)
+    page = (out / "explain.html").read_text()
+    assert "latent-blocks-1-hook_resid_post-" in page and "http" not in page
+    assert main(base) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert main([*base, "--overwrite"]) == 0
+    assert not (out / "feature_effects.json").exists()  # the earlier run's table is gone
+    assert json.loads((out / "explain.json").read_text())["files"][-1] == "explain.html"

@@ -102,7 +102,13 @@ def test_parts_present_and_consistent(run, vectors):
         dec = run.decompositions[k]
         positive = [f for f, c in zip(dec.features, dec.coefficients, strict=True) if c > 0]
         assert acts.feature == (positive or dec.features)[0]
-    assert run.notes == []
+    # no corpus and no SAE at the target were given: the notes say so, and nothing else
+    assert [n.split(":")[0].split(";")[0] for n in run.notes] == [
+        "contexts come from the bundled prompts (~100 tokens)",
+        "cards list no latents",
+    ]
+    assert run.cards is not None and [c.index for c in run.cards] == [0, 1, 2]
+    assert set(run.dashboards or {}) == {SOURCE.name}
     assert run.info["attribution"]["prompts"] == 2
 
 
@@ -125,9 +131,17 @@ def test_save_load_roundtrip(run, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "analysis.json",
         "analysis.safetensors",
+        "dashboards",
         "vectors.safetensors",
     ]
     back = RunAnalysis.load(tmp_path)
+    assert back.cards == run.cards
+    (hook,) = run.dashboards
+    assert back.dashboards[hook].latents == run.dashboards[hook].latents
+    assert (
+        back.dashboards[hook][run.dashboards[hook].latents[0]]
+        == run.dashboards[hook][run.dashboards[hook].latents[0]]
+    )
     assert back.to_dict() == json.loads(json.dumps(run.to_dict()))
     torch.testing.assert_close(back.vectors.vectors, run.vectors.vectors)
     for a, b in zip(run.attributions, back.attributions, strict=True):

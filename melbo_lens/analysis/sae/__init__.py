@@ -54,7 +54,13 @@ from melbo_lens.analysis.sae.features import (
     feature_effects,
     feature_vectors,
 )
-from melbo_lens.analysis.sae.loading import PACKAGED_SAES, decoder_directions, load_sae, sae_site
+from melbo_lens.analysis.sae.loading import (
+    PACKAGED_SAES,
+    decoder_directions,
+    load_sae,
+    packaged_sae_for,
+    sae_site,
+)
 
 __all__ = [
     "FeatureClamp",
@@ -69,5 +75,6 @@ __all__ = [
     "feature_effects",
     "feature_vectors",
     "load_sae",
+    "packaged_sae_for",
     "sae_site",
 ]

@@ -14,7 +14,7 @@ from torch import Tensor
 
 from melbo_lens.core.sites import HookSite
 
-__all__ = ["PACKAGED_SAES", "decoder_directions", "load_sae", "sae_site"]
+__all__ = ["PACKAGED_SAES", "decoder_directions", "load_sae", "packaged_sae_for", "sae_site"]
 
 
 PACKAGED_SAES: dict[str, str] = {
@@ -28,6 +28,20 @@ PACKAGED_SAES: dict[str, str] = {
 
 
 _SAE_FILES = ("cfg.json", "sae_weights.safetensors")
+
+
+def packaged_sae_for(model_names: list[str | None], site: HookSite | str) -> str | None:
+    """The `PACKAGED_SAES` key of the packaged SAE for any of `model_names` at `site`.
+
+    Examples:
+        >>> packaged_sae_for(["smollm2-135m-instruct"], "blocks.7.hook_resid_post")
+        'smollm2-135m-instruct/blocks.7.hook_resid_post'
+        >>> packaged_sae_for([None, "gpt2"], "blocks.7.hook_resid_post") is None
+        True
+    """
+    name = site.name if isinstance(site, HookSite) else site
+    keys = [f"{str(n).lower()}/{name}" for n in model_names if n]
+    return next((k for k in keys if k in PACKAGED_SAES), None)
 
 
 # ---------------------------------------------------------------------- loading

@@ -1,0 +1,514 @@
+"""Feature dashboards: what an SAE latent means, read off a corpus in one streamed pass.
+
+A dashboard is the card of a latent (DESIGN.md), laid out as SAEDashboard / sae_vis lay
+theirs out, so a user of those is at home:
+
+* **top activations** and **quantile bands**: the corpus tokens where the latent is
+  highest, then a uniform sample of where it is active cut into equal-count bands by
+  activation, each shown with `left` tokens of left and `right` of right context;
+* the **activation histogram** (fixed log-spaced bins) and **firing density** (the share
+  of corpus tokens where it is active);
+* **logit effects**: the latent's decoder direction through the unembedding, top and
+  bottom tokens and their histogram (`logit_effects`);
+* **correlated latents**: Pearson correlation of activations over a fixed hash-chosen
+  sample of one token in `corr_every`.
+
+`feature_dashboards` runs the model to the SAE's hook only, encodes with sae-lens's own
+`encode`, and keeps per-latent state in `TopScores` (bounded memory, no activations
+stored). Position 0 of every row (the attention sink) is left out, as in the packaged
+SAEs' training. The pass is chunked, shows a progress bar, and with `cache=True` saves
+its state every `save_every` rows and its result under a key of (model, SAE, corpus,
+settings), so a stopped pass resumes and a finished one is read back. `shard=(i, n)`
+runs one of n row ranges and returns its state; `merge_dashboard_states` + `finish`
+turn shard states into exactly the dashboards of one pass.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from jaxtyping import Float
+from sae_lens import SAE
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from melbo_lens.analysis.corpus import Corpus, load_corpus
+from melbo_lens.analysis.sae.dashboard_result import FeatureDashboards, sae_digest, windows_of
+from melbo_lens.analysis.sae.loading import _hook_name, _warn_unfolded, decoder_directions, sae_site
+from melbo_lens.analysis.streaming import TopScores, hash_priority
+from melbo_lens.core.io import atomic_save_tensors, atomic_write_text, read_artifact
+from melbo_lens.core.segment import run_to_site
+from melbo_lens.core.sites import require_hook
+
+__all__ = [
+    "DashboardState",
+    "check_sae_fits",
+    "feature_dashboards",
+    "finish_dashboards",
+    "logit_effects",
+    "merge_dashboard_states",
+]
+
+FORMAT = "melbo_lens.feature_dashboards/1"
+STATE_FORMAT = "melbo_lens.feature_dashboards_state/1"
+
+
+# ---------------------------------------------------------------------- logit effects
+def logit_effects(model: Any, directions: Float[Tensor, "n d_model"]) -> Float[Tensor, "n d_vocab"]:
+    """Each direction's direct effect on the logits: through the final norm's affine part
+    and the unembedding, ``(center(d) * w_ln) @ W_U``.
+
+    `center` subtracts the mean over d_model when the final norm is a LayerNorm (which
+    centres its input); `w_ln` is the final norm's weight when it is not folded into
+    `W_U` (TransformerLens folds it by default, and then this is ``d @ W_U``). The norm's
+    1/RMS factor depends on the token, not the direction, and is positive, so it is left
+    out: effects are per unit of direction at the final residual, before that factor.
+
+    Examples:
+        >>> logit_effects(model, torch.eye(32)[:2]).shape
+        torch.Size([2, 50])
+    """
+    d = directions.to(model.W_U.device, model.W_U.dtype)
+    norm = getattr(model.cfg, "normalization_type", None)
+    if norm in ("LN", "LNPre"):
+        d = d - d.mean(-1, keepdim=True)
+    w = getattr(getattr(model, "ln_final", None), "w", None)
+    if isinstance(w, Tensor):
+        d = d * w
+    return (d @ model.W_U).float()
+
+
+# ---------------------------------------------------------------------- checks
+def check_sae_fits(model: Any, sae: SAE, *, allow_model_mismatch: bool = False) -> None:
+    """An error naming the mismatch if `sae` was not made for `model` (width, hook, name)."""
+    d_model = int(model.cfg.d_model)
+    if int(sae.cfg.d_in) != d_model:
+        raise ValueError(
+            f"the SAE reads d_in={sae.cfg.d_in} but the model's d_model is {d_model}: it was "
+            "trained on another model; load an SAE for this model"
+        )
+    require_hook(model, sae_site(sae))
+    mine = getattr(model.cfg, "model_name", None)
+    theirs = getattr(getattr(sae.cfg, "metadata", None), "model_name", None)
+    if mine == "custom":  # a model built from a config has no name to compare
+        return
+    if not allow_model_mismatch and mine and theirs and _norm(mine) != _norm(theirs):
+        raise ValueError(
+            f"the SAE was trained on model {theirs!r} but this model is {mine!r}; load the "
+            "SAE made for this model, or pass allow_model_mismatch=True if they are the same"
+        )
+
+
+def _norm(name: str) -> str:
+    return name.split("/")[-1].lower()
+
+
+def _model_digest(model: Any) -> str:
+    h = hashlib.sha256()
+    for t in (model.W_U[:, :256], model.W_E[:256]):
+        h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
+    return f"{h.hexdigest()[:16]}-{model.cfg.model_name}"
+
+
+# ---------------------------------------------------------------------- the pass
+@dataclass
+class DashboardState:
+    """What one streamed pass (or one shard) keeps: per-latent `TopScores` plus the
+    sparse activations of the correlation sample, and the rows it covered."""
+
+    scores: TopScores
+    corr_rows: Tensor  # [m] global token locations of the sampled tokens
+    corr_index: Tensor  # [nnz, 2] (row in corr_rows, latent)
+    corr_values: Tensor  # [nnz]
+    rows_done: list[tuple[int, int]] = field(default_factory=list)
+
+    def state_dict(self) -> dict[str, Tensor]:
+        out = self.scores.state_dict("scores.")
+        out.update(
+            corr_rows=self.corr_rows, corr_index=self.corr_index, corr_values=self.corr_values
+        )
+        return out
+
+    @classmethod
+    def from_state_dict(
+        cls, t: dict[str, Tensor], rows_done: list[tuple[int, int]]
+    ) -> DashboardState:
+        return cls(
+            TopScores.from_state_dict(t, "scores."),
+            t["corr_rows"].clone(),
+            t["corr_index"].clone(),
+            t["corr_values"].clone(),
+            [tuple(r) for r in rows_done],  # type: ignore[misc]
+        )
+
+
+def merge_dashboard_states(states: Sequence[DashboardState]) -> DashboardState:
+    """Shard states of one stream as the state of one pass (exact; see `TopScores.merge`)."""
+    if not states:
+        raise ValueError("no states to merge")
+    first = states[0]
+    out = DashboardState(
+        TopScores.from_state_dict(first.scores.state_dict()),
+        first.corr_rows,
+        first.corr_index,
+        first.corr_values,
+        list(first.rows_done),
+    )
+    for s in states[1:]:
+        out.scores.merge(s.scores)
+        offset = len(out.corr_rows)
+        out.corr_rows = torch.cat([out.corr_rows, s.corr_rows])
+        out.corr_index = torch.cat([out.corr_index, s.corr_index + torch.tensor([offset, 0])])
+        out.corr_values = torch.cat([out.corr_values, s.corr_values])
+        out.rows_done += s.rows_done
+    # one canonical order of the correlation sample: by location
+    order = torch.argsort(out.corr_rows)
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(len(order))
+    out.corr_rows = out.corr_rows[order]
+    out.corr_index = out.corr_index.clone()
+    out.corr_index[:, 0] = inverse[out.corr_index[:, 0]] if len(order) else out.corr_index[:, 0]
+    by = torch.argsort(out.corr_index[:, 0] * (1 << 32) + out.corr_index[:, 1])
+    out.corr_index, out.corr_values = out.corr_index[by], out.corr_values[by]
+    out.rows_done.sort()
+    return out
+
+
+@dataclass(frozen=True)
+class _Settings:
+    ctx: int
+    max_tokens: int | None
+    latents: tuple[int, ...] | None
+    k: int
+    n_sample: int
+    corr_every: int
+    split: str | None
+
+    def key(self, model: Any, sae: SAE, corpus: Corpus) -> str:
+        parts = [
+            FORMAT,
+            _model_digest(model),
+            sae_digest(sae),
+            corpus.sha256,
+            json.dumps(self.__dict__, sort_keys=True),
+        ]
+        return hashlib.sha256("|".join(parts).encode()).hexdigest()[:20]
+
+
+def _run_rows(
+    model: Any,
+    sae: SAE,
+    rows: Tensor,
+    span: tuple[int, int],
+    cols: Tensor,
+    settings: _Settings,
+    state: DashboardState,
+    batch_size: int,
+    on_batch: Any,
+) -> None:
+    site = sae_site(sae).name
+    ctx = rows.shape[1]
+    dev = next(iter(model.parameters())).device
+    for start in range(span[0], span[1], batch_size):
+        stop = min(start + batch_size, span[1])
+        batch = rows[start:stop].to(dev)
+        with torch.no_grad():
+            x = run_to_site(model, batch, torch.ones_like(batch, dtype=torch.bool), site)
+            x = x[:, 1:].reshape(-1, x.shape[-1])  # position 0 (attention sink) left out
+            f = sae.encode(x.to(sae.W_enc.dtype)).float().cpu()
+        locs = (torch.arange(start, stop)[:, None] * ctx + torch.arange(1, ctx)).flatten()
+        state.scores.update(f[:, cols] if cols is not None else f, locs)
+        pick = hash_priority(locs, torch.zeros_like(locs)) % settings.corr_every == 0
+        if pick.any():
+            sub = f[pick]
+            r, c = torch.nonzero(sub > 0, as_tuple=True)
+            offset = len(state.corr_rows)
+            state.corr_rows = torch.cat([state.corr_rows, locs[pick]])
+            state.corr_index = torch.cat([state.corr_index, torch.stack([r + offset, c], 1)])
+            state.corr_values = torch.cat([state.corr_values, sub[r, c]])
+        on_batch(stop)
+
+
+def feature_dashboards(
+    model: Any,
+    sae: SAE,
+    corpus: Corpus | str | os.PathLike[str] | Sequence[str] = "melbo-chat-prose",
+    *,
+    latents: Sequence[int] | None = None,
+    max_tokens: int | None = None,
+    ctx: int | None = None,
+    split: str | None = None,
+    k: int = 20,
+    n_sample: int = 32,
+    corr_every: int = 64,
+    n_correlated: int = 5,
+    n_logits: int = 10,
+    batch_size: int = 16,
+    left: int = 10,
+    right: int = 5,
+    cache: bool | str | os.PathLike[str] = True,
+    save_every: int = 256,
+    shard: tuple[int, int] | None = None,
+    allow_model_mismatch: bool = False,
+    progress: bool = True,
+) -> FeatureDashboards | DashboardState:
+    """Dashboards of `latents` (default: all) of `sae` over `corpus` (see the module docstring).
+
+    Rows are `ctx` tokens (default: 128, or the model's context if shorter). `max_tokens`
+    caps the corpus stream; `split` picks ``"train"``/``"heldout"`` (None:
+    all). `cache=True` keeps state and result under the melbo_lens cache (a path: there;
+    False: nowhere). With `shard=(i, n)` only rows i/n..(i+1)/n run and the raw
+    `DashboardState` is returned, for `merge_dashboard_states` and `finish_dashboards`.
+
+    Examples:
+        >>> dash = feature_dashboards(model, sae, ["the cat sat on the mat"] * 4, ctx=8,
+        ...                           latents=[0, 1], cache=False, progress=False)
+        >>> len(dash), dash.latents
+        (2, [0, 1])
+    """
+    check_sae_fits(model, sae, allow_model_mismatch=allow_model_mismatch)
+    _warn_unfolded(sae)
+    n_ctx = getattr(model.cfg, "n_ctx", None)
+    if ctx is None:
+        ctx = min(128, n_ctx) if isinstance(n_ctx, int) else 128
+    if isinstance(n_ctx, int) and ctx > n_ctx:
+        raise ValueError(f"ctx={ctx} is longer than the model's context n_ctx={n_ctx}")
+    c = load_corpus(corpus)
+    if split is not None:
+        c = c.split(split)
+    d_sae = int(sae.cfg.d_sae)
+    if latents is not None:
+        bad = [f for f in latents if isinstance(f, bool) or not 0 <= int(f) < d_sae]
+        if bad or not latents:
+            raise ValueError(
+                f"latents {bad or '[]'} out of range: the SAE has {d_sae} latents (0..{d_sae - 1})"
+            )
+    for name, value, low in (
+        ("k", k, 1),
+        ("n_sample", n_sample, 0),
+        ("corr_every", corr_every, 1),
+        ("batch_size", batch_size, 1),
+    ):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+    settings = _Settings(
+        ctx,
+        max_tokens,
+        None if latents is None else tuple(int(f) for f in latents),
+        k,
+        n_sample,
+        corr_every,
+        split,
+    )
+    rows = c.token_rows(model.tokenizer, ctx, max_tokens=max_tokens)
+    n_rows = len(rows)
+    span = (0, n_rows) if shard is None else _shard_span(shard, n_rows)
+    folder = _cache_folder(cache, settings.key(model, sae, c))
+    if folder is not None and shard is None and (folder / "dashboards.json").is_file():
+        return FeatureDashboards.load(folder, sae=sae)
+    cols = None if latents is None else torch.tensor(settings.latents)
+    n_cols = d_sae if cols is None else len(cols)
+    state = _resume(folder, span) or DashboardState(
+        TopScores(n_cols, k=k, n_sample=n_sample),
+        torch.zeros(0, dtype=torch.long),
+        torch.zeros(0, 2, dtype=torch.long),
+        torch.zeros(0),
+    )
+    begin = state.rows_done[-1][1] if state.rows_done else span[0]
+    t0 = time.perf_counter()
+    bar = tqdm(
+        total=span[1] - span[0],
+        initial=begin - span[0],
+        desc="dashboards (rows)",
+        disable=not progress,
+    )
+    last_save = [begin]
+
+    def on_batch(stop: int) -> None:
+        bar.update(stop - bar.n - span[0])
+        state.rows_done = [(span[0], stop)]
+        if folder is not None and stop - last_save[0] >= save_every and stop < span[1]:
+            _save_state(folder, state, span)
+            last_save[0] = stop
+
+    try:
+        _run_rows(model, sae, rows, (begin, span[1]), cols, settings, state, batch_size, on_batch)
+    finally:
+        bar.close()
+    state.rows_done = [span]
+    if shard is not None:
+        return state
+    dash = finish_dashboards(
+        model,
+        sae,
+        state,
+        rows,
+        settings,
+        n_correlated=n_correlated,
+        n_logits=n_logits,
+        left=left,
+        right=right,
+    )
+    dash.info.update(
+        corpus=c.name,
+        corpus_sha256=c.sha256,
+        key=settings.key(model, sae, c),
+        seconds=round(time.perf_counter() - t0, 1),
+    )
+    if folder is not None:
+        dash.save(folder)
+        (folder / "state.safetensors").unlink(missing_ok=True)
+        (folder / "state.json").unlink(missing_ok=True)
+    return dash
+
+
+def _shard_span(shard: tuple[int, int], n_rows: int) -> tuple[int, int]:
+    i, n = shard
+    if not (isinstance(n, int) and n >= 1 and isinstance(i, int) and 0 <= i < n):
+        raise ValueError(f"shard must be (i, n) with 0 <= i < n, got {shard!r}")
+    return (i * n_rows // n, (i + 1) * n_rows // n)
+
+
+def _cache_folder(cache: bool | str | os.PathLike[str], key: str) -> Path | None:
+    if cache is False:
+        return None
+    if cache is True:
+        from melbo_lens.models.cache import default_cache_dir
+
+        return default_cache_dir() / "dashboards" / key
+    return Path(cache)
+
+
+def _save_state(folder: Path, state: DashboardState, span: tuple[int, int]) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_save_tensors(
+        state.state_dict(), folder / "state.safetensors", {"format": STATE_FORMAT, "json": "{}"}
+    )
+    atomic_write_text(
+        folder / "state.json", json.dumps({"span": span, "rows_done": state.rows_done})
+    )
+
+
+def _resume(folder: Path | None, span: tuple[int, int]) -> DashboardState | None:
+    if folder is None or not (folder / "state.json").is_file():
+        return None
+    meta = json.loads((folder / "state.json").read_text())
+    if tuple(meta["span"]) != span:
+        return None
+    tensors, _ = read_artifact(folder / "state.safetensors", STATE_FORMAT)
+    return DashboardState.from_state_dict(tensors, meta["rows_done"])
+
+
+# ---------------------------------------------------------------------- finishing
+def finish_dashboards(
+    model: Any,
+    sae: SAE,
+    state: DashboardState,
+    rows: Tensor,
+    settings: _Settings,
+    *,
+    n_correlated: int = 5,
+    n_logits: int = 10,
+    left: int = 10,
+    right: int = 5,
+) -> FeatureDashboards:
+    """Turn a (merged) pass state into dashboards: context windows, logit effects, correlations."""
+    d_sae = int(sae.cfg.d_sae)
+    latents = list(settings.latents) if settings.latents is not None else list(range(d_sae))
+    sc = state.scores
+    stream = rows.flatten()
+    order = sc.sample_order()
+    sample_values = sc.sample_values.gather(1, order)
+    sample_locs = sc.sample_locations.gather(1, order)
+    with torch.no_grad():
+        dirs = decoder_directions(sae)[torch.tensor(latents)]
+        eff = logit_effects(model, dirs).cpu()
+    n_log = min(n_logits, eff.shape[1])
+    top = torch.topk(eff, n_log, dim=1)
+    bot = torch.topk(eff, n_log, dim=1, largest=False)
+    corr_ids, corr_vals = _correlations(state, d_sae, latents, n_correlated)
+    windows_top = windows_of(stream, sc.top_locations, left, right)
+    windows_sample = windows_of(stream, sample_locs, left, right)
+    used = torch.cat(
+        [
+            windows_top.flatten(),
+            windows_sample.flatten(),
+            top.indices.flatten(),
+            bot.indices.flatten(),
+        ]
+    )
+    ids = sorted(int(i) for i in torch.unique(used) if i >= 0)
+    tok = model.tokenizer
+    strings = {i: tok.decode([i]) for i in ids}
+    lo, hi = eff.min(1).values, eff.max(1).values
+    scaled = ((eff - lo[:, None]) / (hi - lo).clamp_min(1e-12)[:, None] * 20).long().clamp(0, 19)
+    logit_hist = torch.zeros(len(latents), 20, dtype=torch.long).scatter_add_(
+        1, scaled, torch.ones_like(scaled)
+    )
+    return FeatureDashboards(
+        latents=latents,
+        n_tokens=sc.n_tokens,
+        top_values=sc.top_values,
+        top_locations=sc.top_locations,
+        top_windows=windows_top,
+        sample_values=sample_values,
+        sample_locations=sample_locs,
+        sample_windows=windows_sample,
+        hist=sc.hist,
+        active=sc.active,
+        total=sc.total,
+        logit_top_ids=top.indices,
+        logit_top=top.values,
+        logit_bottom_ids=bot.indices,
+        logit_bottom=bot.values,
+        logit_hist=logit_hist,
+        logit_range=torch.stack([lo, hi], 1),
+        corr_ids=corr_ids,
+        corr_values=corr_vals,
+        token_strings=strings,
+        left=left,
+        right=right,
+        info={
+            "model": getattr(model.cfg, "model_name", None),
+            "sae_hook": _hook_name(sae),
+            "sae_sha": sae_digest(sae),
+            "d_sae": d_sae,
+            "settings": dict(settings.__dict__),
+            "corr_tokens": len(state.corr_rows),
+        },
+    )
+
+
+def _correlations(
+    state: DashboardState, d_sae: int, latents: list[int], n: int
+) -> tuple[Tensor, Tensor]:
+    """Top-`n` Pearson correlations of each latent with the others, on the sampled tokens."""
+    m = len(state.corr_rows)
+    n = min(n, d_sae - 1)
+    if m < 2 or n < 1:
+        return torch.full((len(latents), max(n, 0)), -1, dtype=torch.long), torch.zeros(
+            len(latents), max(n, 0)
+        )
+    x = torch.zeros(m, d_sae)
+    x[state.corr_index[:, 0], state.corr_index[:, 1]] = state.corr_values
+    x -= x.mean(0)
+    std = x.norm(dim=0)
+    ids, vals = [], []
+    for start in range(0, len(latents), 256):
+        cols = torch.tensor(latents[start : start + 256])
+        c = (x[:, cols].T @ x) / (std[cols, None] * std[None]).clamp_min(1e-12)
+        c[torch.arange(len(cols)), cols] = -math.inf  # not itself
+        c[:, std == 0] = -math.inf
+        t = torch.topk(c, n, dim=1)
+        ids.append(t.indices.masked_fill(t.values == -math.inf, -1))
+        vals.append(t.values.masked_fill(t.values == -math.inf, math.nan))
+    return torch.cat(ids), torch.cat(vals)
