@@ -14,6 +14,8 @@ from melbo_lens.analysis.attribution import (
     logit_diff_metric,
 )
 from melbo_lens.analysis.behaviors import BehaviorReport, BehaviorRule, classify_completions
+from melbo_lens.analysis.cards import PerturbationCard, vector_cards
+from melbo_lens.analysis.corpus import Corpus, load_corpus
 from melbo_lens.analysis.deltas import perturbation_objectives, perturbation_targets
 from melbo_lens.analysis.diversity import (
     Diversity,
@@ -112,7 +114,11 @@ _SAE_NAMES = {
     "feature_effects",
     "feature_vectors",
     "load_sae",
+    "packaged_sae_dir",
     "sae_site",
+    "FeatureDashboards",
+    "feature_dashboards",
+    "logit_effects",
 }
 
 
@@ -129,8 +135,16 @@ def __getattr__(name: str):
         return getattr(evaluate, name)
     if name in _SAE_NAMES:
         from melbo_lens.analysis import sae
+        from melbo_lens.analysis.sae import dashboard_result, dashboards
 
-        return getattr(sae, name)
+        for module in (sae, dashboards, dashboard_result):
+            if hasattr(module, name):
+                return getattr(module, name)
+    if name in ("build_corpus", "sharded_dashboards"):
+        from melbo_lens.analysis import corpus_build
+        from melbo_lens.workflows import dashboards as sharded
+
+        return getattr(corpus_build if name == "build_corpus" else sharded, name)
     raise AttributeError(f"module 'melbo_lens' has no attribute {name!r}")
 
 
@@ -150,6 +164,12 @@ __all__ = [
     "logit_diff_metric",
     "BehaviorReport",
     "BehaviorRule",
+    "Corpus",
+    "PerturbationCard",
+    "build_corpus",
+    "load_corpus",
+    "sharded_dashboards",
+    "vector_cards",
     "Diversity",
     "RadiusSweep",
     "classify_completions",

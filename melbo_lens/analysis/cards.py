@@ -7,8 +7,9 @@ is the card of a learned perturbation"). For each member of any perturbation:
     ||h Ω_A|| of the MLP hidden activation (adapters: their input directions);
 (b) **what it does to next-token predictions**: steered against unsteered log-softmax
     on corpus rows (the perturbation applied through its own hooks, at every position),
-    averaged over positions >= 1: the tokens whose log-probability rises and falls most,
-    and the mean KL(steered || unsteered);
+    averaged over positions >= 1: the tokens whose probability rises and falls most, each
+    with its mean change in log-probability (ranking by that alone lists rare tokens whose
+    log-probability moves from -30 to -20), and the mean KL(steered || unsteered);
 (c) **which latents it turns on and off** at a later SAE's hook (by default the SAE
     at the perturbation's target), from the same runs: mean change in each latent's
     activation; each latent links to its dashboard in the views;
@@ -47,8 +48,9 @@ class PerturbationCard:
     label: str
     site: str
     contexts: list[dict[str, Any]] = field(default_factory=list)  # (a) left/token/right/value
-    promoted: list[tuple[str, float]] = field(default_factory=list)  # (b) token, mean Δ log p
-    suppressed: list[tuple[str, float]] = field(default_factory=list)
+    # (b) (token, mean Δ log p, mean Δ p), ranked by mean Δ p
+    promoted: list[tuple[str, float, float]] = field(default_factory=list)
+    suppressed: list[tuple[str, float, float]] = field(default_factory=list)
     kl: float | None = None  # mean KL(steered || unsteered), nats
     latents_on: list[tuple[int, float]] = field(default_factory=list)  # (c) latent, mean Δ act
     latents_off: list[tuple[int, float]] = field(default_factory=list)
@@ -71,7 +73,7 @@ class PerturbationCard:
         return cls(**d)
 
     def summary(self) -> str:
-        ups = ", ".join(repr(t) for t, _ in self.promoted[:5])
+        ups = ", ".join(repr(t[0]) for t in self.promoted[:5])
         where = "".join(self.contexts[0]["token"]) if self.contexts else "?"
         return f"{self.label}: present at {where!r}; promotes {ups}; behaviour {self.behavior}"
 
@@ -174,7 +176,7 @@ def vector_cards(
 def _contexts(model, corpus, tok, scorer, cards, context_tokens, ctx, k) -> None:
     hook, score = scorer
     rows = corpus.token_rows(tok, ctx, max_tokens=context_tokens)
-    acc = TopScores(len(cards), k=k, n_sample=0)
+    acc = TopScores(len(cards), k=4 * k, n_sample=0, positive_only=False)
     dev = next(iter(model.parameters())).device
     for start in range(0, len(rows), 16):
         batch = rows[start : start + 16].to(dev)
@@ -187,9 +189,11 @@ def _contexts(model, corpus, tok, scorer, cards, context_tokens, ctx, k) -> None
         acc.update(s, locs)
     windows = windows_of(rows.flatten(), acc.top_locations, 10, 5)
     for j, card in enumerate(cards):
+        seen: set[tuple[int, ...]] = set()
         for w, v in zip(windows[j].tolist(), acc.top_values[j].tolist(), strict=True):
-            if v == -math.inf:
-                continue
+            if v == -math.inf or tuple(w) in seen or len(card.contexts) >= k:
+                continue  # repeated text (a system prompt) is shown once
+            seen.add(tuple(w))
             show = [tok.decode([i]) if i >= 0 else "" for i in w]
             card.contexts.append(asdict(Context(show[:10], show[10], show[11:], float(v))))
 
@@ -210,23 +214,25 @@ def _effects(model: Any, perturbation: Any, rows: Tensor, cards: list, sae: Any,
     extra = [(sae_hook, grab)] if sae_hook else []
     with torch.no_grad():
         with model.hooks(fwd_hooks=extra):
-            clean_lp = torch.log_softmax(model(rows)[:, 1:].float(), -1)
+            clean_lp = torch.log_softmax(model(rows)[:, 1:].float(), -1).flatten(0, 1)
         clean_f = _encode(sae, captured.pop("x")) if sae_hook else None
+        # means over positions are linear: reduce each side once (no [pos, vocab] temporaries)
+        clean_mean_lp, clean_mean_p = clean_lp.mean(0), clean_lp.exp().mean(0)
         for card in cards:
             hooks = perturbation.hooks(model, [card.index] * len(rows), 1.0)
             with model.hooks(fwd_hooks=[*hooks, *extra]):
-                lp = torch.log_softmax(model(rows)[:, 1:].float(), -1)
-            delta = (lp - clean_lp).flatten(0, 1).mean(0)
-            card.kl = float((lp.exp() * (lp - clean_lp)).sum(-1).mean())
-            up, down = torch.topk(delta, k), torch.topk(-delta, k)
-            card.promoted = [
-                (model.tokenizer.decode([int(i)]), float(v))
-                for i, v in zip(up.indices, up.values, strict=True)
-            ]
-            card.suppressed = [
-                (model.tokenizer.decode([int(i)]), -float(v))
-                for i, v in zip(down.indices, down.values, strict=True)
-            ]
+                lp = torch.log_softmax(model(rows)[:, 1:].float(), -1).flatten(0, 1)
+            p = lp.exp()
+            dlogp = lp.mean(0) - clean_mean_lp
+            dp = p.mean(0) - clean_mean_p
+            lp -= clean_lp  # in place: log p_steered / p_unsteered
+            card.kl = float((p * lp).sum() / len(lp))
+            # ranked by probability moved, so a rare token whose log-probability rises from
+            # -30 to -20 does not outrank what the model now says
+            up, down = torch.topk(dp, k).indices, torch.topk(-dp, k).indices
+            dec = model.tokenizer.decode
+            card.promoted = [(dec([int(i)]), float(dlogp[i]), float(dp[i])) for i in up]
+            card.suppressed = [(dec([int(i)]), float(dlogp[i]), float(dp[i])) for i in down]
             if clean_f is not None:
                 change = (_encode(sae, captured.pop("x")) - clean_f).mean(0)
                 on, off = torch.topk(change, k), torch.topk(-change, k)

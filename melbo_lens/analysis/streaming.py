@@ -6,7 +6,8 @@ fair sample of where it is active, and its distribution, over a corpus too large
 all scores of. `TopScores` keeps exactly that in bounded memory, chunk by chunk:
 
 * the `k` highest positive scores and their token locations (ties: the earlier
-  location; a column with fewer than `k` positive scores keeps -inf / -1 slots);
+  location; a column with fewer than `k` positive scores keeps -inf / -1 slots; with
+  `positive_only=False` the `k` highest of any sign);
 * a uniform sample of `n_sample` active tokens (score > 0), chosen by a hash of the
   (location, column) pair: the `n_sample` smallest hashes win, so the sample of a stream
   does not depend on how the stream was chunked or sharded;
@@ -58,12 +59,15 @@ def hash_priority(locations: Int[Tensor, " n"], columns: Int[Tensor, " n"]) -> I
 class TopScores:
     """Per-column top-k, hash sample and histogram of a stream of scores (module docstring)."""
 
-    def __init__(self, n_columns: int, *, k: int = 20, n_sample: int = 32) -> None:
+    def __init__(
+        self, n_columns: int, *, k: int = 20, n_sample: int = 32, positive_only: bool = True
+    ) -> None:
         if n_columns < 1 or k < 1 or n_sample < 0:
             raise ValueError(
                 f"need n_columns >= 1, k >= 1, n_sample >= 0; got {n_columns}, {k}, {n_sample}"
             )
         self.n_columns, self.k, self.n_sample = n_columns, k, n_sample
+        self.positive_only = positive_only
         self.n_tokens = 0
         self.top_values = torch.full((n_columns, k), -math.inf)
         self.top_locations = torch.full((n_columns, k), -1, dtype=torch.long)
@@ -89,10 +93,19 @@ class TopScores:
             )
         self.n_tokens += len(locations)
         kk = min(self.k, len(locations))
-        positive = scores.masked_fill(scores <= 0, -math.inf)  # only active tokens rank
-        top = torch.topk(positive, kk, dim=0)  # [kk, C]
-        top_locs = locations[top.indices].masked_fill(top.values == -math.inf, -1)
-        self._merge_top(top.values.T, top_locs.T)
+        # only active tokens rank (unless positive_only=False, e.g. projections)
+        positive = scores.masked_fill(scores <= 0, -math.inf) if self.positive_only else scores
+        values, index = torch.topk(positive, kk, dim=0)  # [kk, C]
+        # topk picks among equal values arbitrarily; where a tie straddles the k-th place,
+        # take the earliest tokens (a stable sort), so every chunking keeps the same set
+        kth = values[-1]
+        tied = ((positive >= kth).sum(0) > kk) & torch.isfinite(kth)
+        if tied.any():
+            cols = torch.nonzero(tied)[:, 0]
+            exact = torch.sort(positive[:, cols], dim=0, descending=True, stable=True)
+            values[:, cols], index[:, cols] = exact.values[:kk], exact.indices[:kk]
+        top_locs = locations[index].masked_fill(values == -math.inf, -1)
+        self._merge_top(values.T, top_locs.T)
         t, c = torch.nonzero(scores > 0, as_tuple=True)
         if len(t) == 0:
             return

@@ -34,6 +34,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true", help="tiny settings, for a smoke test")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile timing")
     p.add_argument("--adapters", action="store_true", help="adapters: K together vs one by one")
+    p.add_argument(
+        "--explain",
+        action="store_true",
+        help="explanations: dashboards of every latent of a packaged SAE over the corpus, "
+        "and cards for --n-vectors vectors (default 8 here)",
+    )
+    p.add_argument(
+        "--explain-tokens", type=int, default=1_000_000, help="corpus tokens the dashboards read"
+    )
+    p.add_argument("--sae", default="smollm2-135m-instruct-res7", help="SAE for --explain")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     p.add_argument(
         "--dtype",
@@ -46,7 +56,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from melbo_lens.workflows.bench import adapters_benchmark, run_benchmark
 
-    if args.adapters:
+    if args.explain:
+        import json
+        from pathlib import Path
+
+        from melbo_lens.core.io import atomic_write_text
+        from melbo_lens.workflows.bench_explain import explain_benchmark
+
+        if args.explain_tokens < 128:
+            raise ValueError(f"--explain-tokens must be >= 128, got {args.explain_tokens}")
+        n = 8 if args.n_vectors == 32 else args.n_vectors  # 32 is the training default
+        result = explain_benchmark(
+            args.model, sae_name=args.sae, tokens=args.explain_tokens, n_vectors=n
+        )
+        path = Path(args.out) / "bench_explain.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, json.dumps(result, indent=2) + "\n")
+        print(f"-> {path}")
+    elif args.adapters:
         adapters_benchmark(args.model, args.n_vectors, args.timed_steps, args.threads)
     else:
         run_benchmark(args)

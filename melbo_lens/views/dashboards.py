@@ -162,9 +162,9 @@ def card_html(card: Any, *, link: Any = None) -> str:
         f"<div class='card' id='card-{card.index}'><h4>Card: {_e(card.label)} "
         f"<span class='small'>({_e(card.site)}{kl})</span></h4>"
         "<div class='cols'><div>"
-        "<h5>(b) next-token effect on corpus text (mean Δ log p)</h5>"
-        f"<div class='lts'>{_token_values(card.promoted, 'pos')}</div>"
-        f"<div class='lts'>{_token_values(card.suppressed, 'neg')}</div>"
+        "<h5>(b) next-token effect on corpus text (mean Δ log p; ranked by mean Δ p)</h5>"
+        f"<div class='lts'>{_token_values([t[:2] for t in card.promoted], 'pos')}</div>"
+        f"<div class='lts'>{_token_values([t[:2] for t in card.suppressed], 'neg')}</div>"
         f"<h5>(c) latents at {_e(card.sae_hook or 'no SAE')} switched on / off</h5>"
         f"<div class='lts'>{latents(card.latents_on)}</div>"
         f"<div class='lts'>{latents(card.latents_off)}</div>"
@@ -176,6 +176,7 @@ def card_html(card: Any, *, link: Any = None) -> str:
 
 
 CSS = """
+pre{white-space:pre-wrap;word-break:break-word;margin:0}
 .dash,.card{border:1px solid #d0d7de;border-radius:6px;padding:4px 10px;margin:6px 0}
 .dash summary{cursor:pointer}.cols{display:grid;grid-template-columns:320px 1fr;gap:14px}
 .ctx{font:12px/1.7 ui-monospace,monospace;white-space:nowrap;overflow:hidden;

@@ -131,10 +131,7 @@ class RunAnalysis:
     @property
     def labels(self) -> list[str]:
         """`vectors.metadata["labels"]` if it has one per vector, else `method[k]`."""
-        meta = self.vectors.metadata.get("labels") if self.vectors.metadata else None
-        if isinstance(meta, list | tuple) and len(meta) == len(self):
-            return [str(x) for x in meta]
-        return [f"{self.vectors.method}[{k}]" for k in range(len(self))]
+        return _labels(self.vectors)
 
     @property
     def scored_vectors(self) -> SteeringVectors | SteeringAdapters:
@@ -476,7 +473,9 @@ def analyze_run(
     if cards and getattr(model, "tokenizer", None) is not None:
         tsae = _pick_target_sae(model, vectors, tgt, target_sae, notes)
         with steps("vector cards"):
-            card_list = vector_cards(model, vectors, texts, sae=tsae, generations=generations)
+            card_list = vector_cards(
+                model, vectors, texts, sae=tsae, generations=generations, labels=_labels(vectors)
+            )
         if tsae is not None:
             with steps("feature dashboards (target)"):
                 feats = sorted({f for c in card_list for f, _ in c.latents_on + c.latents_off})
@@ -555,6 +554,13 @@ def _pick_target_sae(model: Any, vectors: Any, tgt: HookSite, sae: Any, notes: l
         notes.append(f"cards list no latents: no packaged SAE at the target {tgt.name}")
         return None
     return load_sae(key)
+
+
+def _labels(vectors: SteeringVectors | SteeringAdapters) -> list[str]:
+    meta = vectors.metadata.get("labels") if vectors.metadata else None
+    if isinstance(meta, list | tuple) and len(meta) == len(vectors):
+        return [str(x) for x in meta]
+    return [f"{vectors.method}[{k}]" for k in range(len(vectors))]
 
 
 def _model_names(model: Any, vectors: Any) -> list[str | None]:

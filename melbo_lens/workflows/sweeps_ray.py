@@ -1,4 +1,5 @@
-"""The Ray executor of `run_sweep`: each cell a task on an actor that holds the model.
+"""The Ray executor (of `run_sweep` and of sharded dashboards): each unit of work a task
+on an actor that holds the model.
 
 One actor per worker loads the model once (`model_loader`, shipped to the worker) and
 runs cells on it; cells go to idle actors as they free up (`ray.util.ActorPool`). An
@@ -12,16 +13,17 @@ cluster this machine belongs to; `"ray://HOST:10001"` connects a remote client.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from functools import partial
 from typing import Any
 
 import ray
 from ray.util import ActorPool
 
-__all__ = ["run_on_ray"]
+__all__ = ["map_on_ray", "run_on_ray"]
 
 
-class _CellWorker:
-    """A Ray actor: the model, loaded once, and the cells run on it."""
+class _Worker:
+    """A Ray actor: the model, loaded once, and the units of work run on it."""
 
     def __init__(self, model_loader: Callable[[], Any]) -> None:
         import torch
@@ -31,11 +33,15 @@ class _CellWorker:
         )
         self.model = model_loader()
 
-    def run(self, grid: Any, cell: Any) -> tuple[Any, Any, dict[str, Any]]:
-        from melbo_lens.workflows.sweeps import run_cell
+    def run(self, fn: Callable[[Any, Any], Any], item: Any) -> Any:
+        return fn(self.model, item)
 
-        vectors, measured = run_cell(self.model, grid, cell)
-        return cell, vectors, measured
+
+def _cell(grid: Any, model: Any, cell: Any) -> tuple[Any, Any, dict[str, Any]]:
+    from melbo_lens.workflows.sweeps import run_cell
+
+    vectors, measured = run_cell(model, grid, cell)
+    return cell, vectors, measured
 
 
 def run_on_ray(
@@ -49,20 +55,40 @@ def run_on_ray(
     max_retries: int,
 ) -> Iterator[Any]:
     """(cell, vectors, measurements) of each cell, in the order they finish."""
+    yield from map_on_ray(
+        partial(_cell, grid), cells, model_loader, address, workers, num_cpus, num_gpus, max_retries
+    )
+
+
+def map_on_ray(
+    fn: Callable[[Any, Any], Any],
+    items: list[Any],
+    model_loader: Callable[[], Any],
+    address: str | None,
+    workers: int | None,
+    num_cpus: float,
+    num_gpus: float,
+    max_retries: int,
+) -> Iterator[Any]:
+    """`fn(model, item)` for each item on actors holding `model_loader()`, as they finish."""
     if not ray.is_initialized():
         ray.init(address=address, ignore_reinit_error=True, log_to_driver=False)
     if workers is None:
         cpus = ray.cluster_resources().get("CPU", 1.0)
         gpus = ray.cluster_resources().get("GPU", 0.0)
-        fit = int(cpus // num_cpus) if num_cpus else len(cells)
+        fit = int(cpus // num_cpus) if num_cpus else len(items)
         if num_gpus:
             fit = min(fit, int(gpus // num_gpus))
-        workers = max(1, min(fit, len(cells)))
+        workers = max(1, min(fit, len(items)))
     actor = ray.remote(
         num_cpus=num_cpus,
         num_gpus=num_gpus,
         max_restarts=max_retries,
         max_task_retries=max_retries,
-    )(_CellWorker)
-    pool = ActorPool([actor.remote(model_loader) for _ in range(workers)])
-    yield from pool.map_unordered(lambda a, cell: a.run.remote(grid, cell), cells)
+    )(_Worker)
+    actors = [actor.remote(model_loader) for _ in range(workers)]
+    try:
+        yield from ActorPool(actors).map_unordered(lambda a, item: a.run.remote(fn, item), items)
+    finally:  # the actors (and the model each holds) go when the work is done
+        for a in actors:
+            ray.kill(a)

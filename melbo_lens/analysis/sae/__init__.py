@@ -58,6 +58,7 @@ from melbo_lens.analysis.sae.loading import (
     PACKAGED_SAES,
     decoder_directions,
     load_sae,
+    packaged_sae_dir,
     packaged_sae_for,
     sae_site,
 )
@@ -75,6 +76,7 @@ __all__ = [
     "feature_effects",
     "feature_vectors",
     "load_sae",
+    "packaged_sae_dir",
     "packaged_sae_for",
     "sae_site",
 ]

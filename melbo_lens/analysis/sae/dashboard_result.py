@@ -55,6 +55,19 @@ def sae_digest(sae: Any) -> str:
     return h.hexdigest()[:16]
 
 
+def _distinct(windows: Tensor, values: list[float]) -> list[tuple[Tensor, float]]:
+    """(window, value) pairs, each window's text once (a repeated system prompt would
+    otherwise fill the list)."""
+    seen: set[tuple[int, ...]] = set()
+    out = []
+    for w, v in zip(windows, values, strict=True):
+        key = tuple(w.tolist())
+        if key not in seen:
+            seen.add(key)
+            out.append((w, v))
+    return out
+
+
 @dataclass
 class FeatureDashboard:
     """One latent's dashboard, as plain data (what a view renders)."""
@@ -137,7 +150,7 @@ class FeatureDashboards:
         i = self._row[latent]
         top = [
             self._context(w, v)
-            for w, v in zip(self.top_windows[i], self.top_values[i].tolist(), strict=True)
+            for w, v in _distinct(self.top_windows[i], self.top_values[i].tolist())
             if v > -math.inf
         ]
         active = int(self.active[i])
@@ -182,10 +195,8 @@ class FeatureDashboards:
             vals = self.sample_values[i, lo:hi]
             span = f"{float(vals.min()):.3g}–{float(vals.max()):.3g}"
             label = f"quantile {1 - hi / real:.0%}–{1 - lo / real:.0%}: {span}"
-            ctxs = [
-                self._context(self.sample_windows[i, j], float(self.sample_values[i, j]))
-                for j in range(lo, min(hi, lo + per_band))
-            ]
+            pairs = _distinct(self.sample_windows[i, lo:hi], vals.tolist())
+            ctxs = [self._context(w, v) for w, v in pairs[:per_band]]
             out.append((label, ctxs))
         return out
 

@@ -429,31 +429,16 @@ def finish_dashboards(
     order = sc.sample_order()
     sample_values = sc.sample_values.gather(1, order)
     sample_locs = sc.sample_locations.gather(1, order)
-    with torch.no_grad():
-        dirs = decoder_directions(sae)[torch.tensor(latents)]
-        eff = logit_effects(model, dirs).cpu()
-    n_log = min(n_logits, eff.shape[1])
-    top = torch.topk(eff, n_log, dim=1)
-    bot = torch.topk(eff, n_log, dim=1, largest=False)
+    top, bot, logit_hist, logit_range = _logit_summaries(model, sae, latents, n_logits)
     corr_ids, corr_vals = _correlations(state, d_sae, latents, n_correlated)
     windows_top = windows_of(stream, sc.top_locations, left, right)
     windows_sample = windows_of(stream, sample_locs, left, right)
     used = torch.cat(
-        [
-            windows_top.flatten(),
-            windows_sample.flatten(),
-            top.indices.flatten(),
-            bot.indices.flatten(),
-        ]
+        [windows_top.flatten(), windows_sample.flatten(), top[0].flatten(), bot[0].flatten()]
     )
     ids = sorted(int(i) for i in torch.unique(used) if i >= 0)
     tok = model.tokenizer
     strings = {i: tok.decode([i]) for i in ids}
-    lo, hi = eff.min(1).values, eff.max(1).values
-    scaled = ((eff - lo[:, None]) / (hi - lo).clamp_min(1e-12)[:, None] * 20).long().clamp(0, 19)
-    logit_hist = torch.zeros(len(latents), 20, dtype=torch.long).scatter_add_(
-        1, scaled, torch.ones_like(scaled)
-    )
     return FeatureDashboards(
         latents=latents,
         n_tokens=sc.n_tokens,
@@ -466,12 +451,12 @@ def finish_dashboards(
         hist=sc.hist,
         active=sc.active,
         total=sc.total,
-        logit_top_ids=top.indices,
-        logit_top=top.values,
-        logit_bottom_ids=bot.indices,
-        logit_bottom=bot.values,
+        logit_top_ids=top[0],
+        logit_top=top[1],
+        logit_bottom_ids=bot[0],
+        logit_bottom=bot[1],
         logit_hist=logit_hist,
-        logit_range=torch.stack([lo, hi], 1),
+        logit_range=logit_range,
         corr_ids=corr_ids,
         corr_values=corr_vals,
         token_strings=strings,
@@ -486,6 +471,30 @@ def finish_dashboards(
             "corr_tokens": len(state.corr_rows),
         },
     )
+
+
+def _logit_summaries(
+    model: Any, sae: SAE, latents: list[int], n: int, block: int = 256
+) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor], Tensor, Tensor]:
+    """Top and bottom `n` logit effects (ids, values), a 20-bin histogram of all of them and
+    its (min, max), per latent; `block` latents at a time (a [d_sae, d_vocab] matrix of
+    effects would not fit: 8192 x 49152 floats is 1.6 GB)."""
+    parts: list[tuple[Tensor, ...]] = []
+    dirs = decoder_directions(sae)
+    for start in range(0, len(latents), block):
+        cols = torch.tensor(latents[start : start + block])
+        with torch.no_grad():
+            eff = logit_effects(model, dirs[cols]).cpu()
+        k = min(n, eff.shape[1])
+        top, bot = torch.topk(eff, k, dim=1), torch.topk(eff, k, dim=1, largest=False)
+        lo, hi = eff.min(1).values, eff.max(1).values
+        scaled = ((eff - lo[:, None]) / (hi - lo).clamp_min(1e-12)[:, None] * 20).clamp(0, 19.5)
+        hist = torch.stack([torch.bincount(r.long(), minlength=20)[:20] for r in scaled])
+        parts.append(
+            (top.indices, top.values, bot.indices, bot.values, hist, torch.stack([lo, hi], 1))
+        )
+    cat = [torch.cat([p[i] for p in parts]) for i in range(6)]
+    return (cat[0], cat[1]), (cat[2], cat[3]), cat[4], cat[5]
 
 
 def _correlations(

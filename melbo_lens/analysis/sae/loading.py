@@ -14,7 +14,14 @@ from torch import Tensor
 
 from melbo_lens.core.sites import HookSite
 
-__all__ = ["PACKAGED_SAES", "decoder_directions", "load_sae", "packaged_sae_for", "sae_site"]
+__all__ = [
+    "PACKAGED_SAES",
+    "decoder_directions",
+    "load_sae",
+    "packaged_sae_dir",
+    "packaged_sae_for",
+    "sae_site",
+]
 
 
 PACKAGED_SAES: dict[str, str] = {
@@ -28,6 +35,20 @@ PACKAGED_SAES: dict[str, str] = {
 
 
 _SAE_FILES = ("cfg.json", "sae_weights.safetensors")
+
+
+def packaged_sae_dir(name: str) -> Path:
+    """The folder of a packaged SAE (``cfg.json``, ``sae_weights.safetensors`` and the
+    ``metrics.json`` its training script wrote); `SAE.load_from_disk` reads it.
+
+    Examples:
+        >>> (packaged_sae_dir("smollm2-135m-instruct-res7") / "metrics.json").is_file()
+        True
+    """
+    if name not in PACKAGED_SAES:
+        raise ValueError(f"{name!r} is not a packaged SAE; packaged: {sorted(PACKAGED_SAES)}")
+    folder = resources.files("melbo_lens").joinpath("data", *PACKAGED_SAES[name].split("/"))
+    return Path(str(folder))
 
 
 def packaged_sae_for(model_names: list[str | None], site: HookSite | str) -> str | None:
@@ -69,9 +90,7 @@ def load_sae(
         return name_or_path
     name = os.fspath(name_or_path)
     if sae_id is None and name in PACKAGED_SAES:
-        folder = resources.files("melbo_lens").joinpath("data", *PACKAGED_SAES[name].split("/"))
-        with resources.as_file(folder) as path:
-            return _load_dir(Path(path), device)
+        return _load_dir(packaged_sae_dir(name), device)
     path = Path(name).expanduser()
     if sae_id is None:
         if path.is_dir():

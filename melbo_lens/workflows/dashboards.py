@@ -1,0 +1,119 @@
+"""Feature dashboards sharded over the sweeps' executors, for corpora beyond one machine.
+
+The corpus stream is cut into `shards` row ranges; each runs `feature_dashboards(...,
+shard=(i, n))` (on this process one after another with `executor="local"`, or as tasks on
+Ray actors that each load the model once with `executor="ray"`), and the driver merges
+the shard states (`merge_dashboard_states`: top-k, hash samples and histograms merge
+exactly) and finishes them once. The result equals one pass over the whole corpus.
+
+Examples:
+    >>> dash = sharded_dashboards(lambda: model, sae, ["a cat sat"] * 6, shards=3,
+    ...                           latents=[0, 1], ctx=8, progress=False)
+    >>> dash.latents
+    [0, 1]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from functools import partial
+from typing import Any
+
+__all__ = ["sharded_dashboards"]
+
+
+def _shard(sae: Any, corpus: Any, options: dict[str, Any], model: Any, shard: tuple[int, int]):
+    from melbo_lens.analysis.sae import load_sae
+    from melbo_lens.analysis.sae.dashboards import feature_dashboards
+
+    return feature_dashboards(
+        model, load_sae(sae), corpus, shard=shard, cache=False, progress=False, **options
+    )
+
+
+def sharded_dashboards(
+    model_loader: Callable[[], Any],
+    sae: Any,
+    corpus: Any,
+    *,
+    shards: int,
+    executor: str = "local",
+    address: str | None = None,
+    workers: int | None = None,
+    num_cpus: float = 1.0,
+    num_gpus: float = 0.0,
+    max_retries: int = 2,
+    latents: Sequence[int] | None = None,
+    max_tokens: int | None = None,
+    ctx: int | None = None,
+    k: int = 20,
+    n_sample: int = 32,
+    corr_every: int = 64,
+    batch_size: int = 16,
+    progress: bool = True,
+) -> Any:
+    """Dashboards of `sae` over `corpus` in `shards` parts (see the module docstring).
+
+    `sae` is an SAE object or what `load_sae` takes (a name or folder: under Ray each
+    worker loads it); `corpus` anything `load_corpus` takes. `model_loader()` returns the
+    model (on every Ray worker, and once here to finish).
+    """
+    from melbo_lens.analysis.corpus import load_corpus
+    from melbo_lens.analysis.sae import load_sae
+    from melbo_lens.analysis.sae.dashboards import (
+        _Settings,
+        finish_dashboards,
+        merge_dashboard_states,
+    )
+
+    if executor not in ("local", "ray"):
+        raise ValueError(f"executor must be 'local' or 'ray', got {executor!r}")
+    if isinstance(shards, bool) or not isinstance(shards, int) or shards < 1:
+        raise ValueError(f"shards must be an int >= 1, got {shards!r}")
+    c = load_corpus(corpus)
+    model = model_loader()
+    n_ctx = getattr(model.cfg, "n_ctx", None)
+    ctx = ctx if ctx is not None else (min(128, n_ctx) if isinstance(n_ctx, int) else 128)
+    options = dict(
+        latents=latents,
+        max_tokens=max_tokens,
+        ctx=ctx,
+        k=k,
+        n_sample=n_sample,
+        corr_every=corr_every,
+        batch_size=batch_size,
+    )
+    parts = [(i, shards) for i in range(shards)]
+    work = partial(_shard, sae, c, options)
+    if executor == "local":
+        states = [work(model, part) for part in parts]
+    else:
+        from melbo_lens.workflows.sweeps_ray import map_on_ray
+
+        states = list(
+            map_on_ray(
+                work, parts, model_loader, address, workers, num_cpus, num_gpus, max_retries
+            )
+        )
+    sae_obj = load_sae(sae)
+    settings = _Settings(
+        ctx,
+        max_tokens,
+        None if latents is None else tuple(int(f) for f in latents),
+        k,
+        n_sample,
+        corr_every,
+        None,
+    )
+    rows = c.token_rows(model.tokenizer, ctx, max_tokens=max_tokens)
+    dash = finish_dashboards(model, sae_obj, merge_dashboard_states(states), rows, settings)
+    dash.info.update(
+        corpus=c.name,
+        corpus_sha256=c.sha256,
+        key=settings.key(model, sae_obj, c),
+        shards=shards,
+        executor=executor,
+    )
+    if progress:
+        print(f"  dashboards: {shards} shards ({executor}) merged: {dash!r}", flush=True)
+    return dash
