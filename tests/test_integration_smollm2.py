@@ -140,6 +140,8 @@ def test_demo_cli_writes_artifact_and_completions(tmp_path, capsys):
             "2",
             "--max-new-tokens",
             "6",
+            "--dashboard-tokens",
+            "2048",
             "--quiet",
         ]
     )

@@ -242,7 +242,7 @@ def _check_page(page: Browser, n_vectors: int) -> None:
     assert n_views >= n_vectors  # one ‖Δ_t‖ view per vector, plus feature views
     assert page.js("document.querySelectorAll('.ml-detail:not([hidden])').length") == 0
     # click the second vector's row: its panel opens, alone, with its completions and figures
-    page.click('tr.ml-row[data-vector="1"]')
+    page.click('tr.ml-row[data-vector="1"] td:first-child')  # not on a latent link
     page.poll("!document.getElementById('vector-1').hidden")
     assert page.js("[...document.querySelectorAll('.ml-detail:not([hidden])')].map(p => p.id)") == [
         "vector-1"
@@ -255,6 +255,17 @@ def _check_page(page: Browser, n_vectors: int) -> None:
     assert (
         page.js("document.querySelector('#vector-1 .ml-view').getBoundingClientRect().height") > 10
     )
+    # the open panel shows the vector's card; a latent link in it or in the table opens that
+    # latent's dashboard in place
+    assert page.js("!!document.querySelector('#vector-1 .card')")
+    link = page.js(
+        "(() => { const a = document.querySelector('a.latent-link'); "
+        "return a ? a.getAttribute('href') : null; })()"
+    )
+    if link is not None:
+        page.js(f"document.querySelector('a.latent-link[href=\"{link}\"]').click()")
+        page.poll(f"document.getElementById('{link[1:]}').open === true")
+        assert page.js(f"document.querySelectorAll('#{link[1:]} .ctx').length") > 0
 
 
 def test_report_loads_offline_without_errors(page):
@@ -270,7 +281,7 @@ def test_report_loads_offline_without_errors(page):
 
 
 def test_clicked_vector_shows_its_completions(page, run):
-    page.click('tr.ml-row[data-vector="2"]')
+    page.click('tr.ml-row[data-vector="2"] td:first-child')
     page.poll("!document.getElementById('vector-2').hidden")
     steered = page.js(
         "[...document.querySelectorAll('#vector-2 pre.steered')].map(p => p.textContent)"
@@ -315,11 +326,17 @@ def test_demo_report_on_smollm2(tmp_path, capsys):
 
     out = tmp_path / "demo"
     args = ["demo", "--out", str(out), "--n-vectors", "2", "--steps", "3"]
-    assert main([*args, "--max-new-tokens", "12", "--quiet"]) == 0
+    assert main([*args, "--max-new-tokens", "12", "--dashboard-tokens", "4096", "--quiet"]) == 0
     assert f"report -> {out / 'report.html'}" in capsys.readouterr().out
     run = RunAnalysis.load(out)
     assert run.sae_name == "smollm2-135m-instruct-res7" and run.decompositions is not None
     assert run.feature_tokens and run.feature_activations[0] is not None
+    # explanations on the corpus: dashboards of the named latents, a card per vector
+    source = run.dashboards["blocks.7.hook_resid_post"]
+    assert run.info["corpus"]["name"] == "melbo-chat-prose"
+    assert {f for d in run.decompositions for f in d.features} == set(source.latents)
+    assert any(source[f].top_activations for f in source.latents)
+    assert len(run.cards) == 2 and all(c.promoted and c.latents_on for c in run.cards)
     browser = Browser(tmp_path / "profile")
     try:
         browser.call("Page.navigate", session=True, url=(out / "report.html").as_uri())

@@ -53,7 +53,15 @@ def _demo(args: argparse.Namespace, path: Path, resume: str | None) -> int:
 
     start = time.perf_counter()
     corpus = resolve_corpus(args, model.tokenizer)
-    run = analyze_run(model, vectors, ps, generations=gens, corpus=corpus, progress=not args.quiet)
+    run = analyze_run(
+        model,
+        vectors,
+        ps,
+        generations=gens,
+        corpus=corpus,
+        dashboard_tokens=args.dashboard_tokens,
+        progress=not args.quiet,
+    )
     run.save(args.out)
     report = write_report(run, Path(args.out) / "report.html")
     print(f"analysed and reported in {time.perf_counter() - start:.1f} s")

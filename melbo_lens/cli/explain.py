@@ -59,10 +59,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="use an SAE trained at another hook than the vectors'",
     )
     p.add_argument("--model", help="default: the vectors' provenance")
-    add_corpus_arg(p)
     p.add_argument(
         "--dashboard-tokens", type=int, default=131_072, help="corpus tokens the dashboards read"
     )
+    add_corpus_arg(p)
     p.add_argument(
         "--target-sae",
         default="auto",
@@ -80,8 +80,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.dashboard_tokens < 128:
-        raise CliError(f"--dashboard-tokens must be >= 128, got {args.dashboard_tokens}")
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise CliError(f"--out {out} is a file; give a directory")
@@ -152,7 +150,7 @@ def _explain(args: argparse.Namespace, out: Path, written: list[str]) -> None:
         print("no dashboards or cards: the vectors record no model; pass --model NAME")
         return
     model = load_model(name)
-    corpus = resolve_corpus(args, model.tokenizer)
+    corpus = resolve_corpus(args, model.tokenizer)  # checks --dashboard-tokens too
     _dashboards_and_cards(args, model, vectors, sae, decompositions, corpus, indices, out, written)
     if args.prompt or args.prompts_file:
         _with_prompts(args, model, vectors, sae, decompositions, indices, out, written)

@@ -447,6 +447,13 @@ def add_corpus_arg(p: argparse.ArgumentParser) -> None:
         help="corpus for dashboards and cards: a name (built offline on first use), a "
         ".jsonl/.jsonl.gz/.txt file, or 'prompts' (the bundled prompts, ~100 tokens)",
     )
+    if "--dashboard-tokens" not in p._option_string_actions:
+        p.add_argument(
+            "--dashboard-tokens",
+            type=int,
+            default=32_768,
+            help="corpus tokens the feature dashboards and cards read",
+        )
 
 
 def resolve_corpus(args: argparse.Namespace, tokenizer: Any = None) -> Any:
@@ -454,6 +461,8 @@ def resolve_corpus(args: argparse.Namespace, tokenizer: Any = None) -> Any:
     `tokenizer` counts its tokens)."""
     from melbo_lens.analysis.corpus import DEFAULT_CORPUS, corpus_dir, load_corpus
 
+    if args.dashboard_tokens < 128:
+        raise CliError(f"--dashboard-tokens must be >= 128, got {args.dashboard_tokens}")
     name = args.corpus
     if name == DEFAULT_CORPUS and not (corpus_dir(name) / "manifest.json").is_file():
         from melbo_lens.analysis.corpus_build import build_corpus

@@ -69,6 +69,7 @@ def run(args: argparse.Namespace) -> int:
             max_new_tokens=args.max_new_tokens,
             attribution=args.attribution,
             corpus=resolve_corpus(args, model.tokenizer),
+            dashboard_tokens=args.dashboard_tokens,
             progress=not args.quiet,
         )
         run.save(run_dir)

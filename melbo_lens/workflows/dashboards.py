@@ -91,9 +91,7 @@ def sharded_dashboards(
         from melbo_lens.workflows.sweeps_ray import map_on_ray
 
         states = list(
-            map_on_ray(
-                work, parts, model_loader, address, workers, num_cpus, num_gpus, max_retries
-            )
+            map_on_ray(work, parts, model_loader, address, workers, num_cpus, num_gpus, max_retries)
         )
     sae_obj = load_sae(sae)
     settings = _Settings(

@@ -474,7 +474,13 @@ def analyze_run(
         tsae = _pick_target_sae(model, vectors, tgt, target_sae, notes)
         with steps("vector cards"):
             card_list = vector_cards(
-                model, vectors, texts, sae=tsae, generations=generations, labels=_labels(vectors)
+                model,
+                vectors,
+                texts,
+                sae=tsae,
+                generations=generations,
+                labels=_labels(vectors),
+                context_tokens=min(16_384, dashboard_tokens),
             )
         if tsae is not None:
             with steps("feature dashboards (target)"):
