@@ -18,6 +18,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from melbo_lens.analysis.streaming import Context
 from melbo_lens.core.io import atomic_write_text
 
 __all__ = [
@@ -49,14 +50,16 @@ def _tok(s: str) -> str:
 
 
 def _context_line(ctx: Any, top: float) -> str:
-    """One context: left tokens, the highlighted token, right tokens (circuitsvis style)."""
-    get = ctx.get if isinstance(ctx, dict) else lambda k: getattr(ctx, k)
-    value = float(get("value"))
+    """One context (a `Context` or its dict): left tokens, the highlighted token, right
+    tokens (circuitsvis style: background by activation, the value on hover)."""
+    if isinstance(ctx, dict):
+        ctx = Context(**ctx)
+    value = float(ctx.value)
     alpha = 0.15 + 0.85 * min(1.0, max(0.0, value / top)) if top > 0 else 0.5
-    left, right = _tok("".join(get("left"))), _tok("".join(get("right")))
+    left, right = _tok("".join(ctx.left)), _tok("".join(ctx.right))
     hit = (
         f"<span class='t hit' style='background:rgba(255,112,0,{alpha:.2f})' "
-        f"title='{value:.4g}'>{_tok(get('token'))}</span>"
+        f"title='{value:.4g}'>{_tok(ctx.token)}</span>"
     )
     return f"<div class='ctx'><span class='v'>{value:.3g}</span>{left}{hit}{right}</div>"
 

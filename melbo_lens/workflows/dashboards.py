@@ -24,11 +24,9 @@ __all__ = ["sharded_dashboards"]
 
 def _shard(sae: Any, corpus: Any, options: dict[str, Any], model: Any, shard: tuple[int, int]):
     from melbo_lens.analysis.sae import load_sae
-    from melbo_lens.analysis.sae.dashboards import feature_dashboards
+    from melbo_lens.analysis.sae.dashboards import dashboard_shard
 
-    return feature_dashboards(
-        model, load_sae(sae), corpus, shard=shard, cache=False, progress=False, **options
-    )
+    return dashboard_shard(model, load_sae(sae), corpus, shard, **options)
 
 
 def sharded_dashboards(

@@ -91,4 +91,4 @@ def map_on_ray(
         yield from ActorPool(actors).map_unordered(lambda a, item: a.run.remote(fn, item), items)
     finally:  # the actors (and the model each holds) go when the work is done
         for a in actors:
-            ray.kill(a)
+            ray.kill(a)  # type: ignore[arg-type]  # an actor handle (ray's stubs say proxy)

@@ -17,6 +17,7 @@ from sae_lens.saes.sae import SAEMetadata
 from melbo_lens.analysis.corpus import Corpus, CorpusError, load_corpus
 from melbo_lens.analysis.sae.dashboard_result import FeatureDashboards
 from melbo_lens.analysis.sae.dashboards import (
+    dashboard_shard,
     feature_dashboards,
     logit_effects,
     merge_dashboard_states,
@@ -79,7 +80,7 @@ def _truth(model, token_id: int) -> list[tuple[int, float]]:
 
 def _dash(model, sae, **kw) -> FeatureDashboards:
     kw = {"ctx": CTX, "cache": False, "progress": False, "k": 5, "batch_size": 2, **kw}
-    return feature_dashboards(model, sae, TEXTS, **kw)  # type: ignore[return-value]
+    return feature_dashboards(model, sae, TEXTS, **kw)
 
 
 def test_planted_latents_top_contexts_are_their_tokens_latest_first(planted) -> None:
@@ -141,19 +142,15 @@ def test_logit_effects_match_a_hand_computation_with_the_final_norm(planted) -> 
 
 def test_sharded_pass_equals_one_pass(planted) -> None:
     model, sae, _ = planted
-    one = feature_dashboards(
-        model, sae, TEXTS, ctx=CTX, cache=False, progress=False, batch_size=3, shard=(0, 1)
-    )
+    one = dashboard_shard(model, sae, TEXTS, (0, 1), ctx=CTX, batch_size=3)
     parts = [
-        feature_dashboards(
-            model, sae, TEXTS, ctx=CTX, cache=False, progress=False, batch_size=2, shard=(i, 3)
-        )
+        dashboard_shard(model, sae, TEXTS, (i, 3), ctx=CTX, batch_size=2)
         for i in (2, 0, 1)  # any order
     ]
-    merged = merge_dashboard_states(parts)  # type: ignore[arg-type]
-    assert merged.scores.equals(one.scores)  # type: ignore[union-attr]
-    assert torch.equal(merged.corr_rows, one.corr_rows)  # type: ignore[union-attr]
-    assert torch.equal(merged.corr_values, one.corr_values)  # type: ignore[union-attr]
+    merged = merge_dashboard_states(parts)
+    assert merged.scores.equals(one.scores)
+    assert torch.equal(merged.corr_rows, one.corr_rows)
+    assert torch.equal(merged.corr_values, one.corr_values)
 
 
 def test_correlated_latents_fire_together(planted) -> None:

@@ -135,7 +135,7 @@ class FeatureDashboards:
         )
 
     # ------------------------------------------------------------------ views
-    def _str(self, i: int) -> str:
+    def _str(self, i: Any) -> str:
         return self.token_strings.get(int(i), f"<{int(i)}>")
 
     def _context(self, window: Tensor, value: float) -> Context:

@@ -52,6 +52,7 @@ from melbo_lens.core.sites import require_hook
 __all__ = [
     "DashboardState",
     "check_sae_fits",
+    "dashboard_shard",
     "feature_dashboards",
     "finish_dashboards",
     "logit_effects",
@@ -209,7 +210,7 @@ def _run_rows(
     sae: SAE,
     rows: Tensor,
     span: tuple[int, int],
-    cols: Tensor,
+    cols: Tensor | None,
     settings: _Settings,
     state: DashboardState,
     batch_size: int,
@@ -257,17 +258,15 @@ def feature_dashboards(
     right: int = 5,
     cache: bool | str | os.PathLike[str] = True,
     save_every: int = 256,
-    shard: tuple[int, int] | None = None,
     allow_model_mismatch: bool = False,
     progress: bool = True,
-) -> FeatureDashboards | DashboardState:
+) -> FeatureDashboards:
     """Dashboards of `latents` (default: all) of `sae` over `corpus` (see the module docstring).
 
     Rows are `ctx` tokens (default: 128, or the model's context if shorter). `max_tokens`
-    caps the corpus stream; `split` picks ``"train"``/``"heldout"`` (None:
-    all). `cache=True` keeps state and result under the melbo_lens cache (a path: there;
-    False: nowhere). With `shard=(i, n)` only rows i/n..(i+1)/n run and the raw
-    `DashboardState` is returned, for `merge_dashboard_states` and `finish_dashboards`.
+    caps the corpus stream; `split` picks ``"train"``/``"heldout"`` (None: all).
+    `cache=True` keeps state and result under the melbo_lens cache (a path: there; False:
+    nowhere). `dashboard_shard` runs one part of the rows, for `merge_dashboard_states`.
 
     Examples:
         >>> dash = feature_dashboards(model, sae, ["the cat sat on the mat"] * 4, ctx=8,
@@ -275,6 +274,57 @@ def feature_dashboards(
         >>> len(dash), dash.latents
         (2, [0, 1])
     """
+    out = _dashboard_pass(**locals(), shard=None)
+    assert isinstance(out, FeatureDashboards)  # a whole pass is finished
+    return out
+
+
+def dashboard_shard(
+    model: Any,
+    sae: SAE,
+    corpus: Corpus | str | os.PathLike[str] | Sequence[str],
+    shard: tuple[int, int],
+    **options: Any,
+) -> DashboardState:
+    """The raw state of rows i/n..(i+1)/n of `feature_dashboards`'s pass, `shard=(i, n)`
+    (same options; nothing is cached): merge the shards with `merge_dashboard_states`,
+    then `finish_dashboards` (`workflows.dashboards.sharded_dashboards` does both).
+
+    Examples:
+        >>> parts = [dashboard_shard(model, sae, ["a cat sat"] * 4, (i, 2), ctx=8)
+        ...          for i in range(2)]
+        >>> merge_dashboard_states(parts).scores.n_tokens  # 5 rows of 8, position 0 left out
+        35
+    """
+    options = {"cache": False, "progress": False, **options}
+    out = _dashboard_pass(model, sae, corpus, shard=shard, **options)
+    assert isinstance(out, DashboardState)
+    return out
+
+
+def _dashboard_pass(
+    model: Any,
+    sae: SAE,
+    corpus: Any,
+    *,
+    latents: Sequence[int] | None = None,
+    max_tokens: int | None = None,
+    ctx: int | None = None,
+    split: str | None = None,
+    k: int = 20,
+    n_sample: int = 32,
+    corr_every: int = 64,
+    n_correlated: int = 5,
+    n_logits: int = 10,
+    batch_size: int = 16,
+    left: int = 10,
+    right: int = 5,
+    cache: bool | str | os.PathLike[str] = True,
+    save_every: int = 256,
+    shard: tuple[int, int] | None = None,
+    allow_model_mismatch: bool = False,
+    progress: bool = True,
+) -> FeatureDashboards | DashboardState:
     check_sae_fits(model, sae, allow_model_mismatch=allow_model_mismatch)
     _warn_unfolded(sae)
     n_ctx = getattr(model.cfg, "n_ctx", None)
