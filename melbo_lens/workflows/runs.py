@@ -68,6 +68,7 @@ from melbo_lens.methods.objectives import segment_objectives
 from melbo_lens.perturbations.adapters import SteeringAdapters
 from melbo_lens.perturbations.artifact import load_artifact
 from melbo_lens.perturbations.vectors import SteeringVectors
+from melbo_lens.workflows.run_saes import dashboards_of, pick_sae, pick_target_sae
 
 if TYPE_CHECKING:
     from melbo_lens.analysis.sae import SaeDecomposition  # sae-lens is imported only when used
@@ -410,7 +411,7 @@ def analyze_run(
     sae_obj = sae_name = None
     sv = vectors if isinstance(vectors, SteeringVectors) else None  # the vector-only parts
     if sv is not None:
-        sae_obj, sae_name = _pick_sae(model, sv, sae, notes)
+        sae_obj, sae_name = pick_sae(model, sv, sae, notes)
     elif sae is not None:
         notes.append("SAE parts skipped: decomposition onto SAE features is for vectors")
     decompositions = feature_tokens = None
@@ -432,7 +433,7 @@ def analyze_run(
         if getattr(model, "tokenizer", None) is not None:
             with steps("feature dashboards (source)"):
                 feats = sorted({f for d in decompositions for f in d.features})
-                dash = _dashboards(model, sae_obj, texts, feats, dashboard_tokens, progress)
+                dash = dashboards_of(model, sae_obj, texts, feats, dashboard_tokens, progress)
                 dashboards[sae_site(sae_obj).name] = dash
                 feature_tokens = {
                     f: [(c.text(), c.value) for c in dash[f].top_activations[:feature_token_k]]
@@ -471,7 +472,7 @@ def analyze_run(
 
     card_list = None
     if cards and getattr(model, "tokenizer", None) is not None:
-        tsae = _pick_target_sae(model, vectors, tgt, target_sae, notes)
+        tsae = pick_target_sae(model, vectors, tgt, target_sae, notes)
         with steps("vector cards"):
             card_list = vector_cards(
                 model,
@@ -486,7 +487,7 @@ def analyze_run(
             with steps("feature dashboards (target)"):
                 feats = sorted({f for c in card_list for f, _ in c.latents_on + c.latents_off})
                 if feats:
-                    dashboards[tgt.name] = _dashboards(
+                    dashboards[tgt.name] = dashboards_of(
                         model, tsae, texts, feats, dashboard_tokens, progress
                     )
 
@@ -531,51 +532,11 @@ def analyze_run(
     )
 
 
-def _dashboards(
-    model: Any, sae: Any, corpus: Corpus, latents: list[int], max_tokens: int, progress: bool
-) -> Any:
-    from melbo_lens.analysis.sae.dashboards import feature_dashboards
-
-    return feature_dashboards(
-        model, sae, corpus, latents=latents, max_tokens=max_tokens, progress=progress
-    )
-
-
-def _pick_target_sae(model: Any, vectors: Any, tgt: HookSite, sae: Any, notes: list[str]) -> Any:
-    """The SAE whose latents cards list: `sae` itself, or the packaged one at the target."""
-    if sae is None:
-        return None
-    from melbo_lens.analysis.sae import load_sae, packaged_sae_for, sae_site
-
-    if not (isinstance(sae, str) and sae == "auto"):
-        sae_obj = load_sae(sae)
-        if sae_site(sae_obj).layer < vectors.site.layer:
-            raise ValueError(
-                f"target_sae reads {sae_site(sae_obj).name}, before the vectors' site "
-                f"{vectors.site.name}; a card's latents must come after the perturbation"
-            )
-        return sae_obj
-    key = packaged_sae_for(_model_names(model, vectors), tgt)
-    if key is None:
-        notes.append(f"cards list no latents: no packaged SAE at the target {tgt.name}")
-        return None
-    return load_sae(key)
-
-
 def _labels(vectors: SteeringVectors | SteeringAdapters) -> list[str]:
     meta = vectors.metadata.get("labels") if vectors.metadata else None
     if isinstance(meta, list | tuple) and len(meta) == len(vectors):
         return [str(x) for x in meta]
     return [f"{vectors.method}[{k}]" for k in range(len(vectors))]
-
-
-def _model_names(model: Any, vectors: Any) -> list[str | None]:
-    """What the model may be called in `PACKAGED_SAES`: load name, provenance, cfg name."""
-    return [
-        vectors.metadata.get("load_name"),
-        vectors.model_name,
-        getattr(getattr(model, "cfg", None), "model_name", None),
-    ]
 
 
 def bundled_corpus() -> list[str]:
@@ -646,44 +607,6 @@ def _objective(
 ) -> list[float]:
     """Σ_i (Σ_t mask·||Z_t(θ) − Z_t(0)||^p)^(1/q) for each vector (MELBO's objective)."""
     return segment_objectives(Segment(model, site, target, ps), vecs, power=power, q=q).tolist()
-
-
-def _pick_sae(model: Any, vectors: SteeringVectors, sae: Any, notes: list[str]) -> tuple:
-    """(SAE, name) to decompose onto, or (None, None) with a note saying why."""
-    if sae is None:
-        notes.append("SAE parts skipped: no SAE was asked for (sae=None)")
-        return None, None
-    from melbo_lens.analysis.sae import PACKAGED_SAES, load_sae, packaged_sae_for, sae_site
-
-    if isinstance(sae, str) and sae == "auto":
-        key = packaged_sae_for(_model_names(model, vectors), vectors.site)
-        if key is None:
-            notes.append(
-                f"SAE parts skipped: no packaged SAE fits this model at {vectors.site.name} "
-                f"(packaged: {', '.join(k for k in PACKAGED_SAES if '/' in k)}); pass "
-                "sae=load_sae(path) for one of your own"
-            )
-            return None, None
-        name = PACKAGED_SAES[key].split("/")[-1]
-        sae_obj = load_sae(key)
-    else:
-        name = sae if isinstance(sae, str | os.PathLike) else type(sae).__name__
-        sae_obj = load_sae(sae)
-    if int(sae_obj.cfg.d_in) != vectors.d_model:
-        raise ValueError(
-            f"the SAE {name} reads d_in={sae_obj.cfg.d_in} but the vectors have "
-            f"d_model={vectors.d_model}; pass an SAE trained on this model, or sae=None"
-        )
-    try:
-        at = sae_site(sae_obj)
-    except ValueError:
-        at = None
-    if at is not None and at != vectors.site:
-        raise ValueError(
-            f"the SAE {name} reads {at.name} but the vectors live at {vectors.site.name}; "
-            "pass an SAE trained at the vectors' site, or sae=None"
-        )
-    return sae_obj, str(name)
 
 
 def _compact(att: DeltaAttribution) -> DeltaAttribution:

@@ -18,32 +18,33 @@ theirs out, so a user of those is at home:
 stored). Position 0 of every row (the attention sink) is left out, as in the packaged
 SAEs' training. The pass is chunked, shows a progress bar, and with `cache=True` saves
 its state every `save_every` rows and its result under a key of (model, SAE, corpus,
-settings), so a stopped pass resumes and a finished one is read back. `shard=(i, n)`
-runs one of n row ranges and returns its state; `merge_dashboard_states` + `finish`
-turn shard states into exactly the dashboards of one pass.
+settings), so a stopped pass resumes and a finished one is read back. `dashboard_shard`
+runs one of n row ranges and returns its state (`dashboard_state`);
+`merge_dashboard_states` + `finish_dashboards` (`dashboard_finish`) turn shard states
+into exactly the dashboards of one pass.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from jaxtyping import Float
 from sae_lens import SAE
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from melbo_lens.analysis.corpus import Corpus, load_corpus
-from melbo_lens.analysis.sae.dashboard_result import FeatureDashboards, sae_digest, windows_of
-from melbo_lens.analysis.sae.loading import _hook_name, _warn_unfolded, decoder_directions, sae_site
+from melbo_lens.analysis.sae.dashboard_finish import finish_dashboards, logit_effects
+from melbo_lens.analysis.sae.dashboard_result import FORMAT, FeatureDashboards, sae_digest
+from melbo_lens.analysis.sae.dashboard_state import DashboardState, merge_dashboard_states
+from melbo_lens.analysis.sae.loading import _warn_unfolded, sae_site
 from melbo_lens.analysis.streaming import TopScores, hash_priority
 from melbo_lens.core.io import atomic_save_tensors, atomic_write_text, read_artifact
 from melbo_lens.core.segment import run_to_site
@@ -59,33 +60,7 @@ __all__ = [
     "merge_dashboard_states",
 ]
 
-FORMAT = "melbo_lens.feature_dashboards/1"
 STATE_FORMAT = "melbo_lens.feature_dashboards_state/1"
-
-
-# ---------------------------------------------------------------------- logit effects
-def logit_effects(model: Any, directions: Float[Tensor, "n d_model"]) -> Float[Tensor, "n d_vocab"]:
-    """Each direction's direct effect on the logits: through the final norm's affine part
-    and the unembedding, ``(center(d) * w_ln) @ W_U``.
-
-    `center` subtracts the mean over d_model when the final norm is a LayerNorm (which
-    centres its input); `w_ln` is the final norm's weight when it is not folded into
-    `W_U` (TransformerLens folds it by default, and then this is ``d @ W_U``). The norm's
-    1/RMS factor depends on the token, not the direction, and is positive, so it is left
-    out: effects are per unit of direction at the final residual, before that factor.
-
-    Examples:
-        >>> logit_effects(model, torch.eye(32)[:2]).shape
-        torch.Size([2, 50])
-    """
-    d = directions.to(model.W_U.device, model.W_U.dtype)
-    norm = getattr(model.cfg, "normalization_type", None)
-    if norm in ("LN", "LNPre"):
-        d = d - d.mean(-1, keepdim=True)
-    w = getattr(getattr(model, "ln_final", None), "w", None)
-    if isinstance(w, Tensor):
-        d = d * w
-    return (d @ model.W_U).float()
 
 
 # ---------------------------------------------------------------------- checks
@@ -120,70 +95,6 @@ def _model_digest(model: Any) -> str:
     return f"{h.hexdigest()[:16]}-{model.cfg.model_name}"
 
 
-# ---------------------------------------------------------------------- the pass
-@dataclass
-class DashboardState:
-    """What one streamed pass (or one shard) keeps: per-latent `TopScores` plus the
-    sparse activations of the correlation sample, and the rows it covered."""
-
-    scores: TopScores
-    corr_rows: Tensor  # [m] global token locations of the sampled tokens
-    corr_index: Tensor  # [nnz, 2] (row in corr_rows, latent)
-    corr_values: Tensor  # [nnz]
-    rows_done: list[tuple[int, int]] = field(default_factory=list)
-
-    def state_dict(self) -> dict[str, Tensor]:
-        out = self.scores.state_dict("scores.")
-        out.update(
-            corr_rows=self.corr_rows, corr_index=self.corr_index, corr_values=self.corr_values
-        )
-        return out
-
-    @classmethod
-    def from_state_dict(
-        cls, t: dict[str, Tensor], rows_done: list[tuple[int, int]]
-    ) -> DashboardState:
-        return cls(
-            TopScores.from_state_dict(t, "scores."),
-            t["corr_rows"].clone(),
-            t["corr_index"].clone(),
-            t["corr_values"].clone(),
-            [tuple(r) for r in rows_done],  # type: ignore[misc]
-        )
-
-
-def merge_dashboard_states(states: Sequence[DashboardState]) -> DashboardState:
-    """Shard states of one stream as the state of one pass (exact; see `TopScores.merge`)."""
-    if not states:
-        raise ValueError("no states to merge")
-    first = states[0]
-    out = DashboardState(
-        TopScores.from_state_dict(first.scores.state_dict()),
-        first.corr_rows,
-        first.corr_index,
-        first.corr_values,
-        list(first.rows_done),
-    )
-    for s in states[1:]:
-        out.scores.merge(s.scores)
-        offset = len(out.corr_rows)
-        out.corr_rows = torch.cat([out.corr_rows, s.corr_rows])
-        out.corr_index = torch.cat([out.corr_index, s.corr_index + torch.tensor([offset, 0])])
-        out.corr_values = torch.cat([out.corr_values, s.corr_values])
-        out.rows_done += s.rows_done
-    # one canonical order of the correlation sample: by location
-    order = torch.argsort(out.corr_rows)
-    inverse = torch.empty_like(order)
-    inverse[order] = torch.arange(len(order))
-    out.corr_rows = out.corr_rows[order]
-    out.corr_index = out.corr_index.clone()
-    out.corr_index[:, 0] = inverse[out.corr_index[:, 0]] if len(order) else out.corr_index[:, 0]
-    by = torch.argsort(out.corr_index[:, 0] * (1 << 32) + out.corr_index[:, 1])
-    out.corr_index, out.corr_values = out.corr_index[by], out.corr_values[by]
-    out.rows_done.sort()
-    return out
-
-
 @dataclass(frozen=True)
 class _Settings:
     ctx: int
@@ -205,6 +116,7 @@ class _Settings:
         return hashlib.sha256("|".join(parts).encode()).hexdigest()[:20]
 
 
+# ---------------------------------------------------------------------- the pass
 def _run_rows(
     model: Any,
     sae: SAE,
@@ -456,118 +368,3 @@ def _resume(folder: Path | None, span: tuple[int, int]) -> DashboardState | None
         return None
     tensors, _ = read_artifact(folder / "state.safetensors", STATE_FORMAT)
     return DashboardState.from_state_dict(tensors, meta["rows_done"])
-
-
-# ---------------------------------------------------------------------- finishing
-def finish_dashboards(
-    model: Any,
-    sae: SAE,
-    state: DashboardState,
-    rows: Tensor,
-    settings: _Settings,
-    *,
-    n_correlated: int = 5,
-    n_logits: int = 10,
-    left: int = 10,
-    right: int = 5,
-) -> FeatureDashboards:
-    """Turn a (merged) pass state into dashboards: context windows, logit effects, correlations."""
-    d_sae = int(sae.cfg.d_sae)
-    latents = list(settings.latents) if settings.latents is not None else list(range(d_sae))
-    sc = state.scores
-    stream = rows.flatten()
-    order = sc.sample_order()
-    sample_values = sc.sample_values.gather(1, order)
-    sample_locs = sc.sample_locations.gather(1, order)
-    top, bot, logit_hist, logit_range = _logit_summaries(model, sae, latents, n_logits)
-    corr_ids, corr_vals = _correlations(state, d_sae, latents, n_correlated)
-    windows_top = windows_of(stream, sc.top_locations, left, right)
-    windows_sample = windows_of(stream, sample_locs, left, right)
-    used = torch.cat(
-        [windows_top.flatten(), windows_sample.flatten(), top[0].flatten(), bot[0].flatten()]
-    )
-    ids = sorted(int(i) for i in torch.unique(used) if i >= 0)
-    tok = model.tokenizer
-    strings = {i: tok.decode([i]) for i in ids}
-    return FeatureDashboards(
-        latents=latents,
-        n_tokens=sc.n_tokens,
-        top_values=sc.top_values,
-        top_locations=sc.top_locations,
-        top_windows=windows_top,
-        sample_values=sample_values,
-        sample_locations=sample_locs,
-        sample_windows=windows_sample,
-        hist=sc.hist,
-        active=sc.active,
-        total=sc.total,
-        logit_top_ids=top[0],
-        logit_top=top[1],
-        logit_bottom_ids=bot[0],
-        logit_bottom=bot[1],
-        logit_hist=logit_hist,
-        logit_range=logit_range,
-        corr_ids=corr_ids,
-        corr_values=corr_vals,
-        token_strings=strings,
-        left=left,
-        right=right,
-        info={
-            "model": getattr(model.cfg, "model_name", None),
-            "sae_hook": _hook_name(sae),
-            "sae_sha": sae_digest(sae),
-            "d_sae": d_sae,
-            "settings": dict(settings.__dict__),
-            "corr_tokens": len(state.corr_rows),
-        },
-    )
-
-
-def _logit_summaries(
-    model: Any, sae: SAE, latents: list[int], n: int, block: int = 256
-) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor], Tensor, Tensor]:
-    """Top and bottom `n` logit effects (ids, values), a 20-bin histogram of all of them and
-    its (min, max), per latent; `block` latents at a time (a [d_sae, d_vocab] matrix of
-    effects would not fit: 8192 x 49152 floats is 1.6 GB)."""
-    parts: list[tuple[Tensor, ...]] = []
-    dirs = decoder_directions(sae)
-    for start in range(0, len(latents), block):
-        cols = torch.tensor(latents[start : start + block])
-        with torch.no_grad():
-            eff = logit_effects(model, dirs[cols]).cpu()
-        k = min(n, eff.shape[1])
-        top, bot = torch.topk(eff, k, dim=1), torch.topk(eff, k, dim=1, largest=False)
-        lo, hi = eff.min(1).values, eff.max(1).values
-        scaled = ((eff - lo[:, None]) / (hi - lo).clamp_min(1e-12)[:, None] * 20).clamp(0, 19.5)
-        hist = torch.stack([torch.bincount(r.long(), minlength=20)[:20] for r in scaled])
-        parts.append(
-            (top.indices, top.values, bot.indices, bot.values, hist, torch.stack([lo, hi], 1))
-        )
-    cat = [torch.cat([p[i] for p in parts]) for i in range(6)]
-    return (cat[0], cat[1]), (cat[2], cat[3]), cat[4], cat[5]
-
-
-def _correlations(
-    state: DashboardState, d_sae: int, latents: list[int], n: int
-) -> tuple[Tensor, Tensor]:
-    """Top-`n` Pearson correlations of each latent with the others, on the sampled tokens."""
-    m = len(state.corr_rows)
-    n = min(n, d_sae - 1)
-    if m < 2 or n < 1:
-        return torch.full((len(latents), max(n, 0)), -1, dtype=torch.long), torch.zeros(
-            len(latents), max(n, 0)
-        )
-    x = torch.zeros(m, d_sae)
-    x[state.corr_index[:, 0], state.corr_index[:, 1]] = state.corr_values
-    x -= x.mean(0)
-    std = x.norm(dim=0)
-    ids, vals = [], []
-    for start in range(0, len(latents), 256):
-        cols = torch.tensor(latents[start : start + 256])
-        c = (x[:, cols].T @ x) / (std[cols, None] * std[None]).clamp_min(1e-12)
-        c[torch.arange(len(cols)), cols] = -math.inf  # not itself
-        c[:, std == 0] = -math.inf
-        t = torch.topk(c, n, dim=1)
-        ids.append(t.indices.masked_fill(t.values == -math.inf, -1))
-        vals.append(t.values.masked_fill(t.values == -math.inf, math.nan))
-    return torch.cat(ids), torch.cat(vals)
