@@ -34,6 +34,34 @@ class Mutant:
 
 MUTANTS = [
     Mutant(
+        "dashboard_contexts_swapped",
+        "melbo_lens/analysis/sae/dashboard_finish.py",
+        "windows_top = windows_of(stream, sc.top_locations, left, right)",
+        "windows_top = windows_of(stream, sc.top_locations.roll(1, 0), left, right)",
+        ("tests/analysis/test_dashboards.py",),
+    ),
+    Mutant(
+        "logit_effects_without_final_norm",
+        "melbo_lens/analysis/sae/dashboard_finish.py",
+        "        d = d * w",
+        "        d = d",
+        ("tests/analysis/test_dashboards.py",),
+    ),
+    Mutant(
+        "logit_effects_sign",
+        "melbo_lens/analysis/sae/dashboard_finish.py",
+        "eff = logit_effects(model, dirs[cols]).cpu()",
+        "eff = -logit_effects(model, dirs[cols]).cpu()",
+        ("tests/analysis/test_dashboards.py",),
+    ),
+    Mutant(
+        "card_promoted_sign",
+        "melbo_lens/analysis/cards.py",
+        "up, down = torch.topk(dp, k).indices, torch.topk(-dp, k).indices",
+        "down, up = torch.topk(dp, k).indices, torch.topk(-dp, k).indices",
+        ("tests/analysis/test_cards.py",),
+    ),
+    Mutant(
         "sae_cosine_index_order",
         "melbo_lens/analysis/sae/decompose.py",
         "chosen = torch.topk(score, k).indices",

@@ -27,7 +27,7 @@ import random
 import re
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -123,7 +123,9 @@ def _sysdoc(path: Path) -> str:
         return ""
 
 
-def _sources(site: Path) -> list[tuple[str, str, Path, Callable[[Path], str]]]:
+def _sources(
+    site: Path, doc_roots: Sequence[str | Path]
+) -> list[tuple[str, str, Path, Callable[[Path], str]]]:
     """(kind, package, path, reader) for every file the recipe reads, in a fixed order."""
     out: list[tuple[str, str, Path, Callable[[Path], str]]] = []
 
@@ -137,9 +139,8 @@ def _sources(site: Path) -> list[tuple[str, str, Path, Callable[[Path], str]]]:
         for f in sorted(site.rglob(ext)):
             if f.is_file() and f.stat().st_size <= 2_000_000 and "LICENSE" not in f.name.upper():
                 out.append(("doc", _package_of(f, site), f, lambda p: p.read_text(errors="ignore")))
-    doc_root = Path("/usr/share/doc")
-    if doc_root.is_dir():
-        for f in sorted(doc_root.rglob("*")):
+    for doc_root in map(Path, doc_roots):
+        for f in sorted(doc_root.rglob("*")) if doc_root.is_dir() else []:
             name = f.name.lower()
             if f.is_file() and not any(w in name for w in ("changelog", "copyright", "news")):
                 out.append(("sysdoc", "usr-share-doc:" + f.parent.name, f, _sysdoc))
@@ -184,6 +185,7 @@ def build_corpus(
     arithmetic: int = 1500,
     seed: int = 0,
     site_packages: str | Path | None = None,
+    doc_roots: Sequence[str | Path] = ("/usr/share/doc",),
     progress: bool = True,
 ) -> Corpus:
     """Build the offline corpus (see the module docstring), write it and return it.
@@ -219,7 +221,8 @@ def build_corpus(
     from melbo_lens.models import toy
 
     if progress:
-        print(f"  corpus: reading prose under {site} and /usr/share/doc", flush=True)
+        roots = " and ".join(str(d) for d in doc_roots)
+        print(f"  corpus: reading prose under {site}{' and ' + roots if roots else ''}", flush=True)
     for prompt in toy.clean_prompts(arithmetic, seed=seed):
         digits = toy.prompt_digits(prompt)
         text = toy.clean_answer(*digits)
@@ -231,7 +234,7 @@ def build_corpus(
             )
         )
     candidates: list[tuple[str, str]] = []  # (source, text) of at most DOC_CHARS each
-    for kind, pkg, path, read in _sources(site):
+    for kind, pkg, path, read in _sources(site, doc_roots):
         used = budget.get(pkg, 0)
         if used >= per_package_chars:
             continue
@@ -280,6 +283,7 @@ def build_corpus(
         "tokens_counted_with": getattr(tokenizer, "name_or_path", None) or "chars/4",
         "reached_target": n_tokens >= target_tokens,
         "site_packages": str(site),
+        "doc_roots": [str(d) for d in doc_roots],
         "python": sys.version.split()[0],
         "packages": {pkg: _version(pkg) for pkg in sorted(used_sources)},
         "seconds": round(time.perf_counter() - start, 1),
