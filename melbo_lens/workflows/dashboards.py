@@ -56,23 +56,20 @@ def sharded_dashboards(
     worker loads it); `corpus` anything `load_corpus` takes. `model_loader()` returns the
     model (on every Ray worker, and once here to finish).
     """
-    from melbo_lens.analysis.corpus import load_corpus
     from melbo_lens.analysis.sae import load_sae
     from melbo_lens.analysis.sae.dashboards import (
-        _Settings,
         finish_dashboards,
         merge_dashboard_states,
+        prepare_pass,
+        stamp,
     )
 
     if executor not in ("local", "ray"):
         raise ValueError(f"executor must be 'local' or 'ray', got {executor!r}")
     if isinstance(shards, bool) or not isinstance(shards, int) or shards < 1:
         raise ValueError(f"shards must be an int >= 1, got {shards!r}")
-    c = load_corpus(corpus)
-    model = model_loader()
-    n_ctx = getattr(model.cfg, "n_ctx", None)
-    ctx = ctx if ctx is not None else (min(128, n_ctx) if isinstance(n_ctx, int) else 128)
-    options = dict(
+    model, sae_obj = model_loader(), load_sae(sae)
+    options: dict[str, Any] = dict(
         latents=latents,
         max_tokens=max_tokens,
         ctx=ctx,
@@ -81,6 +78,8 @@ def sharded_dashboards(
         corr_every=corr_every,
         batch_size=batch_size,
     )
+    c, settings, rows = prepare_pass(model, sae_obj, corpus, **options)  # checked once, here
+    options["ctx"] = settings.ctx
     parts = [(i, shards) for i in range(shards)]
     work = partial(_shard, sae, c, options)
     if executor == "local":
@@ -91,25 +90,9 @@ def sharded_dashboards(
         states = list(
             map_on_ray(work, parts, model_loader, address, workers, num_cpus, num_gpus, max_retries)
         )
-    sae_obj = load_sae(sae)
-    settings = _Settings(
-        ctx,
-        max_tokens,
-        None if latents is None else tuple(int(f) for f in latents),
-        k,
-        n_sample,
-        corr_every,
-        None,
-    )
-    rows = c.token_rows(model.tokenizer, ctx, max_tokens=max_tokens)
     dash = finish_dashboards(model, sae_obj, merge_dashboard_states(states), rows, settings)
-    dash.info.update(
-        corpus=c.name,
-        corpus_sha256=c.sha256,
-        key=settings.key(model, sae_obj, c),
-        shards=shards,
-        executor=executor,
-    )
+    stamp(dash, model, sae_obj, c, settings)
+    dash.info.update(shards=shards, executor=executor)
     if progress:
         print(f"  dashboards: {shards} shards ({executor}) merged: {dash!r}", flush=True)
     return dash

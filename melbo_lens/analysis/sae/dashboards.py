@@ -54,6 +54,8 @@ __all__ = [
     "DashboardState",
     "check_sae_fits",
     "dashboard_shard",
+    "prepare_pass",
+    "stamp",
     "feature_dashboards",
     "finish_dashboards",
     "logit_effects",
@@ -151,6 +153,69 @@ def _run_rows(
         on_batch(stop)
 
 
+def prepare_pass(
+    model: Any,
+    sae: SAE,
+    corpus: Any,
+    *,
+    latents: Sequence[int] | None = None,
+    max_tokens: int | None = None,
+    ctx: int | None = None,
+    split: str | None = None,
+    k: int = 20,
+    n_sample: int = 32,
+    corr_every: int = 64,
+    batch_size: int = 16,
+    allow_model_mismatch: bool = False,
+) -> tuple[Corpus, _Settings, Tensor]:
+    """Check a pass's inputs (each bad one named) and return (corpus, settings, token rows)."""
+    check_sae_fits(model, sae, allow_model_mismatch=allow_model_mismatch)
+    _warn_unfolded(sae)
+    n_ctx = getattr(model.cfg, "n_ctx", None)
+    if ctx is None:
+        ctx = min(128, n_ctx) if isinstance(n_ctx, int) else 128
+    if isinstance(n_ctx, int) and ctx > n_ctx:
+        raise ValueError(f"ctx={ctx} is longer than the model's context n_ctx={n_ctx}")
+    c = load_corpus(corpus)
+    if split is not None:
+        c = c.split(split)
+    d_sae = int(sae.cfg.d_sae)
+    if latents is not None:
+        bad = [f for f in latents if isinstance(f, bool) or not 0 <= int(f) < d_sae]
+        if bad or not latents:
+            raise ValueError(
+                f"latents {bad or '[]'} out of range: the SAE has {d_sae} latents (0..{d_sae - 1})"
+            )
+    for name, value, low in (
+        ("k", k, 1),
+        ("n_sample", n_sample, 0),
+        ("corr_every", corr_every, 1),
+        ("batch_size", batch_size, 1),
+    ):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+    settings = _Settings(
+        ctx,
+        max_tokens,
+        None if latents is None else tuple(int(f) for f in latents),
+        k,
+        n_sample,
+        corr_every,
+        split,
+    )
+    rows = c.token_rows(model.tokenizer, settings.ctx, max_tokens=max_tokens)
+    return c, settings, rows
+
+
+def stamp(
+    dash: FeatureDashboards, model: Any, sae: SAE, corpus: Corpus, settings: _Settings
+) -> None:
+    """Record where dashboards came from: the corpus, its digest and the cache key."""
+    dash.info.update(
+        corpus=corpus.name, corpus_sha256=corpus.sha256, key=settings.key(model, sae, corpus)
+    )
+
+
 def feature_dashboards(
     model: Any,
     sae: SAE,
@@ -237,41 +302,21 @@ def _dashboard_pass(
     allow_model_mismatch: bool = False,
     progress: bool = True,
 ) -> FeatureDashboards | DashboardState:
-    check_sae_fits(model, sae, allow_model_mismatch=allow_model_mismatch)
-    _warn_unfolded(sae)
-    n_ctx = getattr(model.cfg, "n_ctx", None)
-    if ctx is None:
-        ctx = min(128, n_ctx) if isinstance(n_ctx, int) else 128
-    if isinstance(n_ctx, int) and ctx > n_ctx:
-        raise ValueError(f"ctx={ctx} is longer than the model's context n_ctx={n_ctx}")
-    c = load_corpus(corpus)
-    if split is not None:
-        c = c.split(split)
-    d_sae = int(sae.cfg.d_sae)
-    if latents is not None:
-        bad = [f for f in latents if isinstance(f, bool) or not 0 <= int(f) < d_sae]
-        if bad or not latents:
-            raise ValueError(
-                f"latents {bad or '[]'} out of range: the SAE has {d_sae} latents (0..{d_sae - 1})"
-            )
-    for name, value, low in (
-        ("k", k, 1),
-        ("n_sample", n_sample, 0),
-        ("corr_every", corr_every, 1),
-        ("batch_size", batch_size, 1),
-    ):
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
-    settings = _Settings(
-        ctx,
-        max_tokens,
-        None if latents is None else tuple(int(f) for f in latents),
-        k,
-        n_sample,
-        corr_every,
-        split,
+    c, settings, rows = prepare_pass(
+        model,
+        sae,
+        corpus,
+        latents=latents,
+        max_tokens=max_tokens,
+        ctx=ctx,
+        split=split,
+        k=k,
+        n_sample=n_sample,
+        corr_every=corr_every,
+        batch_size=batch_size,
+        allow_model_mismatch=allow_model_mismatch,
     )
-    rows = c.token_rows(model.tokenizer, ctx, max_tokens=max_tokens)
+    d_sae = int(sae.cfg.d_sae)
     n_rows = len(rows)
     span = (0, n_rows) if shard is None else _shard_span(shard, n_rows)
     folder = _cache_folder(cache, settings.key(model, sae, c))
@@ -320,12 +365,8 @@ def _dashboard_pass(
         left=left,
         right=right,
     )
-    dash.info.update(
-        corpus=c.name,
-        corpus_sha256=c.sha256,
-        key=settings.key(model, sae, c),
-        seconds=round(time.perf_counter() - t0, 1),
-    )
+    stamp(dash, model, sae, c, settings)
+    dash.info["seconds"] = round(time.perf_counter() - t0, 1)
     if folder is not None:
         dash.save(folder)
         (folder / "state.safetensors").unlink(missing_ok=True)
