@@ -165,7 +165,7 @@ def train_one(acts: torch.Tensor, hook: str, args, work: Path):
         aux_loss_coefficient=1.0,
         rescale_acts_by_decoder_norm=True,
         metadata=SAEMetadata(
-            model_name="smollm2-135m-instruct",
+            model_name="HuggingFaceTB/SmolLM2-135M-Instruct",  # the HF / TransformerLens name
             hook_name=hook,
             context_size=args.ctx,
             prepend_bos=False,

@@ -93,6 +93,10 @@ def explain_benchmark(
             "peak_rss_gib": round(peak / 2**30, 2),
             "rss_before_pass_gib": round(base_rss / 2**30, 2),
             "all_activations_gib": round(n_tok * d_sae * 4 / 2**30, 1),
+            # dead latents over the whole pass (the SAE's metrics.json counts those never
+            # active on its ~8k held-out tokens, an upper bound)
+            "never_active": int((dash.active == 0).sum()),  # type: ignore[union-attr]
+            "never_active_frac": round(float((dash.active == 0).float().mean()), 4),  # type: ignore[union-attr]
             "target_seconds": 900,
             "target_peak_gib": 4.0,
         },

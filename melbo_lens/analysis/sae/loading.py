@@ -25,8 +25,9 @@ __all__ = [
 
 
 PACKAGED_SAES: dict[str, str] = {
-    # TopK SAEs (2048 latents, k=32) trained offline by scripts/train_saes.py; each
-    # folder holds metrics.json with FVE, L0, dead fraction and CE loss recovered.
+    # TopK SAEs (k=32) trained offline on the melbo-chat-prose corpus by
+    # scripts/train_saes.py; each folder holds metrics.json (FVE, L0, dead fraction and
+    # CE loss recovered on held-out prose and chat at 128 and 512 tokens).
     "smollm2-135m-instruct-res7": "saes/smollm2-135m-instruct-res7",
     "smollm2-135m-instruct-res22-pre": "saes/smollm2-135m-instruct-res22-pre",
     "smollm2-135m-instruct/blocks.7.hook_resid_post": "saes/smollm2-135m-instruct-res7",
