@@ -49,6 +49,10 @@ def sae_table() -> list[str]:
     rows = [
         "**Packaged SAEs** (`python scripts/train_saes.py`; each folder's `metrics.json`):",
         "",
+        "Dead = never active on the ~8k held-out tokens of that row (an upper bound; the "
+        "dashboards pass below counts latents never active over ~1M tokens). An SAE whose "
+        "`metrics.json` has no `corpus.sha256` predates the corpus (2048 latents, prose only).",
+        "",
         "| SAE | latents | k | train samples (unique tokens) | kind | ctx | FVE | dead | L0 "
         "| CE clean | CE with SAE | CE recovered (vs zero / mean ablation) |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
@@ -88,6 +92,8 @@ def bench_table() -> list[str]:
         f"tokens | {d['seconds']} | <= {d['target_seconds']} | {d['ratio_to_forward_only']}x "
         f"the forward pass alone ({d['forward_only_seconds_estimated']} s) | "
         f"{d['peak_rss_gib']} GiB RSS (all activations: {d['all_activations_gib']} GiB) |",
+        f"| (dashboards) latents never active over the pass | {d.get('never_active')} of "
+        f"{d['latents']} ({d.get('never_active_frac', 0):.2%}) | | <= 5% | | |",
         f"| cards | {c['vectors']} vectors | {c['seconds']} | <= {c['target_seconds']} | "
         f"{c['ratio_to_generation_only']}x generating their completions alone "
         f"({c['generation_only_seconds']} s) | |",
