@@ -102,6 +102,10 @@ def test_planted_latents_top_contexts_are_their_tokens_latest_first(planted) -> 
             len(c.left) == dash.left and len(c.right) == dash.right for c in d.top_activations
         )
     assert dash.active[2:].sum() == 0  # the unplanted latents never fire
+    table = dash.to_pandas()
+    assert list(table.index) == list(range(8))
+    assert table.loc[1, "frac_nonzero"] == dash[1].frac_nonzero
+    assert table.loc[0, "top_context"] == dash[0].top_activations[0].text()
 
 
 def test_activations_match_sae_lens_encode(planted) -> None:
