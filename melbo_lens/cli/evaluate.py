@@ -15,6 +15,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from melbo_lens.cli.options import CliError, nonnegative_int, positive_float, positive_int
+from melbo_lens.cli.output import checked_directory, locked
 from melbo_lens.core.io import atomic_write_text
 
 __all__ = ["add_arguments", "run"]
@@ -27,35 +29,41 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default="planted-arithmetic",
         help="planted-arithmetic (the toy, fast) or smollm2-135m-backdoored",
     )
-    p.add_argument("--seeds", type=int, default=5, help="number of seeds (0..N-1)")
-    p.add_argument("--n-vectors", type=int, default=32, help="K vectors per method and seed")
-    p.add_argument("--radius", type=float, default=None, help="R (default: the model's own)")
-    p.add_argument("--source", type=int, default=1, help="source layer (resid_pre)")
-    p.add_argument("--target", type=int, default=3, help="target layer (resid_pre)")
+    p.add_argument("--seeds", type=positive_int, default=5, help="number of seeds (0..N-1)")
+    p.add_argument(
+        "--n-vectors", type=positive_int, default=32, help="K vectors per method and seed"
+    )
+    p.add_argument("--radius", type=positive_float, default=None, help="R (default: the model's)")
+    p.add_argument("--source", type=nonnegative_int, default=1, help="source layer (resid_pre)")
+    p.add_argument("--target", type=nonnegative_int, default=3, help="target layer (resid_pre)")
     p.add_argument("--positions", default="last:3", help="objective positions: all | last:N")
-    p.add_argument("--steps", type=int, default=300, help="MELBO steps per vector")
+    p.add_argument("--steps", type=positive_int, default=300, help="MELBO steps per vector")
     p.add_argument(
         "--methods",
         default="melbo,random,jacobian",
         help="comma-separated, of: melbo, adapters, random, random-2R (random vectors of twice "
         "the radius), jacobian",
     )
-    p.add_argument("--adapter-radius", type=float, default=4.0, help="R of the adapters")
+    p.add_argument("--adapter-radius", type=positive_float, default=4.0, help="R of the adapters")
     p.add_argument(
         "--heldout",
-        type=int,
+        type=nonnegative_int,
         default=None,
         help="held-out prompts for generalisation (default: 16 on the toy, 32 otherwise)",
     )
-    p.add_argument("--max-new-tokens", type=int, default=40, help="tokens per completion")
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (tiny model: 1)")
+    p.add_argument("--max-new-tokens", type=positive_int, default=40, help="tokens per completion")
+    p.add_argument(
+        "--threads", type=positive_int, default=1, help="torch CPU threads (tiny model: 1)"
+    )
     p.add_argument(
         "--defaults",
         action="store_true",
         help="MELBO on pure defaults (auto sites, positions and R; --radius, --source, "
         "--target, --positions and --steps unused); random and Jacobian at MELBO's R",
     )
-    p.add_argument("--first-seed", type=int, default=0, help="seeds run from this one on")
+    p.add_argument(
+        "--first-seed", type=nonnegative_int, default=0, help="seeds run from this one on"
+    )
     p.add_argument("--out", default="evaluate_out", help="output directory")
     again = p.add_mutually_exclusive_group()
     again.add_argument(
@@ -64,58 +72,165 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     again.add_argument("--overwrite", action="store_true", help="replace OUT/planted.json")
 
 
-def _previous(
-    path: Path, args: argparse.Namespace, seeds: list[int], methods: list[str]
-) -> tuple[list, Any, float]:
+# What defines a planted result: a resumed run must match the saved file on each of these.
+RESUME_FIELDS = {
+    "model": "--model",
+    "n_vectors": "--n-vectors",
+    "methods": "--methods",
+    "radius": "--radius",
+    "adapter_radius": "--adapter-radius",
+    "source": "--source",
+    "target": "--target",
+    "target_positions": "--positions",
+    "steps": "--steps",
+    "defaults": "--defaults",
+    "max_new_tokens": "--max-new-tokens",
+    "n_heldout": "--heldout",
+}
+
+
+def _previous(path: Path, args: argparse.Namespace, seeds: list[int]) -> tuple[list, Any, float]:
     """(runs, settings, seconds) of the seeds an earlier run saved at `path`, when resuming."""
     from melbo_lens.workflows.planted import PlantedReport
 
     if not path.exists() or args.overwrite:
         return [], None, 0.0
     if not args.resume:
-        raise SystemExit(
-            f"{path} exists; pass --resume to keep its seeds and run the rest, --overwrite to "
-            "replace it, or --out DIR to write elsewhere"
+        raise CliError(
+            f"--out {path.parent} already holds a planted benchmark ({path.name}); pass "
+            "--resume to keep its seeds and run the rest, --overwrite to replace it, or "
+            "another --out"
         )
-    data = json.loads(path.read_text())
-    report = PlantedReport.from_dict(data)
-    saved_n, saved_methods = report.settings.get("n_vectors"), report.settings.get("methods")
-    if (saved_n, saved_methods) != (args.n_vectors, methods):
-        raise SystemExit(
-            f"--resume: {path} has --n-vectors {saved_n} and --methods "
-            f"{','.join(saved_methods or [])}, "
-            f"this run asks for {args.n_vectors} and {','.join(methods)}; match them, or "
-            "pass --overwrite or another --out"
-        )
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        report = PlantedReport.from_dict(data)
+    except (ValueError, KeyError, TypeError) as err:
+        raise CliError(
+            f"--resume: {path} is not a readable planted benchmark ({err}); pass --overwrite "
+            "to replace it"
+        ) from None
     return [r for r in report.runs if r.seed in seeds], report.settings, data.get("seconds", 0.0)
+
+
+def check_resumable(saved: dict[str, Any], now: dict[str, Any], path: Path) -> None:
+    """Refuse to add seeds run under other settings to a saved benchmark, naming each flag."""
+    differing = [
+        f"{flag} (saved {saved.get(key)!r}, now {now.get(key)!r})"
+        for key, flag in RESUME_FIELDS.items()
+        if key in saved and saved.get(key) != now.get(key)
+    ]
+    if differing:
+        raise CliError(
+            f"--resume: {path} was run with other settings: {', '.join(differing)}; rerun "
+            "with the saved values to add seeds, or pass --overwrite or another --out"
+        )
+
+
+def _expected_settings(args: argparse.Namespace, methods: list[str], toy: bool, model_name):
+    """The settings `evaluate_planted` will record for this command, before any work."""
+    from melbo_lens.models.toy import DEFAULT_RADIUS
+
+    defaults = args.defaults or not toy
+    positions = _positions(args.positions)
+    return {
+        "model": model_name,
+        "n_vectors": args.n_vectors,
+        "methods": methods,
+        "radius": "auto"
+        if defaults
+        else args.radius
+        if args.radius is not None
+        else DEFAULT_RADIUS,
+        "adapter_radius": args.adapter_radius,
+        "source": f"blocks.{args.source}.hook_resid_pre",
+        "target": f"blocks.{args.target}.hook_resid_pre",
+        "target_positions": "auto"
+        if defaults
+        else "all"
+        if positions is None
+        else f"last {positions}",
+        "steps": "auto" if defaults else args.steps,
+        "defaults": defaults,
+        "max_new_tokens": args.max_new_tokens,
+        "n_heldout": _heldout(args, toy),
+    }
+
+
+def _heldout(args: argparse.Namespace, toy: bool) -> int:
+    return args.heldout if args.heldout is not None else 16 if toy else 32
+
+
+def _positions(spec: str) -> int | None:
+    if spec == "all":
+        return None
+    if spec.startswith("last:"):
+        try:
+            n = int(spec.split(":", 1)[1])
+        except ValueError:
+            n = 0
+        if n >= 1:
+            return n
+    raise CliError(f"--positions must be 'all' or 'last:N' with N >= 1, got {spec!r}")
+
+
+def _methods(spec: str) -> list[str]:
+    from melbo_lens.workflows.planted import METHODS
+
+    methods = [m.strip() for m in spec.split(",") if m.strip()]
+    unknown = sorted(set(methods) - set(METHODS))
+    if unknown or not methods:
+        raise CliError(
+            f"--methods {spec!r}: unknown {unknown}; choose from {', '.join(METHODS)}"
+            if unknown
+            else f"--methods {spec!r}: name at least one of {', '.join(METHODS)}"
+        )
+    return methods
 
 
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from melbo_lens.models.zoo import load_model
+
+    methods = _methods(args.methods)  # every flag checked before the lock and the model
+    positions = _positions(args.positions)
+    out = checked_directory(args.out, "--out")
+    path = out / "planted.json"
+    with locked(out):
+        if path.exists() and not (args.resume or args.overwrite):
+            _previous(path, args, [])  # refuses, naming --resume / --overwrite
+        torch.set_num_threads(args.threads)
+        start = time.perf_counter()
+        model = load_model(args.model)
+        toy = model.cfg.model_name == "planted-arithmetic"
+        seeds = list(range(args.first_seed, args.first_seed + args.seeds))
+        runs, settings, seconds_before = _previous(path, args, seeds)
+        if settings is not None:
+            now = _expected_settings(args, methods, toy, model.cfg.model_name)
+            check_resumable(settings, now, path)
+        return _run_seeds(
+            args,
+            model,
+            toy,
+            methods,
+            positions,
+            out,
+            path,
+            seeds,
+            runs,
+            settings,
+            seconds_before,
+            start,
+        )
+
+
+def _run_seeds(
+    args, model, toy, methods, positions, out, path, seeds, runs, settings, seconds_before, start
+) -> int:
     from melbo_lens.core.sites import HookSite
     from melbo_lens.models.toy import DEFAULT_RADIUS, TRIGGER_PHRASES
-    from melbo_lens.models.zoo import load_model
-    from melbo_lens.workflows.planted import METHODS, PlantedReport, evaluate_planted
+    from melbo_lens.workflows.planted import PlantedReport, evaluate_planted
 
-    torch.set_num_threads(args.threads)
-    start = time.perf_counter()
-    model = load_model(args.model)
-    toy = model.cfg.model_name == "planted-arithmetic"
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = sorted(set(methods) - set(METHODS))
-    if unknown:
-        raise SystemExit(f"--methods: unknown {unknown}; choose from {', '.join(METHODS)}")
-    if args.positions == "all":
-        positions = None
-    elif args.positions.startswith("last:"):
-        positions = int(args.positions.split(":", 1)[1])
-    else:
-        raise SystemExit(f"--positions must be 'all' or 'last:N', got {args.positions!r}")
-    out = Path(args.out)
-    path = out / "planted.json"
-    seeds = list(range(args.first_seed, args.first_seed + args.seeds))
-    runs, settings, seconds_before = _previous(path, args, seeds, methods)
     done = {run.seed for run in runs}
     report = None
     for seed in seeds:
@@ -133,7 +248,7 @@ def run(args: argparse.Namespace) -> int:
             steps=args.steps,
             methods=methods,
             max_new_tokens=args.max_new_tokens,
-            n_heldout=args.heldout if args.heldout is not None else 16 if toy else 32,
+            n_heldout=_heldout(args, toy),
             log=lambda line: print(line, flush=True),
             defaults=args.defaults or not toy,
             adapter_radius=args.adapter_radius,

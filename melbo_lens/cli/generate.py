@@ -18,6 +18,7 @@ from melbo_lens.cli.options import (
     positive_int,
     seed_int,
 )
+from melbo_lens.cli.output import claimed_file
 from melbo_lens.core.io import atomic_write_text
 
 __all__ = ["add_arguments", "run"]
@@ -45,6 +46,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     o = p.add_argument_group("output")
     o.add_argument("--width", type=positive_int, default=110, help="table width (characters)")
     o.add_argument("--json", help="also write the completions as JSON to this file")
+    o.add_argument("--overwrite", action="store_true", help="--json: replace an existing file")
 
 
 def _indices(spec: str | None, n: int) -> list[int] | None:
@@ -64,6 +66,13 @@ def _indices(spec: str | None, n: int) -> list[int] | None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if not args.json:
+        return _generate(args, None)
+    with claimed_file(args.json, "--json", overwrite=args.overwrite) as path:  # before any work
+        return _generate(args, path)
+
+
+def _generate(args: argparse.Namespace, json_path) -> int:
     from melbo_lens.generation import generate
     from melbo_lens.models.zoo import load_model
     from melbo_lens.perturbations.artifact import load_artifact
@@ -87,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
     )
     print(gens.table(width=args.width))
-    if args.json:
-        atomic_write_text(args.json, json.dumps(gens.to_dict(), indent=2))
-        print(f"\ncompletions -> {args.json}")
+    if json_path is not None:
+        atomic_write_text(json_path, json.dumps(gens.to_dict(), indent=2))
+        print(f"\ncompletions -> {json_path}")
     return 0

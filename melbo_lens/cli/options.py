@@ -40,6 +40,9 @@ FLAG_OF = {
     "orthogonal": "--orthogonal",
     "solver": "--solver",
     "seed": "--seed",
+    "prompts": "--prompt/--prompts-file",
+    "target_positions": "--target-positions",
+    "model": "--model",
 }
 
 
@@ -147,7 +150,13 @@ def _read_list(path_str: str, flag: str) -> list[Any]:
     path = Path(path_str)
     if not path.is_file():
         raise CliError(f"{flag} {path_str}: no such file")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise CliError(
+            f"{flag} {path_str}: not UTF-8 text (byte {err.start}: {err.reason}); give a .txt "
+            "with one prompt per line or a .json list"
+        ) from None
     if path.suffix == ".json":
         try:
             data = json.loads(text)

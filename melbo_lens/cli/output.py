@@ -17,7 +17,13 @@ from pathlib import Path
 from melbo_lens.cli.options import FLAG_OF, CliError
 from melbo_lens.core.io import LockHeld, exclusive_lock
 
-__all__ = ["claimed_output", "locked", "resume_mismatch_message"]
+__all__ = [
+    "checked_directory",
+    "claimed_file",
+    "claimed_output",
+    "locked",
+    "resume_mismatch_message",
+]
 
 
 @contextmanager
@@ -40,14 +46,58 @@ def claimed_output(args: argparse.Namespace, filename: str) -> Iterator[tuple[Pa
 
 
 @contextmanager
-def locked(out: Path) -> Iterator[None]:
-    """An exclusive lock on --out for the block; a live holder is a CliError naming it."""
+def locked(out: Path, flag: str = "--out") -> Iterator[None]:
+    """An exclusive lock on an output for the block; a live holder is a CliError naming it."""
     with ExitStack() as stack:
         try:
             stack.enter_context(exclusive_lock(out))
         except LockHeld as err:
-            raise CliError(f"--out {out}: {err}") from None
+            raise CliError(f"{flag} {out}: {err}") from None
         yield
+
+
+def checked_directory(path: str | Path, flag: str) -> Path:
+    """An output folder that exists (created if needed) and can be written, checked before
+    any work: a file in its place, or a folder that cannot be written, is a CliError."""
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise CliError(f"{flag} {out} is a file; give a directory")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise CliError(f"{flag} {out}: cannot create it ({err.strerror}); choose another") from None
+    _probe_writable(out, flag)
+    return out
+
+
+def _probe_writable(folder: Path, flag: str) -> None:
+    """Create and remove a file in `folder`: os.access alone is wrong for root and ACLs."""
+    from melbo_lens.core.io import temporary_beside
+
+    try:
+        temporary_beside(folder / ".write-check").unlink()
+    except OSError as err:
+        raise CliError(
+            f"{flag} {folder}: cannot write there ({err.strerror}); choose another"
+        ) from None
+
+
+@contextmanager
+def claimed_file(path: str | Path, flag: str, *, overwrite: bool) -> Iterator[Path]:
+    """One output file, claimed before any work: not a folder, its folder writable, locked
+    for the block, and an existing file only replaced with --overwrite."""
+    target = Path(path)
+    if target.is_dir():
+        raise CliError(f"{flag} {target} is a directory; give a file name (e.g. {target}/out.json)")
+    parent = target.parent if str(target.parent) else Path(".")
+    checked_directory(parent, flag)
+    with locked(target, flag):
+        if target.exists() and not overwrite:
+            raise CliError(
+                f"{flag} {target} already exists; pass --overwrite to replace it, or give "
+                "another file"
+            )
+        yield target
 
 
 def _check_existing(args: argparse.Namespace, out: Path, path: Path, describe) -> str | None:
@@ -89,4 +139,5 @@ def _show(value) -> str:
         from melbo_lens.core.sites import HookSite
 
         return HookSite.from_dict(value).name
-    return repr(value)
+    text = repr(value)
+    return text if len(text) <= 160 else text[:157] + "..."

@@ -24,7 +24,7 @@ from melbo_lens.cli.options import (
     positive_float,
     positive_int,
 )
-from melbo_lens.cli.output import claimed_output, locked
+from melbo_lens.cli.output import checked_directory, claimed_output
 from melbo_lens.core.io import atomic_write_text
 
 __all__ = ["add_arguments", "run"]
@@ -71,9 +71,52 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.set_defaults(out="sweep_out", max_new_tokens=32)
 
 
+# what a --grid run reads from the command line; the grid file defines everything else
+GRID_FLAGS = {
+    "grid",
+    "executor",
+    "address",
+    "workers",
+    "cpus_per_cell",
+    "gpus_per_cell",
+    "out",
+    "overwrite",
+    "resume",
+    "quiet",
+    "debug",
+    "command",
+    "func",
+    "threads",
+}
+RAY_FLAGS = ("executor", "address", "workers", "cpus_per_cell", "gpus_per_cell")
+
+
+def _given(args: argparse.Namespace) -> list[str]:
+    """The flags given on the command line (those that differ from the defaults)."""
+    from melbo_lens.cli import build_parser
+
+    defaults = vars(build_parser().parse_args(["sweep"]))
+    return [k for k, v in vars(args).items() if k in defaults and v != defaults[k]]
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
 def run(args: argparse.Namespace) -> int:
+    given = _given(args)
     if args.grid:
+        ignored = [_flag(k) for k in given if k not in GRID_FLAGS]
+        if ignored:
+            raise CliError(
+                f"--grid {args.grid} defines the sweep, so {', '.join(ignored)} would be "
+                "ignored; set them in the grid file (model, radii, config: {n_vectors: ...}, "
+                "...) and drop them here"
+            )
         return _grid_sweep(args)
+    ray_only = [_flag(k) for k in given if k in RAY_FLAGS]
+    if ray_only:
+        raise CliError(f"{', '.join(ray_only)} only apply to a --grid sweep; pass --grid FILE")
     try:
         radii = [float(r) for r in args.radii.split(",") if r.strip()]
     except ValueError:
@@ -136,16 +179,20 @@ def _sweep(args: argparse.Namespace, radii: list[float], path: Path) -> int:
 
 
 def _grid_sweep(args: argparse.Namespace) -> int:
-    from melbo_lens.workflows.sweeps import SweepGrid, run_sweep
+    from melbo_lens.core.io import LockHeld
+    from melbo_lens.workflows.sweeps import GridError, SweepFailed, SweepGrid, run_sweep
+    from melbo_lens.workflows.sweeps_ray import ResourcesUnavailable
 
     if not Path(args.grid).is_file():
         raise CliError(f"--grid {args.grid}: no such file")
+    if args.resume and args.overwrite:
+        raise CliError("--resume and --overwrite contradict each other; pass one")
     try:
         grid = SweepGrid.load(args.grid)
-    except ValueError as err:
-        raise CliError(f"--grid {args.grid}: {err}") from None
-    out = Path(args.out)
-    with locked(out):  # finished cells are never redone: a rerun resumes
+    except GridError as err:
+        raise CliError(f"--grid {err}") from None
+    out = checked_directory(args.out, "--out")
+    try:  # finished cells are never redone: a rerun resumes (--resume is the default)
         result = run_sweep(
             grid,
             out,
@@ -155,13 +202,30 @@ def _grid_sweep(args: argparse.Namespace) -> int:
             num_cpus=args.cpus_per_cell,
             num_gpus=args.gpus_per_cell,
             progress=not args.quiet,
+            overwrite=args.overwrite,
         )
+    except LockHeld as err:
+        raise CliError(f"--out {err}") from None
+    except GridError as err:
+        raise CliError(
+            f"--grid {args.grid}: {err}".replace("overwrite=True (CLI: --overwrite)", "--overwrite")
+        ) from None
+    except ResourcesUnavailable as err:
+        raise CliError(str(err)) from None
+    except SweepFailed as err:
+        if err.result.rows:
+            _tables(err.result, out)
+        raise CliError(str(err)) from None
+    _tables(result, out)
+    return 0
+
+
+def _tables(result, out: Path) -> None:
     from melbo_lens.views.sweep_report import write_sweep_report
 
     report = write_sweep_report(result)
     print(result.to_pandas().drop(columns=["cell", "options"]).to_string(index=False))
     print(f"\n{len(result.rows)} cells ({len(result.ran)} run now) -> {out}/results.csv, {report}")
-    return 0
 
 
 def _short(text: str, width: int) -> str:

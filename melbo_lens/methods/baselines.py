@@ -27,7 +27,6 @@ a residual ||Hx − λx|| below `tol`·|λ_max|.
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable
 from typing import Any
@@ -36,6 +35,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from melbo_lens.core.checks import is_positive
 from melbo_lens.core.host import d_model_of, frozen
 from melbo_lens.core.prompts import PromptSet
 from melbo_lens.core.segment import Segment
@@ -56,6 +56,19 @@ __all__ = [
 ]
 
 MatVec = Callable[[Float[Tensor, "b d"]], Float[Tensor, "b d"]]
+
+
+def check_radius(radius: Any) -> None:
+    """A baseline's R: a finite number > 0 ("auto" is MELBO's radius search, which needs a
+    training run, so a baseline takes the number it chose)."""
+    if radius == "auto":
+        raise ValueError(
+            "radius='auto' is chosen by MELBO's radius search during training; a baseline "
+            "needs a number: pass the trained vectors' R (vectors.radius[0]) to compare at "
+            "the same norm"
+        )
+    if not is_positive(radius):
+        raise ValueError(f"radius must be a finite number > 0, got {radius!r}")
 
 
 # ---------------------------------------------------------------------- random
@@ -83,8 +96,7 @@ def random_vectors(
     d_model = d_model_of(model)
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"n must be an int >= 1, got {n!r}")
-    if not (radius > 0 and math.isfinite(radius)):
-        raise ValueError(f"radius must be a finite number > 0, got {radius!r}")
+    check_radius(radius)
     if orthogonal and n > d_model:
         raise ValueError(
             f"cannot draw {n} mutually orthogonal vectors in d_model={d_model}; "
@@ -134,8 +146,7 @@ def random_adapters(
     check_adapter_host(model, layer)
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"n must be an int >= 1, got {n!r}")
-    if not (radius > 0 and math.isfinite(radius)):
-        raise ValueError(f"radius must be a finite number > 0, got {radius!r}")
+    check_radius(radius)
     d_mlp, d_model = int(model.cfg.d_mlp), d_model_of(model)
     a, b = _init_adapters(list(range(n)), d_mlp, d_model, rank, seed, "cpu", torch.float64)
     unit = torch.nn.functional.normalize
@@ -303,8 +314,7 @@ def _check_common(model: Any, prompts: PromptSet, k: int, radius: float) -> int:
     d_model = d_model_of(model)
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= d_model:
         raise ValueError(f"k must be an int in [1, d_model={d_model}], got {k!r}")
-    if not (radius > 0 and math.isfinite(radius)):
-        raise ValueError(f"radius must be a finite number > 0, got {radius!r}")
+    check_radius(radius)
     return d_model
 
 

@@ -48,6 +48,27 @@ SOURCE_DEPTH = 0.25
 TARGET_DEPTH = 0.75
 
 
+def _check_one_auto(config: Any, source: HookSite, target: HookSite) -> None:
+    """With one site given and the other automatic, a default that does not fit the given
+    one is named as the automatic choice it is, with the fix, not as the user's setting."""
+    if (config.source is None) == (config.target is None):
+        return
+    given, auto, name = (
+        (config.target, source, "source")
+        if config.source is None
+        else (config.source, target, "target")
+    )
+    first, second = (auto, given) if name == "source" else (given, auto)
+    if second.position <= first.position:
+        other = "target" if name == "source" else "source"
+        where = "before" if name == "source" else "after"
+        raise ValueError(
+            f"{other}={given.name} was given and {name} left automatic, but the automatic "
+            f"{name} ({auto.name}, at a quarter of the depth) is not {where} it; pass "
+            f"{name}= explicitly, a site {where} {given.name}"
+        )
+
+
 def default_sites(n_layers: int) -> tuple[HookSite, HookSite]:
     """Source and target at the quarter points of the depth, rounded inwards: the
     residual stream leaving block ⌈n/4⌉ − 1 (= entering block ⌈n/4⌉) and entering block
@@ -106,6 +127,7 @@ def resolve_defaults(
     auto: dict[str, Any] = {}
     if config.source is None or config.target is None:
         source, target = default_sites(n_layers_of(model))
+        _check_one_auto(config, source, target)
         config = replace(config, source=config.source or source, target=config.target or target)
         auto["sites"] = {
             "rule": f"quarter points of the depth rounded inwards: the output of block "

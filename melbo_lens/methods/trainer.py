@@ -283,6 +283,23 @@ def config_differences(saved: dict[str, Any], now: dict[str, Any]) -> dict[str, 
     return {k: (saved.get(k), now.get(k)) for k in keys if saved.get(k) != now.get(k)}
 
 
+def _shown(prompts: dict[str, Any]) -> Any:
+    return prompts.get("texts") or f"{len(prompts.get('tokens') or [])} token lists"
+
+
+def prompt_differences(saved: dict[str, Any] | None, prompts: PromptSet) -> dict[str, tuple]:
+    """What differs between the prompts a run was saved with and this run's: their text
+    (or tokens), else their target positions (after the automatic outlier rule)."""
+    if not saved:
+        return {}
+    now = prompts.to_dict()
+    if saved.get("tokens") != now["tokens"]:
+        return {"prompts": (_shown(saved), _shown(now))}
+    if saved.get("targets") != now["targets"]:
+        return {"target_positions": (saved.get("targets"), now["targets"])}
+    return {}
+
+
 def groups_of(spec: LoopSpec) -> list[list[int]]:
     """Members that train together, in order."""
     if spec.orthogonal == "sequential":
@@ -582,6 +599,9 @@ def _start(
         return record, {}, 0.0
     prior = family.load(resume) if isinstance(resume, str) else resume
     differing = config_differences(prior.config, family.config.to_dict())
+    differing.update(prompt_differences(prior.prompts, family.prompts))
+    if prior.model_name and family.model_name and prior.model_name != family.model_name:
+        differing["model"] = (prior.model_name, family.model_name)
     if differing:
         raise ResumeMismatch(differing, type(family.config).__name__)
     for name, value in family.params_of(prior).items():
@@ -590,6 +610,15 @@ def _start(
         if getattr(prior, name) is not None:
             record[name].copy_(getattr(prior, name))
     return record, dict(prior.resume_state), float(prior.metadata.get("train_seconds", 0.0))
+
+
+def _finished(resume: Any | None, family: Family) -> Any | None:
+    """The artifact being resumed when its run already finished (nothing to redo)."""
+    if resume is None:
+        return None
+    prior = family.load(resume) if isinstance(resume, str) else resume
+    done = prior.objective is not None and bool(torch.isfinite(prior.objective).all())
+    return prior if done and not prior.metadata.get("interrupted") else None
 
 
 def train(
@@ -781,6 +810,21 @@ def _close_phase(
 
 
 def _run(model: Any, prompts: PromptSet, family: Family, resume: Any | None, run: _Run) -> Any:
+    """A resumed run that finished already, as saved; else the loop (`_loop`)."""
+    if resume is not None:
+        _start(
+            family,
+            LoopSpec.of(family.config, n=family.n, per_batch=family.per_batch),
+            prompts.tokens.device,
+            family.empty(prompts.tokens.device),
+            resume,
+        )  # checks
+        if (finished := _finished(resume, family)) is not None:
+            return finished  # matches this run (checked); returned as saved, not rewritten
+    return _loop(model, prompts, family, resume, run)
+
+
+def _loop(model: Any, prompts: PromptSet, family: Family, resume: Any | None, run: _Run) -> Any:
     """The loop itself (see `train`)."""
     progress, callback, checkpoint = run.progress, run.callback, run.checkpoint
     checkpoint_every, compile = run.checkpoint_every, run.compile

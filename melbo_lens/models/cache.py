@@ -1,6 +1,15 @@
 """The on-disk cache of converted models: where it lives, the key that says whether an
 entry is still valid (file sizes, mtimes, library versions), building an entry
-atomically and reading it back (a damaged entry is rebuilt, never trusted)."""
+atomically and reading it back (a damaged entry is rebuilt, never trusted).
+
+Integrity: the manifest records each file's size and sha256 when the entry is built. A
+load checks sizes always, and re-hashes every file whose (size, mtime) differs from the
+last successful check (recorded in ``verified.json``), so a file written to after it was
+checked, even one that kept its size, is caught, while an untouched entry loads without
+reading 0.6 GB (SmolLM2) to 28 GB (a 14B model in bf16) through sha256 each time (about
+1 GB/s on one core). ``MELBO_LENS_VERIFY_CACHE=always`` re-hashes on every load, for media
+that may rot without a write. A mismatch is a damaged entry: it is rebuilt, with a warning
+that names the file."""
 
 from __future__ import annotations
 
@@ -36,7 +45,7 @@ __all__ = ["CACHE_FORMAT_VERSION", "default_cache_dir"]
 logger = logging.getLogger(__name__)
 
 
-CACHE_FORMAT_VERSION = 1
+CACHE_FORMAT_VERSION = 2  # 2: sha256 of every file in the manifest
 
 
 def default_cache_dir() -> Path:
@@ -82,13 +91,12 @@ def _build_entry(
     work = temporary_beside(entry, directory=True)
     try:
         _convert_into(spec, sources, work)
-        files = {
-            str(p.relative_to(work)): p.stat().st_size
-            for p in sorted(work.rglob("*"))
-            if p.is_file()
-        }
-        manifest = {**identity, "hf_name": spec.hf_name, "files": files}
+        paths = [p for p in sorted(work.rglob("*")) if p.is_file()]
+        files = {str(p.relative_to(work)): p.stat().st_size for p in paths}
+        sha256 = {str(p.relative_to(work)): _sha256(p) for p in paths}
+        manifest = {**identity, "hf_name": spec.hf_name, "files": files, "sha256": sha256}
         _atomic_write_json(work / "manifest.json", manifest)
+        _atomic_write_json(work / VERIFIED, _stamps(work, files))
         work.chmod(0o755)  # mkdtemp made it private; the entry is an ordinary cache directory
         try:
             os.replace(work, entry)
@@ -158,18 +166,51 @@ def _load_entry(
     return model.eval()
 
 
+VERIFIED = "verified.json"
+
+
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _stamps(entry: Path, files: dict[str, int]) -> dict[str, list[int]]:
+    """(size, mtime_ns) of each file: what a later load compares to skip re-hashing."""
+    return {rel: [(entry / rel).stat().st_size, (entry / rel).stat().st_mtime_ns] for rel in files}
+
+
 def _check_manifest(entry: Path) -> None:
+    """Sizes always; the sha256 of each file changed since its last check (or of every
+    file with MELBO_LENS_VERIFY_CACHE=always). Raises `_CorruptCacheError` naming a file."""
     try:
         manifest = json.loads((entry / "manifest.json").read_text())
         version = manifest.get("format_version")
-        sizes = {relative: (entry / relative).stat().st_size for relative in manifest["files"]}
+        files, hashes = manifest["files"], manifest["sha256"]
+        stamps = _stamps(entry, files)
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
         raise _CorruptCacheError(f"manifest: {type(error).__name__}: {error}") from error
     if version != CACHE_FORMAT_VERSION:
         raise _CorruptCacheError(f"cache format version {version!r}")
-    for relative, size in sizes.items():
-        if size != manifest["files"][relative]:
+    for relative, (size, _) in stamps.items():
+        if size != files[relative]:
             raise _CorruptCacheError(f"{relative} has the wrong size")
+    try:
+        verified = json.loads((entry / VERIFIED).read_text())
+    except (OSError, ValueError):
+        verified = {}
+    always = os.environ.get("MELBO_LENS_VERIFY_CACHE", "").lower() == "always"
+    changed = [rel for rel in files if always or verified.get(rel) != stamps[rel]]
+    for relative in changed:
+        if _sha256(entry / relative) != hashes.get(relative):
+            raise _CorruptCacheError(
+                f"{relative} was changed after the conversion (its sha256 differs from the "
+                "manifest's)"
+            )
+    if changed:
+        try:
+            _atomic_write_json(entry / VERIFIED, stamps)
+        except OSError:  # a read-only cache: checked again next time, which is only slower
+            pass
 
 
 def _read_tokenizer(entry: Path) -> PreTrainedTokenizerBase:

@@ -181,9 +181,9 @@ class SteeringVectors(_Rows):
             site = HookSite.from_dict(info["site"])
         except (KeyError, TypeError, ValueError) as err:
             raise ArtifactError(f"{path} has corrupt site metadata: {err!r}") from err
-        return cls(
-            vectors=tensors["vectors"], site=site, **_loaded_fields(path, info, tensors, "melbo")
-        )
+        fields = _loaded_fields(path, info, tensors, "melbo")
+        _check_consistent(path, site, tensors["vectors"], fields["method"], fields["config"])
+        return cls(vectors=tensors["vectors"], site=site, **fields)
 
     def __repr__(self) -> str:
         target = f" -> {self.target.name}" if self.target is not None else ""
@@ -191,3 +191,34 @@ class SteeringVectors(_Rows):
             f"SteeringVectors(n={len(self)}, d_model={self.d_model}, site={self.site.name}"
             f"{target}, method={self.method!r}, model={self.model_name!r})"
         )
+
+
+def _check_consistent(
+    path: Any, site: HookSite, vectors: Tensor, method: str, config: dict
+) -> None:
+    """A file whose metadata contradicts itself (edited by hand, or stitched from two runs)
+    is refused: the config's source must be the site the vectors are added at, and MELBO or
+    random vectors, which lie on the sphere of radius R by construction, must have norm R
+    (or be zero: not started yet in a checkpoint)
+    (rtol 1e-2: far above float and bf16 rounding, far below any other radius)."""
+    source = config.get("source")
+    if isinstance(source, dict):
+        try:
+            configured = HookSite.from_dict(source)
+        except (KeyError, TypeError, ValueError) as err:
+            raise ArtifactError(f"{path} has corrupt config.source: {err!r}") from err
+        if configured != site:
+            raise ArtifactError(
+                f"{path}: its site is {site.name} but its config.source is {configured.name}; "
+                "the metadata contradicts itself (was the file edited or stitched together?)"
+            )
+    radius = config.get("radius")
+    if method in ("melbo", "random") and isinstance(radius, int | float) and vectors.numel():
+        norms = vectors.float().norm(dim=-1)
+        norms = norms[norms > 0]  # members a checkpoint has not started yet are zero
+        if norms.numel() and not torch.allclose(norms, torch.full_like(norms, float(radius)), rtol=1e-2, atol=0):
+            raise ArtifactError(
+                f"{path}: config.radius is {radius:g} but the vectors' norms are "
+                f"{norms.min():.4g}..{norms.max():.4g}; the metadata contradicts the vectors "
+                "(was the file edited or stitched together?)"
+            )

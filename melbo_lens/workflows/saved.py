@@ -8,14 +8,27 @@ killed mid-save redoes that unit and nothing else.
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
 
-from melbo_lens.core.io import atomic_write_text
+from melbo_lens.core.io import ArtifactError, atomic_write_text
 from melbo_lens.perturbations.vectors import SteeringVectors
 
-__all__ = ["load_unit", "save_unit"]
+__all__ = ["json_safe", "load_unit", "save_unit"]
+
+
+def json_safe(value: Any) -> Any:
+    """`value` with every non-finite float as None, so `json.dumps` writes valid JSON
+    (a bare NaN is not JSON; pandas and json.loads read null back as missing)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(v) for v in value]
+    return value
 
 
 def save_unit(
@@ -23,7 +36,8 @@ def save_unit(
 ) -> None:
     """Save a finished unit: the vectors, then the record (which marks it finished)."""
     vectors.save(Path(directory) / f"{name}.safetensors")
-    atomic_write_text(Path(directory) / f"{name}.json", json.dumps(record))
+    text = json.dumps(json_safe(record), allow_nan=False)
+    atomic_write_text(Path(directory) / f"{name}.json", text)
 
 
 def load_unit(directory: str | os.PathLike[str], name: str) -> tuple[Any, SteeringVectors] | None:
@@ -31,8 +45,12 @@ def load_unit(directory: str | os.PathLike[str], name: str) -> tuple[Any, Steeri
     record, vectors = Path(directory) / f"{name}.json", Path(directory) / f"{name}.safetensors"
     if not (record.is_file() and vectors.is_file()):
         return None
+    redo = f"delete {record.name} and {vectors.name} in {record.parent} to redo it"
     try:
         data = json.loads(record.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{record} is not a saved record ({err}); delete it to redo it") from err
-    return data, SteeringVectors.load(vectors)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{record} is not a saved record ({err}); {redo}") from None
+    try:
+        return data, SteeringVectors.load(vectors)
+    except (ArtifactError, ValueError, OSError) as err:
+        raise ValueError(f"{vectors} is damaged ({err}); {redo}") from None

@@ -23,9 +23,7 @@ and the driver writes every file, so workers need no shared filesystem.
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
-import itertools
 import json
 import math
 import os
@@ -34,134 +32,28 @@ import statistics
 import sys
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
 
-from melbo_lens.core.io import atomic_write_text
+from melbo_lens.core.checks import one_line
+from melbo_lens.core.io import LockHeld, atomic_write_text, exclusive_lock
 from melbo_lens.core.prompts import PromptSet, parse_positions
 from melbo_lens.core.sites import parse_site
 from melbo_lens.perturbations.vectors import SteeringVectors
-from melbo_lens.workflows.saved import load_unit, save_unit
+from melbo_lens.workflows.saved import json_safe, load_unit, save_unit
+from melbo_lens.workflows.sweep_grid import Cell, GridError, SweepGrid, check_against_model
 
-__all__ = ["Cell", "SweepGrid", "SweepResult", "run_cell", "run_sweep"]
-
-METHODS = ("melbo", "random", "jacobian")
-
-
-@dataclass(frozen=True)
-class SweepGrid:
-    """The axes of a sweep and what every cell shares.
-
-    `prompts`: named prompt sets (name -> list of prompts); `sites`: (source, target)
-    pairs as layer numbers or hook names; `methods`: dicts with a `method` ("melbo",
-    "random", "jacobian") and, for melbo, any `MelboConfig` field (e.g. `solver`);
-    `config`: fields every cell's `MelboConfig` shares (n_vectors, steps, ...);
-    `behaviors`: name -> regular expression counted in the completions.
-    """
-
-    model: str
-    prompts: dict[str, list[Any]]
-    sites: list[tuple[str, str]]
-    radii: list[float]
-    seeds: list[int] = field(default_factory=lambda: [0])
-    methods: list[dict[str, Any]] = field(default_factory=lambda: [{"method": "melbo"}])
-    config: dict[str, Any] = field(default_factory=dict)
-    behaviors: dict[str, str] = field(default_factory=dict)
-    chat: bool = True
-    target_positions: str = "auto"
-    max_new_tokens: int = 24
-
-    def __post_init__(self) -> None:
-        problems = []
-        if not self.prompts or not all(self.prompts.values()):
-            problems.append("prompts must name at least one non-empty prompt set")
-        if not self.sites:
-            problems.append("sites must hold at least one [source, target] pair")
-        if not self.radii or not all(
-            isinstance(r, int | float) and 0 < r < math.inf for r in self.radii
-        ):
-            problems.append(f"radii must be finite numbers > 0, got {self.radii}")
-        for m in self.methods:
-            if m.get("method") not in METHODS:
-                problems.append(f"method must be one of {METHODS}, got {m.get('method')!r}")
-        try:
-            parse_positions(self.target_positions)
-        except ValueError as err:
-            problems.append(f"target_positions {err}")
-        for name, pattern in self.behaviors.items():
-            try:
-                re.compile(pattern)
-            except re.error as err:
-                problems.append(f"behaviour {name!r}: bad regular expression ({err})")
-        if problems:
-            raise ValueError("invalid sweep grid: " + "; ".join(problems))
-        object.__setattr__(self, "sites", [tuple(map(str, s)) for s in self.sites])
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> SweepGrid:
-        known = set(cls.__dataclass_fields__)
-        unknown = set(data) - known
-        if unknown:
-            raise ValueError(f"unknown sweep grid fields {sorted(unknown)}; known: {sorted(known)}")
-        missing = [k for k in ("model", "prompts", "sites", "radii") if k not in data]
-        if missing:
-            raise ValueError(f"a sweep grid needs the fields {missing} (missing)")
-        return cls(**data)
-
-    @classmethod
-    def load(cls, path: str | os.PathLike[str]) -> SweepGrid:
-        """A grid from a .yaml/.yml or .json file."""
-        text = Path(path).read_text(encoding="utf-8")
-        if str(path).endswith((".yaml", ".yml")):
-            import yaml
-
-            data = yaml.safe_load(text)
-        else:
-            data = json.loads(text)
-        if not isinstance(data, dict):
-            raise ValueError(f"{path}: a sweep grid is a mapping of fields, got {type(data)}")
-        return cls.from_dict(data)
-
-    def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["sites"] = [list(s) for s in self.sites]
-        return data
-
-    def cells(self) -> list[Cell]:
-        """Every point of the grid, in a fixed order."""
-        axes = itertools.product(
-            sorted(self.prompts), self.sites, self.radii, self.seeds, self.methods
-        )
-        return [
-            Cell(prompt_set, src, tgt, float(radius), int(seed), dict(method))
-            for prompt_set, (src, tgt), radius, seed, method in axes
-        ]
-
-
-@dataclass(frozen=True)
-class Cell:
-    """One point of a sweep grid."""
-
-    prompt_set: str
-    source: str
-    target: str
-    radius: float
-    seed: int
-    method: dict[str, Any]
-
-    @property
-    def id(self) -> str:
-        """A readable, filesystem-safe name that is unique within a grid."""
-        label = "-".join(f"{k}={v}" for k, v in sorted(self.method.items()) if k != "method")
-        text = (
-            f"{self.prompt_set}_{self.method['method']}{('-' + label) if label else ''}_"
-            f"s{self.source}_t{self.target}_R{self.radius:g}_seed{self.seed}"
-        )
-        safe = re.sub(r"[^A-Za-z0-9_.=-]+", "-", text)
-        digest = hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()
-        return f"{safe[:100]}_{digest[:8]}"
+__all__ = [
+    "Cell",
+    "GridError",
+    "SweepFailed",
+    "SweepGrid",
+    "SweepResult",
+    "run_cell",
+    "run_sweep",
+]
 
 
 # ---------------------------------------------------------------------- one cell
@@ -291,21 +183,54 @@ def _finished(out: Path, cell: Cell) -> dict[str, Any] | None:
     return None if saved is None else saved[0]
 
 
-def _manifest(out: Path, grid: SweepGrid, cells: list[Cell]) -> None:
-    path = out / "manifest.json"
-    data = {"grid": grid.to_dict(), "cells": [c.id for c in cells]}
-    if path.is_file():
-        saved = json.loads(path.read_text(encoding="utf-8"))
-        if saved.get("grid") != data["grid"]:
-            differing = sorted(
-                k for k in data["grid"] if saved.get("grid", {}).get(k) != data["grid"][k]
-            )
-            raise ValueError(
-                f"{out} holds a sweep of another grid (differs in {', '.join(differing)}); "
-                "resume it with its own grid, or choose another output directory"
-            )
-        return
-    atomic_write_text(path, json.dumps(data, indent=2))
+class SweepFailed(RuntimeError):
+    """Some cells failed; the others finished and are saved. `failures`: cell id -> error."""
+
+    def __init__(self, out: Path, failures: dict[str, str], result: SweepResult) -> None:
+        self.failures, self.result = failures, result
+        lines = "; ".join(f"{cell}: {err}" for cell, err in failures.items())
+        super().__init__(
+            f"{len(failures)} of {len(failures) + len(result.rows)} cells failed ({lines}); "
+            f"the {len(result.rows)} finished cells are saved in {out}, and a rerun with a "
+            "fixed grid runs only the failed ones"
+        )
+
+
+MANIFEST = "manifest.json"
+
+
+def _check_manifest(out: Path, grid: SweepGrid) -> bool:
+    """Whether `out` holds this grid's manifest already; another grid's is refused."""
+    path = out / MANIFEST
+    if not path.is_file():
+        return False
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8")).get("grid", {})
+    except (json.JSONDecodeError, AttributeError) as err:
+        raise GridError(
+            f"{path} is not a sweep manifest ({err}); delete it, or pass "
+            "overwrite=True (CLI: --overwrite)"
+        ) from None
+    now = grid.to_dict()
+    if saved != now:
+        differing = sorted(k for k in now if saved.get(k) != now[k])
+        raise GridError(
+            f"{out} holds a sweep of another grid (differs in {', '.join(differing)}); rerun "
+            "it with its own grid, pass overwrite=True (CLI: --overwrite) to discard its "
+            "cells and start this one, or choose another output directory"
+        )
+    return True
+
+
+def _clear(out: Path) -> None:
+    """Remove what a sweep wrote in `out` (overwrite=True)."""
+    for name in (MANIFEST, "results.json", "results.csv", "report.html"):
+        (out / name).unlink(missing_ok=True)
+    cells = out / "cells"
+    if cells.is_dir():
+        for f in cells.iterdir():
+            if f.suffix in (".json", ".safetensors"):
+                f.unlink()
 
 
 def run_sweep(
@@ -320,13 +245,18 @@ def run_sweep(
     num_gpus: float = 0.0,
     max_retries: int = 3,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> SweepResult:
     """Run every unfinished cell of `grid` and return the table of all finished ones.
 
-    `model_loader()` returns the model (default: `load_model(grid.model)`); under Ray it
-    runs once per worker actor. `workers` (Ray) is the number of actors (default: as many
-    as the cluster's resources fit, at most the number of pending cells), each reserving
-    `num_cpus` / `num_gpus`.
+    The grid is validated completely first (`SweepGrid`), `out_dir` is locked for the
+    call, and nothing is written until the model has been checked against the grid (local)
+    or a first cell has finished (Ray). `model_loader()` returns the model (default:
+    `load_model(grid.model)`); under Ray it runs once per worker actor. `workers` (Ray) is
+    the number of actors (default: as many as the cluster's resources fit, at most the
+    number of pending cells), each reserving `num_cpus` / `num_gpus`. A cell that raises
+    is reported and the others go on; `SweepFailed` then names the failed cells, with
+    the finished ones saved. `overwrite=True` discards an earlier sweep in `out_dir`.
 
     Examples:
         >>> result = run_sweep("grid.yaml", "sweep_out")          # doctest: +SKIP
@@ -337,29 +267,87 @@ def run_sweep(
     if executor not in ("local", "ray"):
         raise ValueError(f"executor must be 'local' or 'ray', got {executor!r}")
     out = Path(out_dir)
-    (out / "cells").mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"out_dir {out} is a file; give a directory")
+    try:
+        with exclusive_lock(out):
+            return _sweep(
+                grid,
+                out,
+                executor,
+                address,
+                model_loader,
+                workers,
+                num_cpus,
+                num_gpus,
+                max_retries,
+                progress,
+                overwrite,
+            )
+    except LockHeld as err:
+        raise LockHeld(f"{out}: {err}") from None
+
+
+def _sweep(
+    grid,
+    out,
+    executor,
+    address,
+    model_loader,
+    workers,
+    num_cpus,
+    num_gpus,
+    max_retries,
+    progress,
+    overwrite,
+) -> SweepResult:
+    if overwrite:
+        _clear(out)
+    has_manifest = _check_manifest(out, grid)
     cells = grid.cells()
-    _manifest(out, grid, cells)
     pending = [c for c in cells if _finished(out, c) is None]
     loader = model_loader or partial(_load_model, grid.model)
     _say(progress, f"sweep: {len(cells)} cells, {len(cells) - len(pending)} finished already")
+    failures: dict[str, str] = {}
+
+    def save(cell: Cell, vectors: SteeringVectors, measured: dict[str, Any]) -> None:
+        nonlocal has_manifest
+        if not has_manifest:  # written once something is worth protecting
+            (out / "cells").mkdir(parents=True, exist_ok=True)
+            data = {"grid": grid.to_dict(), "cells": [c.id for c in cells]}
+            atomic_write_text(out / MANIFEST, json.dumps(data, indent=2))
+            has_manifest = True
+        save_unit(out / "cells", cell.id, vectors, measured)
+
     if pending and executor == "local":
         model = loader()
+        check_against_model(grid, model)
         for i, cell in enumerate(pending):
             _say(progress, f"cell {i + 1} of {len(pending)}: {cell.id}")
-            save_unit(out / "cells", cell.id, *run_cell(model, grid, cell))
+            try:
+                save(cell, *run_cell(model, grid, cell))
+            except Exception as err:  # noqa: BLE001 - reported per cell, the rest go on
+                failures[cell.id] = one_line(err)
+                _say(progress, f"cell {cell.id} failed: {failures[cell.id]}")
     elif pending:
         from melbo_lens.workflows.sweeps_ray import run_on_ray
 
-        for i, (cell, vectors, measured) in enumerate(
+        for i, (cell, got) in enumerate(
             run_on_ray(grid, pending, loader, address, workers, num_cpus, num_gpus, max_retries)
         ):
-            save_unit(out / "cells", cell.id, vectors, measured)
-            _say(progress, f"cell {i + 1} of {len(pending)} done: {cell.id}")
+            if isinstance(got, str):
+                failures[cell.id] = got
+                _say(progress, f"cell {cell.id} failed: {got}")
+            else:
+                save(cell, *got)
+                _say(progress, f"cell {i + 1} of {len(pending)} done: {cell.id}")
     rows = [row for c in cells if (row := _finished(out, c)) is not None]
-    result = SweepResult(out, rows, [c.id for c in pending])
-    atomic_write_text(out / "results.json", json.dumps(rows, indent=1))
-    atomic_write_text(out / "results.csv", result.to_csv())
+    result = SweepResult(out, rows, [c.id for c in pending if c.id not in failures])
+    if has_manifest:
+        atomic_write_text(out / "results.json", json.dumps(json_safe(rows), indent=1))
+        atomic_write_text(out / "results.csv", result.to_csv())
+    if failures:
+        raise SweepFailed(out, failures, result)
     return result
 
 

@@ -19,7 +19,11 @@ from typing import Any
 import ray
 from ray.util import ActorPool
 
-__all__ = ["map_on_ray", "run_on_ray"]
+__all__ = ["ResourcesUnavailable", "map_on_ray", "run_on_ray"]
+
+
+class ResourcesUnavailable(RuntimeError):
+    """A worker asks for more CPU or GPU than the whole Ray cluster has."""
 
 
 class _Worker:
@@ -37,11 +41,16 @@ class _Worker:
         return fn(self.model, item)
 
 
-def _cell(grid: Any, model: Any, cell: Any) -> tuple[Any, Any, dict[str, Any]]:
+def _cell(grid: Any, model: Any, cell: Any) -> tuple[Any, Any]:
+    """(cell, (vectors, measurements)), or (cell, the error as one line) if it raised:
+    one cell's error is that cell's, and the other cells go on."""
+    from melbo_lens.core.checks import one_line
     from melbo_lens.workflows.sweeps import run_cell
 
-    vectors, measured = run_cell(model, grid, cell)
-    return cell, vectors, measured
+    try:
+        return cell, run_cell(model, grid, cell)
+    except Exception as err:  # noqa: BLE001 - returned to the driver, which reports it
+        return cell, one_line(err)
 
 
 def run_on_ray(
@@ -54,7 +63,7 @@ def run_on_ray(
     num_gpus: float,
     max_retries: int,
 ) -> Iterator[Any]:
-    """(cell, vectors, measurements) of each cell, in the order they finish."""
+    """(cell, (vectors, measurements) or its error as a line), in the order they finish."""
     yield from map_on_ray(
         partial(_cell, grid), cells, model_loader, address, workers, num_cpus, num_gpus, max_retries
     )
@@ -73,9 +82,15 @@ def map_on_ray(
     """`fn(model, item)` for each item on actors holding `model_loader()`, as they finish."""
     if not ray.is_initialized():
         ray.init(address=address, ignore_reinit_error=True, log_to_driver=False)
+    cpus = ray.cluster_resources().get("CPU", 0.0)
+    gpus = ray.cluster_resources().get("GPU", 0.0)
+    if num_cpus > cpus or num_gpus > gpus:  # Ray would wait for them forever, silently
+        raise ResourcesUnavailable(
+            f"each worker asks for {num_cpus:g} CPU and {num_gpus:g} GPU, but the Ray "
+            f"cluster has {cpus:g} CPU and {gpus:g} GPU in all; ask for at most that "
+            "(CLI: --cpus-per-cell / --gpus-per-cell), or join a cluster that has them"
+        )
     if workers is None:
-        cpus = ray.cluster_resources().get("CPU", 1.0)
-        gpus = ray.cluster_resources().get("GPU", 0.0)
         fit = int(cpus // num_cpus) if num_cpus else len(items)
         if num_gpus:
             fit = min(fit, int(gpus // num_gpus))

@@ -268,7 +268,7 @@ def test_second_load_reads_cache_and_is_fast(smol_cache, monkeypatch):
 
 @pytest.mark.integration
 @smol_only
-@pytest.mark.parametrize("damage", ["truncate", "scramble", "drop_manifest"])
+@pytest.mark.parametrize("damage", ["truncate", "scramble", "same_size", "drop_manifest"])
 def test_corrupt_cache_is_rebuilt(smol_cache, scratch, monkeypatch, damage):
     root, first, _ = smol_cache
     pristine = _entry(root, SMOL)
@@ -281,6 +281,9 @@ def test_corrupt_cache_is_rebuilt(smol_cache, scratch, monkeypatch, damage):
         weights.write_bytes(data[: len(data) // 2])
     elif damage == "scramble":
         weights.write_bytes(b"\xff" * 64 + data[64:])
+    elif damage == "same_size":  # weights overwritten in place: header and size intact
+        middle = len(data) // 2
+        weights.write_bytes(data[:middle] + b"\x7f" * 4096 + data[middle + 4096 :])
     else:
         weights.write_bytes(data)
         (broken / "manifest.json").unlink()
@@ -297,7 +300,8 @@ def test_corrupt_cache_is_rebuilt(smol_cache, scratch, monkeypatch, damage):
     if damage == "drop_manifest":
         model = load_model(SMOL, cache_dir=scratch)
     else:
-        with pytest.warns(UserWarning, match="rebuilding"):
+        why = "sha256 differs" if damage == "same_size" else "rebuilding"
+        with pytest.warns(UserWarning, match=why):
             model = load_model(SMOL, cache_dir=scratch)
     assert rebuilt == [SMOL]
     assert (broken / "manifest.json").is_file()

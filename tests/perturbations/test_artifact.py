@@ -20,7 +20,10 @@ from melbo_lens.perturbations.vectors import FORMAT, SteeringVectors
 def _full(rng, n=3, d=32, dtype=torch.float32) -> SteeringVectors:
     prompts = PromptSet.from_tokens(None, [[1, 2, 3], [4, 5]], target_positions=slice(-1, None))
     return SteeringVectors(
-        vectors=torch.randn(n, d, generator=rng).to(dtype),
+        # on the sphere of config.radius, as MELBO's vectors are (load checks it)
+        vectors=(4.0 * torch.nn.functional.normalize(torch.randn(n, d, generator=rng), dim=-1)).to(
+            dtype
+        ),
         site=HookSite(1, "resid_post"),
         target=HookSite(3, "mlp_out"),
         method="melbo",

@@ -239,6 +239,16 @@ def test_cli_report_computes_once_then_renders_the_saved_analysis(
     assert (tmp_path / "again.html").read_text().count('class="ml-row"') == 3
     assert main(["report", str(tmp_path / "nothing")]) == 2
     assert "no run directory" in capsys.readouterr().err
+    # a finished report is replaced only when asked; --out DIR writes DIR/report.html
+    before = (tmp_path / "report.html").read_bytes()
+    assert main(["report", str(tmp_path)]) == 2
+    assert "already exists; pass --overwrite" in capsys.readouterr().err
+    assert (tmp_path / "report.html").read_bytes() == before
+    assert main(["report", str(tmp_path), "--overwrite"]) == 0
+    folder = tmp_path / "views"
+    folder.mkdir()
+    assert main(["report", str(tmp_path), "--out", str(folder)]) == 0
+    assert (folder / "report.html").is_file()
 
 
 # ---------------------------------------------------------------------- adapters

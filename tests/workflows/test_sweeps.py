@@ -84,11 +84,11 @@ def test_a_killed_local_sweep_loses_only_the_cell_in_flight(tmp_path):
 
 
 def test_grid_errors_name_the_field():
-    with pytest.raises(ValueError, match="method must be one of"):
+    with pytest.raises(ValueError, match=r"methods\[0\]: needs method: one of"):
         SweepGrid.from_dict({**GRID, "methods": [{"method": "magic"}]})
-    with pytest.raises(ValueError, match="unknown sweep grid fields"):
+    with pytest.raises(ValueError, match="unknown fields"):
         SweepGrid.from_dict({**GRID, "radius": 3})
-    with pytest.raises(ValueError, match="target_positions 'x' is not a position spec"):
+    with pytest.raises(ValueError, match="target_positions: 'x' is not a position spec"):
         SweepGrid.from_dict({**GRID, "target_positions": "x"})
 
 
@@ -128,6 +128,30 @@ def test_ray_executor_matches_local_and_survives_a_killed_worker(local_ray, tmp_
         assert b["completions"] == a["completions"]
     rerun = run_sweep(GRID, tmp_path / "ray", executor="ray", model_loader=tiny_loader)
     assert rerun.ran == []
+
+
+def test_ray_refuses_resources_the_cluster_lacks(local_ray, tmp_path):
+    from melbo_lens.workflows.sweeps_ray import ResourcesUnavailable
+
+    with pytest.raises(
+        ResourcesUnavailable,
+        match="asks for 1 CPU and 1 GPU, but the Ray cluster has 2 CPU and 0 GPU",
+    ):
+        run_sweep(GRID, tmp_path, executor="ray", model_loader=tiny_loader, num_gpus=1)
+    assert not (tmp_path / "manifest.json").exists()
+
+
+def test_ray_reports_a_failed_cell_in_one_line_and_saves_the_others(local_ray, tmp_path):
+    from melbo_lens.workflows.sweeps import SweepFailed
+
+    grid = {**GRID, "prompts": {"short": ["hi"], "long": ["a" * 200]}, "radii": [1.0]}
+    grid["methods"] = [{"method": "random"}]
+    with pytest.raises(SweepFailed) as info:
+        run_sweep(grid, tmp_path, executor="ray", model_loader=tiny_loader, progress=False)
+    ((cell, error),) = info.value.failures.items()
+    assert "long" in cell and "\n" not in error and "\x1b" not in error and "Traceback" not in error
+    assert [r["prompt_set"] for r in info.value.result.rows] == ["short"]
+    assert (tmp_path / "cells" / f"{info.value.result.rows[0]['cell']}.safetensors").is_file()
 
 
 def test_sweep_command_runs_a_yaml_grid_and_writes_the_report(tmp_path, monkeypatch, capsys):
