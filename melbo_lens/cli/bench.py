@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 __all__ = ["add_arguments", "run"]
 
@@ -31,6 +32,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
     p.add_argument("--out", default="bench_out", help="directory for bench.json")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier result in --out")
     p.add_argument("--quick", action="store_true", help="tiny settings, for a smoke test")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile timing")
     p.add_argument("--adapters", action="store_true", help="adapters: K together vs one by one")
@@ -54,27 +56,36 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from melbo_lens.cli.options import CliError
+    from melbo_lens.cli.output import claimed_file
     from melbo_lens.workflows.bench import adapters_benchmark, run_benchmark
 
-    if args.explain:
-        import json
-        from pathlib import Path
-
-        from melbo_lens.core.io import atomic_write_text
-        from melbo_lens.workflows.bench_explain import explain_benchmark
-
-        if args.explain_tokens < 128:
-            raise ValueError(f"--explain-tokens must be >= 128, got {args.explain_tokens}")
-        n = 8 if args.n_vectors == 32 else args.n_vectors  # 32 is the training default
-        result = explain_benchmark(
-            args.model, sae_name=args.sae, tokens=args.explain_tokens, n_vectors=n
-        )
-        path = Path(args.out) / "bench_explain.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(path, json.dumps(result, indent=2) + "\n")
-        print(f"-> {path}")
-    elif args.adapters:
+    if args.adapters:  # prints its table; writes nothing
         adapters_benchmark(args.model, args.n_vectors, args.timed_steps, args.threads)
-    else:
-        run_benchmark(args)
+        return 0
+    if args.explain and args.explain_tokens < 128:
+        raise CliError(f"--explain-tokens must be >= 128, got {args.explain_tokens}")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise CliError(f"--out {out} is a file; give a directory")
+    name = "bench_explain.json" if args.explain else "bench.json"
+    with claimed_file(out / name, "--out", overwrite=args.overwrite) as path:  # before the work
+        if args.explain:
+            return _explain(args, path)
+        run_benchmark(args)  # writes OUT/bench.json
+    return 0
+
+
+def _explain(args: argparse.Namespace, path: Path) -> int:
+    import json
+
+    from melbo_lens.core.io import atomic_write_text
+    from melbo_lens.workflows.bench_explain import explain_benchmark
+
+    n = 8 if args.n_vectors == 32 else args.n_vectors  # 32 is the training default
+    result = explain_benchmark(
+        args.model, sae_name=args.sae, tokens=args.explain_tokens, n_vectors=n
+    )
+    atomic_write_text(path, json.dumps(result, indent=2) + "\n")
+    print(f"-> {path}")
     return 0

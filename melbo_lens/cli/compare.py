@@ -12,6 +12,7 @@ from melbo_lens.cli.options import (
     _site,
     add_prompt_args,
 )
+from melbo_lens.cli.output import claimed_file
 from melbo_lens.core.io import atomic_write_text
 
 __all__ = ["add_arguments", "run"]
@@ -24,9 +25,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_prompt_args(p)
     p.add_argument("--target", help="target site for deltas (default: the artifacts' target)")
     p.add_argument("--json", help="also write the comparison as JSON")
+    p.add_argument("--overwrite", action="store_true", help="--json: replace an existing file")
 
 
 def run(args: argparse.Namespace) -> int:
+    if not args.json:
+        return _compare(args, None)
+    with claimed_file(args.json, "--json", overwrite=args.overwrite) as path:  # before any work
+        return _compare(args, path)
+
+
+def _compare(args: argparse.Namespace, json_path: Path | None) -> int:
     from melbo_lens.analysis.similarity import compare_vectors
     from melbo_lens.perturbations.vectors import SteeringVectors
 
@@ -46,8 +55,8 @@ def run(args: argparse.Namespace) -> int:
         labels=_labels(Path(args.a), Path(args.b)),
     )
     print(result)
-    if args.json:
-        atomic_write_text(args.json, json.dumps(result.to_dict(), indent=2))
+    if json_path is not None:
+        atomic_write_text(json_path, json.dumps(result.to_dict(), indent=2))
     return 0
 
 

@@ -115,6 +115,8 @@ class Family(Protocol):
     """What differs between trainable perturbations. Tensors have the member axis first."""
 
     noun: str  # "vector", "adapter": used in messages and progress bars
+    prompts: PromptSet  # what the run trains on (a resumed run must match them)
+    model_name: str | None
 
     def init(self, indices: list[int], device: torch.device) -> Params:
         """Unconstrained starting parameters of the given members (deterministic per index)."""

@@ -170,8 +170,11 @@ VERIFIED = "verified.json"
 
 
 def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
     with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _stamps(entry: Path, files: dict[str, int]) -> dict[str, list[int]]:

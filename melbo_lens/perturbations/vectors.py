@@ -216,7 +216,9 @@ def _check_consistent(
     if method in ("melbo", "random") and isinstance(radius, int | float) and vectors.numel():
         norms = vectors.float().norm(dim=-1)
         norms = norms[norms > 0]  # members a checkpoint has not started yet are zero
-        if norms.numel() and not torch.allclose(norms, torch.full_like(norms, float(radius)), rtol=1e-2, atol=0):
+        if norms.numel() and not torch.allclose(
+            norms, torch.full_like(norms, float(radius)), rtol=1e-2, atol=0
+        ):
             raise ArtifactError(
                 f"{path}: config.radius is {radius:g} but the vectors' norms are "
                 f"{norms.min():.4g}..{norms.max():.4g}; the metadata contradicts the vectors "

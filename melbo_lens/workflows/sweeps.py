@@ -6,12 +6,16 @@ radius, seed, site pair and prompt set, then measure them: MELBO objective, dive
 perplexity of the steered completions over the unsteered ones) and behaviour counts
 (the grid's named regular expressions, matched against the completions).
 
-`run_sweep(grid, out_dir)` writes, atomically, one artifact per cell
-(`OUT/cells/ID.safetensors`) and its measurements (`OUT/cells/ID.json`, written last, so
-a cell counts as finished only when both exist), a manifest of the grid and its cells
-(`OUT/manifest.json`), and the table of every finished cell (`OUT/results.json`,
+`run_sweep(grid, out_dir)` validates the whole grid first (`workflows.sweep_grid`), locks
+`out_dir`, checks the grid against the model, and only then writes, atomically, one
+artifact per cell (`OUT/cells/ID.safetensors`) and its measurements (`OUT/cells/ID.json`,
+written last, so a cell counts as finished only when both exist), a manifest of the grid
+and its cells (`OUT/manifest.json`, with the first finished cell), and the table of every
+finished cell (`OUT/results.json`, valid JSON with undefined values as null, and
 `OUT/results.csv`). A rerun with the same grid skips finished cells, so a killed sweep
-loses only the cells in flight; a manifest of another grid is refused.
+loses only the cells in flight; a manifest of another grid is refused unless
+`overwrite=True`. A cell that raises is reported as that cell's error in one line, the
+other cells run and are saved, and `SweepFailed` names the failed cells at the end.
 
 Executors: `"local"` (default) runs the cells one after another in this process with one
 model. `"ray"` runs each cell as a task on a Ray cluster (`address="auto"` joins a running

@@ -114,3 +114,15 @@ def test_explain_writes_dashboards_and_cards_and_claims_its_out(tmp_path, capsys
     assert main([*base, "--overwrite"]) == 0
     assert not (out / "feature_effects.json").exists()  # the earlier run's table is gone
     assert json.loads((out / "explain.json").read_text())["files"][-1] == "explain.html"
+
+
+def test_explain_names_a_bad_index(tmp_path, capsys):
+    make_sae().save_model(tmp_path / "sae")
+    noisy, _ = planted_vector()
+    SteeringVectors(noisy[None], SITE).save(tmp_path / "v.safetensors")
+    base = ["explain", str(tmp_path / "v.safetensors"), "--sae", str(tmp_path / "sae")]
+    base += ["--out", str(tmp_path / "out")]
+    assert main([*base, "--index", "9"]) == 2
+    assert "--index [9] out of range: the file holds 1 vectors (0..0)" in capsys.readouterr().err
+    assert main([*base, "--index", "a", "--overwrite"]) == 2
+    assert "--index takes comma-separated integers, got 'a'" in capsys.readouterr().err

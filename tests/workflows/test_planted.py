@@ -177,12 +177,12 @@ def test_cli_saves_each_seed_and_resumes_without_overwriting(tmp_path, capsys):
     assert main([*base, "--seeds", "1"]) == 0
     first = json.loads((tmp_path / "planted.json").read_text())
     assert first["settings"]["seeds"] == [0]
-    with pytest.raises(SystemExit, match="--resume"):  # a finished result is never replaced
-        main([*base, "--seeds", "2"])
-    assert json.loads((tmp_path / "planted.json").read_text()) == first
-    with pytest.raises(SystemExit, match="--n-vectors 2"):
-        main([*base[:3], "3", *base[4:], "--seeds", "2", "--resume"])
     capsys.readouterr()
+    assert main([*base, "--seeds", "2"]) == 2  # a finished result is never replaced
+    assert "pass --resume to keep its seeds" in capsys.readouterr().err
+    assert json.loads((tmp_path / "planted.json").read_text()) == first
+    assert main([*base[:3], "3", *base[4:], "--seeds", "2", "--resume"]) == 2
+    assert "--n-vectors (saved 2, now 3)" in capsys.readouterr().err
     assert main([*base, "--seeds", "2", "--resume"]) == 0
     assert "seed 0: kept from" in capsys.readouterr().out
     both = json.loads((tmp_path / "planted.json").read_text())
