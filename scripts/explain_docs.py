@@ -1,7 +1,8 @@
 """Write docs/explanations.md's result tables from the files the scripts wrote.
 
 Reads the packaged SAEs' ``metrics.json`` (written by ``scripts/train_saes.py``),
-``results/bench_explain.json`` (``melbo-lens bench --explain --out results``),
+``results/bench_explain.json`` (``melbo-lens bench --explain --threads 2 --out results
+--overwrite``),
 ``results/cards_backdoored.json`` (``scripts/cards_backdoored.py``) and the built corpus
 (``melbo-lens corpus build``), and replaces the block between the ``<!-- results -->``
 markers of ``docs/explanations.md``. No number in that block is typed by hand.
@@ -75,16 +76,18 @@ def sae_table() -> list[str]:
     return [*rows, ""]
 
 
+BENCH = "melbo-lens bench --explain --threads 2 --out results --overwrite"
+
+
 def bench_table() -> list[str]:
     path = ROOT / "results" / "bench_explain.json"
     if not path.is_file():
-        run = "melbo-lens bench --explain --out results"
-        return [f"*(no `results/bench_explain.json` yet: run `{run}`)*", ""]
+        return [f"*(no `results/bench_explain.json` yet: run `{BENCH}`)*", ""]
     b = json.loads(path.read_text())
     d, c = b["dashboards"], b["cards"]
     return [
-        f"**Speed and memory** (`melbo-lens bench --explain --out results`, {b['threads']} CPU "
-        "threads; `results/bench_explain.json`):",
+        f"**Speed and memory** (`{BENCH}`, {b['threads']} CPU threads; "
+        "`results/bench_explain.json`):",
         "",
         "| what | size | seconds | target | reference in the same run | peak memory |",
         "|---|---|---|---|---|---|",
