@@ -4,6 +4,13 @@ The public API is listed in `__all__`; importing the package has no side effects
 does not import sae-lens, plotly or circuitsvis.
 """
 
+from importlib.metadata import PackageNotFoundError, version
+
+try:
+    __version__ = version("melbo-lens")
+except PackageNotFoundError:  # a source tree that was never installed
+    __version__ = "0+unknown"
+
 from melbo_lens.analysis.attribution import (
     DeltaAttribution,
     DeltaDecomposition,
@@ -149,6 +156,7 @@ def __getattr__(name: str):
 
 
 __all__ = [
+    "__version__",
     "Perturbation",
     "apply",
     "generate",

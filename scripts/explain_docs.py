@@ -50,9 +50,9 @@ def sae_table() -> list[str]:
     rows = [
         "**Packaged SAEs** (`python scripts/train_saes.py`; each folder's `metrics.json`):",
         "",
-        "Dead = never active on the ~8k held-out tokens of that row (an upper bound; the "
-        "dashboards pass below counts latents never active over ~1M tokens). An SAE whose "
-        "`metrics.json` has no `corpus.sha256` predates the corpus (2048 latents, prose only).",
+        "Dead = never active on the ~16k held-out tokens of that row: an upper bound, since "
+        "8,192 latents with k = 32 fire ~64 times each on average over 16k tokens; the "
+        "dashboards passes below count latents never active over 262k-1M corpus tokens.",
         "",
         "| SAE | latents | k | train samples (unique tokens) | kind | ctx | FVE | dead | L0 "
         "| CE clean | CE with SAE | CE recovered (vs zero / mean ablation) |",
@@ -100,7 +100,28 @@ def bench_table() -> list[str]:
         f"| cards | {c['vectors']} vectors | {c['seconds']} | <= {c['target_seconds']} | "
         f"{c['ratio_to_generation_only']}x generating their completions alone "
         f"({c['generation_only_seconds']} s) | |",
+        *_other_sae_rows(),
         "",
+    ]
+
+
+BENCH_22 = (
+    "melbo-lens bench --explain --threads 2 --sae smollm2-135m-instruct-res22-pre "
+    "--explain-tokens 262144 --out results/res22-pre --overwrite"
+)
+
+
+def _other_sae_rows() -> list[str]:
+    """Dead latents of the res22-pre SAE, from a shorter dashboards pass of its own."""
+    path = ROOT / "results" / "res22-pre" / "bench_explain.json"
+    if not path.is_file():
+        return []
+    d = json.loads(path.read_text())["dashboards"]
+    return [
+        f"| (dashboards of smollm2-135m-instruct-res22-pre, `{BENCH_22}`) latents never "
+        f"active over {d['tokens']:,} tokens | {d['never_active']} of {d['latents']} "
+        f"({d['never_active_frac']:.2%}) | {d['seconds']} | <= 5% dead | | "
+        f"{d['peak_rss_gib']} GiB RSS |"
     ]
 
 

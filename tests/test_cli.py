@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from melbo_lens import HookSite, SteeringVectors
@@ -79,3 +80,13 @@ def test_every_subcommand_has_help():
             ).command
             == command
         )
+
+
+def test_version(capsys):
+    import melbo_lens
+
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+    assert info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"melbo-lens {melbo_lens.__version__}"
+    assert melbo_lens.__version__ == "0.1.0"  # pyproject's version, from the install

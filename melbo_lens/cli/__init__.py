@@ -59,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="melbo-lens", description=_description(), formatter_class=_Formatter
     )
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    from melbo_lens import __version__
+
+    parser.add_argument("--version", action="version", version=f"melbo-lens {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, help_text in SUBCOMMANDS.items():
         module = importlib.import_module(f"melbo_lens.cli.{name}")
