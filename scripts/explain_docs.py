@@ -52,7 +52,7 @@ def sae_table() -> list[str]:
         "",
         "Dead = never active on the ~16k held-out tokens of that row: an upper bound, since "
         "8,192 latents with k = 32 fire ~64 times each on average over 16k tokens; the "
-        "dashboards passes below count latents never active over 262k-1M corpus tokens.",
+        "dashboards passes below count latents never active over ~1M corpus tokens.",
         "",
         "| SAE | latents | k | train samples (unique tokens) | kind | ctx | FVE | dead | L0 "
         "| CE clean | CE with SAE | CE recovered (vs zero / mean ablation) |",
@@ -107,7 +107,7 @@ def bench_table() -> list[str]:
 
 BENCH_22 = (
     "melbo-lens bench --explain --threads 2 --sae smollm2-135m-instruct-res22-pre "
-    "--explain-tokens 262144 --out results/res22-pre --overwrite"
+    "--explain-tokens 1000000 --out results/res22-pre --overwrite"
 )
 
 

@@ -117,6 +117,34 @@ MUTANTS = [
         "delta = coeff @ b_.transpose(-1, -2)",
         ("tests/methods/test_adapters.py",),
     ),
+    Mutant(
+        "outlier_two_token_midpoint",
+        "melbo_lens/core/outliers.py",
+        "median = real.min() if real.numel() == 2 else real.quantile(0.5)",
+        "median = real.quantile(0.5)",
+        ("tests/test_nothing_silent_2.py::test_09_the_sink_of_a_two_token_prompt_is_found",),
+    ),
+    Mutant(
+        "outlier_lower_median_everywhere",
+        "melbo_lens/core/outliers.py",
+        "median = real.min() if real.numel() == 2 else real.quantile(0.5)",
+        "median = real.median()",
+        ("tests/test_nothing_silent_2.py::test_09_the_sink_of_a_two_token_prompt_is_found",),
+    ),
+    Mutant(
+        "sweep_cell_id_ignores_prompt_text",
+        "melbo_lens/workflows/sweep_grid.py",
+        '"prompts": self.prompts[prompt_set],',
+        '"prompts": len(self.prompts[prompt_set]),',
+        ("tests/test_nothing_silent_2.py::test_08_grid_values_are_checked_strictly",),
+    ),
+    Mutant(
+        "sparse_topk_ties_latest_first",
+        "melbo_lens/analysis/streaming.py",
+        "by_value = torch.argsort(-vals, stable=True)  # ties keep token order",
+        "by_value = (len(vals) - 1) - torch.argsort(-vals.flip(0), stable=True)",
+        ("tests/analysis/test_dashboards.py", "tests/workflows/test_dashboards_sharded.py"),
+    ),
 ]
 
 
