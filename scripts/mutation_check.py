@@ -145,6 +145,27 @@ MUTANTS = [
         "by_value = (len(vals) - 1) - torch.argsort(-vals.flip(0), stable=True)",
         ("tests/analysis/test_dashboards.py", "tests/workflows/test_dashboards_sharded.py"),
     ),
+    Mutant(
+        "window_records_candidate_0",
+        "melbo_lens/methods/trainer.py",
+        "kept = [int(torch.argmax(obj))] if window else slice(None)",
+        "kept = [0] if window else slice(None)",
+        ("tests/methods/test_window.py::test_recorded_step_objective_is_the_best_candidates",),
+    ),
+    Mutant(
+        "window_collapsed_never_restart",
+        "melbo_lens/methods/trainer.py",
+        "rows = [best] + [j for j in range(len(self.ids)) if j != best and bool(collapsed[j])]",
+        "rows = [best]",
+        ("tests/methods/test_window.py::test_restart_rule_counts_exactly",),
+    ),
+    Mutant(
+        "window_accepted_row_kept_warm",
+        "melbo_lens/methods/trainer.py",
+        "rows = [best] + [j for j in range(len(self.ids)) if j != best and bool(collapsed[j])]",
+        "rows = [j for j in range(len(self.ids)) if j != best and bool(collapsed[j])]",
+        ("tests/methods/test_window.py::test_restart_rule_counts_exactly",),
+    ),
 ]
 
 

@@ -143,3 +143,40 @@ def test_a_nan_names_the_slot_and_the_start(tiny_model):
 
     with pytest.raises(TrainingError, match=r"at step 1 for vector 1 \(start \d+\)"):
         train_steering_vectors(tiny_model, prompts, cfg, progress=False, callback=poison)
+
+
+def test_restart_rule_counts_exactly(tiny_model, monkeypatch):
+    """The accepted row restarts fresh, and a candidate restarts when the projection off
+    the new member leaves less than `_COLLAPSED` of its length: with the threshold at 0
+    only accepted rows restart (one per slot but the last); above 1 every row does."""
+    import melbo_lens.methods.trainer as trainer
+
+    prompts = PromptSet.from_tokens(tiny_model, TOKENS)
+    cfg = MelboConfig(SRC, TGT, n_vectors=4, radius=3.0, starts_per_vector=3, slot_steps=2, steps=3)
+    monkeypatch.setattr(trainer, "_COLLAPSED", 0.0)
+    sv = train_steering_vectors(tiny_model, prompts, cfg, progress=False)
+    assert sv.metadata["starts_used"] == 3 + 3  # starts + one per accepted slot but the last
+    monkeypatch.setattr(trainer, "_COLLAPSED", 1.1)  # every candidate counts as collapsed
+    sv = train_steering_vectors(tiny_model, prompts, cfg, progress=False)
+    assert sv.metadata["starts_used"] == 3 + 3 * 3
+
+
+def test_recorded_step_objective_is_the_best_candidates(tiny_model):
+    """losses[slot, step] is the objective of the best candidate at that step, as the
+    per-step callback saw the candidates' objectives (not a mean, not candidate 0's)."""
+    prompts = PromptSet.from_tokens(tiny_model, TOKENS)
+    cfg = MelboConfig(SRC, TGT, n_vectors=3, radius=3.0, starts_per_vector=4, slot_steps=2, steps=3)
+    seen: dict[tuple[int, int], float] = {}
+    leaders: set[int] = set()
+
+    def watch(state):
+        assert len(state.objective) == 4  # one per candidate
+        seen[(state.indices[0], state.step)] = float(state.objective.max())
+        leaders.add(int(state.objective.argmax()))
+
+    sv = train_steering_vectors(tiny_model, prompts, cfg, progress=False, callback=watch)
+    losses = sv.record("losses")
+    assert len(seen) == 3 + 2 + 2
+    for (slot, step), best in seen.items():
+        assert float(losses[slot, step]) == best, (slot, step)
+    assert leaders != {0}  # the best is not always candidate 0, so the check can fail
