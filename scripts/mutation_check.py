@@ -166,6 +166,13 @@ MUTANTS = [
         "rows = [j for j in range(len(self.ids)) if j != best and bool(collapsed[j])]",
         ("tests/methods/test_window.py::test_restart_rule_counts_exactly",),
     ),
+    Mutant(
+        "radius_walk_stops_above_lowest_octave",
+        "melbo_lens/methods/radius.py",
+        "while k > 0 and not measure(grid[k - 1]):",
+        "while k > 1 and not measure(grid[k - 1]):",
+        ("tests/methods/test_defaults.py",),
+    ),
 ]
 
 

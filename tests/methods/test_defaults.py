@@ -99,7 +99,9 @@ def _fake_search(monkeypatch, collapse_above: float, diversity=lambda r: r):
     return measured
 
 
-@pytest.mark.parametrize("collapse_at", [0.3, 0.05, 2.5, 1e-3, 1e3])
+@pytest.mark.parametrize(
+    "collapse_at", [0.3, 0.05, 2.5, 1e-3, 1e3, 0.02, 0.025]
+)  # 0.02, 0.025: in the lowest octave
 def test_the_walk_finds_a_planted_cusp(tiny_model, monkeypatch, collapse_at):
     prompts = PromptSet.from_tokens(tiny_model, TOKENS, target_positions=slice(None))
     rho = radius_mod.median_source_norm(tiny_model, prompts, HookSite(0))
@@ -113,8 +115,9 @@ def test_the_walk_finds_a_planted_cusp(tiny_model, monkeypatch, collapse_at):
         assert choice.collapsed_everywhere and choice.radius == choice.grid[0]
     elif collapse_at > 4:  # fluent everywhere: the top of the grid
         assert choice.radius == pytest.approx(choice.grid[-1])
-    else:  # the largest fluent radius on the √2-refined grid
+    else:  # the largest fluent radius on the √2-refined grid, measured there
         assert choice.radius == pytest.approx(fluent[-1], rel=1e-6)
+        assert not choice.collapsed_everywhere and choice.radius in choice.radii
     assert float(vectors.vectors.norm(dim=-1)[0]) == pytest.approx(choice.radius, rel=1e-5)
     assert vectors.config["radius"] == pytest.approx(choice.radius)
     assert len(measured) <= 7  # a walk (at most 6 up + the midpoint), not the whole grid
