@@ -173,6 +173,27 @@ MUTANTS = [
         "while k > 1 and not measure(grid[k - 1]):",
         ("tests/methods/test_defaults.py",),
     ),
+    Mutant(
+        "refill_keeps_adam_history",
+        "melbo_lens/methods/trainer.py",
+        "state[key][rows] = 0.0",
+        "state[key][rows] = state[key][rows]",
+        ("tests/methods/test_window.py::test_solver_state_after_a_slot_is_accepted",),
+    ),
+    Mutant(
+        "refill_momentum_not_projected",
+        "melbo_lens/methods/trainer.py",
+        "momentum[name].copy_(cleaned[name])",
+        "momentum[name].copy_(momentum[name])",
+        ("tests/methods/test_window.py::test_solver_state_after_a_slot_is_accepted",),
+    ),
+    Mutant(
+        "refill_power_objective_kept",
+        "melbo_lens/methods/trainer.py",
+        "self.accepted_obj.fill_(-math.inf)",
+        "self.accepted_obj.fill_(self.accepted_obj.max())",
+        ("tests/methods/test_window.py::test_solver_state_after_a_slot_is_accepted",),
+    ),
 ]
 
 

@@ -11,7 +11,14 @@ import pytest
 import torch
 from planted import planted_model
 
-from melbo_lens import HookSite, MelboConfig, PromptSet, TrainingError, train_steering_vectors
+from melbo_lens import (
+    HookSite,
+    MelboConfig,
+    PromptSet,
+    SteeringVectors,
+    TrainingError,
+    train_steering_vectors,
+)
 from melbo_lens.core.segment import Segment
 from melbo_lens.methods.trainer import LoopSpec, _objective
 
@@ -180,3 +187,50 @@ def test_recorded_step_objective_is_the_best_candidates(tiny_model):
     for (slot, step), best in seen.items():
         assert float(losses[slot, step]) == best, (slot, step)
     assert leaders != {0}  # the best is not always candidate 0, so the check can fail
+
+
+@pytest.mark.parametrize("solver", ["amsgrad", "power"])
+def test_solver_state_after_a_slot_is_accepted(tiny_model, tmp_path, solver):
+    """Read the checkpoint written when slot 0 closes (from the callback of slot 1's first
+    step): restarted rows have no optimiser history; every row's momentum is orthogonal to
+    the accepted vector, as its parameters are; the power solver's last accepted
+    objectives are stale and reset."""
+    prompts = PromptSet.from_tokens(tiny_model, TOKENS)
+    cfg = MelboConfig(
+        SRC, TGT, n_vectors=2, radius=3.0, starts_per_vector=3, slot_steps=2, steps=4,
+        solver=solver,
+    )  # fmt: skip
+    path = tmp_path / "ckpt.safetensors"
+    seen = {}
+
+    def at_slot_1(state):
+        if state.indices == [1] and not seen:
+            seen["saved"] = SteeringVectors.load(path)
+
+    train_steering_vectors(
+        tiny_model, prompts, cfg, progress=False, callback=at_slot_1, checkpoint=str(path),
+        checkpoint_every=1000,
+    )  # fmt: skip
+    saved = seen["saved"]
+    state, accepted = saved.resume_state, saved.vectors[0].double()
+    params = [k for k in state if k.startswith("opt.") and k.endswith(".exp_avg")]
+    ids = state["window.ids"][:-1]
+    restarted = ids >= 3  # ids past the first window's are fresh starts
+    assert int(restarted.sum()) >= 1
+    name = params[0][len("opt.") : -len(".exp_avg")] if params else None
+    unit = accepted / accepted.norm()
+    if solver == "amsgrad":
+        assert name is not None
+        for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
+            assert (state[f"opt.{name}.{key}"][restarted] == 0).all(), key
+        warm = state[f"opt.{name}.exp_avg"][~restarted].double()
+        assert warm.abs().max() > 0  # the warm rows keep their history
+        assert (warm @ unit).abs().max() < 1e-6 * warm.norm(dim=-1).max()
+    else:
+        assert torch.isinf(state["accepted_obj"]).all() and (state["accepted_obj"] < 0).all()
+        assert (state["beta"][restarted] == 1).all()
+        assert (
+            state[[k for k in state if k.startswith("accepted_grad.")][0]][restarted] == 0
+        ).all()
+    rows = state[[k for k in state if not k.startswith(("opt.", "accepted", "window", "beta"))][0]]
+    assert (rows.double() @ unit).abs().max() < 1e-5 * rows.double().norm(dim=-1).max()
