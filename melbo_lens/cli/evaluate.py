@@ -93,14 +93,8 @@ def _previous(path: Path, args: argparse.Namespace, seeds: list[int]) -> tuple[l
     """(runs, settings, seconds) of the seeds an earlier run saved at `path`, when resuming."""
     from melbo_lens.workflows.planted import PlantedReport
 
-    if not path.exists() or args.overwrite:
+    if not path.exists() or not args.resume:
         return [], None, 0.0
-    if not args.resume:
-        raise CliError(
-            f"--out {path.parent} already holds a planted benchmark ({path.name}); pass "
-            "--resume to keep its seeds and run the rest, --overwrite to replace it, or "
-            "another --out"
-        )
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
         report = PlantedReport.from_dict(data)
@@ -198,7 +192,10 @@ def run(args: argparse.Namespace) -> int:
     path = out / "planted.json"
     with locked(out):
         if path.exists() and not (args.resume or args.overwrite):
-            _previous(path, args, [])  # refuses, naming --resume / --overwrite
+            raise CliError(
+                f"--out {out} already holds a planted benchmark ({path.name}); pass --resume "
+                "to keep its seeds and run the rest, --overwrite to replace it, or another --out"
+            )
         torch.set_num_threads(args.threads)
         start = time.perf_counter()
         model = load_model(args.model)

@@ -32,7 +32,7 @@ from melbo_lens.cli.options import (
     add_prompt_args,
     resolve_corpus,
 )
-from melbo_lens.cli.output import locked
+from melbo_lens.cli.output import checked_directory, locked
 from melbo_lens.core.io import atomic_write_text
 from melbo_lens.perturbations.vectors import SteeringVectors
 
@@ -80,9 +80,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise CliError(f"--out {out} is a file; give a directory")
+    out = checked_directory(args.out, "--out")
     with locked(out):
         _claim(out, args.overwrite)
         written: list[str] = []

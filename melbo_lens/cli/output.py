@@ -32,11 +32,8 @@ def claimed_output(args: argparse.Namespace, filename: str) -> Iterator[tuple[Pa
     from melbo_lens.methods.trainer import ResumeMismatch
     from melbo_lens.perturbations.artifact import describe_artifact
 
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise CliError(f"--out {out} is a file; give a directory")
+    out = checked_directory(args.out, "--out")
     with locked(out):
-        out.mkdir(parents=True, exist_ok=True)
         path = out / filename
         resume = _check_existing(args, out, path, describe_artifact)
         try:

@@ -586,10 +586,10 @@ def _member_basis(directions: Tensor) -> Tensor | None:
 
 
 def _start(
-    family: Family, spec: LoopSpec, device: torch.device, store: Params, resume: Any | None
+    family: Family, spec: LoopSpec, device: torch.device, store: Params, prior: Any | None
 ) -> tuple[dict[str, Tensor], dict[str, Tensor], float]:
-    """A fresh training record, or the record, group state and elapsed seconds of a
-    resumed run (whose parameters are copied into `store`)."""
+    """A fresh training record, or the record, group state and elapsed seconds of the
+    resumed run `prior` (checked by `_check_resumable`; its parameters go into `store`)."""
     n = spec.n
     steps = max(n_steps for _, n_steps in _phases(spec)) if n else spec.steps
     record = {
@@ -597,15 +597,8 @@ def _start(
         "objective": torch.full((n,), float("nan"), dtype=torch.float32, device=device),
         "steps_done": torch.zeros(n, dtype=torch.long),
     }
-    if resume is None:
+    if prior is None:
         return record, {}, 0.0
-    prior = family.load(resume) if isinstance(resume, str) else resume
-    differing = config_differences(prior.config, family.config.to_dict())
-    differing.update(prompt_differences(prior.prompts, family.prompts))
-    if prior.model_name and family.model_name and prior.model_name != family.model_name:
-        differing["model"] = (prior.model_name, family.model_name)
-    if differing:
-        raise ResumeMismatch(differing, type(family.config).__name__)
     for name, value in family.params_of(prior).items():
         store[name].copy_(value)
     for name in record:
@@ -614,13 +607,20 @@ def _start(
     return record, dict(prior.resume_state), float(prior.metadata.get("train_seconds", 0.0))
 
 
-def _finished(resume: Any | None, family: Family) -> Any | None:
-    """The artifact being resumed when its run already finished (nothing to redo)."""
-    if resume is None:
-        return None
-    prior = family.load(resume) if isinstance(resume, str) else resume
+def _check_resumable(family: Family, prior: Any) -> None:
+    """Refuse to continue a run saved with another config, prompts or model."""
+    differing = config_differences(prior.config, family.config.to_dict())
+    differing.update(prompt_differences(prior.prompts, family.prompts))
+    if prior.model_name and family.model_name and prior.model_name != family.model_name:
+        differing["model"] = (prior.model_name, family.model_name)
+    if differing:
+        raise ResumeMismatch(differing, type(family.config).__name__)
+
+
+def _finished(prior: Any) -> bool:
+    """Whether the run being resumed already finished (nothing to redo)."""
     done = prior.objective is not None and bool(torch.isfinite(prior.objective).all())
-    return prior if done and not prior.metadata.get("interrupted") else None
+    return done and not prior.metadata.get("interrupted")
 
 
 def train(
@@ -813,27 +813,22 @@ def _close_phase(
 
 def _run(model: Any, prompts: PromptSet, family: Family, resume: Any | None, run: _Run) -> Any:
     """A resumed run that finished already, as saved; else the loop (`_loop`)."""
-    if resume is not None:
-        _start(
-            family,
-            LoopSpec.of(family.config, n=family.n, per_batch=family.per_batch),
-            prompts.tokens.device,
-            family.empty(prompts.tokens.device),
-            resume,
-        )  # checks
-        if (finished := _finished(resume, family)) is not None:
-            return finished  # matches this run (checked); returned as saved, not rewritten
-    return _loop(model, prompts, family, resume, run)
+    prior = family.load(resume) if isinstance(resume, str) else resume  # read once
+    if prior is not None:
+        _check_resumable(family, prior)
+        if _finished(prior):
+            return prior  # matches this run (checked); returned as saved, not rewritten
+    return _loop(model, prompts, family, prior, run)
 
 
-def _loop(model: Any, prompts: PromptSet, family: Family, resume: Any | None, run: _Run) -> Any:
+def _loop(model: Any, prompts: PromptSet, family: Family, prior: Any | None, run: _Run) -> Any:
     """The loop itself (see `train`)."""
     progress, callback, checkpoint = run.progress, run.callback, run.checkpoint
     checkpoint_every, compile = run.checkpoint_every, run.compile
     device = prompts.tokens.device
     spec = LoopSpec.of(family.config, n=family.n, per_batch=family.per_batch)
     store = family.empty(device)
-    record, resume_state, elapsed = _start(family, spec, device, store, resume)
+    record, resume_state, elapsed = _start(family, spec, device, store, prior)
     losses, objective, steps_done = record["losses"], record["objective"], record["steps_done"]
     segment = Segment(model, spec.source, spec.target, prompts, compile=compile)
     rows = (spec.starts if spec.windowed else max(len(g) for g in groups_of(spec))) * len(prompts)

@@ -179,7 +179,8 @@ def _sha256(path: Path) -> str:
 
 def _stamps(entry: Path, files: dict[str, int]) -> dict[str, list[int]]:
     """(size, mtime_ns) of each file: what a later load compares to skip re-hashing."""
-    return {rel: [(entry / rel).stat().st_size, (entry / rel).stat().st_mtime_ns] for rel in files}
+    stats = {rel: (entry / rel).stat() for rel in files}
+    return {rel: [st.st_size, st.st_mtime_ns] for rel, st in stats.items()}
 
 
 def _check_manifest(entry: Path) -> None:

@@ -130,8 +130,9 @@ class SweepGrid:
         axes = itertools.product(
             sorted(self.prompts), self.sites, self.radii, self.seeds, self.methods
         )
+        shared = {name: self._digest(name) for name in self.prompts}
         return [
-            Cell(prompt_set, src, tgt, float(r), int(seed), dict(m), self._digest(prompt_set))
+            Cell(prompt_set, src, tgt, float(r), int(seed), dict(m), shared[prompt_set])
             for prompt_set, (src, tgt), r, seed, m in axes
         ]
 
@@ -277,13 +278,18 @@ def _list_problems(name: str, values: Any, problem, key) -> list[str]:
     return out
 
 
-def _method_problems(methods: Any) -> list[str]:
+def _settable() -> set[str]:
+    """The MelboConfig fields a grid may set (the cell sets sites, radius and seed)."""
     from melbo_lens.methods.melbo import MelboConfig
 
+    return {f.name for f in fields(MelboConfig)} - {"source", "target", "radius", "seed"}
+
+
+def _method_problems(methods: Any) -> list[str]:
     if not isinstance(methods, list) or not methods:
         return [f"methods: must be a non-empty list of {{method: ...}} mappings, got {methods!r}"]
     out = []
-    known = {f.name for f in fields(MelboConfig)} - {"source", "target", "radius", "seed"}
+    known = _settable()
     for i, m in enumerate(methods):
         if not isinstance(m, dict) or m.get("method") not in METHODS:
             out.append(f"methods[{i}]: needs method: one of {list(METHODS)}, got {m!r}")
@@ -305,7 +311,7 @@ def _method_problems(methods: Any) -> list[str]:
 def _config_problems(grid: SweepGrid) -> list[str]:
     from melbo_lens.methods.melbo import MelboConfig
 
-    known = {f.name for f in fields(MelboConfig)} - {"source", "target", "radius", "seed"}
+    known = _settable()
     unknown = sorted(set(grid.config) - known)
     if unknown:
         return [f"config: unknown MelboConfig fields {unknown}; known: {sorted(known)}"]

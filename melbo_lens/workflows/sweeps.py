@@ -275,35 +275,20 @@ def run_sweep(
         raise ValueError(f"out_dir {out} is a file; give a directory")
     try:
         with exclusive_lock(out):
-            return _sweep(
-                grid,
-                out,
-                executor,
-                address,
-                model_loader,
-                workers,
-                num_cpus,
-                num_gpus,
-                max_retries,
-                progress,
-                overwrite,
-            )
+            ray_args = (address, workers, num_cpus, num_gpus, max_retries)
+            return _sweep(grid, out, executor, model_loader, ray_args, progress, overwrite)
     except LockHeld as err:
         raise LockHeld(f"{out}: {err}") from None
 
 
 def _sweep(
-    grid,
-    out,
-    executor,
-    address,
-    model_loader,
-    workers,
-    num_cpus,
-    num_gpus,
-    max_retries,
-    progress,
-    overwrite,
+    grid: SweepGrid,
+    out: Path,
+    executor: str,
+    model_loader: Callable[[], Any] | None,
+    ray_args: tuple[str | None, int | None, float, float, int],
+    progress: bool,
+    overwrite: bool,
 ) -> SweepResult:
     if overwrite:
         _clear(out)
@@ -336,9 +321,7 @@ def _sweep(
     elif pending:
         from melbo_lens.workflows.sweeps_ray import run_on_ray
 
-        for i, (cell, got) in enumerate(
-            run_on_ray(grid, pending, loader, address, workers, num_cpus, num_gpus, max_retries)
-        ):
+        for i, (cell, got) in enumerate(run_on_ray(grid, pending, loader, *ray_args)):
             if isinstance(got, str):
                 failures[cell.id] = got
                 _say(progress, f"cell {cell.id} failed: {got}")
