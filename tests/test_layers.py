@@ -104,7 +104,7 @@ def test_no_import_points_up_the_stack():
         ("workflows/runs.py", "from melbo_lens import cli"),
         ("models/toy.py", "from melbo_lens.generation import generate"),
         ("generation.py", "from .analysis.diversity import fluency"),
-        ("methods/trainer.py", "import plotly.graph_objects as go"),
+        ("methods/training/loop.py", "import plotly.graph_objects as go"),
         ("workflows/runs.py", "import sae_lens"),
     ],
 )

@@ -19,7 +19,7 @@ from melbo_lens.cli import main
 from melbo_lens.core.io import ArtifactError, exclusive_lock
 from melbo_lens.core.outliers import norm_outliers
 from melbo_lens.methods.baselines import jacobian_vectors, random_vectors
-from melbo_lens.methods.trainer import ResumeMismatch
+from melbo_lens.methods.training import ResumeMismatch
 from melbo_lens.workflows.sweeps import GridError, SweepFailed, SweepGrid, run_sweep
 
 torch.set_num_threads(1)

@@ -37,6 +37,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile timing")
     p.add_argument("--adapters", action="store_true", help="adapters: K together vs one by one")
     p.add_argument(
+        "--vectors",
+        action="store_true",
+        help="only (f) time to --slots orthogonal vectors (the default vs fixed steps per slot "
+        "and the previous default) and (g) the planted vector 0; writes OUT/bench_vectors.json",
+    )
+    p.add_argument(
         "--explain",
         action="store_true",
         help="explanations: dashboards of every latent of a packaged SAE over the corpus, "
@@ -58,7 +64,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from melbo_lens.cli.options import CliError
     from melbo_lens.cli.output import claimed_file
-    from melbo_lens.workflows.bench import adapters_benchmark, run_benchmark
+    from melbo_lens.workflows.bench import adapters_benchmark, run_benchmark, vectors_benchmark
 
     if args.adapters:  # prints its table; writes nothing
         adapters_benchmark(args.model, args.n_vectors, args.timed_steps, args.threads)
@@ -68,11 +74,20 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise CliError(f"--out {out} is a file; give a directory")
-    name = "bench_explain.json" if args.explain else "bench.json"
+    name = (
+        "bench_explain.json"
+        if args.explain
+        else "bench_vectors.json"
+        if args.vectors
+        else "bench.json"
+    )
     with claimed_file(out / name, "--out", overwrite=args.overwrite) as path:  # before the work
         if args.explain:
             return _explain(args, path)
-        run_benchmark(args)  # writes OUT/bench.json
+        if args.vectors:
+            vectors_benchmark(args)  # writes OUT/bench_vectors.json
+        else:
+            run_benchmark(args)  # writes OUT/bench.json
     return 0
 
 

@@ -103,6 +103,16 @@ def auto_or_positive_float(text: str) -> float | str:
     return "auto" if text == "auto" else positive_float(text)
 
 
+def auto_or_fraction(text: str) -> float | str:
+    """argparse type: 'auto' or a number in [0, 1)."""
+    if text == "auto":
+        return "auto"
+    value = finite_float(text)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be 'auto' or a number in [0, 1), got {text}")
+    return value
+
+
 def finite_float(text: str) -> float:
     """argparse type: a finite number (no nan / inf)."""
     try:
@@ -299,6 +309,13 @@ def _add_training_args(p: argparse.ArgumentParser, *, n_vectors: int) -> None:
         default="auto",
         help="steps between later vectors of a window of starts ('auto': 10 power, 60 AMSGrad)",
     )
+    t.add_argument(
+        "--slot-tol",
+        type=auto_or_fraction,
+        default="auto",
+        help="a window's slot ends once its best objective rose by at most this fraction over "
+        "2 steps ('auto': 1e-3 power, 0 AMSGrad; 0: run every step)",
+    )
     t.add_argument("--lr", default="auto", help="'auto' (0.011·R/√d_model) or a number")
     t.add_argument(
         "--orthogonal",
@@ -368,6 +385,7 @@ def _melbo_config(args: argparse.Namespace, radius: Any):
         seed=args.seed,
         starts_per_vector=args.starts_per_vector,
         slot_steps=args.slot_steps,
+        slot_tol=args.slot_tol,
     )
 
 
@@ -415,6 +433,11 @@ def training_plan(config: Any) -> str:
             f"each the best of a window of {config.starts} starts, {config.loop_solver()} "
             f"solver, {config.loop_steps()} steps for the first and "
             f"{config.loop_slot_steps()} more for each later one"
+            + (
+                f", a slot ending once its best rises < {config.loop_slot_tol():g} over 2 steps"
+                if config.loop_slot_tol()
+                else ""
+            )
         )
     else:
         how = f"{config.loop_solver()} solver, {config.loop_steps()} steps each"

@@ -29,7 +29,7 @@ __all__ = [
 @contextmanager
 def claimed_output(args: argparse.Namespace, filename: str) -> Iterator[tuple[Path, str | None]]:
     """(the output file, the checkpoint to resume from or None) under a lock on --out."""
-    from melbo_lens.methods.trainer import ResumeMismatch
+    from melbo_lens.methods.training import ResumeMismatch
     from melbo_lens.perturbations.artifact import describe_artifact
 
     out = checked_directory(args.out, "--out")

@@ -55,7 +55,7 @@ from melbo_lens.methods.config import LoopConfig, is_int
 from melbo_lens.methods.constraints import tangent_project
 from melbo_lens.methods.defaults import default_positions
 from melbo_lens.methods.melbo import LR_SCALE
-from melbo_lens.methods.trainer import FamilyBase, check_prompts_and_sites, train
+from melbo_lens.methods.training import FamilyBase, check_prompts_and_sites, train
 from melbo_lens.perturbations.adapters import SteeringAdapters, adapter_hooks, check_adapter_host
 
 __all__ = [

@@ -16,6 +16,7 @@ from melbo_lens.core.sites import HookSite
 
 __all__ = [
     "AUTO_SLOT_STEPS",
+    "AUTO_SLOT_TOL",
     "AUTO_STARTS",
     "AUTO_STEPS",
     "LoopConfig",
@@ -64,6 +65,10 @@ C = TypeVar("C", bound="LoopConfig")
 AUTO_STARTS = 8  # starts per sequential vector (starts_per_vector="auto")
 AUTO_STEPS = {"amsgrad": 300, "power": 40}
 AUTO_SLOT_STEPS = {"amsgrad": 60, "power": 10}
+# What slot_tol="auto" stands for: a window slot ends once its best candidate's objective
+# rose by at most this fraction over 2 steps (`training.spec.plateaued`). The power step
+# converges in a few steps (bench (d)); AMSGrad's small steps would read as a plateau.
+AUTO_SLOT_TOL = {"amsgrad": 0.0, "power": 1e-3}
 
 
 class LoopConfig:
@@ -108,6 +113,15 @@ class LoopConfig:
             return int(value)
         return min(AUTO_SLOT_STEPS[self.loop_solver()], self.loop_steps())
 
+    def loop_slot_tol(self) -> float:
+        """The relative tolerance that ends a window's slot early (`slot_tol="auto"`:
+        `AUTO_SLOT_TOL` of the solver; 0 without a window)."""
+        c: Any = self
+        value = getattr(c, "slot_tol", "auto")
+        if not self.windowed:
+            return 0.0
+        return AUTO_SLOT_TOL[self.loop_solver()] if value == "auto" else float(value)
+
     def lr_max(self) -> float:
         """The largest absolute lr that is not a jump across the constraint set: the
         radius for a vector on the sphere of radius R."""
@@ -134,6 +148,22 @@ class LoopConfig:
             )
         if not (c.slot_steps == "auto" or is_int(c.slot_steps, 1)):
             problems.append(f"slot_steps must be 'auto' or an int >= 1, got {c.slot_steps!r}")
+        tol = c.slot_tol
+        if not (
+            tol == "auto"
+            or (is_positive(tol) and tol < 1)
+            or (tol == 0 and not isinstance(tol, bool))
+        ):
+            problems.append(
+                f"slot_tol must be 'auto' or a number in [0, 1) (0: every slot runs its "
+                f"steps), got {tol!r}"
+            )
+        elif tol not in ("auto", 0) and not self.windowed:
+            problems.append(
+                f"slot_tol={tol!r} ends a window's slot early, and this run has no window "
+                f"({field}={value!r}, orthogonal={c.orthogonal!r}); use slot_tol='auto' or a "
+                f"window ({field} > 1 with orthogonal='sequential')"
+            )
         return problems
 
     @property

@@ -52,7 +52,7 @@ from melbo_lens.core.sites import HookSite, as_site, check_order
 from melbo_lens.methods.config import AUTO_STARTS, LoopConfig, is_int
 from melbo_lens.methods.constraints import tangent_project, to_sphere
 from melbo_lens.methods.defaults import resolve_defaults
-from melbo_lens.methods.trainer import (
+from melbo_lens.methods.training import (
     FamilyBase,
     TrainingError,
     check_prompt_set,
@@ -85,10 +85,12 @@ class MelboConfig(LoopConfig):
     """Everything that defines a MELBO run (frozen, validated, JSON-serialisable).
 
     `lr="auto"` (default) uses `scaled_lr(radius, d_model)`; a float is an absolute lr.
-    `starts_per_vector`, `solver`, `steps` and `slot_steps` default to "auto": a window
-    of 8 starts per sequential vector with the power solver, 40 steps for vector 0 and
-    10 for each later one (`starts`, `loop_solver()`, `loop_steps()`,
-    `loop_slot_steps()` give the values run; the artifact's metadata records them).
+    `starts_per_vector`, `solver`, `steps`, `slot_steps` and `slot_tol` default to
+    "auto": a window of 8 starts per sequential vector with the power solver, at most 40
+    steps for vector 0 and 10 for each later one, a slot ending early once its best
+    candidate's objective rises by less than 1e-3 of itself over 2 steps (`starts`,
+    `loop_solver()`, `loop_steps()`, `loop_slot_steps()`, `loop_slot_tol()` give the
+    values run; the artifact's metadata records them).
     `vectors_per_batch` caps how many vectors share a forward pass (memory).
 
     Examples:
@@ -115,6 +117,7 @@ class MelboConfig(LoopConfig):
     seed: int = 0
     starts_per_vector: int | Literal["auto"] = "auto"
     slot_steps: int | Literal["auto"] = "auto"
+    slot_tol: float | Literal["auto"] = "auto"
 
     @property
     def starts(self) -> int:

@@ -36,8 +36,15 @@ from melbo_lens.methods.constraints import project_out, tangent_project, to_sphe
 from melbo_lens.methods.defaults import default_positions
 from melbo_lens.methods.melbo import MelboConfig, _init_vectors, train_steering_vectors
 from melbo_lens.methods.objectives import melbo_objective_per_prompt
+from melbo_lens.workflows.bench_vectors import delta_similarity, planted_vector_0, time_to_vectors
 
-__all__ = ["run_benchmark", "block_flops", "naive_reference", "adapters_benchmark"]
+__all__ = [
+    "adapters_benchmark",
+    "block_flops",
+    "naive_reference",
+    "run_benchmark",
+    "vectors_benchmark",
+]
 
 
 # ---------------------------------------------------------------------- FLOP counting
@@ -197,26 +204,16 @@ def _first_reaching(curve: list[float], target: float) -> int | None:
     return None
 
 
-def _delta_similarity(segment: Segment, vectors: torch.Tensor) -> float:
-    """Mean |cos| between the target deltas of different vectors (masked, flattened)."""
-    with torch.no_grad():
-        z = segment.run(vectors)
-        mask = segment.prompts.target_mask[None, :, :, None]
-        deltas = ((z - segment.unsteered) * mask).flatten(1)
-        unit = torch.nn.functional.normalize(deltas, dim=-1)
-        gram = (unit @ unit.T).abs()
-        k = gram.shape[0]
-        return float((gram.sum() - gram.diagonal().sum()) / (k * (k - 1))) if k > 1 else 0.0
-
-
 # one AMSGrad start per vector: what the naive reference runs
 LONE: dict[str, Any] = dict(starts_per_vector=1, solver="amsgrad")
 
 
 # ---------------------------------------------------------------------- the benchmark
-def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
-    from melbo_lens.core.prompts import PromptSet, bundled_prompts
-    from melbo_lens.core.sites import parse_site as _site
+def _setup(args: argparse.Namespace) -> tuple[Any, PromptSet, dict[str, Any], Segment, float]:
+    """The benchmark's model, prompts (target positions as training resolves them), the
+    config fields every timed run shares, the segment and the RSS before loading."""
+    from melbo_lens.core.prompts import bundled_prompts
+    from melbo_lens.core.sites import parse_site
     from melbo_lens.models.zoo import load_model
 
     device = getattr(args, "device", "cpu")
@@ -231,18 +228,48 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     rss0 = _peak_mb(device)
     model = load_model(args.model, device=device, dtype=dtype)
     prompts = PromptSet.coerce(model, bundled_prompts("demo"), chat=True)
-    source, target = _site(args.source, "resid_post"), _site(args.target, "resid_post")
+    source, target = parse_site(args.source, "resid_post"), parse_site(args.target, "resid_post")
     prompts, _ = default_positions(model, prompts, target)  # as training resolves them
+    base: dict[str, Any] = dict(source=source, target=target, radius=args.radius, power=2.0, q=1.0)
+    segment = Segment(model, source, target, prompts)
+    print(
+        f"model {model.cfg.model_name}: {model.cfg.n_layers} layers, d_model "
+        f"{model.cfg.d_model}; {source.name} -> {target.name} ({segment.n_blocks} blocks per "
+        f"step); prompt {int(prompts.attention_mask.sum())} tokens; "
+        f"{torch.get_num_threads()} threads; {device}, {dtype}"
+    )
+    return model, prompts, base, segment, rss0
+
+
+def vectors_benchmark(args: argparse.Namespace) -> dict[str, Any]:
+    """Only (f) and (g) (`bench_vectors`): writes OUT/bench_vectors.json."""
+    model, prompts, base, segment, _ = _setup(args)
+    result = {
+        "model": model.cfg.model_name,
+        "source": base["source"].name,
+        "target": base["target"].name,
+        "radius": args.radius,
+        "threads": torch.get_num_threads(),
+        "device": getattr(args, "device", "cpu"),
+        "time_to_vectors": time_to_vectors(model, prompts, base, args, None, segment),
+        "planted_vector_0": planted_vector_0(seeds=range(2 if args.quick else 5)),
+    }
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "bench_vectors.json", json.dumps(result, indent=2))
+    print(f"\nresults -> {out / 'bench_vectors.json'}")
+    return result
+
+
+def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
+    device = getattr(args, "device", "cpu")
+    dtype = getattr(torch, getattr(args, "dtype", "float32"))
+    model, prompts, base, segment0, rss0 = _setup(args)
+    source, target = base["source"], base["target"]
     cfg = model.cfg
     P = prompts.tokens.shape[1]
     n_tok = int(prompts.attention_mask.sum())
-    base: dict[str, Any] = dict(source=source, target=target, radius=args.radius, power=2.0, q=1.0)
-    seg_blocks = Segment(model, source, target, prompts).n_blocks
-    print(
-        f"model {cfg.model_name}: {cfg.n_layers} layers, d_model {cfg.d_model}; "
-        f"{source.name} -> {target.name} ({seg_blocks} blocks per step); "
-        f"prompt {n_tok} tokens; {torch.get_num_threads()} threads; {device}, {dtype}"
-    )
+    seg_blocks = segment0.n_blocks
 
     size = 1024 if args.quick else (8192 if device.startswith("cuda") else 2048)
     peak = matmul_throughput(size, dtype=dtype, device=device)
@@ -361,7 +388,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     div = {}
     print(f"\n(e) {kd} vectors, simultaneous orthogonality:")
     for name, sv in (("AMSGrad", slow), ("power", fast)):
-        sim = _delta_similarity(segment, sv.vectors)
+        sim = delta_similarity(segment, sv.vectors)
         div[name] = {
             "objectives": sv.record("objective").tolist(),
             "delta_abs_cos": sim,
@@ -408,122 +435,6 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     atomic_write_text(out / "bench.json", json.dumps(result, indent=2))
     print(f"\nresults -> {out / 'bench.json'}")
     return result
-
-
-# ---------------------------------------------------------------------- (f) N vectors
-PREVIOUS_DEFAULT: dict[str, Any] = dict(starts_per_vector=1, solver="amsgrad", steps=300)
-
-
-def time_to_vectors(
-    model: Any,
-    prompts: PromptSet,
-    base: dict[str, Any],
-    args: argparse.Namespace,
-    naive_ms: float,
-    segment: Segment,
-) -> dict[str, Any]:
-    """Time to `args.slots` orthogonal vectors with the default config against the
-    previous default (one AMSGrad start per vector, 300 steps: `PREVIOUS_DEFAULT`), and
-    the naive reference's time for the same vector-steps; per-slot objective ratios and
-    diversity (mean |cos| of target deltas). The previous default runs its first
-    `args.reference_slots` slots; each slot costs the same 300 one-vector steps, so its
-    time for all slots is that per-slot time times the slots (printed as such)."""
-    n, m = args.slots, min(args.reference_slots or args.slots, args.slots)
-    new_kw: dict[str, Any] = dict(steps=3, slot_steps=2) if args.quick else {}
-    previous = dict(PREVIOUS_DEFAULT, steps=args.naive_steps if args.quick else 300)
-    new = train_steering_vectors(
-        model, prompts, MelboConfig(**base, n_vectors=n, **new_kw), progress=False
-    )
-    old = train_steering_vectors(
-        model, prompts, MelboConfig(**base, n_vectors=m, **previous), progress=False
-    )
-    # the default's solver and steps with one start per vector: where the speed comes from
-    lone_kw: dict[str, Any] = dict(
-        starts_per_vector=1, solver=new.metadata["solver"], steps=new.metadata["steps"]
-    )
-    lone = train_steering_vectors(
-        model, prompts, MelboConfig(**base, n_vectors=n, **lone_kw), progress=False
-    )
-    lone_s = float(lone.metadata["train_seconds"])
-    new_s = float(new.metadata["train_seconds"])
-    old_s = float(old.metadata["train_seconds"]) * n / m
-    naive_s = naive_ms / 1e3 * previous["steps"] * n
-    new_obj, old_obj = new.record("objective"), old.record("objective")
-    ratios = (new_obj[:m] / old_obj).tolist()
-    div_new = _delta_similarity(segment, new.vectors)
-    div_common = (
-        _delta_similarity(segment, new.vectors[:m]),
-        _delta_similarity(segment, old.vectors),
-    )
-    meta = new.metadata
-    label = f"{meta['starts']} starts, {meta['solver']}, {meta['steps']}+{meta['slot_steps']} steps"
-    extrapolated = "" if m == n else f" ({m} slots run, x{n / m:g})"
-    print(
-        f"\n(f) time to {n} orthogonal vectors:\n"
-        f"    naive reference, {previous['steps']} steps each    {naive_s:9.1f} s   (per-step "
-        f"time of (a) x {previous['steps'] * n} vector-steps)\n"
-        f"    previous default, 1 start, AMSGrad  {old_s:9.1f} s{extrapolated}\n"
-        f"    1 start, {lone_kw['solver']}, {lone_kw['steps']} steps each     {lone_s:9.1f} s   "
-        f"objective sum {float(lone.record('objective').sum()):.4g} (default's: "
-        f"{float(new_obj.sum()):.4g}); vector 0 {float(lone.record('objective')[0]):.4g} "
-        f"(default's: {float(new_obj[0]):.4g})\n"
-        f"    default: {label}\n"
-        f"{'':40}{new_s:9.1f} s   {old_s / new_s:.1f}x faster than the previous default"
-        f", {naive_s / new_s:.1f}x than naive\n"
-        f"    per-slot objective, default / previous (slots 0..{m - 1}): min {min(ratios):.3g}, "
-        f"median {sorted(ratios)[len(ratios) // 2]:.3g}; sum over those slots "
-        f"{float(new_obj[:m].sum() / old_obj.sum()):.3g}x\n"
-        f"    ratios: [{', '.join(f'{r:.3g}' for r in ratios)}]\n"
-        f"    diversity (mean |cos| of target deltas, lower is more diverse): default "
-        f"{div_common[0]:.3f} vs previous {div_common[1]:.3f} over the first {m}; default, "
-        f"all {n}: {div_new:.3f}; {meta.get('starts_used', 1)} starts used"
-    )
-    return {
-        "slots": n,
-        "reference_slots": m,
-        "default": {"config": new.config, "metadata_steps": meta["steps"], "seconds": new_s},
-        "default_objectives": new_obj.tolist(),
-        "previous_default_objectives": old_obj.tolist(),
-        "previous_default_seconds": old_s,
-        "one_start_seconds": lone_s,
-        "one_start_objectives": lone.record("objective").tolist(),
-        "naive_seconds": naive_s,
-        "speedup_vs_previous_default": old_s / new_s,
-        "speedup_vs_naive": naive_s / new_s,
-        "per_slot_ratio": ratios,
-        "delta_abs_cos_default": div_new,
-        "delta_abs_cos_first_slots": {"default": div_common[0], "previous": div_common[1]},
-        "starts_used": meta.get("starts_used"),
-    }
-
-
-def planted_vector_0(seeds: Any = range(5), radius: float = 2.0) -> dict[str, Any]:
-    """Vector 0's objective as a fraction of the planted optimum (the better of ±R·u) on
-    `planted_direction_model(threshold=4)`, per seed: the default config vs the previous
-    default (one AMSGrad start, 300 steps)."""
-    from melbo_lens.analysis.deltas import perturbation_objectives
-    from melbo_lens.core.sites import HookSite
-    from melbo_lens.models.planted import planted_direction_model
-    from melbo_lens.perturbations.vectors import SteeringVectors
-
-    model, planted = planted_direction_model((12.0,), d_model=64, threshold=4.0)
-    prompts = PromptSet.from_tokens(model, [[1, 2, 3, 4, 5, 6], [7, 8, 9, 10]])
-    source, target = HookSite(0), HookSite(2)
-    ends = SteeringVectors(torch.stack([radius * planted[0], -radius * planted[0]]), source)
-    optimum = float(perturbation_objectives(model, ends, prompts, target).max())
-    fractions: dict[str, list[float]] = {"default": [], "previous default": []}
-    for seed in seeds:
-        for name, kw in (("default", {}), ("previous default", PREVIOUS_DEFAULT)):
-            config = MelboConfig(source, target, n_vectors=1, radius=radius, seed=seed, **kw)
-            sv = train_steering_vectors(model, prompts, config, progress=False)
-            fractions[name].append(float(sv.record("objective")[0]) / optimum)
-    n = len(fractions["default"])
-    print(f"\n(g) vector 0 on a planted direction behind a threshold ({n} seeds):")
-    for name, values in fractions.items():
-        hits = sum(v >= 0.98 for v in values)
-        listed = ", ".join(f"{v:.3f}" for v in values)
-        print(f"    {name:<17} >= 98% of the planted optimum from {hits} of {n} seeds [{listed}]")
-    return {"optimum": optimum, "fractions": fractions}
 
 
 # ---------------------------------------------------------------------- adapters

@@ -20,7 +20,8 @@ from melbo_lens import (
     train_steering_vectors,
 )
 from melbo_lens.core.segment import Segment
-from melbo_lens.methods.trainer import LoopSpec, _objective
+from melbo_lens.methods.training import LoopSpec
+from melbo_lens.methods.training.step import objective_of as _objective
 
 SRC, TGT = HookSite(0), HookSite(2)
 TOKENS = [[1, 2, 3, 4, 5, 6], [7, 8, 9, 10]]
@@ -154,16 +155,16 @@ def test_a_nan_names_the_slot_and_the_start(tiny_model):
 
 def test_restart_rule_counts_exactly(tiny_model, monkeypatch):
     """The accepted row restarts fresh, and a candidate restarts when the projection off
-    the new member leaves less than `_COLLAPSED` of its length: with the threshold at 0
+    the new member leaves less than `COLLAPSED` of its length: with the threshold at 0
     only accepted rows restart (one per slot but the last); above 1 every row does."""
-    import melbo_lens.methods.trainer as trainer
+    import melbo_lens.methods.training.window as window
 
     prompts = PromptSet.from_tokens(tiny_model, TOKENS)
     cfg = MelboConfig(SRC, TGT, n_vectors=4, radius=3.0, starts_per_vector=3, slot_steps=2, steps=3)
-    monkeypatch.setattr(trainer, "_COLLAPSED", 0.0)
+    monkeypatch.setattr(window, "COLLAPSED", 0.0)
     sv = train_steering_vectors(tiny_model, prompts, cfg, progress=False)
     assert sv.metadata["starts_used"] == 3 + 3  # starts + one per accepted slot but the last
-    monkeypatch.setattr(trainer, "_COLLAPSED", 1.1)  # every candidate counts as collapsed
+    monkeypatch.setattr(window, "COLLAPSED", 1.1)  # every candidate counts as collapsed
     sv = train_steering_vectors(tiny_model, prompts, cfg, progress=False)
     assert sv.metadata["starts_used"] == 3 + 3 * 3
 

@@ -1,0 +1,312 @@
+"""The loop: every trainable perturbation trains here, over a `Family`.
+
+Groups of members share a forward pass (`spec.groups_of`): `sequential` (one member at
+a time, orthogonal to the finished ones, each the best of a `Window` of candidate
+starts), `simultaneous` (all, Gram–Schmidt in a fixed order each step), `soft` (all,
+penalised pairwise cosines) or `none`. Each step: gradients (`step.backward`), a solver
+step (`Group.update`), one health check (`health`), the record, the callback and the
+checkpoint (`resume`). Ctrl-C (or a callback returning False) returns the partial
+result, which `resume=` continues bit-exactly.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from melbo_lens.core.checks import is_int
+from melbo_lens.core.host import frozen
+from melbo_lens.core.io import OutputExists, exclusive_lock
+from melbo_lens.core.memory import pass_memory, rows_per_pass
+from melbo_lens.core.prompts import PromptSet
+from melbo_lens.core.segment import Segment
+from melbo_lens.methods.training.family import Callback, Family, Params
+from melbo_lens.methods.training.group import Group
+from melbo_lens.methods.training.health import (
+    check_finite,
+    member_problems,
+    raise_problems,
+)
+from melbo_lens.methods.training.resume import check_resumable, finished, start_record
+from melbo_lens.methods.training.spec import LoopSpec, groups_of, phases, plateaued
+from melbo_lens.methods.training.step import backward, objective_of
+from melbo_lens.methods.training.window import Window, member_basis, new_group
+from melbo_lens.perturbations.artifact import describe_artifact
+
+__all__ = ["train"]
+
+
+def train(
+    model: Any,
+    prompts: PromptSet,
+    family: Family,
+    *,
+    resume: Any | None = None,
+    progress: bool = True,
+    callback: Callback | None = None,
+    checkpoint: str | os.PathLike[str] | None = None,
+    checkpoint_every: int = 50,
+    compile: bool = False,
+    overwrite: bool = False,
+    max_rows_per_pass: int | str | None = None,
+) -> Any:
+    """Run the loop over `family`; returns `family.artifact(...)` of all members.
+
+    `resume` (an artifact of this family or its path) continues an earlier run of the
+    same config: its parameters, training record and the state of the group in flight.
+    Every step checks (one reduction) that each member's objective, gradient and
+    parameters are finite and its parameters non-zero, and raises `TrainingError`
+    naming the step and member otherwise, so a checkpoint never holds NaN.
+
+    `max_rows_per_pass` splits each step's rows (members × prompts) into passes of at
+    most that many rows, accumulating gradients (same result to float rounding, less
+    activation memory); `"auto"` picks it from the free memory. Before the first step
+    the activation memory of a pass is estimated (`core.memory`) and a pass that cannot
+    fit raises MemoryError saying how much it needs and which knob lowers it.
+
+    `checkpoint` is locked while training (a second run writing it fails, naming this
+    one); a checkpoint that already holds a result is only replaced with
+    `overwrite=True` (or continued with `resume=checkpoint`).
+    """
+    if not is_int(checkpoint_every, 1):
+        raise ValueError(f"checkpoint_every must be an int >= 1, got {checkpoint_every!r}")
+    if not (max_rows_per_pass in (None, "auto") or is_int(max_rows_per_pass, 1)):
+        raise ValueError(
+            f"max_rows_per_pass must be None, 'auto' or an int >= 1, got {max_rows_per_pass!r}"
+        )
+    run = _Run(progress, callback, None, checkpoint_every, compile, max_rows_per_pass)
+    if checkpoint is None:
+        return _run(model, prompts, family, resume, run)
+    run.checkpoint = str(checkpoint)
+    if resume is None and not overwrite and Path(run.checkpoint).exists():
+        raise OutputExists(run.checkpoint, *describe_artifact(run.checkpoint))
+    with exclusive_lock(run.checkpoint):
+        return _run(model, prompts, family, resume, run)
+
+
+@dataclass
+class _Run:
+    """How `train` runs the loop (nothing here changes the result)."""
+
+    progress: bool
+    callback: Callback | None
+    checkpoint: str | None
+    checkpoint_every: int
+    compile: bool
+    max_rows_per_pass: int | str | None
+
+
+def _run(model: Any, prompts: PromptSet, family: Family, resume: Any | None, run: _Run) -> Any:
+    """A resumed run that finished already, as saved; else the loop (`_loop`)."""
+    prior = family.load(resume) if isinstance(resume, str) else resume  # read once
+    if prior is not None:
+        check_resumable(family, prior)
+        if finished(prior):
+            return prior  # matches this run (checked); returned as saved, not rewritten
+    return _loop(model, prompts, family, prior, run)
+
+
+def _open_group(
+    family: Family,
+    spec: LoopSpec,
+    store: Params,
+    indices: list[int],
+    window: Window | None,
+    resume_state: dict[str, Tensor],
+    first: int,
+) -> Group:
+    """The group that trains `indices` (a window's candidates for slot indices[0]),
+    orthogonal to the members before it under `sequential`, with the resumed state."""
+    device = next(iter(store.values())).device
+    basis = None
+    if spec.orthogonal == "sequential" and indices[0] > 0:
+        basis = member_basis(family.directions({n: v[: indices[0]] for n, v in store.items()}))
+    if window is not None:
+        group = window.group(basis)
+    else:
+        group = new_group(family, spec, family.init(indices, device), basis)
+    if resume_state:
+        state = {k: v.to(device) for k, v in resume_state.items()}
+        if window is not None:
+            window.load(group, state)
+        elif first > 0:
+            group.load_state_dict(state)
+    return group
+
+
+def _close_phase(
+    segment: Segment,
+    spec: LoopSpec,
+    group: Group,
+    window: Window | None,
+    store: Params,
+    indices: list[int],
+) -> Tensor:
+    """Write the phase's members into `store` (a window: its best candidate, then refill);
+    returns their objective."""
+    if window is not None:
+        return window.accept(segment, group, store, indices[0], indices[0] == spec.n - 1)
+    final = group.result()
+    for n, v in final.items():
+        store[n][indices] = v
+    with torch.no_grad():
+        return objective_of(segment, group.family.target(segment, final), spec)
+
+
+def _metadata(
+    family: Family, spec: LoopSpec, segment: Segment, model: Any, rows: int
+) -> dict[str, Any]:
+    """What the artifact records about how the loop ran."""
+    return {
+        **family.metadata(),
+        "segment_blocks": segment.n_blocks,
+        "layer_slicing": segment.layer_slicing,
+        "compiled": segment.compile,
+        "host": type(model).__name__,
+        "rows_per_pass": rows,
+        "steps": spec.steps,
+        "solver": spec.solver,
+        **(
+            {"starts": spec.starts, "slot_steps": spec.slot_steps, "slot_tol": spec.slot_tol}
+            if spec.windowed
+            else {}
+        ),
+        **({"auto": family.auto} if family.auto else {}),
+    }
+
+
+def _loop(model: Any, prompts: PromptSet, family: Family, prior: Any | None, run: _Run) -> Any:
+    """The loop itself (see `train`)."""
+    device = prompts.tokens.device
+    spec = LoopSpec.of(family.config, n=family.n, per_batch=family.per_batch)
+    plan = phases(spec)
+    store = family.empty(device)
+    steps = max(n_steps for _, n_steps in plan) if spec.n else spec.steps
+    record, resume_state, elapsed = start_record(family, spec.n, steps, device, store, prior)
+    objective, steps_done = record["objective"], record["steps_done"]
+    segment = Segment(model, spec.source, spec.target, prompts, compile=run.compile)
+    rows = (spec.starts if spec.windowed else max(len(g) for g in groups_of(spec))) * len(prompts)
+    memory = pass_memory(model, segment.n_blocks, prompts.tokens.shape[1])
+    max_rows = rows_per_pass(memory, rows, run.max_rows_per_pass, device)
+    meta = _metadata(family, spec, segment, model, max_rows or rows)
+
+    def artifact(state: dict[str, Tensor], seconds: float) -> Any:
+        return family.artifact(
+            {n: v.detach().cpu().clone() for n, v in store.items()},
+            {
+                **{name: value.cpu().clone() for name, value in record.items()},
+                "resume_state": {k: v.detach().cpu() for k, v in state.items()},
+            },
+            {**meta, "train_seconds": seconds},
+        )
+
+    total = sum(len(i) * n for i, n in plan)
+    bar = tqdm(total=total, disable=not run.progress, desc=f"{family.noun}s", unit="step")
+    bar.update(sum(int(steps_done[i].sum()) for i, _ in plan))
+    start_time = time.perf_counter()
+    window = Window(family, spec, device) if spec.windowed else None
+    group: Group | None = None
+    indices: list[int] = []
+    interrupted = False
+
+    def group_state() -> dict[str, Tensor]:
+        assert group is not None
+        return window.state(group) if window is not None else group.state_dict()
+
+    def save(state: dict[str, Tensor]) -> None:
+        assert run.checkpoint is not None
+        artifact(state, elapsed + time.perf_counter() - start_time).save(run.checkpoint)
+
+    phase = _Phase(family, spec, segment, store, record, run, bar, max_rows, window)
+    with frozen(model):  # only the perturbation gets gradients; flags restored on exit
+        try:
+            for indices, n_steps in plan:
+                if bool((~torch.isnan(objective[indices])).all()):  # phase finished
+                    continue
+                if group is None or window is None:
+                    first = int(steps_done[indices[0]])
+                    group = _open_group(family, spec, store, indices, window, resume_state, first)
+                    resume_state = {}
+                phase.run(group, indices, n_steps, lambda: save(group_state()))
+                objective[indices] = _close_phase(segment, spec, group, window, store, indices)
+                if window is not None:
+                    meta["starts_used"] = window.next
+                check_finite(objective[:, None], indices, 1, 0, family.noun)
+                if window is None:
+                    group = None
+                if run.checkpoint:
+                    save(group_state() if group is not None else {})
+        except KeyboardInterrupt:
+            interrupted = True
+        finally:
+            bar.close()
+    elapsed += time.perf_counter() - start_time
+    state = group_state() if (interrupted and group is not None) else {}
+    if interrupted and group is not None and window is None:
+        for n, p in group.params.items():
+            store[n][indices] = p.detach()
+    result = artifact(state, elapsed)
+    result.metadata["interrupted"] = interrupted
+    if run.checkpoint:
+        result.save(run.checkpoint)
+    return result
+
+
+@dataclass
+class _Phase:
+    """The steps of one phase: members `indices` (a window's slot) for up to `n_steps`."""
+
+    family: Family
+    spec: LoopSpec
+    segment: Segment
+    store: Params
+    record: dict[str, Tensor]
+    how: _Run
+    bar: Any
+    max_rows: int | None
+    window: Window | None
+
+    def run_step(self, group: Group, indices: list[int], step: int, labels: list[str]) -> Tensor:
+        """One step: gradients, the solver's update, the health check and the record."""
+        group.zero_grad()
+        obj = backward(self.segment, group, self.spec, self.max_rows)
+        grads = {n: p.grad for n, p in group.params.items() if p.grad is not None}
+        group.update(obj)
+        codes = member_problems(obj, grads, self.family.directions(group.detached()))
+        if bool(codes.any()):  # the one host sync of the check
+            raise_problems(codes, labels, step)
+        # a window records its best candidate (the slot's value so far)
+        kept = [int(torch.argmax(obj))] if self.window else slice(None)
+        self.record["losses"][indices, step] = obj[kept]
+        self.record["steps_done"][indices] = step + 1
+        for n, p in group.params.items():
+            self.store[n][indices] = p.detach()[kept]
+        return obj
+
+    def run(self, group: Group, indices: list[int], n_steps: int, save: Callable[[], None]) -> None:
+        """Steps from where the record stands to `n_steps`, or until the window's slot
+        stops improving (`plateaued`)."""
+        family, run, window = self.family, self.how, self.window
+        labels = window.labels(indices[0]) if window else [f"{family.noun} {i}" for i in indices]
+        for step in range(int(self.record["steps_done"][indices[0]]), n_steps):
+            obj = self.run_step(group, indices, step, labels)
+            self.bar.update(len(indices))
+            if run.progress and ((step + 1) % 10 == 0 or step + 1 == n_steps):
+                self.bar.set_postfix(objective=f"{float(obj.mean()):.4g}")
+            if run.callback is not None:
+                if run.callback(family.state(step, indices, obj, group.detached())) is False:
+                    raise KeyboardInterrupt
+            curve = self.record["losses"][indices[0], : step + 1]
+            if window is not None and plateaued(curve, self.spec.slot_tol):
+                self.bar.update(n_steps - step - 1)
+                return
+            if run.checkpoint and (step + 1) % run.checkpoint_every == 0 and step + 1 < n_steps:
+                save()
