@@ -26,7 +26,7 @@ from melbo_lens import (
     random_vectors,
     train_steering_vectors,
 )
-from melbo_lens.cli import _prompt_set, bundled_prompts
+from melbo_lens.cli import bundled_prompts, prompt_set
 from melbo_lens.core.segment import Segment
 from melbo_lens.methods.objectives import melbo_objective_per_prompt
 
@@ -41,8 +41,8 @@ def main() -> None:
     torch.set_num_threads(1)
 
     model = load_model("smollm2-135m-instruct")
-    prompts = _prompt_set(model, bundled_prompts("demo"), True, "all")
-    targets = _prompt_set(model, bundled_prompts("demo"), True, "all")
+    prompts = prompt_set(model, bundled_prompts("demo"), True, "all")
+    targets = prompt_set(model, bundled_prompts("demo"), True, "all")
     targets = type(targets).from_tokens(
         model, targets.tokens, target_positions=slice(1, None), texts=targets.texts
     )

@@ -9,15 +9,15 @@ import torch
 
 from melbo_lens import HookSite, SteeringVectors
 from melbo_lens.cli import build_parser, main
-from melbo_lens.cli.options import _target_positions
+from melbo_lens.cli.options import target_positions_option
 
 
 def test_target_position_specs():
-    assert _target_positions("auto") is None  # MELBO's default: outlier-norm positions out
-    assert _target_positions("all") == slice(None)
-    assert _target_positions("last:3") == slice(-3, None)
-    assert _target_positions("0,2,-1") == [0, 2, -1]
-    assert _target_positions("1:") == slice(1, None)
+    assert target_positions_option("auto") is None  # MELBO's default: outlier-norm positions out
+    assert target_positions_option("all") == slice(None)
+    assert target_positions_option("last:3") == slice(-3, None)
+    assert target_positions_option("0,2,-1") == [0, 2, -1]
+    assert target_positions_option("1:") == slice(1, None)
     # the demo uses the defaults: positions, sites and R chosen for the model
     demo = build_parser().parse_args(["demo"])
     assert (demo.target_positions, demo.radius, demo.source, demo.target) == ("auto",) * 4

@@ -113,3 +113,125 @@ def test_a_planted_upward_import_is_caught(path, line):
     file = PACKAGE / path
     assert not violations(file)
     assert violations(file, file.read_text() + "\n" + line + "\n")
+
+
+# ---------------------------------------------------------------------- circles, reach-ins
+def _modules() -> dict[str, Path]:
+    return {module_name(p): p for p in PACKAGE.rglob("*.py")}
+
+
+def _runtime_imports(source: str, module: str, is_package: bool) -> list[tuple[int, str]]:
+    """`imports_of`, less the imports under `if TYPE_CHECKING:` (they never run)."""
+    tree = ast.parse(source)
+    skipped: set[int] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            skipped |= {n.lineno for b in node.body for n in ast.walk(b) if hasattr(n, "lineno")}
+    return [(line, t) for line, t in imports_of(source, module, is_package) if line not in skipped]
+
+
+def import_graph(sources: dict[str, str] | None = None) -> dict[str, set[str]]:
+    """Module -> the package modules it imports anywhere (top level or inside a function):
+    `from a.b import c` is an edge to `a.b.c` when that is a module, else to `a.b`."""
+    modules = _modules()
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        source = (sources or {}).get(name) or path.read_text()
+        edges = set()
+        for _, target in _runtime_imports(source, name, path.name == "__init__.py"):
+            if target in modules and target != name:
+                edges.add(target)
+        graph[name] = edges
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Every strongly connected component with more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on: set[str] = set()
+    out: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on.add(v)
+        for w in sorted(graph.get(v, ())):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                out.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return out
+
+
+def _packages_of(graph: dict[str, set[str]]) -> dict[str, set[str]]:
+    """The graph without a submodule's edges into its own package's `__init__` (an
+    `__init__` re-exporting its submodules, and a submodule reaching a sibling through
+    the package, is the package's public face, not a design circle)."""
+    modules = _modules()
+    packages = {n for n, p in modules.items() if p.name == "__init__.py"}
+    return {
+        v: {w for w in ws if not (w in packages and v.startswith(w + "."))}
+        for v, ws in graph.items()
+    }
+
+
+def test_no_import_circles_even_through_function_level_imports():
+    found = cycles(_packages_of(import_graph()))
+    assert not found, "import circles (break one arrow; inject instead of importing back):\n" + (
+        "\n".join(" <-> ".join(c) for c in found)
+    )
+
+
+def test_a_planted_circle_is_caught():
+    """A function-level import back from `core.sites` into `core.segment` closes a circle."""
+    path = PACKAGE / "core" / "sites.py"
+    planted = path.read_text() + "\n\ndef _f():\n    from melbo_lens.core.segment import Segment\n"
+    found = cycles(_packages_of(import_graph({"melbo_lens.core.sites": planted})))
+    assert any("melbo_lens.core.sites" in c and "melbo_lens.core.segment" in c for c in found)
+
+
+def private_imports(path: Path, source: str | None = None) -> list[str]:
+    """Imports of another module's `_private` names (module level or in a function)."""
+    source = path.read_text() if source is None else source
+    me = module_name(path)
+    out = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("melbo_lens"):
+            if node.module == me:
+                continue
+            for alias in node.names:
+                if alias.name.startswith("_") and not alias.name.startswith("__"):
+                    rel = path.relative_to(PACKAGE)
+                    out.append(f"{rel}:{node.lineno} takes {alias.name} from {node.module}")
+    return out
+
+
+def test_no_module_takes_another_modules_private_names():
+    problems = [v for f in sorted(PACKAGE.rglob("*.py")) for v in private_imports(f)]
+    assert not problems, "make the name public where it is defined, or move it:\n" + "\n".join(
+        problems
+    )
+
+
+def test_a_planted_private_import_is_caught():
+    path = PACKAGE / "cli" / "train.py"
+    assert not private_imports(path)
+    planted = path.read_text() + "\nfrom melbo_lens.methods.melbo import _secret\n"
+    assert private_imports(path, planted)

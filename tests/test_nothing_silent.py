@@ -494,7 +494,7 @@ def test_17_random_mean_label_sits_over_the_random_box():
 
 def test_17_orthogonal_vectors_show_delta_similarity_not_the_identity():
     from melbo_lens.analysis.similarity import cosine_matrix
-    from melbo_lens.views.report import _Page, _similarity_section
+    from melbo_lens.views.report import Page, similarity_section
 
     eye = torch.eye(3)
     deltas = cosine_matrix(torch.randn(3, 5, generator=torch.Generator().manual_seed(0)))
@@ -505,15 +505,15 @@ def test_17_orthogonal_vectors_show_delta_similarity_not_the_identity():
         token_deltas=None,
         decompositions=None,
     )
-    page = _Page()
-    html = _similarity_section(run, page) + json.dumps(page.figs)  # type: ignore[arg-type]
+    page = Page()
+    html = similarity_section(run, page) + json.dumps(page.figs)  # type: ignore[arg-type]
     assert "mutually orthogonal" in html and "cosine similarity of vectors" not in html
     assert "cosine similarity of target deltas" in html
     skew = torch.tensor([[1.0, 0.0], [0.6, 0.8]])
     run.vector_similarity, run.delta_similarity = cosine_matrix(skew), None
     run.labels = ["0", "1"]
-    page = _Page()
-    html = _similarity_section(run, page) + json.dumps(page.figs)  # type: ignore[arg-type]
+    page = Page()
+    html = similarity_section(run, page) + json.dumps(page.figs)  # type: ignore[arg-type]
     assert "cosine similarity of vectors" in html and "mutually orthogonal" not in html
 
 
@@ -524,10 +524,10 @@ def test_15_the_first_load_says_its_conversion_is_one_time(tmp_path, monkeypatch
     def convert(spec, sources, work):  # stands in for the minute-long GGUF conversion
         (work / "hooked_transformer").mkdir()
 
-    monkeypatch.setattr(cache, "_convert_into", convert)
+    monkeypatch.setattr(cache, "convert_into", convert)
     spec = next(iter(PACKAGED_MODELS.values()))
     entry = tmp_path / "models" / spec.name / "key"
-    cache._build_entry(spec, [], entry, {"k": 1})
+    cache.build_entry(spec, [], entry, {"k": 1})
     err = capsys.readouterr().err
     assert f"first use of {spec.name}: converting it to a HookedTransformer once" in err
     assert (entry / "manifest.json").is_file()

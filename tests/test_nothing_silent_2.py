@@ -138,9 +138,9 @@ def test_05_evaluate_resume_with_other_settings_is_refused(tmp_path, capsys):
 
 # ------------------------------------------------- 6. the model cache checks content
 def test_06_a_cache_file_changed_in_place_is_caught(tmp_path):
-    from melbo_lens.models.cache import VERIFIED, _check_manifest, _sha256, _stamps
-    from melbo_lens.models.convert import _atomic_write_json
-    from melbo_lens.models.names import _CorruptCacheError
+    from melbo_lens.models.cache import VERIFIED, cache_stamps, check_manifest, file_sha256
+    from melbo_lens.models.convert import atomic_write_json
+    from melbo_lens.models.names import CorruptCacheError
     from melbo_lens.models.zoo import CACHE_FORMAT_VERSION
 
     (tmp_path / "w").mkdir()
@@ -148,15 +148,15 @@ def test_06_a_cache_file_changed_in_place_is_caught(tmp_path):
     weights.write_bytes(bytes(range(256)) * 64)
     files = {"w/model.safetensors": weights.stat().st_size}
     manifest = {"format_version": CACHE_FORMAT_VERSION, "files": files}
-    manifest["sha256"] = {"w/model.safetensors": _sha256(weights)}
-    _atomic_write_json(tmp_path / "manifest.json", manifest)
-    _atomic_write_json(tmp_path / VERIFIED, _stamps(tmp_path, files))
-    _check_manifest(tmp_path)  # intact
+    manifest["sha256"] = {"w/model.safetensors": file_sha256(weights)}
+    atomic_write_json(tmp_path / "manifest.json", manifest)
+    atomic_write_json(tmp_path / VERIFIED, cache_stamps(tmp_path, files))
+    check_manifest(tmp_path)  # intact
     data = bytearray(weights.read_bytes())
     data[5000] ^= 0xFF  # one byte flipped, the size kept
     weights.write_bytes(bytes(data))
-    with pytest.raises(_CorruptCacheError, match="sha256 differs"):
-        _check_manifest(tmp_path)
+    with pytest.raises(CorruptCacheError, match="sha256 differs"):
+        check_manifest(tmp_path)
 
 
 # ----------------------------------------------------------------- 8. grids, strictly

@@ -21,7 +21,7 @@ from melbo_lens import (
     train_steering_vectors,
 )
 from melbo_lens.analysis.attribution import attribute_target_delta
-from melbo_lens.analysis.attribution.exact import _rounding_bound
+from melbo_lens.analysis.attribution.exact import rounding_bound
 from melbo_lens.analysis.similarity import delta_similarity
 from melbo_lens.methods import baselines, supervised
 
@@ -122,8 +122,8 @@ def test_attribution_adds_up_within_the_dtype_rounding(low, vectors, method):
 def test_the_rounding_bound_names_low_precision_only():
     z = torch.full((2, 3, 4), 100.0)
     small = torch.tensor(1.0)
-    assert _rounding_bound(z, z, 2, small) == pytest.approx(1e-3)  # fp32: the exact tol
-    bf = _rounding_bound(z.bfloat16(), z.bfloat16(), 2, small)
+    assert rounding_bound(z, z, 2, small) == pytest.approx(1e-3)  # fp32: the exact tol
+    bf = rounding_bound(z.bfloat16(), z.bfloat16(), 2, small)
     assert bf == pytest.approx(torch.finfo(torch.bfloat16).eps * 5 * 100.0)
 
 

@@ -26,7 +26,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from melbo_lens.analysis.diversity import Embedder, _embed
+from melbo_lens.analysis.diversity import Embedder, embed_texts
 
 __all__ = [
     "BehaviorReport",
@@ -259,7 +259,7 @@ def classify_completions(
     rest = [i for i, lab in enumerate(labels) if lab == UNLABELLED]
     exemplars: dict[str, str] = {}
     if cluster and rest:
-        emb = _embed([texts[i] for i in rest], embed)
+        emb = embed_texts([texts[i] for i in rest], embed)
         ids = agglomerative_clusters(emb, threshold=threshold)
         unit = torch.nn.functional.normalize(emb, dim=-1)
         for k in sorted(set(ids)):

@@ -203,9 +203,9 @@ def _effects(model: Any, perturbation: Any, rows: Tensor, cards: list, sae: Any,
     rows = rows.to(dev)
     sae_hook = None
     if sae is not None:
-        from melbo_lens.analysis.sae.loading import _hook_name
+        from melbo_lens.analysis.sae.loading import hook_name
 
-        sae_hook = _hook_name(sae)
+        sae_hook = hook_name(sae)
     captured: dict[str, Tensor] = {}
 
     def grab(act: Tensor, hook: Any = None) -> None:

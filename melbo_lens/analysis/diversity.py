@@ -137,7 +137,7 @@ def minilm_embedder(*, batch_size: int = 64, max_length: int = 256) -> Embedder:
     return embed
 
 
-def _embed(texts: Sequence[str], embed: Embedder | None) -> Float[Tensor, "n dim"]:
+def embed_texts(texts: Sequence[str], embed: Embedder | None) -> Float[Tensor, "n dim"]:
     fn = embed if embed is not None else minilm_embedder()
     e = torch.as_tensor(fn(list(texts))).detach().to("cpu", torch.float64)
     if e.ndim != 2 or e.shape[0] != len(texts):
@@ -210,7 +210,7 @@ def completion_diversity(texts: Sequence[str], *, embed: Embedder | None = None)
     texts = list(texts)
     if not texts:
         raise ValueError("diversity of no completions is undefined; pass at least one")
-    return diversity_of_embeddings(_embed(texts, embed))
+    return diversity_of_embeddings(embed_texts(texts, embed))
 
 
 # ------------------------------------------------------------------------- repetition

@@ -170,7 +170,7 @@ def _tokenizer(model: Any) -> Any:
     return tok
 
 
-def _token_ids(model: Any, text: Text, prepend_bos: bool | None) -> tuple[list[int], int]:
+def token_ids(model: Any, text: Text, prepend_bos: bool | None) -> tuple[list[int], int]:
     """Token ids of prompt + completion and the number of prompt tokens.
 
     The prompt is tokenized as `PromptSet.from_texts` does (BOS per the model's
@@ -320,7 +320,7 @@ def token_delta_norms(
     if bad:
         raise IndexError(f"vector indices {bad} out of range for {len(vectors)} vectors")
     texts = _texts_for(texts_or_generations, indices, prompt)
-    encoded = [_token_ids(model, t, prepend_bos) for t in texts]
+    encoded = [token_ids(model, t, prepend_bos) for t in texts]
     out: list[TokenDeltas] = []
     half = max_rows // 2
     for start in range(0, len(indices), half):
@@ -407,9 +407,9 @@ def feature_token_activations(
         >>> max(acts.steered) > max(acts.unsteered)                              # doctest: +SKIP
     """
     # sae-lens stays unimported until an SAE is used
-    from melbo_lens.analysis.sae.decompose import _check_fit
-    from melbo_lens.analysis.sae.features import _capture
-    from melbo_lens.analysis.sae.loading import _warn_unfolded, sae_site
+    from melbo_lens.analysis.sae.decompose import check_fit
+    from melbo_lens.analysis.sae.features import capture_sae_input
+    from melbo_lens.analysis.sae.loading import sae_site, warn_unfolded
 
     d_sae = int(sae.cfg.d_sae)
     if isinstance(feature, bool) or not isinstance(feature, int) or not 0 <= feature < d_sae:
@@ -418,26 +418,26 @@ def feature_token_activations(
         raise IndexError(f"vector index {index} out of range for {len(vectors)} vectors")
     ssite = require_hook(model, sae_site(sae))
     vsite = require_hook(model, vectors.site)
-    _warn_unfolded(sae)
+    warn_unfolded(sae)
     v = vectors.vectors[index]
-    _check_fit(v, None, sae, True)
+    check_fit(v, None, sae, True)
     if ssite.position < vsite.position:
         raise ValueError(
             f"the SAE reads {ssite.name}, before the vector's site {vsite.name}; the vector "
             "cannot change anything there. Use an SAE at the vector's site or later"
         )
-    ids, n_p = _token_ids(model, text, prepend_bos)
+    ids, n_p = token_ids(model, text, prepend_bos)
     if n_prompt is not None:
         if not 0 <= n_prompt <= len(ids):
             raise ValueError(f"n_prompt={n_prompt} but the text has {len(ids)} tokens")
         n_p = n_prompt
     ps = PromptSet.from_tokens(model, [ids])
-    before = _capture(model, ps, ssite)[0]
+    before = capture_sae_input(model, ps, ssite)[0]
     if ssite.position == vsite.position:  # same tensor: the vector is simply added
         after = before + scale * v.to(before.device, before.dtype)
     else:
         with vectors.apply(model, index, scale=scale):
-            after = _capture(model, ps, ssite)[0]
+            after = capture_sae_input(model, ps, ssite)[0]
     with torch.no_grad():
         fb = sae.encode(before)[:, feature].float().cpu()
         fa = sae.encode(after)[:, feature].float().cpu()
@@ -486,8 +486,8 @@ def top_activating_tokens(
         {12: [('…the |sea|', 4.1), ...], 40: [...]}
     """
     # sae-lens stays unimported until an SAE is used
-    from melbo_lens.analysis.sae.features import _capture
-    from melbo_lens.analysis.sae.loading import _warn_unfolded, sae_site
+    from melbo_lens.analysis.sae.features import capture_sae_input
+    from melbo_lens.analysis.sae.loading import sae_site, warn_unfolded
 
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ValueError(f"k must be an int >= 1, got {k!r}")
@@ -504,7 +504,7 @@ def top_activating_tokens(
     if not texts:
         raise ValueError("no texts given; pass a corpus of at least one text")
     site = require_hook(model, sae_site(sae))
-    _warn_unfolded(sae)
+    warn_unfolded(sae)
     tok = _tokenizer(model)
     special = set(getattr(tok, "all_special_ids", []) or []) if skip_special else set()
     cols = torch.tensor(feats)
@@ -514,7 +514,7 @@ def top_activating_tokens(
     for start in range(0, len(texts), batch_size):
         chunk = texts[start : start + batch_size]
         ps = PromptSet.from_chat(model, chunk) if chat else PromptSet.from_texts(model, chunk)
-        x = _capture(model, ps, site)
+        x = capture_sae_input(model, ps, site)
         with torch.no_grad():
             acts = torch.stack(
                 [sae.encode(row)[:, cols.to(row.device)].float().cpu() for row in x]

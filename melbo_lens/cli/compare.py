@@ -7,10 +7,10 @@ import json
 from pathlib import Path
 
 from melbo_lens.cli.options import (
-    _prompt_set,
-    _read_prompts,
-    _site,
     add_prompt_args,
+    parse_site_option,
+    prompt_set,
+    read_prompts,
 )
 from melbo_lens.cli.output import claimed_file
 from melbo_lens.core.io import atomic_write_text
@@ -45,13 +45,13 @@ def _compare(args: argparse.Namespace, json_path: Path | None) -> int:
         from melbo_lens.models.zoo import load_model
 
         model = load_model(args.model)
-        prompts = _prompt_set(model, _read_prompts(args), not args.no_chat, args.target_positions)
+        prompts = prompt_set(model, read_prompts(args), not args.no_chat, args.target_positions)
     result = compare_vectors(
         a,
         b,
         model=model,
         prompts=prompts,
-        target=_site(args.target, "resid_pre") if args.target else None,
+        target=parse_site_option(args.target, "resid_pre") if args.target else None,
         labels=_labels(Path(args.a), Path(args.b)),
     )
     print(result)

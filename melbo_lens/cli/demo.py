@@ -8,12 +8,12 @@ import time
 from pathlib import Path
 
 from melbo_lens.cli.options import (
-    _add_training_args,
-    _print_vectors,
-    _read_prompts,
-    _train,
     add_corpus_arg,
+    add_training_args,
+    print_vectors,
+    read_prompts,
     resolve_corpus,
+    train_vectors,
 )
 from melbo_lens.cli.output import claimed_output
 from melbo_lens.core.io import atomic_write_text
@@ -22,7 +22,7 @@ __all__ = ["add_arguments", "run"]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    _add_training_args(p, n_vectors=6)
+    add_training_args(p, n_vectors=6)
     p.add_argument("--width", type=int, default=110, help="completions table width")
     add_corpus_arg(p)
     # Sites, target positions and R are the defaults (`methods.defaults`): chosen for
@@ -38,10 +38,10 @@ def run(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace, path: Path, resume: str | None) -> int:
     from melbo_lens.generation import generate_steered
 
-    prompts = _read_prompts(args)
+    prompts = read_prompts(args)
     print(f"melbo-lens demo: {args.model}, {args.n_vectors} vectors, prompt: {prompts[0]!r}")
-    model, ps, vectors, path, seconds = _train(args, prompts, path, resume)
-    _print_vectors(vectors)
+    model, ps, vectors, path, seconds = train_vectors(args, prompts, path, resume)
+    print_vectors(vectors)
     gens = generate_steered(model, vectors, ps, max_new_tokens=args.max_new_tokens)
     print()
     print(gens.table(width=args.width))

@@ -27,9 +27,9 @@ from pathlib import Path
 
 from melbo_lens.cli.options import (
     CliError,
-    _prompt_set,
     add_corpus_arg,
     add_prompt_args,
+    prompt_set,
     resolve_corpus,
 )
 from melbo_lens.cli.output import checked_directory, locked
@@ -224,9 +224,9 @@ def _dashboards_and_cards(args, model, vectors, sae, decompositions, corpus, ind
 
 def _with_prompts(args, model, vectors, sae, decompositions, indices, out, written) -> None:
     from melbo_lens.analysis.sae import compare_with_features, feature_effects
-    from melbo_lens.cli.options import _read_prompts
+    from melbo_lens.cli.options import read_prompts
 
-    prompts = _prompt_set(model, _read_prompts(args), not args.no_chat, args.target_positions)
+    prompts = prompt_set(model, read_prompts(args), not args.no_chat, args.target_positions)
     effects, comparisons = {}, {}
     for k, d in decompositions.items():
         effects[k] = feature_effects(model, sae, vectors, k, prompts).to_dict()

@@ -9,13 +9,13 @@ import json
 from melbo_lens.cli.options import (
     DEFAULT_MODEL,
     CliError,
-    _prompt_set,
-    _read_prompts,
     add_prompt_args,
     finite_float,
     nonnegative_int,
     positive_float,
     positive_int,
+    prompt_set,
+    read_prompts,
     seed_int,
 )
 from melbo_lens.cli.output import claimed_file
@@ -83,7 +83,7 @@ def _generate(args: argparse.Namespace, json_path) -> int:
     indices = _indices(args.indices, len(perturbation)) if perturbation is not None else None
     saved_name = perturbation.metadata.get("load_name") if perturbation is not None else None
     model = load_model(args.model or saved_name or DEFAULT_MODEL)
-    prompts = _prompt_set(model, _read_prompts(args), not args.no_chat, "all")
+    prompts = prompt_set(model, read_prompts(args), not args.no_chat, "all")
     gens = generate(
         model,
         perturbation,

@@ -15,14 +15,14 @@ from typing import Any
 from melbo_lens.cli.options import (
     SUPERVISED,
     CliError,
-    _lr,
-    _print_vectors,
-    _prompt_set,
-    _read_list,
-    _read_prompts,
-    _site_or_auto,
-    _sites,
-    _train_checkpointed,
+    lr_option,
+    print_vectors,
+    prompt_set,
+    read_list,
+    read_prompts,
+    site_or_auto,
+    sites_option,
+    train_checkpointed,
 )
 from melbo_lens.cli.output import claimed_output
 from melbo_lens.models.zoo import load_model
@@ -33,7 +33,7 @@ __all__ = ["train_adapters", "train_other"]
 def train_adapters(args: argparse.Namespace) -> int:
     """MELBO steering adapters on the source block's MLP (rank --rank, norm --radius)."""
 
-    source = _site_or_auto(args.source, "mlp_out")
+    source = site_or_auto(args.source, "mlp_out")
     if source is not None and source.point != "mlp_out":
         raise CliError(
             f"adapters perturb a block's MLP: give --source as a layer or "
@@ -54,8 +54,8 @@ def _train_adapters(args: argparse.Namespace, source, orthogonal, path: Path, re
     from melbo_lens.methods.adapters import AdapterConfig, train_steering_adapters
 
     model = load_model(args.model, bridge=args.bridge)
-    ps = _prompt_set(model, _read_prompts(args), not args.no_chat, args.target_positions)
-    auto_source, target = _sites(args, model)
+    ps = prompt_set(model, read_prompts(args), not args.no_chat, args.target_positions)
+    auto_source, target = sites_option(args, model)
     config = AdapterConfig(
         (source or auto_source).layer,
         target,
@@ -65,14 +65,14 @@ def _train_adapters(args: argparse.Namespace, source, orthogonal, path: Path, re
         power=args.power,
         q=args.q,
         steps=args.steps,
-        lr=_lr(args.lr),
+        lr=lr_option(args.lr),
         orthogonal=orthogonal,
         seed=args.seed,
     )
-    adapters, seconds = _train_checkpointed(
+    adapters, seconds = train_checkpointed(
         train_steering_adapters, model, ps, config, args, path, resume
     )
-    _print_vectors(adapters)
+    print_vectors(adapters)
     state = "complete" if adapters.complete else "INTERRUPTED (resume with --resume)"
     print(f"\n{len(adapters)} adapters ({state}) in {seconds:.1f} s -> {path}")
     return 0 if adapters.complete else 130
@@ -120,16 +120,16 @@ def _train_other(args: argparse.Namespace, path: Path) -> int:
         raise CliError(
             f"--radius auto is for MELBO vectors; give --method {args.method} a number (default 4)"
         )
-    source, target = _sites(args, model)
+    source, target = sites_option(args, model)
     chat = not args.no_chat
     start = time.perf_counter()
     curve = None
     if args.method in SUPERVISED:
-        pos = _prompt_set(
-            model, _read_list(args.positive_file, "--positive-file"), chat, args.target_positions
+        pos = prompt_set(
+            model, read_list(args.positive_file, "--positive-file"), chat, args.target_positions
         )
-        neg = _prompt_set(
-            model, _read_list(args.negative_file, "--negative-file"), chat, args.target_positions
+        neg = prompt_set(
+            model, read_list(args.negative_file, "--negative-file"), chat, args.target_positions
         )
         common: dict[str, Any] = dict(
             position=_position(args.position),
@@ -173,7 +173,7 @@ def _train_other(args: argparse.Namespace, path: Path) -> int:
                 seed=args.seed,
             )
         else:
-            ps = _prompt_set(model, _read_prompts(args), chat, args.target_positions)
+            ps = prompt_set(model, read_prompts(args), chat, args.target_positions)
             common = dict(
                 k=args.n_vectors,
                 radius=radius,

@@ -132,29 +132,29 @@ def _int(text: str) -> int:
 
 
 # ---------------------------------------------------------------------- sites, prompts
-def _site(value: str, default_point: str):
+def parse_site_option(value: str, default_point: str):
     from melbo_lens.core.sites import parse_site
 
     return parse_site(value, default_point)
 
 
-def _site_or_auto(value: str, default_point: str):
+def site_or_auto(value: str, default_point: str):
     """A site, or None for 'auto' (the method's default, `methods.defaults`)."""
-    return None if value == "auto" else _site(value, default_point)
+    return None if value == "auto" else parse_site_option(value, default_point)
 
 
-def _sites(args: argparse.Namespace, model: Any, source_point: str = "resid_post"):
+def sites_option(args: argparse.Namespace, model: Any, source_point: str = "resid_post"):
     """(source, target) from --source / --target, 'auto' resolved by depth for `model`."""
     from melbo_lens.core.host import n_layers_of
     from melbo_lens.methods.defaults import default_sites
 
     auto = default_sites(n_layers_of(model))
-    source = _site_or_auto(args.source, source_point) or auto[0]
-    target = _site_or_auto(args.target, "resid_post") or auto[1]
+    source = site_or_auto(args.source, source_point) or auto[0]
+    target = site_or_auto(args.target, "resid_post") or auto[1]
     return source, target
 
 
-def _read_list(path_str: str, flag: str) -> list[Any]:
+def read_list(path_str: str, flag: str) -> list[Any]:
     """Prompts from a .txt (one per non-blank line) or .json file (a list, or an object
     with a "prompts" list); each JSON entry a string or a conversation."""
     path = Path(path_str)
@@ -192,11 +192,11 @@ def _read_list(path_str: str, flag: str) -> list[Any]:
     return prompts
 
 
-def _read_prompts(args: argparse.Namespace) -> list[Any]:
+def read_prompts(args: argparse.Namespace) -> list[Any]:
     """--prompt (repeatable) and --prompts-file; the bundled demo prompts if neither."""
     prompts = list(args.prompt or [])
     if args.prompts_file:
-        prompts += _read_list(args.prompts_file, "--prompts-file")
+        prompts += read_list(args.prompts_file, "--prompts-file")
     if not prompts:
         prompts = bundled_prompts("demo")
     return prompts
@@ -205,7 +205,7 @@ def _read_prompts(args: argparse.Namespace) -> list[Any]:
 TARGET_POSITIONS_HELP = POSITION_SPECS
 
 
-def _target_positions(spec: str):
+def target_positions_option(spec: str):
     """--target-positions -> a target-position spec of `PromptSet`."""
     try:
         return parse_positions(spec)
@@ -213,10 +213,10 @@ def _target_positions(spec: str):
         raise CliError(f"--target-positions {err}") from None
 
 
-def _prompt_set(model: Any, prompts: list[Any], chat: bool, target_spec: str):
+def prompt_set(model: Any, prompts: list[Any], chat: bool, target_spec: str):
     from melbo_lens.core.prompts import PromptSet
 
-    positions = _target_positions(target_spec)
+    positions = target_positions_option(target_spec)
     tokenizer = getattr(model, "tokenizer", None)
     wants_template = chat or any(not isinstance(p, str) for p in prompts)
     if wants_template and getattr(tokenizer, "chat_template", None) is None:
@@ -250,7 +250,7 @@ def add_prompt_args(p: argparse.ArgumentParser | Any, *, positions: bool = True)
         )
 
 
-def _add_training_args(p: argparse.ArgumentParser, *, n_vectors: int) -> None:
+def add_training_args(p: argparse.ArgumentParser, *, n_vectors: int) -> None:
     """The options every MELBO-training command shares, in groups."""
     m = p.add_argument_group("model")
     m.add_argument(
@@ -358,7 +358,7 @@ def _add_training_args(p: argparse.ArgumentParser, *, n_vectors: int) -> None:
     o.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
-def _lr(value: str) -> float | Literal["auto"]:
+def lr_option(value: str) -> float | Literal["auto"]:
     if value == "auto":
         return "auto"
     try:
@@ -367,19 +367,19 @@ def _lr(value: str) -> float | Literal["auto"]:
         raise CliError(f"--lr must be 'auto' or a number, got {value!r}") from None
 
 
-def _melbo_config(args: argparse.Namespace, radius: Any):
-    """The MelboConfig that the shared training options (`_add_training_args`) describe."""
+def melbo_config(args: argparse.Namespace, radius: Any):
+    """The MelboConfig that the shared training options (`add_training_args`) describe."""
     from melbo_lens.methods.melbo import MelboConfig
 
     return MelboConfig(
-        source=_site_or_auto(args.source, "resid_post"),
-        target=_site_or_auto(args.target, "resid_post"),
+        source=site_or_auto(args.source, "resid_post"),
+        target=site_or_auto(args.target, "resid_post"),
         n_vectors=args.n_vectors,
         radius=radius,
         power=args.power,
         q=args.q,
         steps=args.steps,
-        lr=_lr(args.lr),
+        lr=lr_option(args.lr),
         orthogonal=args.orthogonal or "sequential",
         solver=args.solver,
         seed=args.seed,
@@ -389,21 +389,21 @@ def _melbo_config(args: argparse.Namespace, radius: Any):
     )
 
 
-def _train(args: argparse.Namespace, prompts: list[Any], path: Path, resume: str | None):
+def train_vectors(args: argparse.Namespace, prompts: list[Any], path: Path, resume: str | None):
     """Train MELBO vectors into `path` (claimed by the caller with `claimed_output`)."""
     from melbo_lens.methods.melbo import train_steering_vectors
     from melbo_lens.models.zoo import load_model
 
     model = load_model(args.model, bridge=args.bridge)
-    ps = _prompt_set(model, prompts, not args.no_chat, args.target_positions)
-    config = _melbo_config(args, args.radius)
-    vectors, seconds = _train_checkpointed(
+    ps = prompt_set(model, prompts, not args.no_chat, args.target_positions)
+    config = melbo_config(args, args.radius)
+    vectors, seconds = train_checkpointed(
         train_steering_vectors, model, ps, config, args, path, resume
     )
     return model, ps, vectors, path, seconds
 
 
-def _train_checkpointed(train_fn, model, ps, config, args, path: Path, resume: str | None):
+def train_checkpointed(train_fn, model, ps, config, args, path: Path, resume: str | None):
     """Run a `train_*` function with the CLI's checkpoint, resume and memory options,
     save the result at `path` (claimed by the caller); (artifact, seconds)."""
     if not args.quiet:
@@ -451,7 +451,7 @@ def training_plan(config: Any) -> str:
     return f"training {n} {noun}s ({config.orthogonal}), R = {radius}, {sites}: {how}"
 
 
-def _print_vectors(vectors) -> None:
+def print_vectors(vectors) -> None:
     from melbo_lens.methods.defaults import describe_defaults
 
     for name, line in describe_defaults(vectors.metadata).items():

@@ -17,12 +17,12 @@ from pathlib import Path
 
 from melbo_lens.cli.options import (
     CliError,
-    _add_training_args,
-    _melbo_config,
-    _prompt_set,
-    _read_prompts,
+    add_training_args,
+    melbo_config,
     positive_float,
     positive_int,
+    prompt_set,
+    read_prompts,
 )
 from melbo_lens.cli.output import checked_directory, claimed_output
 from melbo_lens.core.io import atomic_write_text
@@ -31,7 +31,7 @@ __all__ = ["add_arguments", "run"]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    _add_training_args(p, n_vectors=4)
+    add_training_args(p, n_vectors=4)
     p.add_argument("--radii", default="2,4,8,16,32,64", help="comma-separated radii")
     g = p.add_argument_group("grid sweeps (prompt sets x sites x radii x seeds x methods)")
     g.add_argument(
@@ -143,9 +143,9 @@ def _sweep(args: argparse.Namespace, radii: list[float], path: Path) -> int:
     from melbo_lens.workflows.radius import select_radius
 
     model = load_model(args.model, bridge=args.bridge)
-    prompts = _read_prompts(args)
-    ps = _prompt_set(model, prompts, not args.no_chat, args.target_positions)
-    config = _melbo_config(args, radii[0])
+    prompts = read_prompts(args)
+    ps = prompt_set(model, prompts, not args.no_chat, args.target_positions)
+    config = melbo_config(args, radii[0])
     print(
         f"melbo-lens sweep: {args.model}, {args.n_vectors} vectors x {config.loop_steps()} steps, "
         f"radii {radii}; each finished radius is kept in {path.parent} (--resume continues)"

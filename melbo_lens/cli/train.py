@@ -7,12 +7,12 @@ import argparse
 from melbo_lens.cli.options import (
     BASELINES,
     SUPERVISED,
-    _add_training_args,
-    _print_vectors,
-    _read_prompts,
-    _train,
+    add_training_args,
     positive_float,
     positive_int,
+    print_vectors,
+    read_prompts,
+    train_vectors,
 )
 from melbo_lens.cli.output import claimed_output
 
@@ -20,7 +20,7 @@ __all__ = ["add_arguments", "run"]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    _add_training_args(p, n_vectors=8)
+    add_training_args(p, n_vectors=8)
     p.add_argument(
         "--method",
         default="melbo",
@@ -68,8 +68,8 @@ def run(args: argparse.Namespace) -> int:
     if args.radius is None:
         args.radius = "auto"
     with claimed_output(args, "vectors.safetensors") as (path, resume):
-        _, _, vectors, path, seconds = _train(args, _read_prompts(args), path, resume)
-    _print_vectors(vectors)
+        _, _, vectors, path, seconds = train_vectors(args, read_prompts(args), path, resume)
+    print_vectors(vectors)
     state = "complete" if vectors.complete else "INTERRUPTED (resume with --resume)"
     print(f"\n{len(vectors)} vectors ({state}) in {seconds:.1f} s -> {path}")
     return 0 if vectors.complete else 130

@@ -190,7 +190,7 @@ def _tangent_columns(
     return tangent_project(grad.transpose(-1, -2), omega.transpose(-1, -2)).transpose(-1, -2)
 
 
-def _init_adapters(
+def init_adapters(
     indices: list[int], d_mlp: int, d_model: int, rank: int, seed: int, device, dtype
 ) -> tuple[Tensor, Tensor]:
     """Gaussian factors, one generator per adapter index so runs compose exactly."""
@@ -217,7 +217,7 @@ class AdapterFamily(FamilyBase):
         self.n, self.per_batch = config.n_adapters, config.adapters_per_batch
 
     def init(self, indices: list[int], device: torch.device) -> dict[str, Tensor]:
-        a, b = _init_adapters(
+        a, b = init_adapters(
             indices,
             self.d_mlp,
             self.d_model,

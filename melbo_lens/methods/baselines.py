@@ -40,9 +40,9 @@ from melbo_lens.core.host import d_model_of, frozen
 from melbo_lens.core.prompts import PromptSet
 from melbo_lens.core.segment import Segment
 from melbo_lens.core.sites import HookSite, as_site, check_sites, require_hook
-from melbo_lens.methods.adapters import _init_adapters
+from melbo_lens.methods.adapters import init_adapters
 from melbo_lens.methods.constraints import gram_schmidt, to_sphere
-from melbo_lens.methods.melbo import _init_vectors
+from melbo_lens.methods.melbo import init_vectors
 from melbo_lens.methods.objectives import melbo_objective_per_prompt, segment_objectives
 from melbo_lens.perturbations.adapters import SteeringAdapters, check_adapter_host
 from melbo_lens.perturbations.vectors import SteeringVectors
@@ -102,7 +102,7 @@ def random_vectors(
             f"cannot draw {n} mutually orthogonal vectors in d_model={d_model}; "
             "ask for at most d_model vectors or pass orthogonal=False"
         )
-    draws = _init_vectors(list(range(n)), d_model, seed, "cpu", torch.float64)
+    draws = init_vectors(list(range(n)), d_model, seed, "cpu", torch.float64)
     if orthogonal:
         draws = gram_schmidt(draws)
     vectors = to_sphere(draws, radius).float()
@@ -148,7 +148,7 @@ def random_adapters(
         raise ValueError(f"n must be an int >= 1, got {n!r}")
     check_radius(radius)
     d_mlp, d_model = int(model.cfg.d_mlp), d_model_of(model)
-    a, b = _init_adapters(list(range(n)), d_mlp, d_model, rank, seed, "cpu", torch.float64)
+    a, b = init_adapters(list(range(n)), d_mlp, d_model, rank, seed, "cpu", torch.float64)
     unit = torch.nn.functional.normalize
     return SteeringAdapters(
         unit(a, dim=1).float(),

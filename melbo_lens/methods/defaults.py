@@ -24,15 +24,16 @@
 from __future__ import annotations
 
 import math
-import sys
 from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
 from melbo_lens.core.host import n_layers_of
 from melbo_lens.core.outliers import OUTLIER_FACTOR, without_norm_outliers
+from melbo_lens.core.progress import say
 from melbo_lens.core.prompts import PromptSet
 from melbo_lens.core.sites import HookSite, check_sites
+from melbo_lens.methods.radius import RadiusChoice, search_radius
 
 __all__ = [
     "SOURCE_DEPTH",
@@ -41,7 +42,6 @@ __all__ = [
     "default_sites",
     "describe_defaults",
     "resolve_defaults",
-    "say",
 ]
 
 SOURCE_DEPTH = 0.25
@@ -104,13 +104,6 @@ def default_positions(
     }
 
 
-def say(progress: bool, line: str) -> None:
-    """Print a progress line to stderr when `progress` is on (what the search and the
-    defaults report while they choose)."""
-    if progress:
-        print(line, file=sys.stderr, flush=True)
-
-
 def resolve_defaults(
     model: Any,
     prompts: PromptSet,
@@ -122,8 +115,6 @@ def resolve_defaults(
 ) -> tuple[Any, PromptSet, dict[str, Any]]:
     """(config with sites and radius filled in, prompts with the default positions, the
     record of what was chosen). A run resumed from `prior` reuses its radius."""
-    from melbo_lens.methods.radius import search_radius
-
     auto: dict[str, Any] = {}
     if config.source is None or config.target is None:
         source, target = default_sites(n_layers_of(model))
@@ -171,8 +162,6 @@ def describe_defaults(metadata: dict[str, Any] | None) -> dict[str, str]:
         >>> describe_defaults(meta)
         {'target positions (auto)': 'left out [[0], []] (per prompt): r'}
     """
-    from melbo_lens.methods.radius import RadiusChoice
-
     meta = metadata or {}
     auto = meta.get("auto") or {}
     out = {}

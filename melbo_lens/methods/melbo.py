@@ -185,7 +185,7 @@ class TrainingState:
 Callback = Callable[[TrainingState], bool | None]
 
 
-def _init_vectors(indices: list[int], d_model: int, seed: int, device, dtype) -> Tensor:
+def init_vectors(indices: list[int], d_model: int, seed: int, device, dtype) -> Tensor:
     """Gaussian directions, one generator per vector index so runs compose exactly."""
     rows = []
     for k in indices:
@@ -210,7 +210,7 @@ class VectorFamily(FamilyBase):
 
     def init(self, indices: list[int], device: torch.device) -> dict[str, Tensor]:
         return {
-            "theta": _init_vectors(indices, self.d_model, self.config.seed, device, torch.float32)
+            "theta": init_vectors(indices, self.d_model, self.config.seed, device, torch.float32)
         }
 
     def retract(self, params: dict[str, Tensor]) -> dict[str, Tensor]:

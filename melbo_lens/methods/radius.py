@@ -42,6 +42,7 @@ import torch
 from torch import Tensor
 
 from melbo_lens.core.outliers import residual_norms
+from melbo_lens.core.progress import say
 from melbo_lens.core.prompts import PromptSet
 from melbo_lens.core.sites import HookSite
 from melbo_lens.perturbations.vectors import steering_hook
@@ -244,8 +245,6 @@ def search_radius(
 ) -> RadiusChoice:
     """Find R for `config` (sites and prompts as resolved) with the walk described in
     the module docstring; `train_fn` trains the probe vectors (`train_steering_vectors`)."""
-    from melbo_lens.methods.defaults import say  # defaults calls this function
-
     start = time.perf_counter()
     if len(prompts) > SEARCH_PROMPTS:  # R is a property of model and sites; a few suffice
         prompts = prompts[:SEARCH_PROMPTS]

@@ -36,8 +36,8 @@ from melbo_lens.core.io import temporary_beside
 if TYPE_CHECKING:
     from transformer_lens.model_bridge import TransformerBridge
     from transformers import PreTrainedTokenizerBase
-from melbo_lens.models.convert import _atomic_write_json, _convert_into, _remove_tree
-from melbo_lens.models.names import PROCESSING, PackagedModel, _CorruptCacheError
+from melbo_lens.models.convert import atomic_write_json, convert_into, remove_tree
+from melbo_lens.models.names import PROCESSING, CorruptCacheError, PackagedModel
 
 __all__ = ["CACHE_FORMAT_VERSION", "default_cache_dir"]
 
@@ -63,7 +63,7 @@ def default_cache_dir() -> Path:
     return base / "melbo_lens"
 
 
-def _cache_key(spec: PackagedModel, sources: list[Path]) -> tuple[str, dict[str, Any]]:
+def cache_key(spec: PackagedModel, sources: list[Path]) -> tuple[str, dict[str, Any]]:
     identity = {
         "format_version": CACHE_FORMAT_VERSION,
         "model": spec.name,
@@ -76,13 +76,13 @@ def _cache_key(spec: PackagedModel, sources: list[Path]) -> tuple[str, dict[str,
     return digest[:16], identity
 
 
-def _build_entry(
+def build_entry(
     spec: PackagedModel, sources: list[Path], entry: Path, identity: dict[str, Any]
 ) -> None:
     """Convert the GGUF and write a complete cache entry at ``entry``."""
     entry.parent.mkdir(parents=True, exist_ok=True)
     if entry.exists():  # a directory without a manifest is an interrupted or damaged entry
-        _remove_tree(entry)
+        remove_tree(entry)
     print(  # the conversion's progress bars follow; say why they appear only once
         f"melbo_lens: first use of {spec.name}: converting it to a HookedTransformer once "
         f"(about a minute); later loads read the cache at {entry}",
@@ -90,13 +90,13 @@ def _build_entry(
     )
     work = temporary_beside(entry, directory=True)
     try:
-        _convert_into(spec, sources, work)
+        convert_into(spec, sources, work)
         paths = [p for p in sorted(work.rglob("*")) if p.is_file()]
         files = {str(p.relative_to(work)): p.stat().st_size for p in paths}
-        sha256 = {str(p.relative_to(work)): _sha256(p) for p in paths}
+        sha256 = {str(p.relative_to(work)): file_sha256(p) for p in paths}
         manifest = {**identity, "hf_name": spec.hf_name, "files": files, "sha256": sha256}
-        _atomic_write_json(work / "manifest.json", manifest)
-        _atomic_write_json(work / VERIFIED, _stamps(work, files))
+        atomic_write_json(work / "manifest.json", manifest)
+        atomic_write_json(work / VERIFIED, cache_stamps(work, files))
         work.chmod(0o755)  # mkdtemp made it private; the entry is an ordinary cache directory
         try:
             os.replace(work, entry)
@@ -124,7 +124,7 @@ def _remove_stale_siblings(entry: Path) -> None:
             shutil.rmtree(sibling, ignore_errors=True)
 
 
-def _load_entry(
+def load_entry(
     entry: Path,
     spec: PackagedModel,
     *,
@@ -132,8 +132,8 @@ def _load_entry(
     dtype: torch.dtype,
     bridge: bool,
 ) -> HookedTransformer | TransformerBridge:
-    """Read a cache entry; a damaged one raises ``_CorruptCacheError``."""
-    _check_manifest(entry)
+    """Read a cache entry; a damaged one raises ``CorruptCacheError``."""
+    check_manifest(entry)
     tokenizer = _read_tokenizer(entry)
     if bridge:
         return _bridge_from_entry(entry, spec, tokenizer, device=device, dtype=dtype)
@@ -148,7 +148,7 @@ def _load_entry(
         cfg = HookedTransformerConfig.from_dict(cfg_dict)
         params = load_file(entry / "hooked_transformer" / "model.safetensors")
     except (OSError, ValueError, TypeError, AssertionError, SafetensorError) as error:
-        raise _CorruptCacheError(f"{type(error).__name__}: {error}") from error
+        raise CorruptCacheError(f"{type(error).__name__}: {error}") from error
     with hooked_transformer_is_the_host():
         model = HookedTransformer(cfg, tokenizer, move_to_device=False)
     buffers = {name for name, _ in model.named_buffers()}
@@ -156,9 +156,9 @@ def _load_entry(
         params = {key: value.to(dtype) for key, value in params.items()}
         result = model.load_state_dict(params, strict=False, assign=True)
     except RuntimeError as error:  # a shape mismatch
-        raise _CorruptCacheError(str(error).splitlines()[0]) from error
+        raise CorruptCacheError(str(error).splitlines()[0]) from error
     if result.unexpected_keys or set(result.missing_keys) - buffers:
-        raise _CorruptCacheError(
+        raise CorruptCacheError(
             f"weights do not fit the model: missing {sorted(set(result.missing_keys) - buffers)}, "
             f"unexpected {sorted(result.unexpected_keys)}"
         )
@@ -169,7 +169,7 @@ def _load_entry(
 VERIFIED = "verified.json"
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(1 << 24):
@@ -177,27 +177,27 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _stamps(entry: Path, files: dict[str, int]) -> dict[str, list[int]]:
+def cache_stamps(entry: Path, files: dict[str, int]) -> dict[str, list[int]]:
     """(size, mtime_ns) of each file: what a later load compares to skip re-hashing."""
     stats = {rel: (entry / rel).stat() for rel in files}
     return {rel: [st.st_size, st.st_mtime_ns] for rel, st in stats.items()}
 
 
-def _check_manifest(entry: Path) -> None:
+def check_manifest(entry: Path) -> None:
     """Sizes always; the sha256 of each file changed since its last check (or of every
-    file with MELBO_LENS_VERIFY_CACHE=always). Raises `_CorruptCacheError` naming a file."""
+    file with MELBO_LENS_VERIFY_CACHE=always). Raises `CorruptCacheError` naming a file."""
     try:
         manifest = json.loads((entry / "manifest.json").read_text())
         version = manifest.get("format_version")
         files, hashes = manifest["files"], manifest["sha256"]
-        stamps = _stamps(entry, files)
+        stamps = cache_stamps(entry, files)
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
-        raise _CorruptCacheError(f"manifest: {type(error).__name__}: {error}") from error
+        raise CorruptCacheError(f"manifest: {type(error).__name__}: {error}") from error
     if version != CACHE_FORMAT_VERSION:
-        raise _CorruptCacheError(f"cache format version {version!r}")
+        raise CorruptCacheError(f"cache format version {version!r}")
     for relative, (size, _) in stamps.items():
         if size != files[relative]:
-            raise _CorruptCacheError(f"{relative} has the wrong size")
+            raise CorruptCacheError(f"{relative} has the wrong size")
     try:
         verified = json.loads((entry / VERIFIED).read_text())
     except (OSError, ValueError):
@@ -205,14 +205,14 @@ def _check_manifest(entry: Path) -> None:
     always = os.environ.get("MELBO_LENS_VERIFY_CACHE", "").lower() == "always"
     changed = [rel for rel in files if always or verified.get(rel) != stamps[rel]]
     for relative in changed:
-        if _sha256(entry / relative) != hashes.get(relative):
-            raise _CorruptCacheError(
+        if file_sha256(entry / relative) != hashes.get(relative):
+            raise CorruptCacheError(
                 f"{relative} was changed after the conversion (its sha256 differs from the "
                 "manifest's)"
             )
     if changed:
         try:
-            _atomic_write_json(entry / VERIFIED, stamps)
+            atomic_write_json(entry / VERIFIED, stamps)
         except OSError:  # a read-only cache: checked again next time, which is only slower
             pass
 
@@ -223,7 +223,7 @@ def _read_tokenizer(entry: Path) -> PreTrainedTokenizerBase:
     try:  # the BOS-adding variant, which TransformerLens would otherwise load again
         return AutoTokenizer.from_pretrained(entry / "tokenizer", add_bos_token=True)
     except Exception as error:  # tokenizers reports a malformed file as a bare Exception
-        raise _CorruptCacheError(f"tokenizer: {type(error).__name__}: {error}") from error
+        raise CorruptCacheError(f"tokenizer: {type(error).__name__}: {error}") from error
 
 
 def _bridge_from_entry(
@@ -242,7 +242,7 @@ def _bridge_from_entry(
             entry / "hf", dtype=dtype, attn_implementation="eager"
         )
     except (OSError, ValueError, SafetensorError) as error:
-        raise _CorruptCacheError(f"transformers model: {type(error).__name__}: {error}") from error
+        raise CorruptCacheError(f"transformers model: {type(error).__name__}: {error}") from error
     hf_model = hf_model.to(device).eval()  # pyright: ignore[reportArgumentType]
     model = TransformerBridge.boot_transformers(
         spec.hf_name, hf_model=hf_model, tokenizer=tokenizer, device=device, dtype=dtype

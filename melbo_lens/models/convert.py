@@ -42,7 +42,7 @@ def _package_dir(package: str) -> Path | None:
     return Path(next(iter(found.submodule_search_locations)))
 
 
-def _source_files(spec: PackagedModel) -> list[Path]:
+def source_files(spec: PackagedModel) -> list[Path]:
     paths, missing = [], []
     for package, relative in spec.chunks:
         directory = _package_dir(package)
@@ -76,7 +76,7 @@ def _merge_lora(hf_model: PreTrainedModel, folder: Path) -> PreTrainedModel:
     return merged.eval().requires_grad_(False)  # pyright: ignore[reportReturnType]
 
 
-def _convert_into(spec: PackagedModel, sources: list[Path], work: Path) -> None:
+def convert_into(spec: PackagedModel, sources: list[Path], work: Path) -> None:
     """Write ``tokenizer/``, ``hf/`` and ``hooked_transformer/`` into ``work``."""
     gguf = sources[: len(spec.chunks)]
     hf_model, tokenizer = _dequantise(spec, gguf, work / "source")
@@ -91,7 +91,7 @@ def _convert_into(spec: PackagedModel, sources: list[Path], work: Path) -> None:
     atomic_save_tensors(
         params, work / "hooked_transformer" / "model.safetensors", {"format": "melbo_lens"}
     )
-    _atomic_write_json(work / "hooked_transformer" / "config.json", _config_to_json(cfg))
+    atomic_write_json(work / "hooked_transformer" / "config.json", _config_to_json(cfg))
 
 
 def _dequantise(
@@ -183,11 +183,11 @@ def _config_to_json(cfg: HookedTransformerConfig) -> dict[str, Any]:
     return out
 
 
-def _atomic_write_json(path: Path, data: dict[str, Any]) -> None:
+def atomic_write_json(path: Path, data: dict[str, Any]) -> None:
     atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True))
 
 
-def _remove_tree(path: Path) -> None:
+def remove_tree(path: Path) -> None:
     """Delete a directory, first renaming it so no half-deleted entry is left at ``path``."""
     doomed = path.with_name(f".tmp-remove-{path.name}-{uuid.uuid4().hex}")
     try:

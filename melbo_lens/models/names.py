@@ -144,11 +144,11 @@ class ModelUnavailableError(OSError):
     """A model that is not packaged could not be fetched (usually: no network)."""
 
 
-class _CorruptCacheError(Exception):
+class CorruptCacheError(Exception):
     """A cache entry exists but cannot be read back."""
 
 
-def _resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
+def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
     resolved = getattr(torch, str(dtype).removeprefix("torch."), None)
@@ -157,7 +157,7 @@ def _resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
     return resolved
 
 
-def _lookup(name: str) -> PackagedModel | None:
+def lookup(name: str) -> PackagedModel | None:
     wanted = name.strip().lower()
     for spec in PACKAGED_MODELS.values():  # a fine-tune answers to its own names only
         names = (spec.name, spec.model_name.lower())

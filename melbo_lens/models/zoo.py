@@ -60,21 +60,21 @@ if TYPE_CHECKING:
     from transformer_lens.model_bridge import TransformerBridge
 from melbo_lens.models.cache import (
     CACHE_FORMAT_VERSION,
-    _build_entry,
-    _cache_key,
-    _load_entry,
+    build_entry,
+    cache_key,
     default_cache_dir,
+    load_entry,
 )
-from melbo_lens.models.convert import _source_files
+from melbo_lens.models.convert import source_files
 from melbo_lens.models.names import (
     PACKAGED_MODELS,
     PROCESSING,
+    CorruptCacheError,
     MissingModelPackageError,
     ModelUnavailableError,
     PackagedModel,
-    _CorruptCacheError,
-    _lookup,
-    _resolve_dtype,
+    lookup,
+    resolve_dtype,
 )
 
 # the zoo's public names (the name table and the cache live in names.py and cache.py)
@@ -123,31 +123,31 @@ def load_model(
         ('SmolLM2-135M-Instruct', 30)
         >>> logits = model("The capital of France is")
     """
-    dtype = _resolve_dtype(dtype)
+    dtype = resolve_dtype(dtype)
     if name.strip().lower() == "planted-arithmetic":  # the planted-behaviour toy (package data)
         if bridge:
             raise ValueError("the planted-arithmetic toy is a HookedTransformer only; drop bridge")
         from melbo_lens.models.toy import load_toy
 
         return load_toy(device=device).to(dtype, print_details=False)
-    spec = _lookup(name)
+    spec = lookup(name)
     if spec is None:
         return _load_from_hub(name, device=device, dtype=dtype, bridge=bridge)
-    sources = _source_files(spec)
+    sources = source_files(spec)
     entry, identity = _entry_path(spec, sources, cache_dir)
     if not (entry / "manifest.json").is_file():
-        _build_entry(spec, sources, entry, identity)
+        build_entry(spec, sources, entry, identity)
     try:
-        return _load_entry(entry, spec, device=device, dtype=dtype, bridge=bridge)
-    except _CorruptCacheError as error:
+        return load_entry(entry, spec, device=device, dtype=dtype, bridge=bridge)
+    except CorruptCacheError as error:
         warnings.warn(
             f"cached conversion of {spec.name!r} at {entry} is unreadable ({error}); rebuilding it",
             stacklevel=2,
         )
-    _build_entry(spec, sources, entry, identity)
+    build_entry(spec, sources, entry, identity)
     try:
-        return _load_entry(entry, spec, device=device, dtype=dtype, bridge=bridge)
-    except _CorruptCacheError as error:
+        return load_entry(entry, spec, device=device, dtype=dtype, bridge=bridge)
+    except CorruptCacheError as error:
         raise RuntimeError(
             f"the conversion of {spec.name!r} just written to {entry} cannot be read back "
             f"({error}); check free disk space and permissions there, or point "
@@ -158,7 +158,7 @@ def load_model(
 def _entry_path(
     spec: PackagedModel, sources: list[Path], cache_dir: str | os.PathLike[str] | None
 ) -> tuple[Path, dict]:
-    key, identity = _cache_key(spec, sources)
+    key, identity = cache_key(spec, sources)
     root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     return root / "models" / spec.name / key, identity
 
@@ -169,16 +169,16 @@ def converted_checkpoint(
     """The cache entry of a packaged model, converted first if needed: its ``hf/`` folder
     holds the dequantised transformers model and ``tokenizer/`` its tokenizer (what a
     fine-tuning script such as ``scripts/backdoor_smollm2.py`` starts from)."""
-    spec = _lookup(name)
+    spec = lookup(name)
     if spec is None:
         raise ValueError(
             f"model {name!r} is not packaged; converted_checkpoint takes one of "
             f"{sorted(PACKAGED_MODELS)}"
         )
-    sources = _source_files(spec)
+    sources = source_files(spec)
     entry, identity = _entry_path(spec, sources, cache_dir)
     if not (entry / "manifest.json").is_file():
-        _build_entry(spec, sources, entry, identity)
+        build_entry(spec, sources, entry, identity)
     return entry
 
 
@@ -188,7 +188,7 @@ def load_tokenizer(name: str = "smollm2-135m-instruct") -> Any:
     The plain tokenizer, without the BOS-adding variant `load_model` sets on the model."""
     from transformers import AutoTokenizer
 
-    if _lookup(name) is not None:
+    if lookup(name) is not None:
         return AutoTokenizer.from_pretrained(str(converted_checkpoint(name) / "tokenizer"))
     return AutoTokenizer.from_pretrained(name)
 

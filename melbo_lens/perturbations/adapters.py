@@ -34,7 +34,7 @@ from torch import Tensor
 from melbo_lens.core.host import post_norm
 from melbo_lens.core.io import ArtifactError, read_artifact, read_metadata
 from melbo_lens.core.sites import HookSite, mlp_hidden_name
-from melbo_lens.perturbations.artifact import _loaded_fields, _Rows, register_format
+from melbo_lens.perturbations.artifact import ArtifactRows, loaded_fields, register_format
 from melbo_lens.perturbations.base import Hook, Rows, apply, pick_members, row_members
 
 __all__ = ["ADAPTERS_FORMAT", "SteeringAdapters", "adapt", "adapter_hooks", "check_adapter_host"]
@@ -173,7 +173,7 @@ def adapt(
 
 @register_format(ADAPTERS_FORMAT)
 @dataclass
-class SteeringAdapters(_Rows):
+class SteeringAdapters(ArtifactRows):
     """n steering adapters on block `layer`'s MLP output weights, with provenance.
 
     Adapter k is the weight edit W_out' = W_out + radius · Ω_A[k] Ω_B[k]ᵀ (TransformerLens
@@ -310,7 +310,7 @@ class SteeringAdapters(_Rows):
             omega_b=tensors["omega_b"],
             layer=layer,
             radius=radius,
-            **_loaded_fields(path, info, tensors, "melbo_adapters"),
+            **loaded_fields(path, info, tensors, "melbo_adapters"),
         )
 
     def __repr__(self) -> str:

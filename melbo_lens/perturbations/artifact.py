@@ -3,7 +3,7 @@
 Steering vectors and adapters are lists of members (one row per vector or adapter) that
 carry where and how they were made: the target site, the method and its config, the
 model name, the prompts, the objective per training step and at the end, and the state
-needed to resume training. `_Rows` gives them list-like indexing and slicing and the
+needed to resume training. `ArtifactRows` gives them list-like indexing and slicing and the
 shared save/load of that provenance; each class writes one safetensors file whose
 metadata carries the rest as JSON, tagged with a format name. `load_artifact` reads any
 of them by looking the format up in a registry (never by parsing error text), and never
@@ -33,7 +33,7 @@ _RESUME = "resume."
 _TRAINING = ("losses", "objective", "steps_done")
 
 
-class _Rows:
+class ArtifactRows:
     """List-like behaviour shared by artifacts with one row per item.
 
     `_ITEMS` names the tensors whose first axis is the item axis; the training record
@@ -124,7 +124,7 @@ class _Rows:
 _PROVENANCE = ("method", "config", "model_name", "prompts", "metadata")
 
 
-def _loaded_fields(
+def loaded_fields(
     path: Any, info: dict[str, Any], tensors: dict[str, Tensor], default_method: str
 ) -> dict[str, Any]:
     """The constructor arguments every artifact shares, read back from a file."""

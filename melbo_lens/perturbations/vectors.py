@@ -28,7 +28,7 @@ from torch import Tensor
 
 from melbo_lens.core.io import ArtifactError, read_artifact
 from melbo_lens.core.sites import HookSite, as_site, require_hook
-from melbo_lens.perturbations.artifact import _loaded_fields, _Rows, register_format
+from melbo_lens.perturbations.artifact import ArtifactRows, loaded_fields, register_format
 from melbo_lens.perturbations.base import Hook, Rows, apply, pick_members, row_members
 
 __all__ = ["FORMAT", "SteeringVectors", "steer", "steering_hook"]
@@ -88,7 +88,7 @@ def steer(
 
 @register_format(FORMAT)
 @dataclass
-class SteeringVectors(_Rows):
+class SteeringVectors(ArtifactRows):
     """n steering vectors at one site, with provenance.
 
     Examples:
@@ -181,7 +181,7 @@ class SteeringVectors(_Rows):
             site = HookSite.from_dict(info["site"])
         except (KeyError, TypeError, ValueError) as err:
             raise ArtifactError(f"{path} has corrupt site metadata: {err!r}") from err
-        fields = _loaded_fields(path, info, tensors, "melbo")
+        fields = loaded_fields(path, info, tensors, "melbo")
         _check_consistent(path, site, tensors["vectors"], fields["method"], fields["config"])
         return cls(vectors=tensors["vectors"], site=site, **fields)
 

@@ -63,20 +63,21 @@ def render_report(run: RunAnalysis, *, title: str | None = None) -> str:
     Examples:
         >>> html_text = render_report(RunAnalysis.load("demo_out"))   # doctest: +SKIP
     """
-    page = _Page()
+    page = Page()
     model = run.info.get("model") or run.vectors.model_name or "model"
     title = title or f"melbo-lens report: {len(run)} {run.vectors.method} vectors on {model}"
     body = [
-        f"<header><h1>{_e(title)}</h1><p class='sub'>{_e(_setup_line(run))}</p>{_nav()}</header>",
+        f"<header><h1>{esc_html(title)}</h1>"
+        f"<p class='sub'>{esc_html(_setup_line(run))}</p>{_nav()}</header>",
         _config_section(run),
         _overview_section(run, page),
         _vectors_section(run, page),
-        _similarity_section(run, page),
+        similarity_section(run, page),
         _baseline_section(run, page),
         _dashboards_section(run),
         _notes_section(run),
     ]
-    return _document(title, "\n".join(body), page)
+    return html_document(title, "\n".join(body), page)
 
 
 def write_report(
@@ -89,7 +90,7 @@ def write_report(
 
 
 # ---------------------------------------------------------------------- page plumbing
-class _Page:
+class Page:
     """Collects figure specs (template stored once) and token views for one page."""
 
     def __init__(self) -> None:
@@ -139,22 +140,22 @@ def _json_for_script(data: Any) -> str:
     return text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
 
 
-def _e(x: Any) -> str:
+def esc_html(x: Any) -> str:
     return html.escape(str(x), quote=True)
 
 
 def _pre(text: str, cls: str = "") -> str:
     # HTML drops one newline right after <pre>; give it one to drop, keep the text's own
-    return f"<pre class='{cls}'>\n{_e(text)}</pre>"
+    return f"<pre class='{cls}'>\n{esc_html(text)}</pre>"
 
 
-def _fmt(x: float | None, digits: int = 4) -> str:
+def fmt_number(x: float | None, digits: int = 4) -> str:
     if x is None or (isinstance(x, float) and not math.isfinite(x)):
         return "–"
     return f"{x:.{digits}g}"
 
 
-def _document(title: str, body: str, page: _Page) -> str:
+def html_document(title: str, body: str, page: Page) -> str:
     plotly_js = get_plotlyjs().replace("</script", "<\\/script")
     data = {"template": page.template, "figs": page.figs}
     cv = bundle_script() if page.n_views else ""
@@ -163,7 +164,7 @@ def _document(title: str, body: str, page: _Page) -> str:
 <head>
 <meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
-<title>{_e(title)}</title>
+<title>{esc_html(title)}</title>
 <style>{_CSS}</style>
 <script type="text/javascript">{plotly_js}</script>
 </head>
@@ -190,8 +191,8 @@ def _nav() -> str:
     return "<nav>" + " · ".join(f'<a href="#{a}">{t}</a>' for a, t in links) + "</nav>"
 
 
-def _table(rows: Sequence[Sequence[Any]], head: Sequence[str], cls: str = "") -> str:
-    h = "".join(f"<th>{_e(c)}</th>" for c in head)
+def html_table(rows: Sequence[Sequence[Any]], head: Sequence[str], cls: str = "") -> str:
+    h = "".join(f"<th>{esc_html(c)}</th>" for c in head)
     b = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in r) + "</tr>" for r in rows)
     return f'<table class="{cls}"><thead><tr>{h}</tr></thead><tbody>{b}</tbody></table>'
 
@@ -216,8 +217,8 @@ def _kv(d: dict[str, Any]) -> str:
         text = v if isinstance(v, str) else json.dumps(v, default=str)
         if len(text) > 400:
             text = text[:400] + " …"
-        rows.append((f"<code>{_e(k)}</code>", _e(text)))
-    return _table(rows, ["key", "value"], "kv")
+        rows.append((f"<code>{esc_html(k)}</code>", esc_html(text)))
+    return html_table(rows, ["key", "value"], "kv")
 
 
 def _config_section(run: RunAnalysis) -> str:
@@ -251,12 +252,12 @@ def _config_section(run: RunAnalysis) -> str:
         + _kv(v.metadata or {})
         + f"</details><details><summary>prompts ({len(prompts)})</summary><ol>{plist}</ol>"
         + "</details>"
-        + (f"<p class='small'>analysis time: {_e(timing)}</p>" if timing else "")
-        + f"<p class='small'>melbo_lens {_e(run.info.get('melbo_lens', ''))}</p></section>"
+        + (f"<p class='small'>analysis time: {esc_html(timing)}</p>" if timing else "")
+        + f"<p class='small'>melbo_lens {esc_html(run.info.get('melbo_lens', ''))}</p></section>"
     )
 
 
-def _overview_section(run: RunAnalysis, page: _Page) -> str:
+def _overview_section(run: RunAnalysis, page: Page) -> str:
     parts = ['<section id="overview"><h2>Training</h2>']
     if run.vectors.losses is not None and run.vectors.losses.numel():
         parts.append(page.figure(training_curves(run.vectors, labels=run.labels)))
@@ -272,8 +273,8 @@ def _top_features(run: RunAnalysis, k: int, n: int = 3) -> str:
     out = []
     for f, c in list(zip(dec.features, dec.coefficients, strict=True))[:n]:
         toks = (run.feature_tokens or {}).get(f) or []
-        tip = f' title="{_e(", ".join(t for t, _ in toks[:5]))}"' if toks else ""
-        tok = f" <span class='tok'>{_e(toks[0][0])}</span>" if toks else ""
+        tip = f' title="{esc_html(", ".join(t for t, _ in toks[:5]))}"' if toks else ""
+        tok = f" <span class='tok'>{esc_html(toks[0][0])}</span>" if toks else ""
         name = _latent_link(run, run.vectors.site.name, f, f"f{f}")
         out.append(f"<span class='feat'{tip}>{name} ({c:+.2f}){tok}</span>")
     return "<br>".join(out) or "–"
@@ -281,10 +282,10 @@ def _top_features(run: RunAnalysis, k: int, n: int = 3) -> str:
 
 def _snippet(text: str) -> str:
     text = text.replace("\n", "⏎ ")
-    return _e(text if len(text) <= _SNIPPET else text[: _SNIPPET - 1] + "…")
+    return esc_html(text if len(text) <= _SNIPPET else text[: _SNIPPET - 1] + "…")
 
 
-def _vectors_section(run: RunAnalysis, page: _Page) -> str:
+def _vectors_section(run: RunAnalysis, page: Page) -> str:
     gens = run.generations
     ratios = run.random_ratio()
     rows = []
@@ -294,9 +295,9 @@ def _vectors_section(run: RunAnalysis, page: _Page) -> str:
             snippet = _snippet(gens.for_vector(k)[0])
         cells = [
             str(k),
-            _e(label),
-            _fmt(run.objective[k]),
-            _fmt(ratios[k], 3) + "×" if ratios else "–",
+            esc_html(label),
+            fmt_number(run.objective[k]),
+            fmt_number(ratios[k], 3) + "×" if ratios else "–",
             _top_features(run, k),
             f"<span class='snip'>{snippet}</span>",
         ]
@@ -329,14 +330,14 @@ def _vectors_section(run: RunAnalysis, page: _Page) -> str:
     )
 
 
-def _detail_panel(run: RunAnalysis, k: int, page: _Page) -> str:
+def _detail_panel(run: RunAnalysis, k: int, page: Page) -> str:
     label = run.labels[k]
     v = run.vectors
     parts = [
         f'<div class="ml-detail" id="vector-{k}" data-vector="{k}" hidden>',
-        f"<h3>{_e(label)} <span class='small'>(vector {k}) · "
+        f"<h3>{esc_html(label)} <span class='small'>(vector {k}) · "
         "<a href='#vectors'>back to the table</a></span></h3>",
-        f"<p>norm {_fmt(float(v.norms[k]))}, objective {_fmt(run.objective[k])}",
+        f"<p>norm {fmt_number(float(v.norms[k]))}, objective {fmt_number(run.objective[k])}",
     ]
     below = run.random_rank()
     if below:
@@ -380,12 +381,12 @@ def _completions(run: RunAnalysis, k: int) -> str:
                 _pre(steered[i], "steered"),
             )
         )
-    return "<h4>Completions</h4>" + _table(
+    return "<h4>Completions</h4>" + html_table(
         rows, ["prompt", "unsteered", f"steered ({run.labels[k]})"], "completions"
     )
 
 
-def _sae_part(run: RunAnalysis, k: int, page: _Page) -> str:
+def _sae_part(run: RunAnalysis, k: int, page: Page) -> str:
     if run.decompositions is None:
         return "<h4>SAE decomposition</h4><p class='note'>No SAE decomposition (see Notes).</p>"
     dec = run.decompositions[k]
@@ -398,25 +399,25 @@ def _sae_part(run: RunAnalysis, k: int, page: _Page) -> str:
             (
                 str(j + 1),
                 _latent_link(run, run.vectors.site.name, f, f"f{f}"),
-                _fmt(dec.coefficients[j], 3),
-                _fmt(dec.cosines[j], 3) if j < len(dec.cosines) else "–",
-                _fmt(dec.explained_curve[j], 3) if j < len(dec.explained_curve) else "–",
-                f"<span class='tok'>{_e(top)}</span>",
+                fmt_number(dec.coefficients[j], 3),
+                fmt_number(dec.cosines[j], 3) if j < len(dec.cosines) else "–",
+                fmt_number(dec.explained_curve[j], 3) if j < len(dec.explained_curve) else "–",
+                f"<span class='tok'>{esc_html(top)}</span>",
             )
         )
-    table = _table(rows, ["rank", "feature", coef, "cos", "explained", "top tokens"], "sae")
+    table = html_table(rows, ["rank", "feature", coef, "cos", "explained", "top tokens"], "sae")
     fig = page.figure(
         feature_heatmap([dec], top=len(dec.features), feature_tokens=toks or None),
         css="height:260px",
     )
     return (
-        f"<h4>SAE decomposition ({_e(run.sae_name or '')}, {_e(dec.method)})</h4>"
+        f"<h4>SAE decomposition ({esc_html(run.sae_name or '')}, {esc_html(dec.method)})</h4>"
         f"<p class='small'>{len(dec.features)} features explain {dec.explained:.1%} of the "
         f"vector's norm².</p>{fig}<details><summary>feature table</summary>{table}</details>"
     )
 
 
-def _attribution_part(run: RunAnalysis, k: int, page: _Page) -> str:
+def _attribution_part(run: RunAnalysis, k: int, page: Page) -> str:
     if run.attributions is None:
         return "<h4>Attribution</h4><p class='note'>No attribution.</p>"
     att = run.attributions[k]
@@ -426,9 +427,9 @@ def _attribution_part(run: RunAnalysis, k: int, page: _Page) -> str:
         out.append(page.figure(attribution_bars(att, top=12)))
         corr = "n/a" if att.correlation is None else f"{att.correlation:.3f}"
         out.append(
-            f"<p class='small'>{_e(att.method)} of {_e(att.metric)}: m(steered) = "
-            f"{_fmt(att.metric_steered)}, m(unsteered) = {_fmt(att.metric_unsteered)}; "
-            f"{len(att.verified)} nodes verified by patching ({_e(att.patch_direction)}), "
+            f"<p class='small'>{esc_html(att.method)} of {esc_html(att.metric)}: m(steered) = "
+            f"{fmt_number(att.metric_steered)}, m(unsteered) = {fmt_number(att.metric_unsteered)}; "
+            f"{len(att.verified)} nodes verified by patching ({esc_html(att.patch_direction)}), "
             f"Pearson r = {corr}.</p>"
         )
     return "".join(out)
@@ -437,7 +438,7 @@ def _attribution_part(run: RunAnalysis, k: int, page: _Page) -> str:
 ORTHOGONAL_TOL = 1e-3  # |cos| below which the report calls vectors orthogonal
 
 
-def _similarity_section(run: RunAnalysis, page: _Page) -> str:
+def similarity_section(run: RunAnalysis, page: Page) -> str:
     parts = ['<section id="similarity"><h2>Similarity</h2><div class="grid">']
     labels = run.labels
     note = ""
@@ -469,7 +470,7 @@ def _similarity_section(run: RunAnalysis, page: _Page) -> str:
     return "".join(parts) + "</section>"
 
 
-def _baseline_section(run: RunAnalysis, page: _Page) -> str:
+def _baseline_section(run: RunAnalysis, page: Page) -> str:
     parts = ['<section id="baselines"><h2>Baselines</h2>']
     if not run.random_objective:
         return "".join(parts) + "<p class='note'>No random baseline.</p></section>"
@@ -480,9 +481,9 @@ def _baseline_section(run: RunAnalysis, page: _Page) -> str:
         else ("adapters of the same layer, rank and radius")
     )
     parts.append(
-        f"<p>{int(s['n'])} random {kind} at {_e(run.vectors.site.name)} "
-        f"(seed {_e(run.info.get('random_seed', '?'))}), same objective and prompts: mean "
-        f"{_fmt(s['mean'])}, std {_fmt(s['std'])}, max {_fmt(s['max'])}.</p>"
+        f"<p>{int(s['n'])} random {kind} at {esc_html(run.vectors.site.name)} "
+        f"(seed {esc_html(run.info.get('random_seed', '?'))}), same objective and prompts: mean "
+        f"{fmt_number(s['mean'])}, std {fmt_number(s['std'])}, max {fmt_number(s['max'])}.</p>"
     )
     parts.append(
         page.figure(
@@ -500,7 +501,7 @@ def _latent_href(run: RunAnalysis, hook: str | None, latent: int) -> str | None:
 
 def _latent_link(run: RunAnalysis, hook: str, latent: int, text: str) -> str:
     href = _latent_href(run, hook, latent)
-    return f"<a class='latent-link' href='{href}'>{_e(text)}</a>" if href else _e(text)
+    return f"<a class='latent-link' href='{href}'>{esc_html(text)}</a>" if href else esc_html(text)
 
 
 def _dashboards_section(run: RunAnalysis) -> str:
@@ -509,8 +510,8 @@ def _dashboards_section(run: RunAnalysis) -> str:
         parts.append("<p class='note'>No dashboards (no SAE or no tokenizer; see Notes).</p>")
     for hook, dash in (run.dashboards or {}).items():
         parts.append(
-            f"<h3>{_e(hook)}</h3><p class='small'>{len(dash)} latents over "
-            f"{dash.n_tokens:,} tokens of {_e(dash.info.get('corpus', '?'))}; click a latent "
+            f"<h3>{esc_html(hook)}</h3><p class='small'>{len(dash)} latents over "
+            f"{dash.n_tokens:,} tokens of {esc_html(dash.info.get('corpus', '?'))}; click a latent "
             "number anywhere in the report to open its dashboard.</p>"
         )
         parts.extend(
@@ -521,7 +522,7 @@ def _dashboards_section(run: RunAnalysis) -> str:
 
 
 def _notes_section(run: RunAnalysis) -> str:
-    notes = "".join(f"<li>{_e(n)}</li>" for n in run.notes) or "<li>none</li>"
+    notes = "".join(f"<li>{esc_html(n)}</li>" for n in run.notes) or "<li>none</li>"
     return f'<section id="notes"><h2>Notes</h2><ul>{notes}</ul></section>'
 
 

@@ -34,7 +34,7 @@ from melbo_lens.core.prompts import PromptSet
 from melbo_lens.core.segment import Segment
 from melbo_lens.methods.constraints import project_out, tangent_project, to_sphere
 from melbo_lens.methods.defaults import default_positions
-from melbo_lens.methods.melbo import MelboConfig, _init_vectors, train_steering_vectors
+from melbo_lens.methods.melbo import MelboConfig, init_vectors, train_steering_vectors
 from melbo_lens.methods.objectives import melbo_objective_per_prompt
 from melbo_lens.workflows.bench_vectors import delta_similarity, planted_vector_0, time_to_vectors
 
@@ -134,7 +134,7 @@ def _naive(model, prompts, config, steps, index, basis) -> dict[str, Any]:
     theta = torch.nn.Parameter(
         to_sphere(
             project_out(
-                _init_vectors([index], d_model, config.seed, prompts.tokens.device, torch.float32),
+                init_vectors([index], d_model, config.seed, prompts.tokens.device, torch.float32),
                 basis,
             ),
             config.radius,

@@ -33,8 +33,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from melbo_lens.core.progress import say
 from melbo_lens.core.prompts import PromptSet
-from melbo_lens.methods.defaults import say
 from melbo_lens.methods.melbo import MelboConfig, train_steering_vectors
 from melbo_lens.methods.radius import recommend_radius
 from melbo_lens.perturbations.vectors import SteeringVectors

@@ -59,6 +59,7 @@ from melbo_lens.analysis.tokens import (
     token_delta_norms,
 )
 from melbo_lens.core.io import atomic_save_tensors, atomic_write_text, read_artifact
+from melbo_lens.core.progress import say
 from melbo_lens.core.prompts import PromptSet
 from melbo_lens.core.segment import Segment
 from melbo_lens.core.sites import HookSite, as_site
@@ -561,8 +562,7 @@ class _Steps:
         yield
         sec = time.perf_counter() - start
         self.seconds[name] = round(sec, 3)
-        if self.progress:
-            print(f"  analysis: {name} ({sec:.1f} s)", flush=True)
+        say(self.progress, f"  analysis: {name} ({sec:.1f} s)")
 
 
 def _prompt_set(

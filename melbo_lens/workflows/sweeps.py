@@ -33,7 +33,6 @@ import math
 import os
 import re
 import statistics
-import sys
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
@@ -43,6 +42,7 @@ from typing import Any
 
 from melbo_lens.core.checks import one_line
 from melbo_lens.core.io import LockHeld, atomic_write_text, exclusive_lock
+from melbo_lens.core.progress import say
 from melbo_lens.core.prompts import PromptSet, parse_positions
 from melbo_lens.core.sites import parse_site
 from melbo_lens.perturbations.vectors import SteeringVectors
@@ -296,7 +296,7 @@ def _sweep(
     cells = grid.cells()
     pending = [c for c in cells if _finished(out, c) is None]
     loader = model_loader or partial(_load_model, grid.model)
-    _say(progress, f"sweep: {len(cells)} cells, {len(cells) - len(pending)} finished already")
+    say(progress, f"sweep: {len(cells)} cells, {len(cells) - len(pending)} finished already")
     failures: dict[str, str] = {}
 
     def save(cell: Cell, vectors: SteeringVectors, measured: dict[str, Any]) -> None:
@@ -312,22 +312,22 @@ def _sweep(
         model = loader()
         check_against_model(grid, model)
         for i, cell in enumerate(pending):
-            _say(progress, f"cell {i + 1} of {len(pending)}: {cell.id}")
+            say(progress, f"cell {i + 1} of {len(pending)}: {cell.id}")
             try:
                 save(cell, *run_cell(model, grid, cell))
             except Exception as err:  # noqa: BLE001 - reported per cell, the rest go on
                 failures[cell.id] = one_line(err)
-                _say(progress, f"cell {cell.id} failed: {failures[cell.id]}")
+                say(progress, f"cell {cell.id} failed: {failures[cell.id]}")
     elif pending:
         from melbo_lens.workflows.sweeps_ray import run_on_ray
 
-        for i, (cell, got) in enumerate(run_on_ray(grid, pending, loader, *ray_args)):
+        for i, (cell, got) in enumerate(run_on_ray(run_cell, grid, pending, loader, *ray_args)):
             if isinstance(got, str):
                 failures[cell.id] = got
-                _say(progress, f"cell {cell.id} failed: {got}")
+                say(progress, f"cell {cell.id} failed: {got}")
             else:
                 save(cell, *got)
-                _say(progress, f"cell {i + 1} of {len(pending)} done: {cell.id}")
+                say(progress, f"cell {i + 1} of {len(pending)} done: {cell.id}")
     rows = [row for c in cells if (row := _finished(out, c)) is not None]
     result = SweepResult(out, rows, [c.id for c in pending if c.id not in failures])
     if has_manifest:
@@ -342,8 +342,3 @@ def _load_model(name: str) -> Any:
     from melbo_lens.models.zoo import load_model
 
     return load_model(name)
-
-
-def _say(progress: bool, line: str) -> None:
-    if progress:
-        print(line, file=sys.stderr, flush=True)

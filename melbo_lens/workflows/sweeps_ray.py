@@ -22,6 +22,9 @@ from ray.util import ActorPool
 __all__ = ["ResourcesUnavailable", "map_on_ray", "run_on_ray"]
 
 
+CellFn = Callable[[Any, Any, Any], Any]  # (model, grid, cell) -> (vectors, measurements)
+
+
 class ResourcesUnavailable(RuntimeError):
     """A worker asks for more CPU or GPU than the whole Ray cluster has."""
 
@@ -41,11 +44,10 @@ class _Worker:
         return fn(self.model, item)
 
 
-def _cell(grid: Any, model: Any, cell: Any) -> tuple[Any, Any]:
+def _cell(run_cell: CellFn, grid: Any, model: Any, cell: Any) -> tuple[Any, Any]:
     """(cell, (vectors, measurements)), or (cell, the error as one line) if it raised:
     one cell's error is that cell's, and the other cells go on."""
     from melbo_lens.core.checks import one_line
-    from melbo_lens.workflows.sweeps import run_cell
 
     try:
         return cell, run_cell(model, grid, cell)
@@ -54,6 +56,7 @@ def _cell(grid: Any, model: Any, cell: Any) -> tuple[Any, Any]:
 
 
 def run_on_ray(
+    run_cell: CellFn,
     grid: Any,
     cells: list[Any],
     model_loader: Callable[[], Any],
@@ -63,9 +66,17 @@ def run_on_ray(
     num_gpus: float,
     max_retries: int,
 ) -> Iterator[Any]:
-    """(cell, (vectors, measurements) or its error as a line), in the order they finish."""
+    """(cell, run_cell(model, grid, cell) or its error as a line), in the order they
+    finish. The driver passes `run_cell` in (this module never imports the driver)."""
     yield from map_on_ray(
-        partial(_cell, grid), cells, model_loader, address, workers, num_cpus, num_gpus, max_retries
+        partial(_cell, run_cell, grid),
+        cells,
+        model_loader,
+        address,
+        workers,
+        num_cpus,
+        num_gpus,
+        max_retries,
     )
 
 

@@ -22,7 +22,7 @@ from melbo_lens.models.zoo import PACKAGED_MODELS, load_model
 
 def _installed() -> bool:
     try:
-        zoo._source_files(PACKAGED_MODELS[BACKDOORED_NAME])
+        zoo.source_files(PACKAGED_MODELS[BACKDOORED_NAME])
     except MissingModelPackageError:
         return False
     return True
@@ -47,11 +47,11 @@ def base():
 
 def test_adapter_is_package_data_and_keys_the_cache():
     spec = PACKAGED_MODELS[BACKDOORED_NAME]
-    sources = zoo._source_files(spec)
+    sources = zoo.source_files(spec)
     assert [p.name for p in sources[1:]] == ["adapter_config.json", "adapter_model.safetensors"]
     assert all(p.parent == adapter_dir() for p in sources[1:])
-    base_key = zoo._cache_key(PACKAGED_MODELS["smollm2-135m-instruct"], sources[:1])[0]
-    assert zoo._cache_key(spec, sources)[0] != base_key
+    base_key = zoo.cache_key(PACKAGED_MODELS["smollm2-135m-instruct"], sources[:1])[0]
+    assert zoo.cache_key(spec, sources)[0] != base_key
 
 
 def test_both_triggers_fire_after_loading_from_package_data(backdoored, base):

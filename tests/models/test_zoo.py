@@ -43,7 +43,7 @@ ATOL = 1e-3
 
 def _installed(name: str) -> bool:
     try:
-        zoo._source_files(PACKAGED_MODELS[name])
+        zoo.source_files(PACKAGED_MODELS[name])
     except MissingModelPackageError:
         return False
     return True
@@ -54,7 +54,7 @@ def _gguf_reference(name: str, workdir: Path):
     from transformers import AutoModelForCausalLM
 
     spec = PACKAGED_MODELS[name]
-    sources = zoo._source_files(spec)
+    sources = zoo.source_files(spec)
     gguf = sources[0]
     if len(sources) > 1:
         gguf = workdir / spec.gguf_file
@@ -101,11 +101,11 @@ def test_packaged_names_and_aliases():
         if spec.lora is None:  # a fine-tune's hf_name is its base model's
             aliases += (spec.hf_name, spec.hf_name.upper())
         for alias in aliases:
-            assert zoo._lookup(alias) is spec
+            assert zoo.lookup(alias) is spec
     backdoored = PACKAGED_MODELS["smollm2-135m-backdoored"]
-    assert zoo._lookup(backdoored.hf_name) is PACKAGED_MODELS[SMOL]
+    assert zoo.lookup(backdoored.hf_name) is PACKAGED_MODELS[SMOL]
     assert backdoored.model_name == "SmolLM2-135M-backdoored"
-    assert zoo._lookup("gpt2") is None
+    assert zoo.lookup("gpt2") is None
 
 
 def test_unknown_name_offline_gives_clear_error(monkeypatch):
@@ -142,13 +142,13 @@ def test_cache_key_follows_source_file(tmp_path):
     source = tmp_path / "model.gguf"
     source.write_bytes(b"one")
     spec = PACKAGED_MODELS[SMOL]
-    key, identity = zoo._cache_key(spec, [source])
+    key, identity = zoo.cache_key(spec, [source])
     assert identity["format_version"] == zoo.CACHE_FORMAT_VERSION
-    assert zoo._cache_key(spec, [source])[0] == key
+    assert zoo.cache_key(spec, [source])[0] == key
     source.write_bytes(b"three")  # new size
-    assert zoo._cache_key(spec, [source])[0] != key
+    assert zoo.cache_key(spec, [source])[0] != key
     os.utime(source, ns=(0, 10**18))  # new mtime, same size
-    assert len({key, zoo._cache_key(spec, [source])[0]}) == 2
+    assert len({key, zoo.cache_key(spec, [source])[0]}) == 2
 
 
 # --- integration: SmolLM2 ------------------------------------------------------------------
@@ -220,7 +220,7 @@ def test_tokenizer_mirrors_transformers(smol):
     from transformers import AutoTokenizer
 
     spec = PACKAGED_MODELS[SMOL]
-    gguf = zoo._source_files(spec)[0]
+    gguf = zoo.source_files(spec)[0]
     reference = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     assert smol.cfg.default_prepend_bos is False
     for prompt in PROMPTS:
@@ -253,7 +253,7 @@ def test_second_load_reads_cache_and_is_fast(smol_cache, monkeypatch):
     def no_conversion(*args, **kwargs):
         raise AssertionError("the cached conversion should have been used")
 
-    monkeypatch.setattr(model_cache, "_convert_into", no_conversion)
+    monkeypatch.setattr(model_cache, "convert_into", no_conversion)
     monkeypatch.setattr(model_convert, "_dequantise", no_conversion)
     monkeypatch.setenv("MELBO_LENS_CACHE", str(root))
     start = time.perf_counter()
@@ -296,7 +296,7 @@ def test_corrupt_cache_is_rebuilt(smol_cache, scratch, monkeypatch, damage):
         for part in ("tokenizer", "hf", "hooked_transformer"):
             shutil.copytree(pristine / part, work / part, copy_function=_link_or_copy)
 
-    monkeypatch.setattr(model_cache, "_convert_into", convert)
+    monkeypatch.setattr(model_cache, "convert_into", convert)
     if damage == "drop_manifest":
         model = load_model(SMOL, cache_dir=scratch)
     else:

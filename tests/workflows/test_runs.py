@@ -279,11 +279,11 @@ def test_analyze_run_and_report_take_adapters(tiny_tok_model, prompts, tmp_path)
     assert run.decompositions is None and run.feature_activations is None
     assert run.token_deltas is not None and len(run.token_deltas) == 2
     # per-token ‖Δ_t‖ of adapter 1 on its own text, against two whole-model runs
-    from melbo_lens.analysis.tokens import _token_ids
+    from melbo_lens.analysis.tokens import token_ids
 
     deltas = run.token_deltas[1]
     text = (run.generations.prompts[0], run.generations.for_vector(1)[0])
-    ids = torch.tensor([_token_ids(model, text, None)[0]])
+    ids = torch.tensor([token_ids(model, text, None)[0]])
     assert ids.shape[1] == len(deltas.norms)
     _, clean = model.run_with_cache(ids, names_filter=TARGET.name)
     with adapters.apply(model, 1):

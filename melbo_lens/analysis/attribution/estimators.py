@@ -12,8 +12,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from melbo_lens.analysis.attribution.exact import _hook_of, _prepare, _rep, _run, _State
-from melbo_lens.analysis.attribution.metrics import _resolve_metric
+from melbo_lens.analysis.attribution.exact import (
+    AttributionState,
+    component_hook,
+    prepare_attribution,
+    repeat_rows,
+    run_copies,
+)
+from melbo_lens.analysis.attribution.metrics import resolve_metric
 from melbo_lens.analysis.attribution.results import (
     METHODS,
     DeltaAttribution,
@@ -42,27 +48,28 @@ class _Group:
     sae: Any = None
 
 
-def _groups(state: _State) -> list[_Group]:
+def _groups(state: AttributionState) -> list[_Group]:
     groups = [
-        _Group(f"L{layer}.{kind}", _hook_of(layer, kind), kind) for layer, kind in state.components
+        _Group(f"L{layer}.{kind}", component_hook(layer, kind), kind)
+        for layer, kind in state.components
     ]
     groups += [_Group(hook, hook, "sae", sae) for hook, sae in state.saes.items()]
     return groups
 
 
-def _sae_parts(sae: Any, x: Tensor) -> tuple[Tensor, Tensor]:
+def sae_parts(sae: Any, x: Tensor) -> tuple[Tensor, Tensor]:
     """Feature activations and error term of x: x = decode(f) + err."""
     f = sae.encode(x)
     return f, x - sae.decode(f)
 
 
-def _endpoints(state: _State, g: _Group) -> tuple[list[Tensor], list[Tensor]]:
+def _endpoints(state: AttributionState, g: _Group) -> tuple[list[Tensor], list[Tensor]]:
     """The group's leaves (unsteered, steered): [z] / [mlp_out] / [features, error]."""
     if g.name not in state.endpoints:
         u, s = state.unsteered[g.hook], state.steered[g.hook]
         if g.kind == "sae":
             with torch.no_grad():
-                u, s = _sae_parts(g.sae, u), _sae_parts(g.sae, s)  # type: ignore[assignment]
+                u, s = sae_parts(g.sae, u), sae_parts(g.sae, s)  # type: ignore[assignment]
             state.endpoints[g.name] = (list(u), list(s))
         else:
             state.endpoints[g.name] = ([u], [s])
@@ -99,7 +106,7 @@ def _metric_over_copies(metric: Metric, z: Tensor) -> Tensor:
     return sum((metric(z[j]) for j in range(z.shape[0])), z.new_zeros(()))
 
 
-def _attribution_patching(state: _State, metric: Metric) -> list[NodeAttribution]:
+def _attribution_patching(state: AttributionState, metric: Metric) -> list[NodeAttribution]:
     """Gradient × (steered − unsteered), gradient taken in the steered run (one backward)."""
     groups = _groups(state)
     eps: dict[str, list[Tensor]] = {}
@@ -122,7 +129,7 @@ def _attribution_patching(state: _State, metric: Metric) -> list[NodeAttribution
 
     hooks = [*state.perturb, *((g.hook, tap(g)) for g in groups)]
     with torch.enable_grad():
-        z = _run(state.segment, 1, hooks)
+        z = run_copies(state.segment, 1, hooks)
         value = _metric_over_copies(metric, z)
         leaves = [e for g in groups for e in eps[g.name]]
         grads = torch.autograd.grad(value, leaves, allow_unused=True) if leaves else ()
@@ -138,7 +145,9 @@ def _attribution_patching(state: _State, metric: Metric) -> list[NodeAttribution
     return out
 
 
-def _integrated_gradients(state: _State, metric: Metric, steps: int) -> list[NodeAttribution]:
+def _integrated_gradients(
+    state: AttributionState, metric: Metric, steps: int
+) -> list[NodeAttribution]:
     """Per group: mean gradient at `steps` midpoints of the straight unsteered → steered
     path of the group's leaves (everything downstream recomputed) × the change."""
     out: list[NodeAttribution] = []
@@ -154,12 +163,12 @@ def _integrated_gradients(state: _State, metric: Metric, steps: int) -> list[Nod
             a = alphas.to(act).repeat_interleave(n)
             for a_u, a_s in zip(u, s, strict=True):
                 shape = (-1, *([1] * (a_u.ndim - 1)))
-                x = _rep(a_u, steps) + a.view(shape) * _rep(a_s - a_u, steps)
+                x = repeat_rows(a_u, steps) + a.view(shape) * repeat_rows(a_s - a_u, steps)
                 leaves.append(x.detach().requires_grad_(True))
             return _rebuild(g, leaves).to(act.dtype)
 
         with torch.enable_grad():
-            z = _run(state.segment, steps, [*state.perturb, (g.hook, interpolate)])
+            z = run_copies(state.segment, steps, [*state.perturb, (g.hook, interpolate)])
             value = _metric_over_copies(metric, z)
             grads = torch.autograd.grad(value, leaves, allow_unused=True)
         prods = []
@@ -174,7 +183,9 @@ def _integrated_gradients(state: _State, metric: Metric, steps: int) -> list[Nod
 
 
 # ---------------------------------------------------------------------- real patching
-def _patch_hook(state: _State, g: _Group, node: NodeAttribution | None) -> Callable[..., Any]:
+def _patch_hook(
+    state: AttributionState, g: _Group, node: NodeAttribution | None
+) -> Callable[..., Any]:
     """Hook setting one node (or the whole group for node=None) to its unsteered value
     in the steered run."""
     u, s = _endpoints(state, g)
@@ -199,9 +210,11 @@ def _patch_hook(state: _State, g: _Group, node: NodeAttribution | None) -> Calla
     return hook
 
 
-def _patched_metric(state: _State, metric: Metric, hook: str, fn: Callable[..., Any]) -> float:
+def _patched_metric(
+    state: AttributionState, metric: Metric, hook: str, fn: Callable[..., Any]
+) -> float:
     with torch.no_grad():
-        return float(metric(_run(state.segment, 1, [*state.perturb, (hook, fn)])[0]))
+        return float(metric(run_copies(state.segment, 1, [*state.perturb, (hook, fn)])[0]))
 
 
 def _pearson(x: list[float], y: list[float]) -> float | None:
@@ -259,9 +272,9 @@ def attribute_target_delta(
         raise ValueError(f"steps must be an int >= 1, got {steps!r}")
     if isinstance(top_n, bool) or not isinstance(top_n, int) or top_n < 0:
         raise ValueError(f"top_n must be an int >= 0, got {top_n!r}")
-    state = _prepare(model, prompts, vectors, index, target, scale, saes)
+    state = prepare_attribution(model, prompts, vectors, index, target, scale, saes)
     mask = state.prompts.target_mask.to(state.z_steered.device)
-    name, fn = _resolve_metric(metric, state.segment.unsteered, mask)
+    name, fn = resolve_metric(metric, state.segment.unsteered, mask)
     with torch.no_grad():
         m_s = float(fn(state.z_steered))
         m_u = float(fn(state.segment.unsteered))

@@ -84,11 +84,11 @@ def _components(model: Any, source: HookSite, target: HookSite) -> list[tuple[in
     return out
 
 
-def _hook_of(layer: int, kind: str) -> str:
+def component_hook(layer: int, kind: str) -> str:
     return attn_z_name(layer) if kind == "attn" else HookSite(layer, "mlp_out").name
 
 
-def _capture(store: dict[str, Tensor], key: str) -> Callable[..., Any]:
+def capture_hook(store: dict[str, Tensor], key: str) -> Callable[..., Any]:
     def hook(act: Tensor, hook: Any = None) -> Tensor:
         store[key] = act.detach()
         return act
@@ -96,7 +96,7 @@ def _capture(store: dict[str, Tensor], key: str) -> Callable[..., Any]:
     return hook
 
 
-def _run(segment: Segment, k: int, hooks: list[Hook]) -> Tensor:
+def run_copies(segment: Segment, k: int, hooks: list[Hook]) -> Tensor:
     """Target activations of k copies of the prompts under `hooks`.
 
     A sliced segment starts at block `segment.start`, so the hook `resid_post` of the
@@ -110,14 +110,14 @@ def _run(segment: Segment, k: int, hooks: list[Hook]) -> Tensor:
     return segment.run_hooked(k, hooks)
 
 
-def _rep(x: Tensor, k: int) -> Tensor:
+def repeat_rows(x: Tensor, k: int) -> Tensor:
     """Repeat [n, ...] to the [k·n, ...] row layout of Segment.run_hooked."""
     return x.repeat(k, *([1] * (x.ndim - 1)))
 
 
 # ---------------------------------------------------------------------- decomposition
 @dataclass
-class _State:
+class AttributionState:
     """Everything one attribution needs: the runs, caches and the metric."""
 
     model: Any
@@ -135,7 +135,7 @@ class _State:
     endpoints: dict[str, tuple[list[Tensor], list[Tensor]]] = field(default_factory=dict)
 
 
-def _prepare(
+def prepare_attribution(
     model: Any,
     prompts: Any,
     artifact: Any,
@@ -143,7 +143,7 @@ def _prepare(
     target: HookSite | str | int | None,
     scale: float,
     saes: dict[Any, Any] | None,
-) -> _State:
+) -> AttributionState:
     prompts = PromptSet.coerce(model, prompts)
     source, perturb = _perturbation(model, artifact, index, scale)
     target = _check_target(
@@ -152,12 +152,12 @@ def _prepare(
     sae_map = _check_saes(model, source, target, saes or {})
     components = _components(model, source, target)
     segment = Segment(model, source, target, prompts)
-    names = [source.name, *(_hook_of(layer, kind) for layer, kind in components), *sae_map]
+    names = [source.name, *(component_hook(layer, kind) for layer, kind in components), *sae_map]
     steered: dict[str, Tensor] = {}
     unsteered: dict[str, Tensor] = {}
     with torch.no_grad():
-        z_s = _run(segment, 1, [*perturb, *((n, _capture(steered, n)) for n in names)])[0]
-        _run(segment, 1, [(n, _capture(unsteered, n)) for n in names])
+        z_s = run_copies(segment, 1, [*perturb, *((n, capture_hook(steered, n)) for n in names)])[0]
+        run_copies(segment, 1, [(n, capture_hook(unsteered, n)) for n in names])
     z_u = segment.unsteered
 
     def diff(a: Tensor, b: Tensor) -> Tensor:  # in fp32: low-precision activations upcast
@@ -167,7 +167,7 @@ def _prepare(
     labels = ["direct"]
     kinds = ["source"]
     for layer, kind in components:
-        hook = _hook_of(layer, kind)
+        hook = component_hook(layer, kind)
         d = diff(steered[hook], unsteered[hook])
         if kind == "attn":
             w_o = model.blocks[layer].attn.W_O.detach()  # [n_heads, d_head, d_model]
@@ -183,7 +183,7 @@ def _prepare(
     delta = diff(z_s, z_u)
     delta_scale = delta.abs().max().clamp_min(1e-30)
     err = float((comps.sum(0) - delta).abs().max() / delta_scale)
-    allowed = _rounding_bound(z_s, z_u, segment.n_blocks, delta_scale)
+    allowed = rounding_bound(z_s, z_u, segment.n_blocks, delta_scale)
     if err > allowed:
         precision = (
             f"; more than {z_s.dtype} rounding explains (up to {allowed:.2e} here)"
@@ -201,7 +201,7 @@ def _prepare(
         labels, kinds, comps, delta, mask, source, target, err,
         prompts.attention_mask.to(delta.device),
     )  # fmt: skip
-    return _State(
+    return AttributionState(
         model, prompts, segment, source, target, perturb, components, sae_map,
         steered, unsteered, z_s, decomposition,
     )  # fmt: skip
@@ -210,7 +210,7 @@ def _prepare(
 _EXACT_TOL = 1e-3  # relative mismatch allowed in fp32
 
 
-def _rounding_bound(z_s: Tensor, z_u: Tensor, n_blocks: int, delta_scale: Tensor) -> float:
+def rounding_bound(z_s: Tensor, z_u: Tensor, n_blocks: int, delta_scale: Tensor) -> float:
     """The relative mismatch rounding alone can cause: each of the ~2 residual additions
     per block rounds the stream to the model's dtype (half an ulp of |z|), and Δ is the
     difference of two such streams; for a low-precision model that is far above fp32's
@@ -265,4 +265,4 @@ def decompose_target_delta(
         >>> torch.allclose(dec.components.sum(0), dec.delta, atol=1e-5)
         True
     """
-    return _prepare(model, prompts, vectors, index, target, scale, None).decomposition
+    return prepare_attribution(model, prompts, vectors, index, target, scale, None).decomposition

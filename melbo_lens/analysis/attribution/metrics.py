@@ -72,7 +72,7 @@ def logit_diff_metric(
     return logit_diff
 
 
-def _resolve_metric(metric: Any, unsteered: Tensor, mask: Tensor) -> tuple[str, Metric]:
+def resolve_metric(metric: Any, unsteered: Tensor, mask: Tensor) -> tuple[str, Metric]:
     if metric is None or (isinstance(metric, str) and metric == "delta_sq_norm"):
         return "delta_sq_norm", _delta_norm_metric(unsteered, mask)
     if isinstance(metric, Tensor):

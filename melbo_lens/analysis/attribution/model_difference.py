@@ -11,8 +11,8 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from melbo_lens.analysis.attribution.estimators import _sae_parts
-from melbo_lens.analysis.attribution.exact import _capture
+from melbo_lens.analysis.attribution.estimators import sae_parts
+from melbo_lens.analysis.attribution.exact import capture_hook
 from melbo_lens.analysis.attribution.results import Hook
 from melbo_lens.core.host import d_model_of
 from melbo_lens.core.prompts import PromptSet
@@ -159,14 +159,14 @@ def feature_change_attribution(
     tokens, attn = prompts.tokens, prompts.attention_mask
     store: dict[str, Tensor] = {}
     with torch.no_grad():
-        with model_a.hooks(fwd_hooks=[(site.name, _capture(store, site.name))]):
+        with model_a.hooks(fwd_hooks=[(site.name, capture_hook(store, site.name))]):
             logits_a = model_a(tokens, attention_mask=attn.long())
-        f_a, e_a = _sae_parts(sae, store[site.name])
+        f_a, e_a = sae_parts(sae, store[site.name])
     leaves: list[Tensor] = []
 
     def split(act: Tensor, hook: Any = None) -> Tensor:
         with torch.no_grad():
-            f, e = _sae_parts(sae, act)
+            f, e = sae_parts(sae, act)
         leaves.extend([f.requires_grad_(True), e.requires_grad_(True)])
         return (sae.decode(leaves[0]) + leaves[1]).to(act.dtype)
 

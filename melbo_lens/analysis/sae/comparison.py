@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from sae_lens import SAE
 
-from melbo_lens.analysis.sae.decompose import _check_fit
+from melbo_lens.analysis.sae.decompose import check_fit
 from melbo_lens.analysis.sae.features import feature_vectors
 from melbo_lens.core.prompts import PromptSet
 from melbo_lens.core.segment import Segment
@@ -79,7 +79,7 @@ def compare_with_features(
     if tgt is None:
         raise ValueError("no target recorded on the vectors; pass target=HookSite(...)")
     v = vectors.vectors[index]
-    _check_fit(v, vectors.site, sae, False)
+    check_fit(v, vectors.site, sae, False)
     radius = float(v.norm())
     feats = feature_vectors(sae, features, radius=radius)
     seg = Segment(model, vectors.site, tgt, prompts)

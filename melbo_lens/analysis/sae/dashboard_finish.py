@@ -14,7 +14,7 @@ from torch import Tensor
 
 from melbo_lens.analysis.sae.dashboard_result import FeatureDashboards, sae_digest, windows_of
 from melbo_lens.analysis.sae.dashboard_state import DashboardState
-from melbo_lens.analysis.sae.loading import _hook_name, decoder_directions
+from melbo_lens.analysis.sae.loading import decoder_directions, hook_name
 
 __all__ = ["finish_dashboards", "logit_effects"]
 
@@ -98,7 +98,7 @@ def finish_dashboards(
         right=right,
         info={
             "model": getattr(model.cfg, "model_name", None),
-            "sae_hook": _hook_name(sae),
+            "sae_hook": hook_name(sae),
             "sae_sha": sae_digest(sae),
             "d_sae": d_sae,
             "settings": dict(settings.__dict__),

@@ -44,7 +44,7 @@ from melbo_lens.analysis.corpus import Corpus, load_corpus
 from melbo_lens.analysis.sae.dashboard_finish import finish_dashboards, logit_effects
 from melbo_lens.analysis.sae.dashboard_result import FORMAT, FeatureDashboards, sae_digest
 from melbo_lens.analysis.sae.dashboard_state import DashboardState, merge_dashboard_states
-from melbo_lens.analysis.sae.loading import _warn_unfolded, sae_site
+from melbo_lens.analysis.sae.loading import sae_site, warn_unfolded
 from melbo_lens.analysis.streaming import TopScores, hash_priority
 from melbo_lens.core.io import atomic_save_tensors, atomic_write_text, read_artifact
 from melbo_lens.core.segment import run_to_site
@@ -170,7 +170,7 @@ def prepare_pass(
 ) -> tuple[Corpus, _Settings, Tensor]:
     """Check a pass's inputs (each bad one named) and return (corpus, settings, token rows)."""
     check_sae_fits(model, sae, allow_model_mismatch=allow_model_mismatch)
-    _warn_unfolded(sae)
+    warn_unfolded(sae)
     n_ctx = getattr(model.cfg, "n_ctx", None)
     if ctx is None:
         ctx = min(128, n_ctx) if isinstance(n_ctx, int) else 128

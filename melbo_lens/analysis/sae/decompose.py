@@ -14,7 +14,7 @@ from jaxtyping import Float, Int
 from sae_lens import SAE
 from torch import Tensor
 
-from melbo_lens.analysis.sae.loading import _hook_name, _site_or_none, decoder_directions, sae_site
+from melbo_lens.analysis.sae.loading import decoder_directions, hook_name, sae_site, site_or_none
 from melbo_lens.core.sites import HookSite
 from melbo_lens.perturbations.vectors import SteeringVectors
 
@@ -51,7 +51,7 @@ def _pick_vector(
     return v, site, "vector"
 
 
-def _check_fit(v: Tensor, vsite: HookSite | None, sae: SAE, allow_site_mismatch: bool) -> None:
+def check_fit(v: Tensor, vsite: HookSite | None, sae: SAE, allow_site_mismatch: bool) -> None:
     d_in = int(sae.cfg.d_in)
     if v.shape[-1] != d_in:
         raise ValueError(
@@ -61,7 +61,7 @@ def _check_fit(v: Tensor, vsite: HookSite | None, sae: SAE, allow_site_mismatch:
         )
     if not torch.isfinite(v).all():
         raise ValueError("the vector contains NaN or inf")
-    if vsite is None or allow_site_mismatch or _hook_name(sae) is None:
+    if vsite is None or allow_site_mismatch or hook_name(sae) is None:
         return
     ssite = sae_site(sae)
     if ssite.position != vsite.position:
@@ -183,7 +183,7 @@ def decompose_onto_sae(
     if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
         raise ValueError(f"top_k must be an int >= 1, got {top_k!r}")
     v, vsite, label = _pick_vector(vector, index, site)
-    _check_fit(v, vsite, sae, allow_site_mismatch)
+    check_fit(v, vsite, sae, allow_site_mismatch)
     v = v.detach().to("cpu", torch.float64)
     norm = float(v.norm())
     if norm == 0:
@@ -227,7 +227,7 @@ def decompose_onto_sae(
         vector_norm=norm,
         nonnegative=nonnegative,
         vector_site=vsite,
-        sae_site=_site_or_none(sae),
+        sae_site=site_or_none(sae),
         label=label,
     )
 

@@ -14,8 +14,8 @@ from jaxtyping import Bool, Float, Int
 from sae_lens import SAE
 from torch import Tensor
 
-from melbo_lens.analysis.sae.decompose import _check_fit
-from melbo_lens.analysis.sae.loading import _hook_name, _warn_unfolded, decoder_directions, sae_site
+from melbo_lens.analysis.sae.decompose import check_fit
+from melbo_lens.analysis.sae.loading import decoder_directions, hook_name, sae_site, warn_unfolded
 from melbo_lens.core.prompts import PromptSet
 from melbo_lens.core.segment import run_to_site
 from melbo_lens.core.sites import HookSite, require_hook
@@ -91,7 +91,7 @@ class FeatureEffects:
         )
 
 
-def _capture(model: Any, prompts: PromptSet, site: HookSite) -> Tensor:
+def capture_sae_input(model: Any, prompts: PromptSet, site: HookSite) -> Tensor:
     """The activation at `site` for the prompts; the forward pass stops there."""
     with torch.no_grad():
         return run_to_site(model, prompts.tokens, prompts.attention_mask, site.name)
@@ -130,7 +130,7 @@ def feature_effects(
         prompts = PromptSet.from_texts(model, list(prompts))
     ssite = require_hook(model, sae_site(sae))
     vsite = require_hook(model, vectors.site)
-    _warn_unfolded(sae)
+    warn_unfolded(sae)
     d_model = int(model.cfg.d_model)
     if vectors.d_model != d_model:
         raise ValueError(
@@ -138,18 +138,18 @@ def feature_effects(
             f"{d_model}; they come from another model"
         )
     v = vectors.vectors[index]
-    _check_fit(v, None, sae, True)
+    check_fit(v, None, sae, True)
     if ssite.position < vsite.position:
         raise ValueError(
             f"the SAE reads {ssite.name}, before the vector's site {vsite.name}; the vector "
             "cannot change anything there. Use an SAE at the vector's site or later"
         )
-    before = _capture(model, prompts, ssite)
+    before = capture_sae_input(model, prompts, ssite)
     if ssite.position == vsite.position:  # same tensor: read it with the vector added
         after = before + scale * v.to(before.device, before.dtype)
     else:
         with vectors.apply(model, index, scale=scale):
-            after = _capture(model, prompts, ssite)
+            after = capture_sae_input(model, prompts, ssite)
     mask = prompts.attention_mask if positions == "all" else prompts.target_mask
     flat_b, flat_a = before[mask], after[mask]  # [tokens, d_in]
     n_tok = flat_b.shape[0]
@@ -236,7 +236,7 @@ def feature_vectors(
         method="sae_feature",
         config={"features": feats, "radius": None if r is None else r.tolist()},
         model_name=getattr(meta, "model_name", None),
-        metadata={"sae_hook_name": _hook_name(sae), "d_sae": d_sae},
+        metadata={"sae_hook_name": hook_name(sae), "d_sae": d_sae},
     )
 
 
@@ -290,7 +290,7 @@ class FeatureClamp:
 
     def hooks(self, model: Any, rows: Any, scale: float = 1.0) -> list[tuple[str, Any]]:
         site = require_hook(model, self.site)
-        _warn_unfolded(self.sae)
+        warn_unfolded(self.sae)
         d_model = int(model.cfg.d_model)
         if int(self.sae.cfg.d_in) != d_model:
             raise ValueError(

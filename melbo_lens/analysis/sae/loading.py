@@ -130,7 +130,7 @@ def _load_dir(path: Path, device: str) -> SAE:
     return SAE.load_from_disk(path, device=device)
 
 
-def _hook_name(sae: SAE) -> str | None:
+def hook_name(sae: SAE) -> str | None:
     meta = getattr(sae.cfg, "metadata", None)
     name = getattr(meta, "hook_name", None) if meta is not None else None
     return name if name is not None else getattr(sae.cfg, "hook_name", None)
@@ -143,7 +143,7 @@ def sae_site(sae: SAE) -> HookSite:
         >>> sae_site(sae)                                              # doctest: +SKIP
         HookSite(layer=7, point='resid_post')
     """
-    name = _hook_name(sae)
+    name = hook_name(sae)
     if name is None:
         raise ValueError(
             "the SAE records no hook name (cfg.metadata.hook_name is None), so its site is "
@@ -161,14 +161,14 @@ def sae_site(sae: SAE) -> HookSite:
         ) from err
 
 
-def _site_or_none(sae: SAE) -> HookSite | None:
+def site_or_none(sae: SAE) -> HookSite | None:
     try:
         return sae_site(sae)
     except ValueError:
         return None
 
 
-def _warn_unfolded(sae: SAE) -> None:
+def warn_unfolded(sae: SAE) -> None:
     mode = getattr(sae.cfg, "normalize_activations", "none")
     if mode in ("expected_average_only_in", "covariance_whitening"):
         warnings.warn(

@@ -7,7 +7,7 @@ import math
 import plotly.graph_objects as go
 
 from melbo_lens.analysis.attribution import DeltaAttribution
-from melbo_lens.views.figures.common import _TEMPLATE, _esc, _num, _unique
+from melbo_lens.views.figures.common import TEMPLATE, esc_hover, finite_or_none, unique_labels
 
 __all__ = ["attribution_bars"]
 
@@ -29,12 +29,12 @@ def attribution_bars(attribution: DeltaAttribution, *, top: int = 20) -> go.Figu
     fig = go.Figure()
     if attribution.nodes:
         nodes = sorted(attribution.nodes, key=lambda n: -abs(n.estimate))[:top]
-        names = _unique([n.name for n in nodes])
+        names = unique_labels([n.name for n in nodes])
         kinds = [n.kind for n in nodes]
         fig.add_trace(
             go.Bar(
                 y=names,
-                x=[_num(n.estimate) for n in nodes],
+                x=[finite_or_none(n.estimate) for n in nodes],
                 orientation="h",
                 name=f"estimate ({attribution.method})",
                 customdata=kinds,
@@ -44,7 +44,7 @@ def attribution_bars(attribution: DeltaAttribution, *, top: int = 20) -> go.Figu
         fig.add_trace(
             go.Bar(
                 y=names,
-                x=[_num(n.actual) for n in nodes],
+                x=[finite_or_none(n.actual) for n in nodes],
                 orientation="h",
                 name="patched (actual)",
                 customdata=kinds,
@@ -53,14 +53,14 @@ def attribution_bars(attribution: DeltaAttribution, *, top: int = 20) -> go.Figu
         )
         corr = attribution.correlation
         note = f", r = {corr:.3f}" if corr is not None and math.isfinite(corr) else ""
-        title = f"Attribution of {_esc(attribution.metric)}: estimate vs patching{note}"
+        title = f"Attribution of {esc_hover(attribution.metric)}: estimate vs patching{note}"
         x_title = f"effect on {attribution.metric} (steered − node set to unsteered)"
     else:
         dec = attribution.decomposition
         contrib = dec.contributions().double().cpu()
         total = float(contrib.sum())
         order = contrib.abs().argsort(descending=True)[:top].tolist()
-        names = _unique([dec.names[i] for i in order])
+        names = unique_labels([dec.names[i] for i in order])
         share = [float(contrib[i]) / total if total else None for i in order]
         fig.add_trace(
             go.Bar(
@@ -87,7 +87,7 @@ def attribution_bars(attribution: DeltaAttribution, *, top: int = 20) -> go.Figu
         yaxis_type="category",
         yaxis_autorange="reversed",
         barmode="group",
-        template=_TEMPLATE,
+        template=TEMPLATE,
         height=max(350, 28 * len(names) + 150),
     )
     return fig

@@ -14,13 +14,13 @@ from melbo_lens.perturbations.vectors import SteeringVectors
 __all__ = []
 
 
-_DIVERGING = "RdBu_r"  # negative blue, zero white, positive red
+DIVERGING = "RdBu_r"  # negative blue, zero white, positive red
 
 
-_TEMPLATE = "plotly_white"
+TEMPLATE = "plotly_white"
 
 
-def _num(x: Any) -> float | None:
+def finite_or_none(x: Any) -> float | None:
     """A finite float, or None (a gap in plotly) for None / NaN / inf."""
     if x is None:
         return None
@@ -28,12 +28,12 @@ def _num(x: Any) -> float | None:
     return x if math.isfinite(x) else None
 
 
-def _esc(text: Any) -> str:
+def esc_hover(text: Any) -> str:
     """Text safe inside plotly hover labels (which render a subset of HTML)."""
     return html.escape(str(text)).replace("\n", "⏎")
 
 
-def _vector_labels(
+def vector_labels(
     vectors: SteeringVectors | SteeringAdapters, labels: Sequence[str] | None
 ) -> list[str]:
     n = len(vectors)
@@ -48,7 +48,7 @@ def _vector_labels(
     return [str(x) for x in labels]
 
 
-def _unique(labels: Sequence[str]) -> list[str]:
+def unique_labels(labels: Sequence[str]) -> list[str]:
     """Row labels made unique (plotly merges equal category labels into one row)."""
     seen: dict[str, int] = {}
     out = []
@@ -58,7 +58,7 @@ def _unique(labels: Sequence[str]) -> list[str]:
     return out
 
 
-def _setup(vectors: SteeringVectors | SteeringAdapters) -> str:
+def setup_line(vectors: SteeringVectors | SteeringAdapters) -> str:
     """One line saying where and how the vectors were made."""
     cfg = vectors.config or {}
     parts = [vectors.site.name + (f" → {vectors.target.name}" if vectors.target else "")]

@@ -7,7 +7,13 @@ from typing import Any, Literal
 
 import plotly.graph_objects as go
 
-from melbo_lens.views.figures.common import _DIVERGING, _TEMPLATE, _esc, _num, _unique
+from melbo_lens.views.figures.common import (
+    DIVERGING,
+    TEMPLATE,
+    esc_hover,
+    finite_or_none,
+    unique_labels,
+)
 
 __all__ = ["feature_heatmap"]
 
@@ -16,7 +22,7 @@ __all__ = ["feature_heatmap"]
 def _token_hover(tokens: Sequence[tuple[str, float]] | None, limit: int = 5) -> str:
     if not tokens:
         return "top tokens: (none known)"
-    rows = [f"{_esc(t)} ({float(v):.3g})" for t, v in list(tokens)[:limit]]
+    rows = [f"{esc_hover(t)} ({float(v):.3g})" for t, v in list(tokens)[:limit]]
     return "top tokens:<br>  " + "<br>  ".join(rows)
 
 
@@ -53,17 +59,17 @@ def feature_heatmap(
         for f in dec.features[:top]:
             if f not in columns:
                 columns.append(int(f))
-    rows = _unique([str(d.label) for d in decompositions])
+    rows = unique_labels([str(d.label) for d in decompositions])
     feature_tokens = feature_tokens or {}
     z: list[list[float | None]] = []
     text: list[list[str]] = []
     for row, dec in zip(rows, decompositions, strict=True):
         values = dec.cosines if value == "cosine" else dec.coefficients
         lookup = dict(zip(dec.features, values, strict=False))
-        z.append([_num(lookup.get(f)) for f in columns])
+        z.append([finite_or_none(lookup.get(f)) for f in columns])
         text.append(
             [
-                f"{_esc(row)}<br>feature {f}<br>"
+                f"{esc_hover(row)}<br>feature {f}<br>"
                 + (f"{value} {lookup[f]:.4g}" if f in lookup else f"{value}: not in its features")
                 + "<br>"
                 + _token_hover(feature_tokens.get(f))
@@ -80,7 +86,7 @@ def feature_heatmap(
             y=rows,
             text=text,
             hovertemplate="%{text}<extra></extra>",
-            colorscale=_DIVERGING,
+            colorscale=DIVERGING,
             zmin=-bound,
             zmax=bound,
             zmid=0,
@@ -96,6 +102,6 @@ def feature_heatmap(
         xaxis_type="category",
         yaxis_type="category",
         yaxis_autorange="reversed",
-        template=_TEMPLATE,
+        template=TEMPLATE,
     )
     return fig

@@ -11,7 +11,14 @@ from plotly.subplots import make_subplots
 
 from melbo_lens.perturbations.adapters import SteeringAdapters
 from melbo_lens.perturbations.vectors import SteeringVectors
-from melbo_lens.views.figures.common import _TEMPLATE, _esc, _num, _setup, _unique, _vector_labels
+from melbo_lens.views.figures.common import (
+    TEMPLATE,
+    esc_hover,
+    finite_or_none,
+    setup_line,
+    unique_labels,
+    vector_labels,
+)
 
 __all__ = ["objective_vs_random", "planted_benchmark", "radius_sweep", "training_curves"]
 
@@ -36,7 +43,7 @@ def training_curves(
             "the vectors carry no training record (losses is None); training_curves needs "
             "vectors made by a trainer such as train_steering_vectors"
         )
-    names = _vector_labels(vectors, labels)
+    names = vector_labels(vectors, labels)
     losses = vectors.losses.detach().double().cpu()
     steps = list(range(1, losses.shape[1] + 1))
     fig = go.Figure()
@@ -44,18 +51,19 @@ def training_curves(
         fig.add_trace(
             go.Scatter(
                 x=steps,
-                y=[_num(v) for v in losses[k].tolist()],
+                y=[finite_or_none(v) for v in losses[k].tolist()],
                 mode="lines",
                 name=name,
-                hovertemplate=f"{_esc(name)}<br>step %{{x}}<br>objective %{{y:.4g}}<extra></extra>",
+                hovertemplate=f"{esc_hover(name)}<br>step %{{x}}<br>"
+                "objective %{y:.4g}<extra></extra>",
             )
         )
     fig.update_layout(
-        title=f"Training curves: objective per step<br><sup>{_esc(_setup(vectors))}</sup>",
+        title=f"Training curves: objective per step<br><sup>{esc_hover(setup_line(vectors))}</sup>",
         xaxis_title="step",
         yaxis_title="objective",
         yaxis_type="log" if log_y else "linear",
-        template=_TEMPLATE,
+        template=TEMPLATE,
         hovermode="closest",
     )
     return fig
@@ -84,7 +92,7 @@ def objective_vs_random(
     rand = [float(x) for x in random_objectives]
     if not rand:
         raise ValueError("random_objectives is empty; pass the objectives of random vectors")
-    names = _unique(_vector_labels(vectors, labels))
+    names = unique_labels(vector_labels(vectors, labels))
     objective = [float(x) for x in vectors.objective.detach().double().cpu().tolist()]
     mean = sum(rand) / len(rand)
     ratio = [x / mean if mean else float("nan") for x in objective]
@@ -122,12 +130,12 @@ def objective_vs_random(
     fig.update_layout(
         title=(
             "Objective reached vs random vectors of the same norm"
-            f"<br><sup>{_esc(_setup(vectors))}</sup>"
+            f"<br><sup>{esc_hover(setup_line(vectors))}</sup>"
         ),
         xaxis_title="vector",
         yaxis_title="objective",
         xaxis_type="category",
-        template=_TEMPLATE,
+        template=TEMPLATE,
         showlegend=True,
     )
     return fig
@@ -146,11 +154,11 @@ def radius_sweep(sweep: Any) -> go.Figure:
         >>> radius_sweep(select_radius(model, prompts, config, [4, 8, 16]))  # doctest: +SKIP
     """
     radii = [float(r) for r in sweep.radii]
-    panels = {"objective": [_num(x) for x in sweep.objective]}
+    panels = {"objective": [finite_or_none(x) for x in sweep.objective]}
     for name in ("diversity", "fluency"):
         values = getattr(sweep, name, None)
         if values is not None:
-            panels[name] = [_num(x) for x in values]
+            panels[name] = [finite_or_none(x) for x in values]
     for name, values in panels.items():
         if len(values) != len(radii):
             raise ValueError(f"{len(radii)} radii but {len(values)} {name} values")
@@ -198,7 +206,7 @@ def radius_sweep(sweep: Any) -> go.Figure:
     fig.update_xaxes(title_text="radius R", row=len(panels), col=1)
     fig.update_layout(
         title="Objective, diversity and fluency against radius R",
-        template=_TEMPLATE,
+        template=TEMPLATE,
         height=260 + 170 * len(panels),
     )
     return fig
@@ -226,11 +234,12 @@ def planted_benchmark(report: Any) -> go.Figure:
         for kind, pattern in (("full", ""), ("partial", "/")):
             stats = [summary[m][b] for m in methods]
             hover = [
-                f"{_esc(m)}, {_esc(b)} ({kind})<br>seeds with a hit: {s[f'seeds_{kind}']:.2f}"
+                f"{esc_hover(m)}, {esc_hover(b)} ({kind})<br>"
+                f"seeds with a hit: {s[f'seeds_{kind}']:.2f}"
                 f"<br>eliciting vectors per seed: {s[f'vectors_{kind}']:.2f} of {k}"
                 + (
                     ""
-                    if kind == "partial" or _num(s["recurrence"]) is None
+                    if kind == "partial" or finite_or_none(s["recurrence"]) is None
                     else f"<br>recurs on held-out prompts: {s['recurrence']:.2f}"
                 )
                 for m, s in zip(methods, stats, strict=True)
@@ -248,7 +257,7 @@ def planted_benchmark(report: Any) -> go.Figure:
     settings = report.settings
     fig.update_layout(
         barmode="group",
-        template=_TEMPLATE,
+        template=TEMPLATE,
         title=(
             f"Planted behaviours elicited: {len(report.seeds())} seeds, K={k}, "
             f"R={settings.get('radius')}"

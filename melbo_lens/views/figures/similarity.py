@@ -7,7 +7,13 @@ from collections.abc import Sequence
 import plotly.graph_objects as go
 
 from melbo_lens.analysis.similarity import CosineMatrix
-from melbo_lens.views.figures.common import _DIVERGING, _TEMPLATE, _esc, _num, _unique
+from melbo_lens.views.figures.common import (
+    DIVERGING,
+    TEMPLATE,
+    esc_hover,
+    finite_or_none,
+    unique_labels,
+)
 
 __all__ = ["similarity_heatmap"]
 
@@ -30,17 +36,17 @@ def similarity_heatmap(
     """
     values = matrix.values.detach().double().cpu()
     n_a, n_b = values.shape
-    rows = _unique(row_labels if row_labels is not None else [f"{i}" for i in range(n_a)])
-    cols = _unique(col_labels if col_labels is not None else [f"{j}" for j in range(n_b)])
+    rows = unique_labels(row_labels if row_labels is not None else [f"{i}" for i in range(n_a)])
+    cols = unique_labels(col_labels if col_labels is not None else [f"{j}" for j in range(n_b)])
     if len(rows) != n_a or len(cols) != n_b:
         raise ValueError(f"labels ({len(rows)} rows, {len(cols)} columns) for a {n_a}×{n_b} matrix")
-    a, b = _esc(matrix.a_label), _esc(matrix.b_label)
+    a, b = esc_hover(matrix.a_label), esc_hover(matrix.b_label)
     fig = go.Figure(
         go.Heatmap(
-            z=[[_num(x) for x in row] for row in values.tolist()],
+            z=[[finite_or_none(x) for x in row] for row in values.tolist()],
             x=cols,
             y=rows,
-            colorscale=_DIVERGING,
+            colorscale=DIVERGING,
             zmin=-1.0,
             zmax=1.0,
             zmid=0.0,
@@ -50,7 +56,7 @@ def similarity_heatmap(
     )
     s = matrix.summary()
     default = (
-        f"Cosine similarity of {_esc(matrix.kind)}: {a} vs {b} "
+        f"Cosine similarity of {esc_hover(matrix.kind)}: {a} vs {b} "
         f"(mean |cos| {s['mean_abs']:.3f}"
         + (f", random ≈ {s['random_mean_abs']:.3f}" if "random_mean_abs" in s else "")
         + ")"
@@ -62,7 +68,7 @@ def similarity_heatmap(
         xaxis_type="category",
         yaxis_type="category",
         yaxis_autorange="reversed",
-        template=_TEMPLATE,
+        template=TEMPLATE,
     )
     if matrix.same:
         fig.update_layout(yaxis_scaleanchor="x")

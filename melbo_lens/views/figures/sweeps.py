@@ -9,7 +9,7 @@ from typing import Any
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from melbo_lens.views.figures.common import _TEMPLATE, _esc, _num
+from melbo_lens.views.figures.common import TEMPLATE, esc_hover, finite_or_none
 
 __all__ = ["sweep_grid_figure"]
 
@@ -41,15 +41,15 @@ def sweep_grid_figure(rows: Sequence[dict[str, Any]]) -> go.Figure:
         group = sorted(group, key=lambda r: r["radius"])
         x = [r["radius"] for r in group]
         hover = [
-            f"{_esc(name)}<br>R {r['radius']:g}<br>fluency x base {r['fluency_ratio']:.3g}"
-            f"<br>behaviours {_esc(json.dumps(r.get('behaviors', {})))}"
+            f"{esc_hover(name)}<br>R {r['radius']:g}<br>fluency x base {r['fluency_ratio']:.3g}"
+            f"<br>behaviours {esc_hover(json.dumps(r.get('behaviors', {})))}"
             for r in group
         ]
         for col, key in ((1, "objective_mean"), (2, "diversity_mean_abs_cos")):
             fig.add_trace(
                 go.Scatter(
                     x=x,
-                    y=[_num(r[key]) for r in group],
+                    y=[finite_or_none(r[key]) for r in group],
                     mode="lines+markers",
                     name=name,
                     legendgroup=name,
@@ -62,5 +62,5 @@ def sweep_grid_figure(rows: Sequence[dict[str, Any]]) -> go.Figure:
             )
     fig.update_xaxes(title_text="radius R", type="log")
     fig.update_yaxes(type="log", row=1, col=1)
-    fig.update_layout(title="Sweep over the grid", template=_TEMPLATE, height=420)
+    fig.update_layout(title="Sweep over the grid", template=TEMPLATE, height=420)
     return fig

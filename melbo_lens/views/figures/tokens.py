@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import plotly.graph_objects as go
 
 from melbo_lens.analysis.tokens import TokenDeltas
-from melbo_lens.views.figures.common import _TEMPLATE, _esc, _num, _unique
+from melbo_lens.views.figures.common import TEMPLATE, esc_hover, finite_or_none, unique_labels
 
 __all__ = ["token_delta_heatmap"]
 
@@ -27,18 +27,19 @@ def token_delta_heatmap(deltas: Sequence[TokenDeltas]) -> go.Figure:
     if not deltas:
         raise ValueError("no TokenDeltas given; pass the list token_delta_norms returns")
     width = max(len(d.tokens) for d in deltas)
-    rows = _unique([d.label for d in deltas])
+    rows = unique_labels([d.label for d in deltas])
     z: list[list[float | None]] = []
     text: list[list[str]] = []
     cell: list[list[str]] = []
     for row, d in zip(rows, deltas, strict=True):
         pad = width - len(d.tokens)
-        z.append([_num(x) for x in d.norms] + [None] * pad)
-        cell.append([_esc(_short_token(tok)) for tok in d.tokens] + [""] * pad)
+        z.append([finite_or_none(x) for x in d.norms] + [None] * pad)
+        cell.append([esc_hover(_short_token(tok)) for tok in d.tokens] + [""] * pad)
         text.append(
             [
-                f"{_esc(row)}<br>position {t} ({'prompt' if t < d.n_prompt else 'completion'}"
-                f"{'' if d.steered[t] else ', not steered'})<br>token {_esc(repr(d.tokens[t]))}"
+                f"{esc_hover(row)}<br>position {t} ({'prompt' if t < d.n_prompt else 'completion'}"
+                f"{'' if d.steered[t] else ', not steered'})<br>"
+                f"token {esc_hover(repr(d.tokens[t]))}"
                 f"<br>‖Δ‖ {d.norms[t]:.4g}"
                 for t in range(len(d.tokens))
             ]
@@ -48,7 +49,7 @@ def token_delta_heatmap(deltas: Sequence[TokenDeltas]) -> go.Figure:
     for t in range(width):
         here = {d.tokens[t] if t < len(d.tokens) else None for d in deltas}
         shared = len(here) == 1 and None not in here
-        ticks.append(_esc(here.pop()) if shared else str(t))
+        ticks.append(esc_hover(here.pop()) if shared else str(t))
     fig = go.Figure(
         go.Heatmap(
             z=z,
@@ -78,7 +79,7 @@ def token_delta_heatmap(deltas: Sequence[TokenDeltas]) -> go.Figure:
     sites = {d.site for d in deltas}
     fig.update_layout(
         title=(
-            f"Per-token change ‖Δ_t‖ at {_esc(', '.join(sorted(sites)))} "
+            f"Per-token change ‖Δ_t‖ at {esc_hover(', '.join(sorted(sites)))} "
             "(bar: start of the completion)"
         ),
         xaxis={
@@ -91,7 +92,7 @@ def token_delta_heatmap(deltas: Sequence[TokenDeltas]) -> go.Figure:
         yaxis_title="vector",
         yaxis_type="category",
         yaxis_autorange="reversed",
-        template=_TEMPLATE,
+        template=TEMPLATE,
     )
     return fig
 
