@@ -102,6 +102,13 @@ from melbo_lens.perturbations.directional import (
     mean_projection,
     orthogonalize_weights,
 )
+from melbo_lens.perturbations.interop import (
+    export_control_vector,
+    from_steering_vector,
+    import_control_vector,
+    to_steering_vector,
+)
+from melbo_lens.perturbations.layer_vectors import LayerVectors
 from melbo_lens.perturbations.vectors import SteeringVectors, steer
 from melbo_lens.workflows.radius import RadiusSweep, select_radius
 from melbo_lens.workflows.runs import RunAnalysis, RunAnalysisError, analyze_run
@@ -156,6 +163,11 @@ def __getattr__(name: str):
 
 
 __all__ = [
+    "LayerVectors",
+    "export_control_vector",
+    "from_steering_vector",
+    "import_control_vector",
+    "to_steering_vector",
     "__version__",
     "Perturbation",
     "apply",

@@ -18,6 +18,7 @@ from typing import Any, Protocol
 
 __all__ = [
     "Host",
+    "check_no_attached_saes",
     "d_model_of",
     "n_layers_of",
     "supports_layer_slicing",
@@ -39,6 +40,21 @@ class Host(Protocol):
     def __call__(self, *args: Any, **kwargs: Any) -> Any: ...
 
     def parameters(self) -> Iterator[Any]: ...
+
+
+def check_no_attached_saes(model: Any) -> None:
+    """Refuse a sae-lens `HookedSAETransformer` with SAEs attached: an attached SAE
+    replaces the hook point it sits on, and every activation after it is the SAE's
+    reconstruction, so vectors would be trained and measured on another model."""
+    attached = getattr(model, "acts_to_saes", None)
+    if attached:
+        raise ValueError(
+            f"the model has SAEs attached at {sorted(attached)} (HookedSAETransformer."
+            "add_sae); melbo_lens steers and reads the model's own activations, which the "
+            "attached SAEs replace. Detach them with model.reset_saes() first; to read a "
+            "vector through an SAE, pass the SAE to decompose_vectors, feature_dashboards or "
+            "FeatureClamp, which run it beside the model"
+        )
 
 
 def n_layers_of(model: Any) -> int:

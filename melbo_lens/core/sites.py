@@ -18,6 +18,8 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from melbo_lens.core.host import check_no_attached_saes
+
 __all__ = [
     "HookSite",
     "POINTS",
@@ -153,6 +155,7 @@ def as_site(value: HookSite | str | int) -> HookSite:
 
 def require_hook(model: Any, site: HookSite) -> HookSite:
     """Check that `model` exposes `site` as a hook point; return the site."""
+    check_no_attached_saes(model)
     n_layers = getattr(getattr(model, "cfg", None), "n_layers", None)
     if n_layers is not None:
         site.validate_for(int(n_layers))
@@ -223,6 +226,7 @@ def attn_z_name(layer: int) -> str:
 
 def check_sites(model: Any, source: HookSite, target: HookSite) -> None:
     """Fail with a clear message unless both sites exist and target comes after source."""
+    check_no_attached_saes(model)
     n_layers = int(model.cfg.n_layers)
     source.validate_for(n_layers)
     target.validate_for(n_layers)
