@@ -147,7 +147,7 @@ MUTANTS = [
     ),
     Mutant(
         "window_records_candidate_0",
-        "melbo_lens/methods/training/loop.py",
+        "melbo_lens/methods/training/phase.py",
         "kept = [int(torch.argmax(obj))] if window else slice(None)",
         "kept = [0] if window else slice(None)",
         ("tests/methods/test_window.py::test_recorded_step_objective_is_the_best_candidates",),
@@ -193,6 +193,27 @@ MUTANTS = [
         "self.accepted_obj.fill_(-math.inf)",
         "self.accepted_obj.fill_(self.accepted_obj.max())",
         ("tests/methods/test_window.py::test_solver_state_after_a_slot_is_accepted",),
+    ),
+    Mutant(
+        "plateau_tolerance_loose",
+        "melbo_lens/methods/training/spec.py",
+        "return bool(best[-1] - best[-1 - span] <= tol * best[-1].abs())",
+        "return bool(best[-1] - best[-1 - span] <= 10 * tol * best[-1].abs())",
+        ("tests/methods/test_window.py::test_plateau_rule_at_its_boundary",),
+    ),
+    Mutant(
+        "plateau_reads_last_point_not_best",
+        "melbo_lens/methods/training/spec.py",
+        "best = torch.cummax(curve.double(), 0).values",
+        "best = curve.double()",
+        ("tests/methods/test_window.py::test_plateau_rule_at_its_boundary",),
+    ),
+    Mutant(
+        "plateau_not_checked_on_resume",
+        "melbo_lens/methods/training/phase.py",
+        "if window is not None and plateaued(",
+        "if False and plateaued(",
+        ("tests/methods/test_window.py::test_an_early_stopped_run_resumes_bit_exactly",),
     ),
 ]
 

@@ -51,7 +51,7 @@ from melbo_lens.core.host import d_model_of
 from melbo_lens.core.prompts import PromptSet
 from melbo_lens.core.segment import Segment
 from melbo_lens.core.sites import HookSite, as_site, check_order
-from melbo_lens.methods.config import LoopConfig, is_int
+from melbo_lens.methods.config import LoopConfig, is_int, register_config
 from melbo_lens.methods.constraints import tangent_project
 from melbo_lens.methods.defaults import default_positions
 from melbo_lens.methods.melbo import LR_SCALE
@@ -78,6 +78,7 @@ def adapter_lr(dim: int) -> float:
     return LR_SCALE / math.sqrt(dim)
 
 
+@register_config("melbo_adapters")
 @dataclass(frozen=True)
 class AdapterConfig(LoopConfig):
     """Everything that defines a steering-adapter run (frozen, validated, JSON-able).

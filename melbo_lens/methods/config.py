@@ -20,7 +20,10 @@ __all__ = [
     "AUTO_STARTS",
     "AUTO_STEPS",
     "LoopConfig",
+    "CONFIGS",
     "config_from_dict",
+    "objective_settings",
+    "register_config",
     "config_to_dict",
     "is_int",
     "is_positive",
@@ -59,6 +62,39 @@ def config_from_dict(cls: type[T], data: dict[str, Any]) -> T:
 
 
 C = TypeVar("C", bound="LoopConfig")
+
+# method name recorded in an artifact -> the config class that trained it (filled by
+# `register_config` where each trainable config is defined); keyed by type, as SAELens's
+# `get_sae_class`, so a saved config is read back by its own class
+CONFIGS: dict[str, type] = {}
+# the objective's exponents for an artifact not trained by a registered method (a random
+# or supervised vector): MELBO's defaults, which is what its objective means elsewhere
+DEFAULT_POWER, DEFAULT_Q = 2.0, 1.0
+
+
+def register_config(method: str) -> Any:
+    """Class decorator: artifacts with `method` were trained with this config class."""
+
+    def wrap(cls: type[T]) -> type[T]:
+        CONFIGS[method] = cls
+        return cls
+
+    return wrap
+
+
+def objective_settings(method: str, config: dict[str, Any] | None) -> tuple[float, float]:
+    """(power, q) of the objective an artifact was trained with, read by its config
+    class; MELBO's defaults for an artifact no registered method trained.
+
+    Examples:
+        >>> objective_settings("random", {})
+        (2.0, 1.0)
+    """
+    cls = CONFIGS.get(method)
+    if cls is None or not config:
+        return DEFAULT_POWER, DEFAULT_Q
+    parsed = cls.from_dict(config)  # type: ignore[attr-defined]
+    return float(parsed.power), float(parsed.q)
 
 # What steps="auto" and slot_steps="auto" stand for, per solver (see the README's
 # benchmark: the power step reaches AMSGrad's 300-step objective in a few steps).

@@ -49,7 +49,7 @@ from melbo_lens.core.host import d_model_of
 from melbo_lens.core.prompts import PromptSet
 from melbo_lens.core.segment import Segment
 from melbo_lens.core.sites import HookSite, as_site, check_order
-from melbo_lens.methods.config import AUTO_STARTS, LoopConfig, is_int
+from melbo_lens.methods.config import AUTO_STARTS, LoopConfig, is_int, register_config
 from melbo_lens.methods.constraints import tangent_project, to_sphere
 from melbo_lens.methods.defaults import resolve_defaults
 from melbo_lens.methods.training import (
@@ -80,6 +80,7 @@ def scaled_lr(radius: float, d_model: int) -> float:
     return LR_SCALE * radius / math.sqrt(d_model)
 
 
+@register_config("melbo")
 @dataclass(frozen=True)
 class MelboConfig(LoopConfig):
     """Everything that defines a MELBO run (frozen, validated, JSON-serialisable).

@@ -93,9 +93,19 @@ class ArtifactRows:
 
     @property
     def complete(self) -> bool:
-        """False when training was interrupted before every item finished."""
+        """False when training was interrupted before every item finished.
+
+        The trainer writes a member's final objective when its phase ends, at its step
+        limit or, in a window with `slot_tol` > 0, when its slot plateaus (then fewer
+        steps are a finished member)."""
+        metadata = getattr(self, "metadata", None) or {}
+        if metadata.get("interrupted"):
+            return False
+        objective = getattr(self, "objective", None)
+        if objective is not None and not bool(torch.isfinite(objective).all()):
+            return False
         steps_done = getattr(self, "steps_done", None)
-        if steps_done is None:
+        if steps_done is None or metadata.get("slot_tol"):
             return True
         return bool((steps_done >= _required_steps(self, len(steps_done))).all())
 

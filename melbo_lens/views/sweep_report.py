@@ -9,7 +9,7 @@ from typing import Any
 
 from melbo_lens.core.io import atomic_write_text
 from melbo_lens.views.figures.sweeps import sweep_grid_figure
-from melbo_lens.views.report import Page, esc_html, fmt_number, html_document, html_table
+from melbo_lens.views.html_page import Page, esc_html, fmt_number, html_document, html_table
 from melbo_lens.workflows.sweeps import SweepResult
 
 __all__ = ["render_sweep_report", "write_sweep_report"]

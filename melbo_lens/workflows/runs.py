@@ -1,42 +1,16 @@
-"""A run's analysis: everything the report shows about a set of steering vectors.
-
-A *run* is one set of trained vectors together with what was learned about them. Its
-analysis (`RunAnalysis`) gathers existing result objects, computed once by
-`analyze_run` and then only rendered (`melbo_lens.views.report`):
-
-* the vectors and their objective on the prompts, next to the same objective for
-  random vectors of the same radius R at the same site (the baseline);
-* steered completions against unsteered ones (`SteeredGenerations`);
-* cosine similarity of the vectors and of their target-layer deltas (`CosineMatrix`);
-* each vector read in an SAE's dictionary (`SaeDecomposition`) and the top-activating
-  tokens of those features over the bundled corpus, when an SAE fits the source site;
-* the exact split of each vector's target-layer change Δ into components, with node
-  attributions of Σ_t ||Δ_t||² checked against patching (`DeltaAttribution`);
-* per-token ||Δ_t|| along a completion (`TokenDeltas`) and the activation of each
-  vector's top feature along it, with and without the vector (`TokenActivations`).
-
-Missing parts (no SAE for this model/site, no tokenizer to generate with) are None and
-`notes` says why. `save(run_dir)` writes `analysis.json` (plain JSON), `analysis.safetensors`
-(the attribution tensors) and `vectors.safetensors`, each atomically, JSON last;
-`RunAnalysis.load` checks that the three belong together. Nothing is pickled.
-
-Saved attributions keep each component's projection onto Δ_t instead of the full
-[d_model] vector: ⟨c_t, Δ_t⟩/||Δ_t||. That preserves contributions (Σ_t ⟨c_t, Δ_t⟩),
-token norms ||Δ_t|| and per-token shares exactly, and is d_model times smaller.
-"""
+"""`analyze_run`: compute a run's analysis (`RunAnalysis`, `workflows.run_analysis`) once,
+for the report and the CLI to render: the objective against random vectors of the same
+size, steered completions, similarities, SAE decompositions, attributions and per-token
+views, each step timed and reported on the one progress path."""
 
 from __future__ import annotations
 
-import hashlib
 import json
-import math
 import os
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -44,287 +18,53 @@ from jaxtyping import Float
 from torch import Tensor
 
 from melbo_lens.analysis.attribution import (
-    DeltaAttribution,
-    DeltaDecomposition,
     attribute_target_delta,
 )
-from melbo_lens.analysis.cards import PerturbationCard, vector_cards
+from melbo_lens.analysis.cards import vector_cards
 from melbo_lens.analysis.corpus import Corpus, load_corpus
 from melbo_lens.analysis.deltas import perturbation_objectives
-from melbo_lens.analysis.similarity import CosineMatrix, cosine_matrix, delta_similarity
+from melbo_lens.analysis.similarity import cosine_matrix, delta_similarity
 from melbo_lens.analysis.tokens import (
-    TokenActivations,
-    TokenDeltas,
     feature_token_activations,
     token_delta_norms,
 )
-from melbo_lens.core.io import atomic_save_tensors, atomic_write_text, read_artifact
 from melbo_lens.core.progress import say
 from melbo_lens.core.prompts import PromptSet
 from melbo_lens.core.segment import Segment
 from melbo_lens.core.sites import HookSite, as_site
 from melbo_lens.generation import SteeredGenerations, generate
 from melbo_lens.methods.baselines import random_adapters, random_vectors
+from melbo_lens.methods.config import objective_settings
 from melbo_lens.methods.objectives import segment_objectives
 from melbo_lens.perturbations.adapters import SteeringAdapters
-from melbo_lens.perturbations.artifact import load_artifact
 from melbo_lens.perturbations.vectors import SteeringVectors
 from melbo_lens.workflows.run_saes import dashboards_of, pick_sae, pick_target_sae
 
 if TYPE_CHECKING:
-    from melbo_lens.analysis.sae import SaeDecomposition  # sae-lens is imported only when used
-    from melbo_lens.analysis.sae.dashboard_result import FeatureDashboards
+    pass
 
-__all__ = ["RunAnalysis", "RunAnalysisError", "analyze_run", "bundled_corpus", "FORMAT"]
+from melbo_lens.workflows.run_analysis import (
+    ANALYSIS_JSON,
+    FORMAT,
+    VECTORS_FILE,
+    RunAnalysis,
+    RunAnalysisError,
+    compact_attribution,
+    package_version,
+    run_labels,
+)
 
-FORMAT = "melbo_lens.run_analysis/1"
-_TENSORS_FORMAT = "melbo_lens.run_analysis_tensors/1"
-ANALYSIS_JSON = "analysis.json"
-ANALYSIS_TENSORS = "analysis.safetensors"
-VECTORS_FILE = "vectors.safetensors"
-DASHBOARDS_DIR = "dashboards"
-
-
-class RunAnalysisError(ValueError):
-    """A run directory does not hold a readable, consistent saved analysis."""
-
-
-@dataclass
-class RunAnalysis:
-    """What the report shows about one run; every part a result object or plain data.
-
-    `objective[k]` is vector k's objective Σ_i (Σ_t ||Δ_t||^p)^(1/q) on `prompts`, and
-    `random_objective` the same objective for random vectors of the same radius at the
-    same site. Optional parts are None when they could not be computed (see `notes`).
-    """
-
-    vectors: SteeringVectors | SteeringAdapters
-    objective: list[float]
-    random_objective: list[float]
-    generations: SteeredGenerations | None = None
-    vector_similarity: CosineMatrix | None = None
-    delta_similarity: CosineMatrix | None = None
-    decompositions: list[SaeDecomposition] | None = None
-    feature_tokens: dict[int, list[tuple[str, float]]] | None = None
-    attributions: list[DeltaAttribution] | None = None
-    token_deltas: list[TokenDeltas] | None = None
-    feature_activations: list[TokenActivations | None] | None = None
-    sae_name: str | None = None
-    notes: list[str] = field(default_factory=list)
-    info: dict[str, Any] = field(default_factory=dict)
-    dashboards: dict[str, FeatureDashboards] | None = None  # by SAE hook
-    cards: list[PerturbationCard] | None = None
-
-    def __post_init__(self) -> None:
-        n = len(self.vectors)
-        for name in ("objective", "decompositions", "attributions", "token_deltas", "cards"):
-            value = getattr(self, name)
-            if value is not None and len(value) != n:
-                raise ValueError(f"{name} has {len(value)} entries but there are {n} vectors")
-        if self.feature_activations is not None and len(self.feature_activations) != n:
-            raise ValueError(
-                f"feature_activations has {len(self.feature_activations)} entries "
-                f"but there are {n} vectors"
-            )
-
-    def __len__(self) -> int:
-        return len(self.vectors)
-
-    @property
-    def labels(self) -> list[str]:
-        """`vectors.metadata["labels"]` if it has one per vector, else `method[k]`."""
-        return _labels(self.vectors)
-
-    @property
-    def scored_vectors(self) -> SteeringVectors | SteeringAdapters:
-        """The vectors with `objective` set to the objective measured here."""
-        return replace(self.vectors, objective=torch.tensor(self.objective))
-
-    def random_ratio(self) -> list[float]:
-        """objective[k] / mean random objective (empty without a baseline)."""
-        mean = self.random_summary().get("mean")
-        if not mean:
-            return []
-        return [x / mean for x in self.objective]
-
-    def random_rank(self) -> list[float]:
-        """Fraction of the random vectors whose objective is below objective[k]."""
-        r = self.random_objective
-        if not r:
-            return []
-        return [sum(x < o for x in r) / len(r) for o in self.objective]
-
-    def random_summary(self) -> dict[str, float]:
-        """Mean, std, max and count of the random baseline's objective."""
-        r = torch.tensor(self.random_objective, dtype=torch.float64)
-        if r.numel() == 0:
-            return {}
-        mean = float(r.mean())
-        return {
-            "mean": mean,
-            "std": float(r.std()) if r.numel() > 1 else 0.0,
-            "max": float(r.max()),
-            "n": float(r.numel()),
-        }
-
-    # ------------------------------------------------------------------ files
-    def to_dict(self) -> dict[str, Any]:
-        """Plain JSON of everything but the tensors (`save` writes those separately)."""
-        return {
-            "format": FORMAT,
-            "n_vectors": len(self),
-            "vectors_sha256": _artifact_digest(self.vectors),
-            "objective": self.objective,
-            "random_objective": self.random_objective,
-            "generations": None if self.generations is None else self.generations.to_dict(),
-            "vector_similarity": _to_dict(self.vector_similarity),
-            "delta_similarity": _to_dict(self.delta_similarity),
-            "decompositions": None
-            if self.decompositions is None
-            else [d.to_dict() for d in self.decompositions],
-            "feature_tokens": None
-            if self.feature_tokens is None
-            else {str(f): [[t, a] for t, a in toks] for f, toks in self.feature_tokens.items()},
-            "attributions": None
-            if self.attributions is None
-            else [_compact(a).to_saved(f"attr.{k}.")[0] for k, a in enumerate(self.attributions)],
-            "token_deltas": None
-            if self.token_deltas is None
-            else [t.to_dict() for t in self.token_deltas],
-            "feature_activations": None
-            if self.feature_activations is None
-            else [None if a is None else a.to_dict() for a in self.feature_activations],
-            "sae_name": self.sae_name,
-            "notes": list(self.notes),
-            "info": self.info,
-            "cards": None if self.cards is None else [c.to_dict() for c in self.cards],
-            "dashboards": None
-            if self.dashboards is None
-            else {hook: d.info.get("key") for hook, d in self.dashboards.items()},
-        }
-
-    def save(self, run_dir: str | os.PathLike[str]) -> Path:
-        """Write `run_dir/{vectors.safetensors, analysis.safetensors, analysis.json}`.
-
-        Each file is written atomically; analysis.json goes last and records a digest of
-        the vectors, so a crash mid-save or a later retrain is detected by `load`.
-        """
-        run_dir = Path(run_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        self.vectors.save(run_dir / VECTORS_FILE)
-        tensors: dict[str, Tensor] = {}
-        for k, att in enumerate(self.attributions or []):
-            tensors.update(_compact(att).to_saved(f"attr.{k}.")[1])
-        data = self.to_dict()
-        data["tensors_sha256"] = _digest(*[tensors[k] for k in sorted(tensors)])
-        if tensors:
-            atomic_save_tensors(
-                tensors, run_dir / ANALYSIS_TENSORS, {"format": _TENSORS_FORMAT, "json": "{}"}
-            )
-        else:
-            (run_dir / ANALYSIS_TENSORS).unlink(missing_ok=True)
-        for hook, dash in (self.dashboards or {}).items():
-            dash.save(run_dir / DASHBOARDS_DIR / hook)
-        text = json.dumps(data, default=_jsonable)
-        return atomic_write_text(run_dir / ANALYSIS_JSON, text)
-
-    @classmethod
-    def load(cls, run_dir: str | os.PathLike[str]) -> RunAnalysis:
-        """Read what `save` wrote. Never unpickles; a foreign or torn run gives a clear error."""
-        run_dir = Path(run_dir)
-        path = run_dir / ANALYSIS_JSON
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"no saved analysis in {run_dir} (expected {ANALYSIS_JSON}); compute one with "
-                f"analyze_run(...).save(dir) or `melbo-lens report {run_dir}`"
-            )
-        try:
-            data = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise RunAnalysisError(
-                f"{path} is not valid JSON ({err}); it may be truncated"
-            ) from err
-        if not isinstance(data, dict) or data.get("format") != FORMAT:
-            found = data.get("format") if isinstance(data, dict) else type(data).__name__
-            raise RunAnalysisError(
-                f"{path} is not a melbo_lens run analysis of format {FORMAT!r} "
-                f"(found {found!r}); was it written by another tool or version?"
-            )
-        vectors = load_artifact(run_dir / VECTORS_FILE)
-        if _artifact_digest(vectors) != data.get("vectors_sha256"):
-            raise RunAnalysisError(
-                f"{run_dir / VECTORS_FILE} is not the set of vectors {path.name} was computed "
-                "for (the digests differ; were the vectors retrained?). Recompute the "
-                f"analysis: `melbo-lens report {run_dir} --recompute`"
-            )
-        tensors: dict[str, Tensor] = {}
-        if data.get("attributions"):
-            tensors, _ = read_artifact(run_dir / ANALYSIS_TENSORS, _TENSORS_FORMAT)
-        if _digest(*[tensors[k] for k in sorted(tensors)]) != data.get("tensors_sha256"):
-            raise RunAnalysisError(
-                f"{run_dir / ANALYSIS_TENSORS} does not match {path.name} (digests differ); "
-                "the save was interrupted or the files come from different runs. Recompute "
-                f"the analysis: `melbo-lens report {run_dir} --recompute`"
-            )
-        try:
-            return cls._from_dict(data, vectors, tensors, run_dir)
-        except (KeyError, TypeError, ValueError, IndexError) as err:
-            raise RunAnalysisError(f"{path} has corrupt analysis data: {err!r}") from err
-
-    @classmethod
-    def _from_dict(
-        cls,
-        data: dict[str, Any],
-        vectors: SteeringVectors,
-        tensors: dict[str, Tensor],
-        run_dir: Path | None = None,
-    ) -> RunAnalysis:
-        def opt(key: str, fn: Any) -> Any:
-            return None if data.get(key) is None else fn(data[key])
-
-        return cls(
-            vectors=vectors,
-            objective=[float(x) for x in data["objective"]],
-            random_objective=[float(x) for x in data["random_objective"]],
-            generations=opt("generations", lambda d: SteeredGenerations(**d)),
-            vector_similarity=opt("vector_similarity", CosineMatrix.from_dict),
-            delta_similarity=opt("delta_similarity", CosineMatrix.from_dict),
-            decompositions=opt("decompositions", lambda ds: _decompositions(ds)),
-            feature_tokens=opt(
-                "feature_tokens",
-                lambda d: {int(f): [(str(t), float(a)) for t, a in v] for f, v in d.items()},
-            ),
-            attributions=opt(
-                "attributions",
-                lambda ds: [
-                    DeltaAttribution.from_saved(d, tensors, f"attr.{k}.") for k, d in enumerate(ds)
-                ],
-            ),
-            token_deltas=opt("token_deltas", lambda ds: [TokenDeltas.from_dict(d) for d in ds]),
-            feature_activations=opt(
-                "feature_activations",
-                lambda ds: [None if d is None else TokenActivations.from_dict(d) for d in ds],
-            ),
-            sae_name=data.get("sae_name"),
-            notes=list(data.get("notes", [])),
-            info=dict(data.get("info", {})),
-            cards=opt("cards", lambda cs: [PerturbationCard.from_dict(c) for c in cs]),
-            dashboards=opt("dashboards", lambda d: _load_dashboards(run_dir, d)),
-        )
-
-    def __repr__(self) -> str:
-        parts = [
-            name
-            for name in ("generations", "decompositions", "attributions", "token_deltas")
-            if getattr(self, name) is not None
-        ]
-        return (
-            f"RunAnalysis(n={len(self)}, site={self.vectors.site.name}, "
-            f"random={len(self.random_objective)}, parts={parts}, notes={len(self.notes)})"
-        )
+__all__ = [
+    "ANALYSIS_JSON",
+    "FORMAT",
+    "VECTORS_FILE",
+    "RunAnalysis",
+    "RunAnalysisError",
+    "analyze_run",
+    "bundled_corpus",
+]
 
 
-# ---------------------------------------------------------------------- compute
 def analyze_run(
     model: Any,
     vectors: SteeringVectors | SteeringAdapters,
@@ -377,8 +117,7 @@ def analyze_run(
     ps = _prompt_set(model, vectors, prompts)
     tgt = _target(vectors, target)
     notes: list[str] = []
-    cfg = vectors.config or {}
-    power, q = float(cfg.get("power", 2.0)), float(cfg.get("q", 1.0))
+    power, q = objective_settings(vectors.method, vectors.config)
     radius = float(vectors.radius.mean()) if is_vectors else float(vectors.radius)
 
     with steps("objective and random baseline"):
@@ -444,7 +183,7 @@ def analyze_run(
     with steps("attribution"):
         sub = ps[: max(1, min(attribution_prompts, len(ps)))]
         attributions = [
-            _compact(
+            compact_attribution(
                 attribute_target_delta(
                     model, sub, vectors, k, method=attribution, target=tgt, top_n=attribution_top
                 )
@@ -481,7 +220,7 @@ def analyze_run(
                 texts,
                 sae=tsae,
                 generations=generations,
-                labels=_labels(vectors),
+                labels=run_labels(vectors),
                 context_tokens=min(16_384, dashboard_tokens),
             )
         if tsae is not None:
@@ -511,7 +250,7 @@ def analyze_run(
         },
         "seconds": steps.seconds,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "melbo_lens": _version(),
+        "melbo_lens": package_version(),
     }
     return RunAnalysis(
         vectors=vectors,
@@ -531,13 +270,6 @@ def analyze_run(
         dashboards=dashboards or None,
         cards=card_list,
     )
-
-
-def _labels(vectors: SteeringVectors | SteeringAdapters) -> list[str]:
-    meta = vectors.metadata.get("labels") if vectors.metadata else None
-    if isinstance(meta, list | tuple) and len(meta) == len(vectors):
-        return [str(x) for x in meta]
-    return [f"{vectors.method}[{k}]" for k in range(len(vectors))]
 
 
 def bundled_corpus() -> list[str]:
@@ -607,83 +339,3 @@ def _objective(
 ) -> list[float]:
     """Σ_i (Σ_t mask·||Z_t(θ) − Z_t(0)||^p)^(1/q) for each vector (MELBO's objective)."""
     return segment_objectives(Segment(model, site, target, ps), vecs, power=power, q=q).tolist()
-
-
-def _compact(att: DeltaAttribution) -> DeltaAttribution:
-    return replace(att, decomposition=_project(att.decomposition))
-
-
-def _project(dec: DeltaDecomposition) -> DeltaDecomposition:
-    """Each component and Δ projected onto Δ_t's direction (d_model → 1); see module doc."""
-    if dec.delta.shape[-1] == 1:
-        return dec
-    norm = dec.delta.norm(dim=-1, keepdim=True)
-    unit = dec.delta / norm.clamp_min(1e-30)
-    comps = (dec.components * unit[None]).sum(-1, keepdim=True)
-    return replace(dec, components=comps.detach().cpu(), delta=norm.detach().cpu())
-
-
-# ---------------------------------------------------------------------- (de)serialising
-def _artifact_digest(art: SteeringVectors | SteeringAdapters) -> str:
-    """The digest that ties a saved analysis to the perturbation it was computed for."""
-    if isinstance(art, SteeringVectors):
-        return _digest(art.vectors)
-    return _digest(art.omega_a, art.omega_b)
-
-
-def _digest(*tensors: Tensor) -> str:
-    h = hashlib.sha256()
-    for t in tensors:
-        t = t.detach().cpu().contiguous()
-        h.update(str((t.dtype, tuple(t.shape))).encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
-
-
-def _load_dashboards(run_dir: Path | None, keys: dict[str, Any]) -> dict[str, Any]:
-    """The run's saved dashboards, each checked against the key analysis.json recorded."""
-    from melbo_lens.analysis.sae.dashboard_result import FeatureDashboards
-
-    out = {}
-    for hook, key in keys.items():
-        if run_dir is None:
-            raise ValueError("dashboards are read from a run directory")
-        dash = FeatureDashboards.load(run_dir / DASHBOARDS_DIR / hook)
-        if dash.info.get("key") != key:
-            raise RunAnalysisError(
-                f"{run_dir / DASHBOARDS_DIR / hook} holds other dashboards than analysis.json "
-                f"records; recompute: `melbo-lens report {run_dir} --recompute`"
-            )
-        out[hook] = dash
-    return out
-
-
-def _to_dict(m: CosineMatrix | None) -> dict[str, Any] | None:
-    return None if m is None else m.to_dict()
-
-
-def _decompositions(ds: list[dict[str, Any]]) -> list[SaeDecomposition]:
-    from melbo_lens.analysis.sae import SaeDecomposition  # sae-lens only when SAE parts exist
-
-    return [SaeDecomposition.from_dict(d) for d in ds]
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, HookSite):
-        return value.name
-    if isinstance(value, Tensor):
-        return value.tolist()
-    if isinstance(value, Path):
-        return str(value)
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    raise TypeError(f"cannot store {type(value).__name__} in a run analysis")
-
-
-def _version() -> str:
-    import importlib.metadata
-
-    try:
-        return importlib.metadata.version("melbo-lens")
-    except importlib.metadata.PackageNotFoundError:  # running from a source tree
-        return "unknown"

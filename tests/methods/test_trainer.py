@@ -23,7 +23,11 @@ TOKENS = [[1, 2, 3, 4, 5, 6], [7, 8, 9, 10]]
 FAMILIES = {
     "vectors": (
         train_steering_vectors,
-        lambda **kw: MelboConfig(HookSite(0), HookSite(2), n_vectors=3, radius=2.0, steps=20, **kw),
+        # fixed steps per slot, so the interrupt points below are reached (a run stopped on
+        # a slot's plateau resumes exactly too: tests/methods/test_window.py)
+        lambda **kw: MelboConfig(
+            HookSite(0), HookSite(2), n_vectors=3, radius=2.0, steps=20, slot_tol=0, **kw
+        ),
         SteeringVectors,
         ("vectors",),
     ),

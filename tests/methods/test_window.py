@@ -235,3 +235,87 @@ def test_solver_state_after_a_slot_is_accepted(tiny_model, tmp_path, solver):
         ).all()
     rows = state[[k for k in state if not k.startswith(("opt.", "accepted", "window", "beta"))][0]]
     assert (rows.double() @ unit).abs().max() < 1e-5 * rows.double().norm(dim=-1).max()
+
+
+def test_a_slot_stops_at_its_first_plateau_and_not_before(threshold_planted):
+    """With the default `slot_tol`, each slot runs until its recorded best-candidate curve
+    first plateaus (`plateaued`), or to its step limit: exactly, read from the record."""
+    from melbo_lens.methods.training.spec import plateaued
+
+    model, _, prompts = threshold_planted
+    cfg = MelboConfig(SRC, TGT, n_vectors=4, radius=R, seed=3)
+    tol = cfg.loop_slot_tol()
+    assert tol == 1e-3
+    sv = train_steering_vectors(model, prompts, cfg, progress=False)
+    assert sv.metadata["slot_tol"] == tol
+    limits = [cfg.loop_steps()] + [cfg.loop_slot_steps()] * 3
+    stopped_early = 0
+    for k, limit in enumerate(limits):
+        done = int(sv.record("steps_done")[k])
+        curve = sv.record("losses")[k, :done]
+        assert torch.isfinite(curve).all() and torch.isnan(sv.record("losses")[k, done:]).all()
+        # never before the first plateau
+        assert not any(plateaued(curve[:j], tol) for j in range(1, done)), (k, curve)
+        if done < limit:
+            stopped_early += 1
+            assert plateaued(curve, tol), (k, curve)
+    assert stopped_early >= 1  # the toy's slots converge within a few power steps
+    fixed = train_steering_vectors(
+        model,
+        prompts,
+        MelboConfig(SRC, TGT, n_vectors=4, radius=R, seed=3, slot_tol=0),
+        progress=False,
+    )
+    assert (fixed.record("steps_done") == torch.tensor(limits)).all()
+    # the first slot converged: stopping early loses nothing there
+    assert float(sv.record("objective")[0]) >= 0.999 * float(fixed.record("objective")[0])
+
+
+def test_an_early_stopped_run_resumes_bit_exactly(threshold_planted, tmp_path):
+    model, _, prompts = threshold_planted
+    cfg = MelboConfig(SRC, TGT, n_vectors=3, radius=R, seed=1)
+    whole = train_steering_vectors(model, prompts, cfg, progress=False)
+    first = int(whole.record("steps_done")[0])
+    assert first < cfg.loop_steps()  # slot 0 stopped on its plateau
+    calls = []
+
+    def stop_after_some(state):  # Ctrl-C on the very step where slot 0 plateaus
+        calls.append(state.step)
+        return len(calls) < first
+
+    path = tmp_path / "run.safetensors"
+    part = train_steering_vectors(
+        model, prompts, cfg, progress=False, callback=stop_after_some, checkpoint=path
+    )
+    assert part.metadata["interrupted"]
+    resumed = train_steering_vectors(
+        model, prompts, cfg, progress=False, resume=str(path), checkpoint=path
+    )
+    torch.testing.assert_close(resumed.vectors, whole.vectors, rtol=0, atol=0)
+    assert torch.equal(resumed.record("steps_done"), whole.record("steps_done"))
+    torch.testing.assert_close(
+        resumed.record("losses").nan_to_num(-1),
+        whole.record("losses").nan_to_num(-1),
+        rtol=0,
+        atol=0,
+    )
+
+
+def test_plateau_rule_at_its_boundary():
+    """Rises of exactly tol·best over 2 steps stop; just above do not; a drop below an
+    earlier best counts from that best (the power step's rejected points)."""
+    from melbo_lens.methods.training.spec import plateaued
+
+    tol = 1e-3
+    base = 1000.0
+    assert plateaued(torch.tensor([1.0, base, base + 0.5, base + 1.0]), tol)  # 1.0 <= 1.001
+    assert not plateaued(torch.tensor([1.0, base, base + 0.7, base + 1.4]), tol)  # 1.4 > 1.0014
+    assert not plateaued(torch.tensor([1.0, base, base + 1.0, base + 2.5]), tol)
+    # a rejected point (lower) after the best: the best has not moved over 2 steps
+    assert plateaued(torch.tensor([1.0, base, base - 50.0, base - 10.0]), tol)
+    # climbing back below the earlier best is still the same plateau
+    assert plateaued(torch.tensor([base + 10, base, base + 1, base + 5]), tol)
+    # but a curve that jumps over 2 steps is not on a plateau even if it fell last
+    assert not plateaued(torch.tensor([1.0, 500.0, base, base - 10.0]), tol)
+    assert not plateaued(torch.tensor([base, base]), tol)  # needs span + 1 points
+    assert not plateaued(torch.tensor([base, base, base]), 0.0)  # tol 0: never

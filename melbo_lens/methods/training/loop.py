@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,17 +27,15 @@ from melbo_lens.core.io import OutputExists, exclusive_lock
 from melbo_lens.core.memory import pass_memory, rows_per_pass
 from melbo_lens.core.prompts import PromptSet
 from melbo_lens.core.segment import Segment
-from melbo_lens.methods.training.family import Callback, Family, Params
+from melbo_lens.methods.training.family import Callback, Family
 from melbo_lens.methods.training.group import Group
 from melbo_lens.methods.training.health import (
     check_finite,
-    member_problems,
-    raise_problems,
 )
+from melbo_lens.methods.training.phase import Phase, close_phase, open_group
 from melbo_lens.methods.training.resume import check_resumable, finished, start_record
-from melbo_lens.methods.training.spec import LoopSpec, groups_of, phases, plateaued
-from melbo_lens.methods.training.step import backward, objective_of
-from melbo_lens.methods.training.window import Window, member_basis, new_group
+from melbo_lens.methods.training.spec import LoopSpec, groups_of, phases
+from melbo_lens.methods.training.window import Window
 from melbo_lens.perturbations.artifact import describe_artifact
 
 __all__ = ["train"]
@@ -114,53 +111,6 @@ def _run(model: Any, prompts: PromptSet, family: Family, resume: Any | None, run
     return _loop(model, prompts, family, prior, run)
 
 
-def _open_group(
-    family: Family,
-    spec: LoopSpec,
-    store: Params,
-    indices: list[int],
-    window: Window | None,
-    resume_state: dict[str, Tensor],
-    first: int,
-) -> Group:
-    """The group that trains `indices` (a window's candidates for slot indices[0]),
-    orthogonal to the members before it under `sequential`, with the resumed state."""
-    device = next(iter(store.values())).device
-    basis = None
-    if spec.orthogonal == "sequential" and indices[0] > 0:
-        basis = member_basis(family.directions({n: v[: indices[0]] for n, v in store.items()}))
-    if window is not None:
-        group = window.group(basis)
-    else:
-        group = new_group(family, spec, family.init(indices, device), basis)
-    if resume_state:
-        state = {k: v.to(device) for k, v in resume_state.items()}
-        if window is not None:
-            window.load(group, state)
-        elif first > 0:
-            group.load_state_dict(state)
-    return group
-
-
-def _close_phase(
-    segment: Segment,
-    spec: LoopSpec,
-    group: Group,
-    window: Window | None,
-    store: Params,
-    indices: list[int],
-) -> Tensor:
-    """Write the phase's members into `store` (a window: its best candidate, then refill);
-    returns their objective."""
-    if window is not None:
-        return window.accept(segment, group, store, indices[0], indices[0] == spec.n - 1)
-    final = group.result()
-    for n, v in final.items():
-        store[n][indices] = v
-    with torch.no_grad():
-        return objective_of(segment, group.family.target(segment, final), spec)
-
-
 def _metadata(
     family: Family, spec: LoopSpec, segment: Segment, model: Any, rows: int
 ) -> dict[str, Any]:
@@ -210,7 +160,12 @@ def _loop(model: Any, prompts: PromptSet, family: Family, prior: Any | None, run
 
     total = sum(len(i) * n for i, n in plan)
     bar = tqdm(total=total, disable=not run.progress, desc=f"{family.noun}s", unit="step")
-    bar.update(sum(int(steps_done[i].sum()) for i, _ in plan))
+    bar.update(  # a finished phase counts in full (a window's slot may have stopped early)
+        sum(
+            len(i) * n if bool((~torch.isnan(objective[i])).all()) else int(steps_done[i].sum())
+            for i, n in plan
+        )
+    )
     start_time = time.perf_counter()
     window = Window(family, spec, device) if spec.windowed else None
     group: Group | None = None
@@ -225,7 +180,7 @@ def _loop(model: Any, prompts: PromptSet, family: Family, prior: Any | None, run
         assert run.checkpoint is not None
         artifact(state, elapsed + time.perf_counter() - start_time).save(run.checkpoint)
 
-    phase = _Phase(family, spec, segment, store, record, run, bar, max_rows, window)
+    phase = Phase(family, spec, segment, store, record, run, bar, max_rows, window)
     with frozen(model):  # only the perturbation gets gradients; flags restored on exit
         try:
             for indices, n_steps in plan:
@@ -233,10 +188,10 @@ def _loop(model: Any, prompts: PromptSet, family: Family, prior: Any | None, run
                     continue
                 if group is None or window is None:
                     first = int(steps_done[indices[0]])
-                    group = _open_group(family, spec, store, indices, window, resume_state, first)
+                    group = open_group(family, spec, store, indices, window, resume_state, first)
                     resume_state = {}
                 phase.run(group, indices, n_steps, lambda: save(group_state()))
-                objective[indices] = _close_phase(segment, spec, group, window, store, indices)
+                objective[indices] = close_phase(segment, spec, group, window, store, indices)
                 if window is not None:
                     meta["starts_used"] = window.next
                 check_finite(objective[:, None], indices, 1, 0, family.noun)
@@ -258,55 +213,3 @@ def _loop(model: Any, prompts: PromptSet, family: Family, prior: Any | None, run
     if run.checkpoint:
         result.save(run.checkpoint)
     return result
-
-
-@dataclass
-class _Phase:
-    """The steps of one phase: members `indices` (a window's slot) for up to `n_steps`."""
-
-    family: Family
-    spec: LoopSpec
-    segment: Segment
-    store: Params
-    record: dict[str, Tensor]
-    how: _Run
-    bar: Any
-    max_rows: int | None
-    window: Window | None
-
-    def run_step(self, group: Group, indices: list[int], step: int, labels: list[str]) -> Tensor:
-        """One step: gradients, the solver's update, the health check and the record."""
-        group.zero_grad()
-        obj = backward(self.segment, group, self.spec, self.max_rows)
-        grads = {n: p.grad for n, p in group.params.items() if p.grad is not None}
-        group.update(obj)
-        codes = member_problems(obj, grads, self.family.directions(group.detached()))
-        if bool(codes.any()):  # the one host sync of the check
-            raise_problems(codes, labels, step)
-        # a window records its best candidate (the slot's value so far)
-        kept = [int(torch.argmax(obj))] if self.window else slice(None)
-        self.record["losses"][indices, step] = obj[kept]
-        self.record["steps_done"][indices] = step + 1
-        for n, p in group.params.items():
-            self.store[n][indices] = p.detach()[kept]
-        return obj
-
-    def run(self, group: Group, indices: list[int], n_steps: int, save: Callable[[], None]) -> None:
-        """Steps from where the record stands to `n_steps`, or until the window's slot
-        stops improving (`plateaued`)."""
-        family, run, window = self.family, self.how, self.window
-        labels = window.labels(indices[0]) if window else [f"{family.noun} {i}" for i in indices]
-        for step in range(int(self.record["steps_done"][indices[0]]), n_steps):
-            obj = self.run_step(group, indices, step, labels)
-            self.bar.update(len(indices))
-            if run.progress and ((step + 1) % 10 == 0 or step + 1 == n_steps):
-                self.bar.set_postfix(objective=f"{float(obj.mean()):.4g}")
-            if run.callback is not None:
-                if run.callback(family.state(step, indices, obj, group.detached())) is False:
-                    raise KeyboardInterrupt
-            curve = self.record["losses"][indices[0], : step + 1]
-            if window is not None and plateaued(curve, self.spec.slot_tol):
-                self.bar.update(n_steps - step - 1)
-                return
-            if run.checkpoint and (step + 1) % run.checkpoint_every == 0 and step + 1 < n_steps:
-                save()
