@@ -1,3 +1,6 @@
+# pyright: strict, reportUnknownMemberType=false, reportUnknownVariableType=false
+# pyright: reportUnknownArgumentType=false, reportUnnecessaryIsInstance=false
+# pyright: reportUnnecessaryComparison=false
 """Value checks used at every public boundary (one place for each)."""
 
 from __future__ import annotations

@@ -1,3 +1,6 @@
+# pyright: strict, reportUnknownMemberType=false, reportUnknownVariableType=false
+# pyright: reportUnknownArgumentType=false, reportUnnecessaryIsInstance=false
+# pyright: reportUnnecessaryComparison=false
 """A host is the model object melbo_lens runs: what it can do, asked in one place.
 
 melbo_lens runs on TransformerLens's `HookedTransformer` (primary) and on its successor
@@ -13,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import warnings
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from typing import Any, Protocol
 
 __all__ = [
@@ -102,7 +105,7 @@ def post_norm(model: Any) -> bool:
 
 
 @contextlib.contextmanager
-def frozen(model: Any) -> Iterator[None]:
+def frozen(model: Any) -> Generator[None, None, None]:
     """No weight gradients inside (only the perturbation is trained); restores each
     parameter's flag on exit, also when the body raises."""
     flags = [(p, p.requires_grad) for p in model.parameters()]
@@ -116,7 +119,7 @@ def frozen(model: Any) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def hooked_transformer_is_the_host() -> Iterator[None]:
+def hooked_transformer_is_the_host() -> Generator[None, None, None]:
     """Silence TransformerLens 3's deprecation notice for HookedTransformer, melbo_lens's
     primary host; ``load_model(..., bridge=True)`` gives the successor API."""
     with warnings.catch_warnings():

@@ -1,3 +1,6 @@
+# pyright: strict, reportUnknownMemberType=false, reportUnknownVariableType=false
+# pyright: reportUnknownArgumentType=false, reportUnnecessaryIsInstance=false
+# pyright: reportUnnecessaryComparison=false
 """Atomic I/O: every file melbo_lens writes appears whole or not at all.
 
 A write goes to a temporary file in the target's folder, is flushed to disk, and is then
@@ -17,7 +20,7 @@ import socket
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -133,7 +136,7 @@ def _lock_file(path: Path) -> Path:
 
 
 @contextmanager
-def exclusive_lock(path: str | os.PathLike[str]) -> Iterator[Path]:
+def exclusive_lock(path: str | os.PathLike[str]) -> Generator[Path, None, None]:
     """Hold an exclusive lock on output `path` (a file or folder) while the block runs.
 
     The lock is a file `.NAME.lock` beside `path`, created atomically (O_EXCL) with the

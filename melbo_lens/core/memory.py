@@ -1,3 +1,6 @@
+# pyright: strict, reportUnknownMemberType=false, reportUnknownVariableType=false
+# pyright: reportUnknownArgumentType=false, reportUnnecessaryIsInstance=false
+# pyright: reportUnnecessaryComparison=false
 """Memory: how much a training pass needs, how much the device has, how to split.
 
 A training step runs rows = members × prompts copies of the segment (source -> target

@@ -1,3 +1,6 @@
+# pyright: strict, reportUnknownMemberType=false, reportUnknownVariableType=false
+# pyright: reportUnknownArgumentType=false, reportUnnecessaryIsInstance=false
+# pyright: reportUnnecessaryComparison=false
 """Outlier-norm positions: tokens whose residual norm dwarfs the rest of their prompt.
 
 Llama-style models park a huge activation on the first token (the "attention sink"):

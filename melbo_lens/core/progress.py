@@ -1,3 +1,6 @@
+# pyright: strict, reportUnknownMemberType=false, reportUnknownVariableType=false
+# pyright: reportUnknownArgumentType=false, reportUnnecessaryIsInstance=false
+# pyright: reportUnnecessaryComparison=false
 """Progress lines: the one path by which long jobs (the defaults' choices, the radius
 search, analyses, sweeps) report what they are doing.
 

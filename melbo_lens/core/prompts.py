@@ -1,3 +1,6 @@
+# pyright: strict, reportUnknownMemberType=false, reportUnknownVariableType=false
+# pyright: reportUnknownArgumentType=false, reportUnnecessaryIsInstance=false
+# pyright: reportUnnecessaryComparison=false
 """A prompt set is a padded batch of prompts together with the positions that count.
 
 MELBO's objective sums, for each prompt i, over a set of target positions I_i. A
@@ -344,7 +347,7 @@ class PromptSet:
 
     def left_padded(self, pad_token_id: int = 0) -> tuple[Tensor, Tensor]:
         """Tokens and attention mask re-padded on the left (for batched generation)."""
-        n, length = self.tokens.shape
+        length = self.tokens.shape[1]
         lengths = self.lengths
         shift = (length - lengths)[:, None]
         src = (torch.arange(length, device=self.tokens.device)[None] - shift) % length

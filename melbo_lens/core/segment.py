@@ -1,3 +1,6 @@
+# pyright: strict, reportUnknownMemberType=false, reportUnknownVariableType=false
+# pyright: reportUnknownArgumentType=false, reportUnnecessaryIsInstance=false
+# pyright: reportUnnecessaryComparison=false
 """A segment is the part of a model between a source site and a later target site.
 
 MELBO adds a vector θ at the source and measures the change at the target. Nothing

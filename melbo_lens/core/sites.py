@@ -1,3 +1,6 @@
+# pyright: strict, reportUnknownMemberType=false, reportUnknownVariableType=false
+# pyright: reportUnknownArgumentType=false, reportUnnecessaryIsInstance=false
+# pyright: reportUnnecessaryComparison=false
 """A hook site is one named place in a transformer's residual computation.
 
 Every tool in melbo_lens talks about *where* in the model something happens through a

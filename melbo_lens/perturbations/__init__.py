@@ -1,3 +1,6 @@
+# pyright: strict, reportUnknownMemberType=false, reportUnknownVariableType=false
+# pyright: reportUnknownArgumentType=false, reportUnnecessaryIsInstance=false
+# pyright: reportUnnecessaryComparison=false
 """Perturbations: everything that changes a forward pass through hooks, member by member
 (steering vectors, steering adapters, directional ablation and clamping, arithmetic).
 
@@ -5,4 +8,7 @@
 registers every artifact format with `load_artifact`.
 """
 
-from melbo_lens.perturbations import adapters, vectors  # noqa: F401  (format registry)
+from melbo_lens.perturbations import (  # noqa: F401  (format registry)
+    adapters,  # pyright: ignore[reportUnusedImport]
+    vectors,  # pyright: ignore[reportUnusedImport]
+)

@@ -1,3 +1,6 @@
+# pyright: strict, reportUnknownMemberType=false, reportUnknownVariableType=false
+# pyright: reportUnknownArgumentType=false, reportUnnecessaryIsInstance=false
+# pyright: reportUnnecessaryComparison=false
 """Steering adapters: each member edits one MLP's output weights by a low-rank matrix.
 
 A steering adapter on block L is a rank-r change of that block's MLP output weights,
@@ -21,7 +24,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -151,7 +154,7 @@ def adapt(
     omega_b: Float[Tensor, "*g d_model r"],
     *,
     scale: float = 1.0,
-) -> Iterator[Any]:
+) -> Generator[Any, None, None]:
     """Apply an adapter (or one per group of batch rows) inside the block.
 
     `scale` is the whole multiplier s (an artifact passes radius × its own scale). The
@@ -254,7 +257,7 @@ class SteeringAdapters(ArtifactRows):
     @contextmanager
     def apply(
         self, model: Any, index: int | Sequence[int] = 0, *, scale: float = 1.0
-    ) -> Iterator[Any]:
+    ) -> Generator[Any, None, None]:
         """Adapt `model` with adapter `index`; a list gives adapter j to the j-th block of
         batch rows (one adapter per row when the list is as long as the batch).
 

@@ -1,3 +1,6 @@
+# pyright: strict, reportUnknownMemberType=false, reportUnknownVariableType=false
+# pyright: reportUnknownArgumentType=false, reportUnnecessaryIsInstance=false
+# pyright: reportUnnecessaryComparison=false
 """Vector arithmetic: sums and differences of steering vectors, and strength sweeps.
 
 `add_vectors` / `subtract_vectors` combine steering vectors (or a vector and a raw

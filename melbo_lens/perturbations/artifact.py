@@ -1,3 +1,6 @@
+# pyright: strict, reportUnknownMemberType=false, reportUnknownVariableType=false
+# pyright: reportUnknownArgumentType=false, reportUnnecessaryIsInstance=false
+# pyright: reportUnnecessaryComparison=false
 """An artifact is a perturbation together with everything needed to trust and reuse it.
 
 Steering vectors and adapters are lists of members (one row per vector or adapter) that
@@ -252,7 +255,7 @@ def load_artifact(path: str | os.PathLike[str]) -> Any:
         >>> isinstance(art, SteeringAdapters)  # doctest: +SKIP
         True
     """
-    import melbo_lens.perturbations  # noqa: F401  (registers every artifact class)
+    import melbo_lens.perturbations  # noqa: F401  # pyright: ignore[reportUnusedImport]  (registers every artifact class)
 
     fmt = file_format(path)
     if fmt not in _FORMATS:

@@ -1,3 +1,6 @@
+# pyright: strict, reportUnknownMemberType=false, reportUnknownVariableType=false
+# pyright: reportUnknownArgumentType=false, reportUnnecessaryIsInstance=false
+# pyright: reportUnnecessaryComparison=false
 """A perturbation is anything that changes a forward pass through hooks, member by member.
 
 A perturbation is a list of *members* (one vector, one adapter, ...) at one site.
@@ -17,7 +20,7 @@ len - 1; a negative or too large index is an error, never wrapped.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Sequence
 from contextlib import contextmanager
 from typing import Any, Protocol, runtime_checkable
 
@@ -86,7 +89,7 @@ def pick_members(table: Tensor, members: Tensor) -> Tensor:
 @contextmanager
 def apply(
     model: Any, perturbation: Perturbation, index: Rows = 0, *, scale: float = 1.0
-) -> Iterator[Any]:
+) -> Generator[Any, None, None]:
     """Apply member `index` of `perturbation` (or one member per block of batch rows for
     a list) inside the block; the hooks are removed on exit, also when the body raises.
 

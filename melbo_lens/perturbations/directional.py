@@ -1,3 +1,6 @@
+# pyright: strict, reportUnknownMemberType=false, reportUnknownVariableType=false
+# pyright: reportUnknownArgumentType=false, reportUnnecessaryIsInstance=false
+# pyright: reportUnnecessaryComparison=false
 """An intervention edits what a model computes along a direction of its residual stream.
 
 A direction r in the residual stream (a steering vector, a refusal direction, a probe
@@ -35,7 +38,7 @@ unless r itself has zero mean; LNPre centres its input anyway, so outputs are un
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -236,7 +239,7 @@ def _edit_hook(basis: Tensor, on: Tensor, value: Tensor | None, scale: float, pe
 @contextmanager
 def ablate_direction(
     model: Any, direction: Directions, *, sites: SiteLike | Sequence[SiteLike] | None = None
-) -> Iterator[Any]:
+) -> Generator[Any, None, None]:
     """Project `direction` (or the span of several) out of the residual stream.
 
     With `sites=None` the projection runs at every `resid_pre`, `resid_mid` and
@@ -330,7 +333,7 @@ def clamp_direction(
     value: float | Tensor,
     *,
     sites: SiteLike | Sequence[SiteLike],
-) -> Iterator[Any]:
+) -> Generator[Any, None, None]:
     """Set the projection x·r̂ to `value` at `sites`: x <- x + (value - x·r̂) r̂.
 
     `value` is a number or a tensor broadcasting to [batch, pos]. Hooks are removed on

@@ -1,3 +1,6 @@
+# pyright: strict, reportUnknownMemberType=false, reportUnknownVariableType=false
+# pyright: reportUnknownArgumentType=false, reportUnnecessaryIsInstance=false
+# pyright: reportUnnecessaryComparison=false
 """Vectors in and out of other tools: steering-vectors, repeng and llama.cpp.
 
 Layer indexing. steering-vectors (`layer_type="decoder_block"`), repeng
@@ -90,7 +93,7 @@ def to_steering_vector(vectors: SteeringVectors | LayerVectors, index: int | Non
 
     Needs the `steering-vectors` package (`pip install --no-deps steering-vectors`).
     """
-    from steering_vectors import SteeringVector
+    from steering_vectors import SteeringVector  # pyright: ignore[reportMissingTypeStubs]
 
     layers, stack = _one(vectors, index)
     acts = {layer: stack[i].clone() for i, layer in enumerate(layers)}
@@ -159,11 +162,11 @@ def export_control_vector(
 def import_control_vector(source: str | os.PathLike[str] | Any) -> LayerVectors:
     """A llama.cpp / repeng control vector (a GGUF path, or a repeng `ControlVector`) as
     one `LayerVectors` member. `metadata["model_hint"]` keeps the file's model hint."""
-    if hasattr(source, "directions"):  # a repeng ControlVector
+    if isinstance(source, str | os.PathLike):
+        directions, hint = _read_gguf(Path(source))
+    else:  # a repeng ControlVector
         directions = {int(k): np.asarray(v) for k, v in source.directions.items()}
         hint = getattr(source, "model_type", None)
-    else:
-        directions, hint = _read_gguf(Path(source))
     if not directions:
         raise ValueError(f"{source} holds no direction.{{layer}} tensors")
     layers = sorted(directions)

@@ -1,3 +1,6 @@
+# pyright: strict, reportUnknownMemberType=false, reportUnknownVariableType=false
+# pyright: reportUnknownArgumentType=false, reportUnnecessaryIsInstance=false
+# pyright: reportUnnecessaryComparison=false
 """Layer vectors: one steering vector per layer, added to each layer's output together.
 
 This is what other steering libraries hold: a repeng `ControlVector` or llama.cpp
@@ -11,7 +14,7 @@ take it. `at(layer)` is the slice at one layer as `SteeringVectors`.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -109,7 +112,9 @@ class LayerVectors:
         return out
 
     @contextmanager
-    def apply(self, model: Any, index: Rows = 0, *, scale: float = 1.0) -> Iterator[Any]:
+    def apply(
+        self, model: Any, index: Rows = 0, *, scale: float = 1.0
+    ) -> Generator[Any, None, None]:
         """Steer `model` with member `index` at every layer; hooks removed on exit."""
         with apply(model, self, index, scale=scale) as m:
             yield m

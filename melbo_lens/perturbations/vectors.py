@@ -1,3 +1,6 @@
+# pyright: strict, reportUnknownMemberType=false, reportUnknownVariableType=false
+# pyright: reportUnknownArgumentType=false, reportUnnecessaryIsInstance=false
+# pyright: reportUnnecessaryComparison=false
 """Steering vectors: one vector per member, added to the residual stream at one site.
 
 `steer()` is a context manager: inside it, every forward pass of the model adds
@@ -16,7 +19,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -72,7 +75,7 @@ def steer(
     vectors: Float[Tensor, "*rows d_model"],
     *,
     scale: float = 1.0,
-) -> Iterator[Any]:
+) -> Generator[Any, None, None]:
     """Add `scale * vectors` at `site` during forward passes inside the block.
 
     Examples:
@@ -138,7 +141,7 @@ class SteeringVectors(ArtifactRows):
     @contextmanager
     def apply(
         self, model: Any, index: int | Sequence[int] = 0, *, scale: float = 1.0
-    ) -> Iterator[Any]:
+    ) -> Generator[Any, None, None]:
         """Steer `model` with vector `index` (or one vector per batch row for a list).
 
         Examples:
@@ -194,7 +197,7 @@ class SteeringVectors(ArtifactRows):
 
 
 def _check_consistent(
-    path: Any, site: HookSite, vectors: Tensor, method: str, config: dict
+    path: Any, site: HookSite, vectors: Tensor, method: str, config: dict[str, Any]
 ) -> None:
     """A file whose metadata contradicts itself (edited by hand, or stitched from two runs)
     is refused: the config's source must be the site the vectors are added at, and MELBO or
