@@ -20,7 +20,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from melbo_lens.core.checks import is_int, is_positive
-from melbo_lens.core.host import supports_kv_cache
+from melbo_lens.core.host import Host, supports_kv_cache
 from melbo_lens.core.prompts import PromptSet
 from melbo_lens.core.sites import HookSite, as_site
 from melbo_lens.perturbations.adapters import SteeringAdapters
@@ -75,7 +75,7 @@ def _short(text: str, width: int) -> str:
 
 @torch.no_grad()
 def generate_tokens(
-    model: Any,
+    model: Host,
     site: HookSite | None,
     row_vectors: Float[Tensor, "rows d_model"] | None,
     tokens: Tensor,
@@ -147,7 +147,7 @@ def _pick(
 
 
 def _generate_grid(
-    model: Any,
+    model: Host,
     ps: PromptSet,
     n_groups: int,
     hooks_for: Callable[[Tensor], list[tuple[str, Any]]],
@@ -198,7 +198,7 @@ def _generate_grid(
 
 
 def generate(
-    model: Any,
+    model: Host,
     perturbation: Perturbation | None,
     prompts: PromptSet | str | Sequence[Any],
     *,
@@ -313,7 +313,7 @@ def _check_decoding(
 
 
 def generate_steered(
-    model: Any,
+    model: Host,
     vectors: SteeringVectors,
     prompts: PromptSet | str | Sequence[Any],
     *,
@@ -334,7 +334,7 @@ def generate_steered(
 
 
 def generate_with_adapters(
-    model: Any,
+    model: Host,
     adapters: SteeringAdapters,
     prompts: PromptSet | str | Sequence[Any],
     **kwargs: Any,

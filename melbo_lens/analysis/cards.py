@@ -30,6 +30,7 @@ from torch import Tensor
 
 from melbo_lens.analysis.corpus import Corpus, load_corpus
 from melbo_lens.analysis.streaming import Context, TopScores, windows_of
+from melbo_lens.core.host import Host
 from melbo_lens.core.segment import run_to_site
 from melbo_lens.core.sites import mlp_hidden_name
 from melbo_lens.generation import SteeredGenerations, generate
@@ -92,7 +93,7 @@ def _source_scores(perturbation: Any, indices: list[int]) -> tuple[str, Any] | N
 
 
 def vector_cards(
-    model: Any,
+    model: Host,
     perturbation: Perturbation,
     corpus: Corpus | str | Sequence[str] = "melbo-chat-prose",
     *,
@@ -198,7 +199,7 @@ def _contexts(model, corpus, tok, scorer, cards, context_tokens, ctx, k) -> None
             card.contexts.append(asdict(Context(show[:10], show[10], show[11:], float(v))))
 
 
-def _effects(model: Any, perturbation: Any, rows: Tensor, cards: list, sae: Any, k: int) -> None:
+def _effects(model: Host, perturbation: Any, rows: Tensor, cards: list, sae: Any, k: int) -> None:
     dev = next(iter(model.parameters())).device
     rows = rows.to(dev)
     sae_hook = None

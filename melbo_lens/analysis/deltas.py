@@ -12,12 +12,12 @@ on copy j. It is exact for every kind (vectors, adapters, ablations, clamps).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from melbo_lens.core.host import Host
 from melbo_lens.core.prompts import PromptSet
 from melbo_lens.core.segment import run_to_site
 from melbo_lens.core.sites import HookSite, as_site, require_hook
@@ -29,7 +29,7 @@ __all__ = ["perturbation_targets", "perturbation_objectives", "perturbation_delt
 
 @torch.no_grad()
 def perturbation_targets(
-    model: Any,
+    model: Host,
     perturbation: Perturbation,
     prompts: PromptSet,
     target: HookSite | str | int,
@@ -60,7 +60,7 @@ def perturbation_targets(
 
 
 def perturbation_objectives(
-    model: Any,
+    model: Host,
     perturbation: Perturbation,
     prompts: PromptSet,
     target: HookSite | str | int,
@@ -82,7 +82,7 @@ def perturbation_objectives(
 
 
 def perturbation_deltas(
-    model: Any,
+    model: Host,
     perturbation: Perturbation,
     prompts: PromptSet,
     target: HookSite | str | int,

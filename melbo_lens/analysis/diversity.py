@@ -37,6 +37,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from melbo_lens.core.host import Host
 from melbo_lens.core.prompts import PromptSet
 
 __all__ = [
@@ -239,7 +240,7 @@ def repetition_score(text_or_tokens: str | Sequence[int] | Sequence[str], n: int
 
 
 # ------------------------------------------------------------------------- fluency
-def _prompt_tokens(model: Any, prompts: PromptSet | str | Sequence[str]) -> list[list[int]]:
+def _prompt_tokens(model: Host, prompts: PromptSet | str | Sequence[str]) -> list[list[int]]:
     if isinstance(prompts, PromptSet):
         return prompts.token_lists()
     if isinstance(prompts, str):
@@ -247,7 +248,7 @@ def _prompt_tokens(model: Any, prompts: PromptSet | str | Sequence[str]) -> list
     return PromptSet.from_texts(model, list(prompts)).token_lists()
 
 
-def _completion_tokens(model: Any, completion: str | Sequence[int]) -> list[int]:
+def _completion_tokens(model: Host, completion: str | Sequence[int]) -> list[int]:
     if isinstance(completion, str):
         tokenizer = getattr(model, "tokenizer", None)
         if tokenizer is None:
@@ -260,7 +261,7 @@ def _completion_tokens(model: Any, completion: str | Sequence[int]) -> list[int]
 
 @torch.no_grad()
 def fluency(
-    model: Any,
+    model: Host,
     prompts: PromptSet | str | Sequence[str],
     completions: Sequence[str] | Sequence[Sequence[int]],
     *,
@@ -309,7 +310,7 @@ def fluency(
     return out
 
 
-def _device(model: Any) -> torch.device:
+def _device(model: Host) -> torch.device:
     try:
         return next(model.parameters()).device
     except (AttributeError, StopIteration, TypeError):

@@ -29,6 +29,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from melbo_lens.analysis.deltas import perturbation_deltas
+from melbo_lens.core.host import Host
 from melbo_lens.core.prompts import PromptSet
 from melbo_lens.core.segment import Segment
 from melbo_lens.core.sites import HookSite, as_site
@@ -178,7 +179,7 @@ def cosine_matrix(a: VectorSet, b: VectorSet | None = None) -> CosineMatrix:
 
 
 def _deltas(
-    model: Any, vectors: VectorSet, prompts: PromptSet, target: HookSite, site: HookSite | None
+    model: Host, vectors: VectorSet, prompts: PromptSet, target: HookSite, site: HookSite | None
 ) -> Float[Tensor, "n flat"]:
     """Target-layer deltas of each vector, at the prompts' target positions, flattened."""
     if isinstance(vectors, Perturbation) and not isinstance(vectors, SteeringVectors):
@@ -202,7 +203,7 @@ def _deltas(
 
 
 def delta_similarity(
-    model: Any,
+    model: Host,
     prompts: PromptSet,
     a: VectorSet,
     b: VectorSet | None = None,
@@ -417,7 +418,7 @@ def compare_vectors(
     a: VectorSet,
     b: VectorSet,
     *,
-    model: Any = None,
+    model: Host | None = None,
     prompts: PromptSet | None = None,
     target: HookSite | str | int | None = None,
     labels: tuple[str, str] | None = None,

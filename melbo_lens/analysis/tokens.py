@@ -27,6 +27,7 @@ import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
+from melbo_lens.core.host import Host
 from melbo_lens.core.prompts import PromptSet
 from melbo_lens.core.segment import run_to_site
 from melbo_lens.core.sites import HookSite, as_site, require_hook
@@ -160,7 +161,7 @@ class TokenActivations:
 
 
 # ---------------------------------------------------------------------- tokens
-def _tokenizer(model: Any) -> Any:
+def _tokenizer(model: Host) -> Any:
     tok = getattr(model, "tokenizer", None)
     if tok is None:
         raise ValueError(
@@ -170,7 +171,7 @@ def _tokenizer(model: Any) -> Any:
     return tok
 
 
-def token_ids(model: Any, text: Text, prepend_bos: bool | None) -> tuple[list[int], int]:
+def token_ids(model: Host, text: Text, prepend_bos: bool | None) -> tuple[list[int], int]:
     """Token ids of prompt + completion and the number of prompt tokens.
 
     The prompt is tokenized as `PromptSet.from_texts` does (BOS per the model's
@@ -193,7 +194,7 @@ def token_ids(model: Any, text: Text, prepend_bos: bool | None) -> tuple[list[in
     return ids, n_prompt
 
 
-def _str_tokens(model: Any, ids: Sequence[int]) -> list[str]:
+def _str_tokens(model: Host, ids: Sequence[int]) -> list[str]:
     tok = _tokenizer(model)
     return [tok.decode([int(i)]) for i in ids]
 
@@ -238,7 +239,7 @@ def _masked_hook(vectors: Float[Tensor, "rows d_model"], mask: Bool[Tensor, "row
 
 
 def _run_rows(
-    model: Any,
+    model: Host,
     source: HookSite,
     target: HookSite,
     ps: PromptSet,
@@ -252,7 +253,7 @@ def _run_rows(
 
 
 def token_delta_norms(
-    model: Any,
+    model: Host,
     vectors: SteeringVectors | Perturbation,
     texts_or_generations: SteeredGenerations | Text | Sequence[Text],
     *,
@@ -381,7 +382,7 @@ def _vector_label(vectors: Any, index: int) -> str:
 
 # ---------------------------------------------------------------------- SAE features
 def feature_token_activations(
-    model: Any,
+    model: Host,
     vectors: SteeringVectors,
     index: int,
     sae: Any,
@@ -462,7 +463,7 @@ def _context(tokens: list[str], pos: int, width: int) -> str:
 
 
 def top_activating_tokens(
-    model: Any,
+    model: Host,
     sae: Any,
     texts: Sequence[str],
     features: Sequence[int],

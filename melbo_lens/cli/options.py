@@ -15,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
+from melbo_lens.core.host import Host
 from melbo_lens.core.prompts import POSITION_SPECS, bundled_prompts, parse_positions
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -143,7 +144,7 @@ def site_or_auto(value: str, default_point: str):
     return None if value == "auto" else parse_site_option(value, default_point)
 
 
-def sites_option(args: argparse.Namespace, model: Any, source_point: str = "resid_post"):
+def sites_option(args: argparse.Namespace, model: Host, source_point: str = "resid_post"):
     """(source, target) from --source / --target, 'auto' resolved by depth for `model`."""
     from melbo_lens.core.host import n_layers_of
     from melbo_lens.methods.defaults import default_sites
@@ -213,7 +214,7 @@ def target_positions_option(spec: str):
         raise CliError(f"--target-positions {err}") from None
 
 
-def prompt_set(model: Any, prompts: list[Any], chat: bool, target_spec: str):
+def prompt_set(model: Host, prompts: list[Any], chat: bool, target_spec: str):
     from melbo_lens.core.prompts import PromptSet
 
     positions = target_positions_option(target_spec)

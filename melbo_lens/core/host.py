@@ -34,7 +34,11 @@ __all__ = [
 
 class Host(Protocol):
     """What melbo_lens needs of a model: a TransformerLens config, hook points, a
-    `hooks()` context manager, and a forward pass that takes tokens."""
+    `hooks()` context manager, a forward pass that takes tokens, the tokenizer and the
+    embedding / unembedding matrices. `HookedTransformer` and `TransformerBridge` (and
+    sae-lens's `HookedSAETransformer`) satisfy it; public functions take `Host`. Modules
+    (`blocks`, `embed`) are reached only where a HookedTransformer is required, since a
+    TransformerBridge forwards them dynamically."""
 
     cfg: Any
 
@@ -42,10 +46,21 @@ class Host(Protocol):
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any: ...
 
+    def forward(self, *args: Any, **kwargs: Any) -> Any: ...
+
     def parameters(self) -> Iterator[Any]: ...
 
+    @property
+    def tokenizer(self) -> Any: ...
 
-def check_no_attached_saes(model: Any) -> None:
+    @property
+    def W_U(self) -> Any: ...  # noqa: N802 (TransformerLens's name)
+
+    @property
+    def W_E(self) -> Any: ...  # noqa: N802
+
+
+def check_no_attached_saes(model: Host) -> None:
     """Refuse a sae-lens `HookedSAETransformer` with SAEs attached: an attached SAE
     replaces the hook point it sits on, and every activation after it is the SAE's
     reconstruction, so vectors would be trained and measured on another model."""
@@ -60,15 +75,15 @@ def check_no_attached_saes(model: Any) -> None:
         )
 
 
-def n_layers_of(model: Any) -> int:
+def n_layers_of(model: Host) -> int:
     return int(model.cfg.n_layers)
 
 
-def d_model_of(model: Any) -> int:
+def d_model_of(model: Host) -> int:
     return int(model.cfg.d_model)
 
 
-def supports_layer_slicing(model: Any) -> bool:
+def supports_layer_slicing(model: Host) -> bool:
     """HookedTransformer runs a slice of blocks from a residual (`start_at_layer`).
 
     TransformerBridge accepts the keyword but raises NotImplementedError, so this is a
@@ -79,7 +94,7 @@ def supports_layer_slicing(model: Any) -> bool:
     return isinstance(model, HookedTransformer)
 
 
-def supports_kv_cache(model: Any) -> bool:
+def supports_kv_cache(model: Host) -> bool:
     """The forward pass takes `past_kv_cache` (HookedTransformer)."""
     try:
         return "past_kv_cache" in inspect.signature(model.forward).parameters
@@ -95,7 +110,7 @@ def _post_norm_architectures() -> frozenset[str]:
     return frozenset(POST_NORM_ARCHITECTURES)
 
 
-def post_norm(model: Any) -> bool:
+def post_norm(model: Host) -> bool:
     """The model normalises each sublayer's output before adding it to the stream
     (Gemma 2/3 `ln*_post`, OLMo 2 post-norm)."""
     cfg = model.cfg
@@ -105,7 +120,7 @@ def post_norm(model: Any) -> bool:
 
 
 @contextlib.contextmanager
-def frozen(model: Any) -> Generator[None, None, None]:
+def frozen(model: Host) -> Generator[None, None, None]:
     """No weight gradients inside (only the perturbation is trained); restores each
     parameter's flag on exit, also when the body raises."""
     flags = [(p, p.requires_grad) for p in model.parameters()]

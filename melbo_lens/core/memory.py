@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from melbo_lens.core.host import d_model_of
+from melbo_lens.core.host import Host, d_model_of
 
 __all__ = ["PassMemory", "free_bytes", "pass_memory", "rows_per_pass", "peak_bytes"]
 
@@ -40,7 +40,7 @@ class PassMemory:
         return self.per_row * rows
 
 
-def pass_memory(model: Any, n_blocks: int, positions: int) -> PassMemory:
+def pass_memory(model: Host, n_blocks: int, positions: int) -> PassMemory:
     """Activation bytes per row of a forward+backward pass through `n_blocks` blocks."""
     cfg = model.cfg
     d_model = d_model_of(model)

@@ -25,12 +25,12 @@ every block-boundary layer where they occur) and ordinary tokens (at most ~2.5x)
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Any
 
 import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
+from melbo_lens.core.host import Host
 from melbo_lens.core.prompts import PromptSet
 from melbo_lens.core.segment import run_to_site
 from melbo_lens.core.sites import HookSite
@@ -41,7 +41,7 @@ OUTLIER_FACTOR = 5.0
 
 
 @torch.no_grad()
-def residual_norms(model: Any, prompts: PromptSet, site: HookSite) -> Float[Tensor, "n pos"]:
+def residual_norms(model: Host, prompts: PromptSet, site: HookSite) -> Float[Tensor, "n pos"]:
     """Per-token L2 norm of the unsteered activation at `site` (0 on padding)."""
     z = run_to_site(model, prompts.tokens, prompts.attention_mask, site.name)
     return z.float().norm(dim=-1) * prompts.attention_mask.to(z.device)
@@ -71,7 +71,7 @@ def norm_outliers(
 
 
 def without_norm_outliers(
-    model: Any, prompts: PromptSet, site: HookSite, factor: float = OUTLIER_FACTOR
+    model: Host, prompts: PromptSet, site: HookSite, factor: float = OUTLIER_FACTOR
 ) -> tuple[PromptSet, list[list[int]]]:
     """`prompts` with the outlier-norm positions at `site` left out of the target mask,
     and the positions left out per prompt. A prompt keeps at least its non-outliers (the

@@ -24,6 +24,8 @@ import torch
 from jaxtyping import Bool, Int
 from torch import Tensor
 
+from melbo_lens.core.host import Host
+
 __all__ = ["PromptSet", "TargetPositions", "parse_positions"]
 
 PositionSpec = slice | Sequence[int] | None
@@ -70,7 +72,7 @@ def _is_per_prompt(spec: Any, n: int) -> bool:
     return True
 
 
-def _check_rows(model: Any, rows: list[list[int]]) -> None:
+def _check_rows(model: Host | None, rows: list[list[int]]) -> None:
     """Token ids within the model's vocabulary and prompts within its context."""
     cfg = getattr(model, "cfg", None)
     d_vocab = getattr(cfg, "d_vocab", None)
@@ -136,7 +138,7 @@ class PromptSet:
     @classmethod
     def from_tokens(
         cls,
-        model: Any,
+        model: Host | None,
         tokens: Sequence[Sequence[int]] | Int[Tensor, "n pos"],
         *,
         target_positions: TargetPositions = None,
@@ -194,7 +196,7 @@ class PromptSet:
     @classmethod
     def coerce(
         cls,
-        model: Any,
+        model: Host,
         prompts: PromptSet | str | Sequence[Any],
         *,
         chat: bool = False,
@@ -228,7 +230,7 @@ class PromptSet:
     @classmethod
     def from_texts(
         cls,
-        model: Any,
+        model: Host,
         texts: str | Sequence[str],
         *,
         target_positions: TargetPositions = None,
@@ -261,7 +263,7 @@ class PromptSet:
     @classmethod
     def from_chat(
         cls,
-        model: Any,
+        model: Host,
         conversations: Sequence[Sequence[dict[str, str]]]
         | Sequence[dict[str, str]]
         | Sequence[str]
@@ -381,7 +383,7 @@ class PromptSet:
         }
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any], model: Any = None) -> PromptSet:
+    def from_dict(cls, data: dict[str, Any], model: Host | None = None) -> PromptSet:
         return cls.from_tokens(
             model, data["tokens"], target_positions=data["targets"], texts=data.get("texts")
         )
@@ -449,7 +451,7 @@ def parse_positions(spec: str) -> TargetPositions:
         ) from None
 
 
-def _tokenizer(model: Any) -> Any:
+def _tokenizer(model: Host) -> Any:
     tokenizer = getattr(model, "tokenizer", None)
     if tokenizer is None:
         raise ValueError(
@@ -458,14 +460,14 @@ def _tokenizer(model: Any) -> Any:
     return tokenizer
 
 
-def _pad_id(model: Any) -> int:
+def _pad_id(model: Host | None) -> int:
     tokenizer = getattr(model, "tokenizer", None)
     if tokenizer is not None and tokenizer.pad_token_id is not None:
         return int(tokenizer.pad_token_id)
     return 0
 
 
-def _model_device(model: Any) -> torch.device:
+def _model_device(model: Host | None) -> torch.device:
     if model is None:
         return torch.device("cpu")
     cfg = getattr(model, "cfg", None)

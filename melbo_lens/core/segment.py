@@ -27,7 +27,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from melbo_lens.core.host import d_model_of, n_layers_of, supports_layer_slicing
+from melbo_lens.core.host import Host, d_model_of, n_layers_of, supports_layer_slicing
 from melbo_lens.core.prompts import PromptSet
 from melbo_lens.core.sites import HookSite, as_site, check_sites
 
@@ -39,7 +39,7 @@ class _ReachedTarget(Exception):
 
 
 def run_to_site(
-    model: Any,
+    model: Host,
     tokens: Tensor,
     attention_mask: Tensor,
     site: str,
@@ -71,14 +71,15 @@ _COMPILED: weakref.WeakKeyDictionary[Any, dict[tuple[int, int], Callable[..., Te
 )
 
 
-def _compiled_blocks(model: Any, start: int, stop: int) -> Callable[..., Tensor]:
+def _compiled_blocks(model: Host, start: int, stop: int) -> Callable[..., Tensor]:
     """A torch.compile'd run of blocks [start, stop), cached per model and slice.
 
     It is the same loop HookedTransformer.forward runs for start_at_layer/stop_at_layer.
     """
     cache = _COMPILED.setdefault(model, {})
     if (start, stop) not in cache:
-        blocks = list(model.blocks[start:stop])
+        hooked: Any = model  # a HookedTransformer: compile runs its blocks
+        blocks = list(hooked.blocks[start:stop])
 
         def run(x: Tensor, attention_mask: Tensor) -> Tensor:
             for block in blocks:
@@ -110,7 +111,7 @@ class Segment:
 
     def __init__(
         self,
-        model: Any,
+        model: Host,
         source: HookSite | str | int,
         target: HookSite | str | int,
         prompts: PromptSet,

@@ -21,7 +21,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from melbo_lens.core.host import check_no_attached_saes
+from melbo_lens.core.host import Host, check_no_attached_saes
 
 __all__ = [
     "HookSite",
@@ -156,7 +156,7 @@ def as_site(value: HookSite | str | int) -> HookSite:
     raise TypeError(f"expected a HookSite, a hook name or a layer index, got {value!r}")
 
 
-def require_hook(model: Any, site: HookSite) -> HookSite:
+def require_hook(model: Host, site: HookSite) -> HookSite:
     """Check that `model` exposes `site` as a hook point; return the site."""
     check_no_attached_saes(model)
     n_layers = getattr(getattr(model, "cfg", None), "n_layers", None)
@@ -191,7 +191,7 @@ def mlp_hidden_name(layer: int) -> str:
 STREAM_POINTS: tuple[str, ...] = ("resid_pre", "resid_mid", "resid_post")
 
 
-def residual_stream_sites(model: Any, points: tuple[str, ...] = STREAM_POINTS) -> list[HookSite]:
+def residual_stream_sites(model: Host, points: tuple[str, ...] = STREAM_POINTS) -> list[HookSite]:
     """Every site of `model` where the residual stream itself can be hooked, in order.
 
     `resid_pre`, `resid_mid` and `resid_post` of each block by default. Sites the model
@@ -227,7 +227,7 @@ def attn_z_name(layer: int) -> str:
     return f"blocks.{layer}.attn.hook_z"
 
 
-def check_sites(model: Any, source: HookSite, target: HookSite) -> None:
+def check_sites(model: Host, source: HookSite, target: HookSite) -> None:
     """Fail with a clear message unless both sites exist and target comes after source."""
     check_no_attached_saes(model)
     n_layers = int(model.cfg.n_layers)

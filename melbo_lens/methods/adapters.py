@@ -47,7 +47,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from melbo_lens.core.host import d_model_of
+from melbo_lens.core.host import Host, d_model_of
 from melbo_lens.core.prompts import PromptSet
 from melbo_lens.core.segment import Segment
 from melbo_lens.core.sites import HookSite, as_site, check_order
@@ -212,7 +212,7 @@ class AdapterFamily(FamilyBase):
 
     config: AdapterConfig
 
-    def __init__(self, config: AdapterConfig, model: Any, prompts: PromptSet) -> None:
+    def __init__(self, config: AdapterConfig, model: Host, prompts: PromptSet) -> None:
         super().__init__(config, model, prompts)
         self.d_mlp, self.d_model = int(model.cfg.d_mlp), d_model_of(model)
         self.n, self.per_batch = config.n_adapters, config.adapters_per_batch
@@ -293,7 +293,7 @@ class AdapterFamily(FamilyBase):
 
 # ---------------------------------------------------------------------- training
 def train_steering_adapters(
-    model: Any,
+    model: Host,
     prompts: PromptSet,
     config: AdapterConfig,
     *,

@@ -36,7 +36,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from melbo_lens.core.checks import is_positive
-from melbo_lens.core.host import d_model_of, frozen
+from melbo_lens.core.host import Host, d_model_of, frozen
 from melbo_lens.core.prompts import PromptSet
 from melbo_lens.core.segment import Segment
 from melbo_lens.core.sites import HookSite, as_site, check_sites, require_hook
@@ -73,7 +73,7 @@ def check_radius(radius: Any) -> None:
 
 # ---------------------------------------------------------------------- random
 def random_vectors(
-    model: Any,
+    model: Host,
     site: HookSite | str | int,
     *,
     n: int,
@@ -126,7 +126,7 @@ def random_vectors(
 
 
 def random_adapters(
-    model: Any,
+    model: Host,
     layer: int,
     *,
     n: int,
@@ -305,7 +305,7 @@ def _hvp(segment: Segment, at: Tensor | None, power: float, q: float) -> MatVec:
     return matvec
 
 
-def _check_common(model: Any, prompts: PromptSet, k: int, radius: float) -> int:
+def _check_common(model: Host, prompts: PromptSet, k: int, radius: float) -> int:
     if not isinstance(prompts, PromptSet):
         raise TypeError(
             f"prompts must be a PromptSet, got {type(prompts).__name__}; "
@@ -320,7 +320,7 @@ def _check_common(model: Any, prompts: PromptSet, k: int, radius: float) -> int:
 
 def _spectral_vectors(
     method: str,
-    model: Any,
+    model: Host,
     prompts: PromptSet,
     source: HookSite,
     target: HookSite,
@@ -391,14 +391,14 @@ def _spectral_vectors(
     return sv, vals
 
 
-def _sites(model: Any, source: Any, target: Any) -> tuple[HookSite, HookSite]:
+def _sites(model: Host, source: Any, target: Any) -> tuple[HookSite, HookSite]:
     source, target = as_site(source), as_site(target)
     check_sites(model, source, target)
     return source, target
 
 
 def jacobian_vectors(
-    model: Any,
+    model: Host,
     prompts: PromptSet,
     source: HookSite | str | int,
     target: HookSite | str | int,
@@ -454,7 +454,7 @@ def jacobian_vectors(
 
 
 def hessian_vectors(
-    model: Any,
+    model: Host,
     prompts: PromptSet,
     source: HookSite | str | int,
     target: HookSite | str | int,

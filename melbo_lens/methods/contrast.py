@@ -11,6 +11,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from melbo_lens.core.host import Host
 from melbo_lens.core.prompts import PromptSet
 from melbo_lens.core.segment import run_to_site
 from melbo_lens.core.sites import HookSite, as_site, require_hook
@@ -32,7 +33,7 @@ DEFAULT_ANSWER_LETTERS = ("A", "B", " A", " B")
 
 
 # ---------------------------------------------------------------------- activations
-def _as_prompt_set(model: Any, prompts: PromptsLike, name: str) -> PromptSet:
+def _as_prompt_set(model: Host, prompts: PromptsLike, name: str) -> PromptSet:
     if isinstance(prompts, PromptSet):
         return prompts
     if isinstance(prompts, str):
@@ -57,7 +58,7 @@ def _as_prompt_set(model: Any, prompts: PromptsLike, name: str) -> PromptSet:
     )
 
 
-def _answer_ids(model: Any, answer_tokens: Any) -> list[int]:
+def _answer_ids(model: Host, answer_tokens: Any) -> list[int]:
     tokenizer = getattr(model, "tokenizer", None)
     if answer_tokens is None:
         if tokenizer is None:
@@ -135,14 +136,14 @@ def _positions(
     raise ValueError(f"position must be 'last', 'mean', 'answer' or an int, got {position!r}")
 
 
-def _capture(model: Any, prompts: PromptSet, site: HookSite) -> Float[Tensor, "n pos d_model"]:
+def _capture(model: Host, prompts: PromptSet, site: HookSite) -> Float[Tensor, "n pos d_model"]:
     """One forward pass, stopped once `site` is read."""
     with torch.no_grad():
         return run_to_site(model, prompts.tokens, prompts.attention_mask, site.name).detach()
 
 
 def _site_activations(
-    model: Any, prompts: PromptSet, site: HookSite, batch_size: int
+    model: Host, prompts: PromptSet, site: HookSite, batch_size: int
 ) -> Float[Tensor, "n pos d_model"]:
     """Activation at `site` for every prompt (right-padded like the PromptSet)."""
     chunks = []
@@ -154,7 +155,7 @@ def _site_activations(
 
 
 def _read(
-    model: Any,
+    model: Host,
     prompts: PromptSet,
     site: HookSite,
     position: Position,
@@ -174,7 +175,7 @@ def _read(
 
 
 def pair_activations(
-    model: Any,
+    model: Host,
     positive: PromptsLike,
     negative: PromptsLike,
     site: HookSite | str | int,

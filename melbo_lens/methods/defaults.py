@@ -28,7 +28,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
-from melbo_lens.core.host import n_layers_of
+from melbo_lens.core.host import Host, n_layers_of
 from melbo_lens.core.outliers import OUTLIER_FACTOR, without_norm_outliers
 from melbo_lens.core.progress import say
 from melbo_lens.core.prompts import PromptSet
@@ -89,7 +89,7 @@ def default_sites(n_layers: int) -> tuple[HookSite, HookSite]:
 
 
 def default_positions(
-    model: Any, prompts: PromptSet, target: HookSite
+    model: Host, prompts: PromptSet, target: HookSite
 ) -> tuple[PromptSet, dict[str, Any] | None]:
     """Prompts built without `target_positions` lose their outlier-norm positions at
     `target`; explicit positions are kept as given (record None)."""
@@ -105,7 +105,7 @@ def default_positions(
 
 
 def resolve_defaults(
-    model: Any,
+    model: Host,
     prompts: PromptSet,
     config: Any,
     train_fn: Callable[..., Any],

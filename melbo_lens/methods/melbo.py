@@ -45,7 +45,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from melbo_lens.core.host import d_model_of
+from melbo_lens.core.host import Host, d_model_of
 from melbo_lens.core.prompts import PromptSet
 from melbo_lens.core.segment import Segment
 from melbo_lens.core.sites import HookSite, as_site, check_order
@@ -202,7 +202,7 @@ class VectorFamily(FamilyBase):
 
     config: MelboConfig
 
-    def __init__(self, config: MelboConfig, model: Any, prompts: PromptSet) -> None:
+    def __init__(self, config: MelboConfig, model: Host, prompts: PromptSet) -> None:
         super().__init__(config, model, prompts)
         self.d_model = d_model_of(model)
         self.lr = config.resolved_lr(self.d_model)
@@ -259,7 +259,7 @@ class VectorFamily(FamilyBase):
 
 
 def train_steering_vectors(
-    model: Any,
+    model: Host,
     prompts: PromptSet,
     config: MelboConfig,
     *,

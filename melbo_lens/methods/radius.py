@@ -41,6 +41,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from melbo_lens.core.host import Host
 from melbo_lens.core.outliers import residual_norms
 from melbo_lens.core.progress import say
 from melbo_lens.core.prompts import PromptSet
@@ -171,7 +172,7 @@ class RadiusChoice:
 
 
 # ---------------------------------------------------------------------- measurement
-def median_source_norm(model: Any, prompts: PromptSet, source: HookSite) -> float:
+def median_source_norm(model: Host, prompts: PromptSet, source: HookSite) -> float:
     """ρ: the median per-token residual norm at the source over the prompts' real tokens."""
     norms = residual_norms(model, prompts, source)
     return float(norms[prompts.attention_mask.to(norms.device)].median())
@@ -182,7 +183,7 @@ class _Probe:
     source: one forward pass per chunk of (vector, prompt) rows, chunked to bound the
     logits' memory; the unsteered log-probabilities are kept for the comparison."""
 
-    def __init__(self, model: Any, prompts: PromptSet, source: HookSite) -> None:
+    def __init__(self, model: Host, prompts: PromptSet, source: HookSite) -> None:
         self.model, self.prompts, self.source = model, prompts, source
         _, pos = prompts.tokens.shape
         vocab = int(getattr(model.cfg, "d_vocab", 50_000))
@@ -236,7 +237,7 @@ def _mean_pairwise_js(dists: list[Tensor]) -> float:
 
 # ---------------------------------------------------------------------- the search
 def search_radius(
-    model: Any,
+    model: Host,
     prompts: PromptSet,
     config: Any,
     train_fn: Callable[..., Any],

@@ -44,6 +44,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from melbo_lens.core.host import Host
 from melbo_lens.core.sites import HookSite
 from melbo_lens.methods.contrast import Position, PromptsLike, pair_activations
 from melbo_lens.methods.estimators import (
@@ -60,7 +61,7 @@ __all__ = ["mean_difference_vectors", "pca_vectors", "probe_vectors", "stability
 
 # ---------------------------------------------------------------------- artifacts
 def _artifact(
-    model: Any,
+    model: Host,
     method: str,
     directions: Tensor,
     P: Tensor,
@@ -117,7 +118,7 @@ def _artifact(
 
 
 def mean_difference_vectors(
-    model: Any,
+    model: Host,
     positive: PromptsLike,
     negative: PromptsLike,
     site: HookSite | str | int,
@@ -155,7 +156,7 @@ def mean_difference_vectors(
 
 
 def pca_vectors(
-    model: Any,
+    model: Host,
     positive: PromptsLike,
     negative: PromptsLike,
     site: HookSite | str | int,
@@ -206,7 +207,7 @@ def pca_vectors(
 
 
 def probe_vectors(
-    model: Any,
+    model: Host,
     positive: PromptsLike,
     negative: PromptsLike,
     site: HookSite | str | int,
@@ -258,7 +259,7 @@ def probe_vectors(
 
 
 def stability_curve(
-    model: Any,
+    model: Host,
     positive: PromptsLike,
     negative: PromptsLike,
     site: HookSite | str | int,

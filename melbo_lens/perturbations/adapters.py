@@ -34,7 +34,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from melbo_lens.core.host import post_norm
+from melbo_lens.core.host import Host, post_norm
 from melbo_lens.core.io import ArtifactError, read_artifact, read_metadata
 from melbo_lens.core.sites import HookSite, mlp_hidden_name
 from melbo_lens.perturbations.artifact import ArtifactRows, loaded_fields, register_format
@@ -46,7 +46,7 @@ ADAPTERS_FORMAT = "melbo_lens.steering_adapters/1"
 VECTORS_FORMAT = "melbo_lens.steering_vectors/1"
 
 
-def check_adapter_host(model: Any, layer: int) -> None:
+def check_adapter_host(model: Host, layer: int) -> None:
     """Fail with a clear message unless an adapter on block `layer` is a weight edit.
 
     The adapter's output is added at `hook_mlp_out`, which must be the raw MLP output
@@ -148,7 +148,7 @@ def adapter_hooks(
 
 @contextmanager
 def adapt(
-    model: Any,
+    model: Host,
     layer: int,
     omega_a: Float[Tensor, "*g d_mlp r"],
     omega_b: Float[Tensor, "*g d_model r"],
@@ -256,7 +256,7 @@ class SteeringAdapters(ArtifactRows):
     # ------------------------------------------------------------------ use
     @contextmanager
     def apply(
-        self, model: Any, index: int | Sequence[int] = 0, *, scale: float = 1.0
+        self, model: Host, index: int | Sequence[int] = 0, *, scale: float = 1.0
     ) -> Generator[Any, None, None]:
         """Adapt `model` with adapter `index`; a list gives adapter j to the j-th block of
         batch rows (one adapter per row when the list is as long as the batch).
@@ -272,7 +272,7 @@ class SteeringAdapters(ArtifactRows):
         with apply(model, self, index, scale=scale) as m:
             yield m
 
-    def hooks(self, model: Any, rows: Rows, scale: float = 1.0) -> list[Hook]:
+    def hooks(self, model: Host, rows: Rows, scale: float = 1.0) -> list[Hook]:
         """Hooks giving adapter `rows[i]` to batch row (block) i; None rows get Ω = 0,
         which is exactly unsteered (see `base` for the layout)."""
         check_adapter_host(model, self.layer)

@@ -19,6 +19,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from melbo_lens.core.host import Host
 from melbo_lens.core.prompts import PromptSet
 from melbo_lens.core.sites import HookSite, as_site
 from melbo_lens.perturbations.vectors import SteeringVectors, steer
@@ -143,7 +144,7 @@ class ScaleSweep:
 
 
 def scale_sweep(
-    model: Any,
+    model: Host,
     vectors: SteeringVectors | Float[Tensor, "*n d_model"],
     prompts: PromptSet,
     scales: Sequence[float],

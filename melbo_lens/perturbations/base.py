@@ -27,6 +27,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
+from melbo_lens.core.host import Host
 from melbo_lens.core.sites import HookSite
 
 __all__ = ["Hook", "Perturbation", "Rows", "apply", "pick_members", "row_members"]
@@ -46,7 +47,7 @@ class Perturbation(Protocol):
 
     def __getitem__(self, index: Any) -> Any: ...
 
-    def hooks(self, model: Any, rows: Rows, scale: float = 1.0) -> list[Hook]: ...
+    def hooks(self, model: Host, rows: Rows, scale: float = 1.0) -> list[Hook]: ...
 
 
 def row_members(rows: Rows, n_members: int, noun: str = "member") -> Tensor:
@@ -88,7 +89,7 @@ def pick_members(table: Tensor, members: Tensor) -> Tensor:
 
 @contextmanager
 def apply(
-    model: Any, perturbation: Perturbation, index: Rows = 0, *, scale: float = 1.0
+    model: Host, perturbation: Perturbation, index: Rows = 0, *, scale: float = 1.0
 ) -> Generator[Any, None, None]:
     """Apply member `index` of `perturbation` (or one member per block of batch rows for
     a list) inside the block; the hooks are removed on exit, also when the body raises.

@@ -47,7 +47,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor, nn
 
-from melbo_lens.core.host import post_norm
+from melbo_lens.core.host import Host, post_norm
 from melbo_lens.core.prompts import PromptSet
 from melbo_lens.core.segment import run_to_site
 from melbo_lens.core.sites import HookSite, as_site, require_hook, residual_stream_sites
@@ -109,7 +109,7 @@ def _unit(direction: Directions, d_model: int) -> Float[Tensor, " d_model"]:
     return m / m.norm()
 
 
-def _sites(model: Any, sites: SiteLike | Sequence[SiteLike]) -> list[HookSite]:
+def _sites(model: Host, sites: SiteLike | Sequence[SiteLike]) -> list[HookSite]:
     items = [sites] if isinstance(sites, HookSite | str | int) else list(sites)
     if not items:
         raise ValueError("no sites given; pass at least one HookSite, hook name or layer")
@@ -184,7 +184,7 @@ class DirectionEdit:
         values = None if self.values is None else self.values[idx]
         return DirectionEdit(self.bases[idx], self.sites, values, self.method)
 
-    def hooks(self, model: Any, rows: Rows, scale: float = 1.0) -> list[Hook]:
+    def hooks(self, model: Host, rows: Rows, scale: float = 1.0) -> list[Hook]:
         members = row_members(rows, len(self), self.method)
         sites = residual_stream_sites(model) if self.sites is None else _sites(model, self.sites)
         if isinstance(rows, int):
@@ -238,7 +238,7 @@ def _edit_hook(basis: Tensor, on: Tensor, value: Tensor | None, scale: float, pe
 # ---------------------------------------------------------------------- ablation
 @contextmanager
 def ablate_direction(
-    model: Any, direction: Directions, *, sites: SiteLike | Sequence[SiteLike] | None = None
+    model: Host, direction: Directions, *, sites: SiteLike | Sequence[SiteLike] | None = None
 ) -> Generator[Any, None, None]:
     """Project `direction` (or the span of several) out of the residual stream.
 
@@ -258,7 +258,7 @@ def ablate_direction(
         yield model
 
 
-def _residual_writers(model: Any) -> list[tuple[nn.Module, str]]:
+def _residual_writers(model: Host) -> list[tuple[nn.Module, str]]:
     """(module, parameter name) of every weight whose output is added to the stream."""
     cfg = model.cfg
     if post_norm(model):
@@ -272,10 +272,11 @@ def _residual_writers(model: Any) -> list[tuple[nn.Module, str]]:
             "mixture-of-experts MLPs are not handled by orthogonalize_weights; "
             "use ablate_direction(model, direction)"
         )
-    writers: list[tuple[nn.Module, str]] = [(model.embed, "W_E")]
+    hooked: Any = model  # its modules: a HookedTransformer (checked by the caller)
+    writers: list[tuple[nn.Module, str]] = [(hooked.embed, "W_E")]
     if cfg.positional_embedding_type == "standard":  # shortformer W_pos never enters the stream
-        writers.append((model.pos_embed, "W_pos"))
-    for block in model.blocks:
+        writers.append((hooked.pos_embed, "W_pos"))
+    for block in hooked.blocks:
         writers += [(block.attn, "W_O"), (block.attn, "b_O")]
         if not cfg.attn_only:
             writers += [(block.mlp, "W_out"), (block.mlp, "b_out")]
@@ -290,7 +291,7 @@ def _residual_writers(model: Any) -> list[tuple[nn.Module, str]]:
     return writers
 
 
-def orthogonalize_weights(model: Any, direction: Directions) -> Any:
+def orthogonalize_weights(model: Host, direction: Directions) -> Any:
     """A copy of `model` whose residual-stream writes are projected off `direction`.
 
     The same function as running under `ablate_direction(model, direction)` (see the
@@ -328,7 +329,7 @@ def orthogonalize_weights(model: Any, direction: Directions) -> Any:
 # ---------------------------------------------------------------------- clamping
 @contextmanager
 def clamp_direction(
-    model: Any,
+    model: Host,
     direction: Directions,
     value: float | Tensor,
     *,
@@ -352,7 +353,7 @@ def clamp_direction(
 
 
 def mean_projection(
-    model: Any,
+    model: Host,
     prompts: PromptSet,
     direction: Directions,
     site: SiteLike,

@@ -23,6 +23,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from melbo_lens.core.host import Host
 from melbo_lens.core.sites import HookSite, require_hook
 from melbo_lens.perturbations.base import Hook, Rows, apply, pick_members, row_members
 from melbo_lens.perturbations.vectors import SteeringVectors, steering_hook
@@ -98,7 +99,7 @@ class LayerVectors:
             model_name=self.model_name,
         )
 
-    def hooks(self, model: Any, rows: Rows, scale: float = 1.0) -> list[Hook]:
+    def hooks(self, model: Host, rows: Rows, scale: float = 1.0) -> list[Hook]:
         """One steering hook per layer adding member `rows[i]`'s vector to batch row i."""
         members = row_members(rows, len(self), "member")
         out = []
@@ -113,7 +114,7 @@ class LayerVectors:
 
     @contextmanager
     def apply(
-        self, model: Any, index: Rows = 0, *, scale: float = 1.0
+        self, model: Host, index: Rows = 0, *, scale: float = 1.0
     ) -> Generator[Any, None, None]:
         """Steer `model` with member `index` at every layer; hooks removed on exit."""
         with apply(model, self, index, scale=scale) as m:

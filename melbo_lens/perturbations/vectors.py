@@ -29,6 +29,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from melbo_lens.core.host import Host
 from melbo_lens.core.io import ArtifactError, read_artifact
 from melbo_lens.core.sites import HookSite, as_site, require_hook
 from melbo_lens.perturbations.artifact import ArtifactRows, loaded_fields, register_format
@@ -70,7 +71,7 @@ def steering_hook(vectors: Float[Tensor, "*rows d_model"], scale: float = 1.0):
 
 @contextmanager
 def steer(
-    model: Any,
+    model: Host,
     site: HookSite | str | int,
     vectors: Float[Tensor, "*rows d_model"],
     *,
@@ -140,7 +141,7 @@ class SteeringVectors(ArtifactRows):
     # ------------------------------------------------------------------ use
     @contextmanager
     def apply(
-        self, model: Any, index: int | Sequence[int] = 0, *, scale: float = 1.0
+        self, model: Host, index: int | Sequence[int] = 0, *, scale: float = 1.0
     ) -> Generator[Any, None, None]:
         """Steer `model` with vector `index` (or one vector per batch row for a list).
 
@@ -151,7 +152,7 @@ class SteeringVectors(ArtifactRows):
         with apply(model, self, index, scale=scale) as m:
             yield m
 
-    def hooks(self, model: Any, rows: Rows, scale: float = 1.0) -> list[Hook]:
+    def hooks(self, model: Host, rows: Rows, scale: float = 1.0) -> list[Hook]:
         """The steering hook adding member `rows[i]` to batch row i (see `base`).
 
         Examples:

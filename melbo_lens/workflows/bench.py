@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from melbo_lens.core.host import frozen
+from melbo_lens.core.host import Host, frozen
 from melbo_lens.core.io import atomic_write_text
 from melbo_lens.core.memory import peak_bytes
 from melbo_lens.core.prompts import PromptSet
@@ -112,7 +112,7 @@ def _peak_mb(device: str) -> float:
 
 # ---------------------------------------------------------------------- naive reference
 def naive_reference(
-    model: Any,
+    model: Host,
     prompts: PromptSet,
     config: MelboConfig,
     steps: int,
@@ -182,7 +182,7 @@ def _naive(model, prompts, config, steps, index, basis) -> dict[str, Any]:
     return {"curve": curve, "seconds": seconds, "vector": theta.detach().clone()}
 
 
-def _step_seconds(model: Any, prompts: PromptSet, config: MelboConfig, **kw: Any) -> float:
+def _step_seconds(model: Host, prompts: PromptSet, config: MelboConfig, **kw: Any) -> float:
     """Mean wall time of one full training step (forward, backward, update), measured
     between consecutive per-step callbacks, so set-up and the final evaluation are out."""
     stamps: list[float] = []

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from melbo_lens.core.host import Host
 from melbo_lens.core.prompts import PromptSet
 from melbo_lens.core.segment import Segment
 from melbo_lens.methods.melbo import MelboConfig, train_steering_vectors
@@ -67,7 +68,7 @@ def _summary(values: list[float]) -> str:
 
 
 def time_to_vectors(
-    model: Any,
+    model: Host,
     prompts: PromptSet,
     base: dict[str, Any],
     args: argparse.Namespace,

@@ -19,10 +19,12 @@ from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any
 
+from melbo_lens.core.host import Host
+
 __all__ = ["sharded_dashboards"]
 
 
-def _shard(sae: Any, corpus: Any, options: dict[str, Any], model: Any, shard: tuple[int, int]):
+def _shard(sae: Any, corpus: Any, options: dict[str, Any], model: Host, shard: tuple[int, int]):
     from melbo_lens.analysis.sae import load_sae
     from melbo_lens.analysis.sae.dashboards import dashboard_shard
 

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from melbo_lens.analysis.behaviors import BehaviorRule
+from melbo_lens.core.host import Host
 from melbo_lens.core.prompts import PromptSet
 from melbo_lens.core.sites import HookSite, as_site
 from melbo_lens.generation import generate
@@ -251,7 +252,7 @@ def _adapter_layer(source: HookSite) -> int:
 
 
 def evaluate_planted(
-    model: Any,
+    model: Host,
     *,
     n_vectors: int = 32,
     radius: float = 48.0,

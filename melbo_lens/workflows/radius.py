@@ -33,6 +33,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from melbo_lens.core.host import Host
 from melbo_lens.core.progress import say
 from melbo_lens.core.prompts import PromptSet
 from melbo_lens.methods.melbo import MelboConfig, train_steering_vectors
@@ -155,7 +156,7 @@ class RadiusSweep:
 
 
 def _measure(
-    model: Any,
+    model: Host,
     prompts: PromptSet,
     vectors: SteeringVectors,
     max_new_tokens: int,
@@ -227,7 +228,7 @@ def _median(values: Sequence[float]) -> float:
 
 
 def select_radius(
-    model: Any,
+    model: Host,
     prompts: PromptSet,
     config: MelboConfig,
     radii: Sequence[float],

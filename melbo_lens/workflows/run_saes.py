@@ -8,6 +8,7 @@ import os
 from typing import Any
 
 from melbo_lens.analysis.corpus import Corpus
+from melbo_lens.core.host import Host
 from melbo_lens.core.sites import HookSite
 from melbo_lens.perturbations.vectors import SteeringVectors
 
@@ -15,7 +16,7 @@ __all__ = ["dashboards_of", "model_names", "pick_sae", "pick_target_sae"]
 
 
 def dashboards_of(
-    model: Any, sae: Any, corpus: Corpus, latents: list[int], max_tokens: int, progress: bool
+    model: Host, sae: Any, corpus: Corpus, latents: list[int], max_tokens: int, progress: bool
 ) -> Any:
     from melbo_lens.analysis.sae.dashboards import feature_dashboards
 
@@ -24,7 +25,7 @@ def dashboards_of(
     )
 
 
-def pick_target_sae(model: Any, vectors: Any, tgt: HookSite, sae: Any, notes: list[str]) -> Any:
+def pick_target_sae(model: Host, vectors: Any, tgt: HookSite, sae: Any, notes: list[str]) -> Any:
     """The SAE whose latents cards list: `sae` itself, or the packaged one at the target."""
     if sae is None:
         return None
@@ -45,7 +46,7 @@ def pick_target_sae(model: Any, vectors: Any, tgt: HookSite, sae: Any, notes: li
     return load_sae(key)
 
 
-def model_names(model: Any, vectors: Any) -> list[str | None]:
+def model_names(model: Host, vectors: Any) -> list[str | None]:
     """What the model may be called in `PACKAGED_SAES`: load name, provenance, cfg name."""
     return [
         vectors.metadata.get("load_name"),
@@ -54,7 +55,7 @@ def model_names(model: Any, vectors: Any) -> list[str | None]:
     ]
 
 
-def pick_sae(model: Any, vectors: SteeringVectors, sae: Any, notes: list[str]) -> tuple:
+def pick_sae(model: Host, vectors: SteeringVectors, sae: Any, notes: list[str]) -> tuple:
     """(SAE, name) to decompose onto, or (None, None) with a note saying why."""
     if sae is None:
         notes.append("SAE parts skipped: no SAE was asked for (sae=None)")

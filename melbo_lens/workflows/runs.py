@@ -28,6 +28,7 @@ from melbo_lens.analysis.tokens import (
     feature_token_activations,
     token_delta_norms,
 )
+from melbo_lens.core.host import Host
 from melbo_lens.core.progress import say
 from melbo_lens.core.prompts import PromptSet
 from melbo_lens.core.segment import Segment
@@ -66,7 +67,7 @@ __all__ = [
 
 
 def analyze_run(
-    model: Any,
+    model: Host,
     vectors: SteeringVectors | SteeringAdapters,
     prompts: PromptSet | Sequence[str] | None = None,
     *,
@@ -298,7 +299,7 @@ class _Steps:
 
 
 def _prompt_set(
-    model: Any,
+    model: Host,
     vectors: SteeringVectors | SteeringAdapters,
     prompts: PromptSet | Sequence[str] | None,
 ) -> PromptSet:
@@ -329,7 +330,7 @@ def _target(
 
 @torch.no_grad()
 def _objective(
-    model: Any,
+    model: Host,
     vecs: Float[Tensor, "n d_model"],
     site: HookSite,
     target: HookSite,

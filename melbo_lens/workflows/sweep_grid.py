@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from melbo_lens.core.host import Host
 from melbo_lens.core.prompts import parse_positions
 from melbo_lens.core.sites import parse_site
 
@@ -337,7 +338,7 @@ def _config_problems(grid: SweepGrid) -> list[str]:
     return out
 
 
-def check_against_model(grid: SweepGrid, model: Any) -> None:
+def check_against_model(grid: SweepGrid, model: Host) -> None:
     """What needs the model: every site within its depth, and a chat template for chat."""
     from melbo_lens.core.host import n_layers_of
 

@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from melbo_lens.core.checks import one_line
+from melbo_lens.core.host import Host
 from melbo_lens.core.io import LockHeld, atomic_write_text, exclusive_lock
 from melbo_lens.core.progress import say
 from melbo_lens.core.prompts import PromptSet, parse_positions
@@ -61,7 +62,7 @@ __all__ = [
 
 
 # ---------------------------------------------------------------------- one cell
-def run_cell(model: Any, grid: SweepGrid, cell: Cell) -> tuple[SteeringVectors, dict[str, Any]]:
+def run_cell(model: Host, grid: SweepGrid, cell: Cell) -> tuple[SteeringVectors, dict[str, Any]]:
     """Train (or draw) the cell's vectors and measure them; (artifact, measurements)."""
     from melbo_lens.analysis.deltas import perturbation_objectives
     from melbo_lens.analysis.diversity import fluency

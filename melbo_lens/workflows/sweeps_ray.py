@@ -19,6 +19,8 @@ from typing import Any
 import ray
 from ray.util import ActorPool
 
+from melbo_lens.core.host import Host
+
 __all__ = ["ResourcesUnavailable", "map_on_ray", "run_on_ray"]
 
 
@@ -44,7 +46,7 @@ class _Worker:
         return fn(self.model, item)
 
 
-def _cell(run_cell: CellFn, grid: Any, model: Any, cell: Any) -> tuple[Any, Any]:
+def _cell(run_cell: CellFn, grid: Any, model: Host, cell: Any) -> tuple[Any, Any]:
     """(cell, (vectors, measurements)), or (cell, the error as one line) if it raised:
     one cell's error is that cell's, and the other cells go on."""
     from melbo_lens.core.checks import one_line

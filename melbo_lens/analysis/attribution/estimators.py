@@ -27,6 +27,7 @@ from melbo_lens.analysis.attribution.results import (
     Metric,
     NodeAttribution,
 )
+from melbo_lens.core.host import Host
 from melbo_lens.core.prompts import PromptSet
 from melbo_lens.core.sites import (
     HookSite,
@@ -229,7 +230,7 @@ def _pearson(x: list[float], y: list[float]) -> float | None:
 
 # ---------------------------------------------------------------------- entry point
 def attribute_target_delta(
-    model: Any,
+    model: Host,
     prompts: PromptSet | Sequence[str],
     vectors: SteeringVectors | SteeringAdapters,
     index: int = 0,

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from melbo_lens.analysis.attribution.results import DeltaDecomposition, Hook
-from melbo_lens.core.host import d_model_of
+from melbo_lens.core.host import Host, d_model_of
 from melbo_lens.core.prompts import PromptSet
 from melbo_lens.core.segment import Segment
 from melbo_lens.core.sites import (
@@ -32,7 +32,7 @@ __all__ = ["decompose_target_delta"]
 
 # ---------------------------------------------------------------------- set-up
 def _perturbation(
-    model: Any, artifact: Perturbation, index: int, scale: float
+    model: Host, artifact: Perturbation, index: int, scale: float
 ) -> tuple[HookSite, list[Hook]]:
     """Source site and the hooks that apply member `index` of any perturbation."""
     if isinstance(index, bool) or not isinstance(index, int):
@@ -56,7 +56,7 @@ def _perturbation(
     return site, artifact.hooks(model, index, scale)
 
 
-def _check_target(model: Any, source: HookSite, target: HookSite | None) -> HookSite:
+def _check_target(model: Host, source: HookSite, target: HookSite | None) -> HookSite:
     if target is None:
         raise ValueError("no target site: the artifact records none, so pass target=HookSite(...)")
     if target.point not in STREAM_POINTS:
@@ -69,7 +69,7 @@ def _check_target(model: Any, source: HookSite, target: HookSite | None) -> Hook
     return target
 
 
-def _components(model: Any, source: HookSite, target: HookSite) -> list[tuple[int, str]]:
+def _components(model: Host, source: HookSite, target: HookSite) -> list[tuple[int, str]]:
     """(layer, "attn" | "mlp") written strictly after the source, up to the target."""
     out = []
     hook_dict = getattr(model, "hook_dict", {})
@@ -120,7 +120,7 @@ def repeat_rows(x: Tensor, k: int) -> Tensor:
 class AttributionState:
     """Everything one attribution needs: the runs, caches and the metric."""
 
-    model: Any
+    model: Host
     prompts: PromptSet
     segment: Segment
     source: HookSite
@@ -136,7 +136,7 @@ class AttributionState:
 
 
 def prepare_attribution(
-    model: Any,
+    model: Host,
     prompts: Any,
     artifact: Any,
     index: int,
@@ -170,7 +170,8 @@ def prepare_attribution(
         hook = component_hook(layer, kind)
         d = diff(steered[hook], unsteered[hook])
         if kind == "attn":
-            w_o = model.blocks[layer].attn.W_O.detach()  # [n_heads, d_head, d_model]
+            hooked: Any = model  # the blocks' weights (a TransformerBridge forwards them)
+            w_o = hooked.blocks[layer].attn.W_O.detach()  # [n_heads, d_head, d_model]
             per_head = torch.einsum("nphd,hdm->hnpm", d, w_o.to(d))
             parts.extend(per_head)
             labels.extend(f"L{layer}H{h}" for h in range(per_head.shape[0]))
@@ -222,7 +223,7 @@ def rounding_bound(z_s: Tensor, z_u: Tensor, n_blocks: int, delta_scale: Tensor)
 
 
 def _check_saes(
-    model: Any, source: HookSite, target: HookSite, saes: dict[Any, Any]
+    model: Host, source: HookSite, target: HookSite, saes: dict[Any, Any]
 ) -> dict[str, Any]:
     out = {}
     d_model = d_model_of(model)
@@ -246,7 +247,7 @@ def _check_saes(
 
 
 def decompose_target_delta(
-    model: Any,
+    model: Host,
     prompts: PromptSet | Sequence[str],
     vectors: SteeringVectors | SteeringAdapters,
     index: int = 0,

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from melbo_lens.analysis.attribution.results import Metric
+from melbo_lens.core.host import Host
 from melbo_lens.core.prompts import PromptSet
 from melbo_lens.core.sites import (
     HookSite,
@@ -42,7 +43,7 @@ def _projection_metric(direction: Tensor, unsteered: Tensor, mask: Tensor) -> Me
 
 
 def logit_diff_metric(
-    model: Any, prompts: PromptSet, target: HookSite | str | int, good: int, bad: int
+    model: Host, prompts: PromptSet, target: HookSite | str | int, good: int, bad: int
 ) -> Metric:
     """m(Z_target) = Σ_prompts logit[good] − logit[bad] at each prompt's last real token.
 

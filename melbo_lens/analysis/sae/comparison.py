@@ -13,6 +13,7 @@ from sae_lens import SAE
 
 from melbo_lens.analysis.sae.decompose import check_fit
 from melbo_lens.analysis.sae.features import feature_vectors
+from melbo_lens.core.host import Host
 from melbo_lens.core.prompts import PromptSet
 from melbo_lens.core.segment import Segment
 from melbo_lens.core.sites import HookSite
@@ -56,7 +57,7 @@ class FeatureComparison:
 
 
 def compare_with_features(
-    model: Any,
+    model: Host,
     prompts: PromptSet,
     vectors: SteeringVectors,
     index: int,

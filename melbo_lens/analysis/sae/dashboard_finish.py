@@ -15,11 +15,14 @@ from torch import Tensor
 from melbo_lens.analysis.sae.dashboard_result import FeatureDashboards, sae_digest, windows_of
 from melbo_lens.analysis.sae.dashboard_state import DashboardState
 from melbo_lens.analysis.sae.loading import decoder_directions, hook_name
+from melbo_lens.core.host import Host
 
 __all__ = ["finish_dashboards", "logit_effects"]
 
 
-def logit_effects(model: Any, directions: Float[Tensor, "n d_model"]) -> Float[Tensor, "n d_vocab"]:
+def logit_effects(
+    model: Host, directions: Float[Tensor, "n d_model"]
+) -> Float[Tensor, "n d_vocab"]:
     """Each direction's direct effect on the logits: through the final norm's affine part
     and the unembedding, ``(center(d) * w_ln) @ W_U``.
 
@@ -44,7 +47,7 @@ def logit_effects(model: Any, directions: Float[Tensor, "n d_model"]) -> Float[T
 
 
 def finish_dashboards(
-    model: Any,
+    model: Host,
     sae: SAE,
     state: DashboardState,
     rows: Tensor,
@@ -108,7 +111,7 @@ def finish_dashboards(
 
 
 def _logit_summaries(
-    model: Any, sae: SAE, latents: list[int], n: int, block: int = 256
+    model: Host, sae: SAE, latents: list[int], n: int, block: int = 256
 ) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor], Tensor, Tensor]:
     """Top and bottom `n` logit effects (ids, values), a 20-bin histogram of all of them and
     its (min, max), per latent; `block` latents at a time (a [d_sae, d_vocab] matrix of

@@ -46,6 +46,7 @@ from melbo_lens.analysis.sae.dashboard_result import FORMAT, FeatureDashboards, 
 from melbo_lens.analysis.sae.dashboard_state import DashboardState, merge_dashboard_states
 from melbo_lens.analysis.sae.loading import sae_site, warn_unfolded
 from melbo_lens.analysis.streaming import TopScores, hash_priority
+from melbo_lens.core.host import Host
 from melbo_lens.core.io import atomic_save_tensors, atomic_write_text, read_artifact
 from melbo_lens.core.segment import run_to_site
 from melbo_lens.core.sites import require_hook
@@ -66,7 +67,7 @@ STATE_FORMAT = "melbo_lens.feature_dashboards_state/1"
 
 
 # ---------------------------------------------------------------------- checks
-def check_sae_fits(model: Any, sae: SAE, *, allow_model_mismatch: bool = False) -> None:
+def check_sae_fits(model: Host, sae: SAE, *, allow_model_mismatch: bool = False) -> None:
     """An error naming the mismatch if `sae` was not made for `model` (width, hook, name)."""
     d_model = int(model.cfg.d_model)
     if int(sae.cfg.d_in) != d_model:
@@ -90,7 +91,7 @@ def _norm(name: str) -> str:
     return name.split("/")[-1].lower()
 
 
-def _model_digest(model: Any) -> str:
+def _model_digest(model: Host) -> str:
     h = hashlib.sha256()
     for t in (model.W_U[:, :256], model.W_E[:256]):
         h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
@@ -107,7 +108,7 @@ class _Settings:
     corr_every: int
     split: str | None
 
-    def key(self, model: Any, sae: SAE, corpus: Corpus) -> str:
+    def key(self, model: Host, sae: SAE, corpus: Corpus) -> str:
         parts = [
             FORMAT,
             _model_digest(model),
@@ -120,7 +121,7 @@ class _Settings:
 
 # ---------------------------------------------------------------------- the pass
 def _run_rows(
-    model: Any,
+    model: Host,
     sae: SAE,
     rows: Tensor,
     span: tuple[int, int],
@@ -154,7 +155,7 @@ def _run_rows(
 
 
 def prepare_pass(
-    model: Any,
+    model: Host,
     sae: SAE,
     corpus: Any,
     *,
@@ -208,7 +209,7 @@ def prepare_pass(
 
 
 def stamp(
-    dash: FeatureDashboards, model: Any, sae: SAE, corpus: Corpus, settings: _Settings
+    dash: FeatureDashboards, model: Host, sae: SAE, corpus: Corpus, settings: _Settings
 ) -> None:
     """Record where dashboards came from: the corpus, its digest and the cache key."""
     dash.info.update(
@@ -217,7 +218,7 @@ def stamp(
 
 
 def feature_dashboards(
-    model: Any,
+    model: Host,
     sae: SAE,
     corpus: Corpus | str | os.PathLike[str] | Sequence[str] = "melbo-chat-prose",
     *,
@@ -257,7 +258,7 @@ def feature_dashboards(
 
 
 def dashboard_shard(
-    model: Any,
+    model: Host,
     sae: SAE,
     corpus: Corpus | str | os.PathLike[str] | Sequence[str],
     shard: tuple[int, int],
@@ -280,7 +281,7 @@ def dashboard_shard(
 
 
 def _dashboard_pass(
-    model: Any,
+    model: Host,
     sae: SAE,
     corpus: Any,
     *,

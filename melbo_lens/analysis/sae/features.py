@@ -16,6 +16,7 @@ from torch import Tensor
 
 from melbo_lens.analysis.sae.decompose import check_fit
 from melbo_lens.analysis.sae.loading import decoder_directions, hook_name, sae_site, warn_unfolded
+from melbo_lens.core.host import Host
 from melbo_lens.core.prompts import PromptSet
 from melbo_lens.core.segment import run_to_site
 from melbo_lens.core.sites import HookSite, require_hook
@@ -91,14 +92,14 @@ class FeatureEffects:
         )
 
 
-def capture_sae_input(model: Any, prompts: PromptSet, site: HookSite) -> Tensor:
+def capture_sae_input(model: Host, prompts: PromptSet, site: HookSite) -> Tensor:
     """The activation at `site` for the prompts; the forward pass stops there."""
     with torch.no_grad():
         return run_to_site(model, prompts.tokens, prompts.attention_mask, site.name)
 
 
 def feature_effects(
-    model: Any,
+    model: Host,
     sae: SAE,
     vectors: SteeringVectors,
     index: int,
@@ -288,7 +289,7 @@ class FeatureClamp:
         values = torch.as_tensor(self.values)[idx]
         return FeatureClamp(self.sae, [self.features[int(i)] for i in idx], values)
 
-    def hooks(self, model: Any, rows: Any, scale: float = 1.0) -> list[tuple[str, Any]]:
+    def hooks(self, model: Host, rows: Any, scale: float = 1.0) -> list[tuple[str, Any]]:
         site = require_hook(model, self.site)
         warn_unfolded(self.sae)
         d_model = int(model.cfg.d_model)
@@ -349,7 +350,7 @@ def _check_features(features: Sequence[int], d_sae: int) -> Sequence[int]:
 
 @contextmanager
 def clamp_feature(
-    model: Any,
+    model: Host,
     sae: SAE,
     feature: int,
     value: float | Tensor,

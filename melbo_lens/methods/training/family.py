@@ -10,12 +10,14 @@ forward pass, not in their training loop.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import torch
 from torch import Tensor
 
+from melbo_lens.core.host import Host
 from melbo_lens.core.prompts import PromptSet
 from melbo_lens.core.segment import Segment
 from melbo_lens.core.sites import HookSite, check_sites
@@ -33,8 +35,20 @@ Params = dict[str, Tensor]
 Callback = Callable[[Any], "bool | None"]
 
 
-class Family(Protocol):
-    """What differs between trainable perturbations. Tensors have the member axis first."""
+class TrainedArtifact(Protocol):
+    """What the loop does with an artifact: record metadata and save it."""
+
+    metadata: dict[str, Any]
+
+    def save(self, path: str | os.PathLike[str]) -> Any: ...
+
+
+A = TypeVar("A", bound=TrainedArtifact)  # the artifact a family builds (SteeringVectors, ...)
+
+
+class Family(Protocol[A]):
+    """What differs between trainable perturbations. Tensors have the member axis first.
+    `Family[A]` builds artifacts of type A, which is what `train` returns for it."""
 
     noun: str  # "vector", "adapter": used in messages and progress bars
     prompts: PromptSet  # what the run trains on (a resumed run must match them)
@@ -78,15 +92,15 @@ class Family(Protocol):
         """Zero parameters of all n members (the store the loop fills)."""
         ...
 
-    def load(self, path: str) -> Any:
+    def load(self, path: str) -> A:
         """An artifact of this family from a file (to resume from)."""
         ...
 
-    def params_of(self, artifact: Any) -> Params:
+    def params_of(self, artifact: A) -> Params:
         """The parameters stored in an artifact of this family."""
         ...
 
-    def artifact(self, params: Params, record: dict[str, Any], metadata: dict[str, Any]) -> Any:
+    def artifact(self, params: Params, record: dict[str, Any], metadata: dict[str, Any]) -> A:
         """The artifact for `params` of all members with the training record."""
         ...
 
@@ -103,7 +117,7 @@ class FamilyBase:
     """What every family shares: its config, the prompts and model name it records, and
     the provenance fields of the artifact it builds."""
 
-    def __init__(self, config: Any, model: Any, prompts: PromptSet) -> None:
+    def __init__(self, config: Any, model: Host, prompts: PromptSet) -> None:
         self.config, self.prompts = config, prompts
         self.model_name = getattr(model.cfg, "model_name", None)
         self.auto: dict[str, Any] = {}  # what `methods.defaults` chose for this run
@@ -121,7 +135,7 @@ class FamilyBase:
 
 
 def check_prompts_and_sites(
-    model: Any, prompts: PromptSet, source: HookSite, target: HookSite
+    model: Host, prompts: PromptSet, source: HookSite, target: HookSite
 ) -> None:
     """The checks every `train_*` entry point makes before anything runs."""
     check_prompt_set(prompts)

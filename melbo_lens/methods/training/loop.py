@@ -22,12 +22,12 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from melbo_lens.core.checks import is_int
-from melbo_lens.core.host import frozen
+from melbo_lens.core.host import Host, frozen
 from melbo_lens.core.io import OutputExists, exclusive_lock
 from melbo_lens.core.memory import pass_memory, rows_per_pass
 from melbo_lens.core.prompts import PromptSet
 from melbo_lens.core.segment import Segment
-from melbo_lens.methods.training.family import Callback, Family
+from melbo_lens.methods.training.family import A, Callback, Family
 from melbo_lens.methods.training.group import Group
 from melbo_lens.methods.training.health import (
     check_finite,
@@ -42,11 +42,11 @@ __all__ = ["train"]
 
 
 def train(
-    model: Any,
+    model: Host,
     prompts: PromptSet,
-    family: Family,
+    family: Family[A],
     *,
-    resume: Any | None = None,
+    resume: A | str | None = None,
     progress: bool = True,
     callback: Callback | None = None,
     checkpoint: str | os.PathLike[str] | None = None,
@@ -54,7 +54,7 @@ def train(
     compile: bool = False,
     overwrite: bool = False,
     max_rows_per_pass: int | str | None = None,
-) -> Any:
+) -> A:
     """Run the loop over `family`; returns `family.artifact(...)` of all members.
 
     `resume` (an artifact of this family or its path) continues an earlier run of the
@@ -101,7 +101,9 @@ class _Run:
     max_rows_per_pass: int | str | None
 
 
-def _run(model: Any, prompts: PromptSet, family: Family, resume: Any | None, run: _Run) -> Any:
+def _run(
+    model: Host, prompts: PromptSet, family: Family[A], resume: A | str | None, run: _Run
+) -> A:
     """A resumed run that finished already, as saved; else the loop (`_loop`)."""
     prior = family.load(resume) if isinstance(resume, str) else resume  # read once
     if prior is not None:
@@ -112,7 +114,7 @@ def _run(model: Any, prompts: PromptSet, family: Family, resume: Any | None, run
 
 
 def _metadata(
-    family: Family, spec: LoopSpec, segment: Segment, model: Any, rows: int
+    family: Family, spec: LoopSpec, segment: Segment, model: Host, rows: int
 ) -> dict[str, Any]:
     """What the artifact records about how the loop ran."""
     return {
@@ -133,7 +135,7 @@ def _metadata(
     }
 
 
-def _loop(model: Any, prompts: PromptSet, family: Family, prior: Any | None, run: _Run) -> Any:
+def _loop(model: Host, prompts: PromptSet, family: Family[A], prior: Any | None, run: _Run) -> A:
     """The loop itself (see `train`)."""
     device = prompts.tokens.device
     spec = LoopSpec.of(family.config, n=family.n, per_batch=family.per_batch)
@@ -148,7 +150,7 @@ def _loop(model: Any, prompts: PromptSet, family: Family, prior: Any | None, run
     max_rows = rows_per_pass(memory, rows, run.max_rows_per_pass, device)
     meta = _metadata(family, spec, segment, model, max_rows or rows)
 
-    def artifact(state: dict[str, Tensor], seconds: float) -> Any:
+    def artifact(state: dict[str, Tensor], seconds: float) -> A:
         return family.artifact(
             {n: v.detach().cpu().clone() for n, v in store.items()},
             {

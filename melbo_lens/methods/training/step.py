@@ -47,7 +47,7 @@ def pieces(k: int, n: int, max_rows: int | None) -> list[tuple[slice, Tensor | N
     Examples:
         >>> [(p.start, p.stop) for p, _ in pieces(4, 3, 6)]
         [(0, 2), (2, 4)]
-        >>> [(m.start, list(i)) for m, i in pieces(1, 5, 2)]
+        >>> [(m.start, i.tolist()) for m, i in pieces(1, 5, 2)]
         [(0, [0, 1]), (0, [2, 3]), (0, [4])]
     """
     if max_rows is None or k * n <= max_rows:
