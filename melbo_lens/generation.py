@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
-from jaxtyping import Float
+from jaxtyping import Float, Int
 from torch import Tensor
 
 from melbo_lens.core.checks import is_int, is_positive
@@ -78,8 +78,8 @@ def generate_tokens(
     model: Host,
     site: HookSite | None,
     row_vectors: Float[Tensor, "rows d_model"] | None,
-    tokens: Tensor,
-    mask: Tensor,
+    tokens: Int[Tensor, "rows pos"],
+    mask: Int[Tensor, "rows pos"],
     *,
     max_new_tokens: int,
     do_sample: bool,

@@ -24,7 +24,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-from jaxtyping import Float
+from jaxtyping import Float, Int
 from torch import Tensor
 
 from melbo_lens.core.host import Host, d_model_of, n_layers_of, supports_layer_slicing
@@ -40,8 +40,8 @@ class _ReachedTarget(Exception):
 
 def run_to_site(
     model: Host,
-    tokens: Tensor,
-    attention_mask: Tensor,
+    tokens: Int[Tensor, "batch pos"],
+    attention_mask: Int[Tensor, "batch pos"],
     site: str,
     hooks: Sequence[tuple[str, Any]] = (),
 ) -> Tensor:
@@ -179,7 +179,7 @@ class Segment:
         out = self._forward(None, idx, hooks)
         return out.view(k, n, *out.shape[1:])
 
-    def subset(self, prompt_index: Tensor) -> Segment:
+    def subset(self, prompt_index: Int[Tensor, " k"]) -> Segment:
         """This segment restricted to some prompts (sharing the cached prefix): for
         splitting a step's rows into passes. Trailing padding the chosen prompts do not
         need is trimmed, which leaves every real token's activations as they are."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import torch
+from jaxtyping import Float
 from torch import Tensor
 
 __all__ = ["Method", "logistic_probe", "mean_difference", "pca_directions", "unit_direction"]
@@ -16,7 +17,9 @@ Method = Literal["mean_difference", "pca", "probe"]
 
 
 # ---------------------------------------------------------------------- directions
-def mean_difference(P: Tensor, N: Tensor) -> Tensor:
+def mean_difference(
+    P: Float[Tensor, "n_pos d_model"], N: Float[Tensor, "n_neg d_model"]
+) -> Float[Tensor, " d_model"]:
     """mean_i (P_i − N_i) as a [1, d] float64 direction (ActAdd, CAA).
 
     Examples:
@@ -26,7 +29,9 @@ def mean_difference(P: Tensor, N: Tensor) -> Tensor:
     return (P.double() - N.double()).mean(0, keepdim=True)
 
 
-def pca_directions(P: Tensor, N: Tensor, n_components: int, center: bool) -> tuple[Tensor, Tensor]:
+def pca_directions(
+    P: Float[Tensor, "n d_model"], N: Float[Tensor, "n d_model"], n_components: int, center: bool
+) -> tuple[Tensor, Tensor]:
     """Unit principal directions of the paired differences and their variance shares."""
     D = P.double() - N.double()
     if center:
@@ -50,7 +55,9 @@ def pca_directions(P: Tensor, N: Tensor, n_components: int, center: bool) -> tup
     return dirs * sign[:, None], share[:n_components]
 
 
-def logistic_probe(P: Tensor, N: Tensor, l2: float, max_iter: int) -> tuple[Tensor, dict[str, Any]]:
+def logistic_probe(
+    P: Float[Tensor, "n_pos d_model"], N: Float[Tensor, "n_neg d_model"], l2: float, max_iter: int
+) -> tuple[Float[Tensor, " d_model"], dict[str, Any]]:
     """Unit weight direction of an L2 logistic-regression probe (positive = label 1)."""
     with torch.inference_mode(False):  # trainable even when called under inference_mode
         return _fit_probe(P.clone(), N.clone(), l2, max_iter)
@@ -110,7 +117,12 @@ def _fit_probe(P: Tensor, N: Tensor, l2: float, max_iter: int) -> tuple[Tensor, 
     return w / w.norm(), info
 
 
-def unit_direction(method: Method, P: Tensor, N: Tensor, options: dict[str, Any]) -> Tensor:
+def unit_direction(
+    method: Method,
+    P: Float[Tensor, "n_pos d_model"],
+    N: Float[Tensor, "n_neg d_model"],
+    options: dict[str, Any],
+) -> Tensor:
     if method == "mean_difference":
         v = mean_difference(P, N)[0]
         return v / v.norm().clamp_min(1e-300)

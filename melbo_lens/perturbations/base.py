@@ -25,6 +25,7 @@ from contextlib import contextmanager
 from typing import Any, Protocol, runtime_checkable
 
 import torch
+from jaxtyping import Float, Int
 from torch import Tensor
 
 from melbo_lens.core.host import Host
@@ -77,7 +78,9 @@ def row_members(rows: Rows, n_members: int, noun: str = "member") -> Tensor:
     return torch.tensor(out, dtype=torch.long)
 
 
-def pick_members(table: Tensor, members: Tensor) -> Tensor:
+def pick_members(
+    table: Float[Tensor, "members ..."], members: Int[Tensor, " rows"]
+) -> Float[Tensor, "rows ..."]:
     """Rows `members` of a per-member table; index -1 gives zeros (an unperturbed row).
 
     Examples:

@@ -18,6 +18,8 @@ import argparse
 from typing import Any
 
 import torch
+from jaxtyping import Float
+from torch import Tensor
 
 from melbo_lens.core.host import Host
 from melbo_lens.core.prompts import PromptSet
@@ -37,7 +39,7 @@ PREVIOUS_DEFAULT: dict[str, Any] = dict(starts_per_vector=1, solver="amsgrad", s
 FIXED_WINDOW: dict[str, Any] = dict(slot_tol=0)  # every slot runs all its steps
 
 
-def delta_similarity(segment: Segment, vectors: torch.Tensor) -> float:
+def delta_similarity(segment: Segment, vectors: Float[Tensor, "n d_model"]) -> float:
     """Mean |cos| between the target deltas of different vectors (masked, flattened)."""
     with torch.no_grad():
         z = segment.run(vectors)
@@ -49,7 +51,7 @@ def delta_similarity(segment: Segment, vectors: torch.Tensor) -> float:
         return float((gram.sum() - gram.diagonal().sum()) / (k * (k - 1))) if k > 1 else 0.0
 
 
-def rank_ratios(new: torch.Tensor, old: torch.Tensor) -> list[float]:
+def rank_ratios(new: Float[Tensor, " n"], old: Float[Tensor, " m"]) -> list[float]:
     """Ratios of the two runs' objectives, each sorted from the largest.
 
     Examples:

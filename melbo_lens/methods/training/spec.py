@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from jaxtyping import Float
 from torch import Tensor
 
 from melbo_lens.core.sites import HookSite
@@ -94,7 +95,7 @@ def phases(spec: LoopSpec) -> list[tuple[list[int], int]]:
     return [(indices, spec.steps) for indices in groups_of(spec)]
 
 
-def plateaued(curve: Tensor, tol: float, span: int = 2) -> bool:
+def plateaued(curve: Float[Tensor, " steps"], tol: float, span: int = 2) -> bool:
     """Whether a slot's best objective so far (`curve`: the best candidate's objective at
     each step of the phase) rose by at most `tol` of its value over the last `span`
     steps. `tol=0` never stops early. The rule reads only the record, so a resumed run

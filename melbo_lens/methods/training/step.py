@@ -6,6 +6,7 @@ pass)."""
 from __future__ import annotations
 
 import torch
+from jaxtyping import Float
 from torch import Tensor
 
 from melbo_lens.core.segment import Segment
@@ -16,7 +17,9 @@ from melbo_lens.methods.training.spec import LoopSpec
 __all__ = ["backward", "objective_of", "pieces"]
 
 
-def objective_of(segment: Segment, z: Tensor, spec: LoopSpec) -> Tensor:
+def objective_of(
+    segment: Segment, z: Float[Tensor, "k n pos d_model"], spec: LoopSpec
+) -> Float[Tensor, " k"]:
     """MELBO's objective of each member from its target activations z [k, n, pos, d]."""
     # on a model split over devices z comes from the target block's device
     mask = segment.prompts.target_mask.to(z.device).expand(z.shape[:-1])

@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 
 import torch
+from jaxtyping import Float
 from torch import Tensor
 
 from melbo_lens.core.segment import Segment
@@ -36,7 +37,7 @@ __all__ = ["COLLAPSED", "Window", "member_basis", "new_group"]
 COLLAPSED = 0.1  # relative length left after projection below which a candidate restarts
 
 
-def member_basis(directions: Tensor) -> Tensor | None:
+def member_basis(directions: Float[Tensor, "k m d"]) -> Float[Tensor, "r d"] | None:
     """Orthonormal rows spanning all direction rows of the given members (rank-revealing)."""
     rows = directions.reshape(-1, directions.shape[-1]).double()
     if rows.shape[0] == 0:
