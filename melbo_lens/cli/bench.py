@@ -24,6 +24,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--slots", type=int, default=32, help="orthogonal vectors for the time-to-N timing"
     )
     p.add_argument(
+        "--noise-seed",
+        type=int,
+        default=None,
+        help="with --vectors: also run the fixed-step window from this seed, to show the "
+        "rank-by-rank spread a change of seed alone causes",
+    )
+    p.add_argument(
         "--reference-slots",
         type=int,
         default=None,

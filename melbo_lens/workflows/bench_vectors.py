@@ -6,7 +6,10 @@ same window with fixed steps per slot (`slot_tol=0`, the default before the
 convergence stop), one start per vector with the default's solver and steps, and the
 previous default (one AMSGrad start per vector, 300 steps; `PREVIOUS_DEFAULT`).
 Objectives are compared rank by rank (each run's objectives sorted): slot-by-slot
-ratios mislead when one run finds two directions in the other order.
+ratios mislead when one run finds two directions in the other order. With
+`--noise-seed S` the fixed-step window also runs from seed S, and the same rank-by-rank
+ratios between its two seeds give the spread that a change of seed alone causes (the
+scale against which the default's ratios are read).
 Diversity is the mean |cos| between the vectors' target deltas (lower: more diverse).
 
 (g) Vector 0 on a model with a planted direction behind a threshold, per seed.
@@ -111,6 +114,11 @@ def time_to_vectors(
         "fixed": int(fixed.record("steps_done").sum()),
     }
     vs_fixed = rank_ratios(objectives["default"], objectives["fixed"])
+    noise_seed = getattr(args, "noise_seed", None)
+    seed_spread = None
+    if noise_seed is not None:
+        other = run(n, **new_kw, **FIXED_WINDOW, seed=noise_seed)
+        seed_spread = rank_ratios(other.record("objective"), objectives["fixed"])
     vs_previous = rank_ratios(objectives["default"][:m], objectives["previous"])
     diversity = {
         "default": delta_similarity(segment, new.vectors),
@@ -148,7 +156,14 @@ def time_to_vectors(
         + "\n"
         f"    objectives rank by rank, default / fixed steps: {_summary(vs_fixed)}\n"
         f"      [{', '.join(f'{r:.3g}' for r in vs_fixed)}]\n"
-        f"    rank by rank, default / previous default (first {m}): {_summary(vs_previous)}\n"
+        + (
+            ""
+            if seed_spread is None
+            else f"    the same, fixed steps seed {noise_seed} / seed {base.get('seed', 0)} (what "
+            f"a change of seed alone does): {_summary(seed_spread)}\n"
+            f"      [{', '.join(f'{r:.3g}' for r in seed_spread)}]\n"
+        )
+        + f"    rank by rank, default / previous default (first {m}): {_summary(vs_previous)}\n"
         f"    diversity (mean |cos| of target deltas, lower is more diverse), all {n}: "
         f"default {diversity['default']:.3f}, fixed steps {diversity['fixed']:.3f}; first "
         f"{m}: default {diversity['default_first']:.3f}, previous {diversity['previous_first']:.3f}"
@@ -163,6 +178,8 @@ def time_to_vectors(
         "objectives": {k: v.tolist() for k, v in objectives.items()},
         "rank_ratio_vs_fixed": vs_fixed,
         "rank_ratio_vs_previous": vs_previous,
+        "noise_seed": noise_seed,
+        "rank_ratio_fixed_other_seed": seed_spread,
         "speedup_vs_fixed": s["fixed"] / s["default"],
         "speedup_vs_previous_default": s["previous"] / s["default"],
         "naive_seconds": naive_s,
