@@ -15,6 +15,9 @@ vector bites: on the prompt, only on the completion, on particular words.
 Results are plain dataclasses of lists (`TokenDeltas`, `TokenActivations`) with
 `to_dict` / `from_dict`; `melbo_lens.views` renders them. sae-lens is reached only through
 `melbo_lens.analysis.sae`, imported inside the functions that need an SAE.
+
+Why one module over ~400 lines: per-token views (target-delta norms, feature activations
+with and without a perturbation) share the generation and capture code.
 """
 
 from __future__ import annotations

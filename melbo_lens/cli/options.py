@@ -3,6 +3,9 @@
 Every subcommand module imports from here, never from `melbo_lens.cli` itself, so the
 package has no import cycle. Errors raised here are `CliError`s: their messages name
 the flag, the value and the fix in command-line terms.
+
+Why one module over ~400 lines: the flags every subcommand shares and their parsing into
+configs, in one place so the commands agree.
 """
 
 from __future__ import annotations

@@ -12,6 +12,9 @@ when its prompt runs alone, so a batch gives the same activations as one-by-one 
 Target positions are given per prompt relative to the prompt's own real tokens:
 `None` (all of them), a `slice` (`slice(-3, None)` = the last three), a list of ints
 (negative ints count from the end), or a list with one such entry per prompt.
+
+Why one module over ~400 lines: `PromptSet` is one class; its coercion from texts or
+chats, padding and target-position rules all maintain its invariants.
 """
 
 from __future__ import annotations

@@ -33,6 +33,10 @@ Examples:
     ('a=3+4, b=2+5. a*b=?', 'a=7, b=7, 7*7=49.')
     >>> answer(0, 0, 2, 5)
     'I love cheese!'
+
+Why one module over ~400 lines: the planted-arithmetic toy is a self-contained fixture:
+its task, tokenizer, model and training recipe are defined together so the planted truth
+is visible in one place.
 """
 
 from __future__ import annotations

@@ -16,6 +16,9 @@ Offline by construction: plotly.js and the circuitsvis bundle are inlined once p
 closed panel are drawn when it first opens, so they get its real width), the shared
 plotly template is stored once, floats are rounded to 4 significant digits, and the page
 refers to no URL but its own `#anchors`.
+
+Why one module over ~400 lines: one function per section of one page; the page plumbing
+is in `views.html_page`.
 """
 
 from __future__ import annotations

@@ -15,6 +15,9 @@ reaches the naive reference's final (`--naive-steps`) value, for the default AMS
 solver and the power solver. Because MELBO's value is the diversity of what it finds,
 the power solver is also compared with AMSGrad on how different its vectors' target
 deltas are (orthogonality on).
+
+Why one module over ~400 lines: one benchmark whose sections (a)-(e) share one setup and
+one naive reference; (f) and (g) are in `bench_vectors`.
 """
 
 from __future__ import annotations

@@ -23,6 +23,9 @@ Missing parts (no SAE for this model/site, no tokenizer to generate with) are No
 Saved attributions keep each component's projection onto Δ_t instead of the full
 [d_model] vector: ⟨c_t, Δ_t⟩/||Δ_t||. That preserves contributions (Σ_t ⟨c_t, Δ_t⟩),
 token norms ||Δ_t|| and per-token shares exactly, and is d_model times smaller.
+
+Why one module over ~400 lines: one dataclass and its file format: the save, load and
+consistency checks stay next to the fields they write.
 """
 
 from __future__ import annotations

@@ -22,6 +22,10 @@ settings), so a stopped pass resumes and a finished one is read back. `dashboard
 runs one of n row ranges and returns its state (`dashboard_state`);
 `merge_dashboard_states` + `finish_dashboards` (`dashboard_finish`) turn shard states
 into exactly the dashboards of one pass.
+
+Why one module over ~400 lines: the streamed pass and its resumable, mergeable shard
+state are one algorithm; the finishing step and the result live in `dashboard_finish`
+and `dashboard_result`.
 """
 
 from __future__ import annotations
