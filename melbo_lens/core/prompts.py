@@ -19,6 +19,7 @@ chats, padding and target-position rules all maintain its invariants.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -379,16 +380,38 @@ class PromptSet:
         return [torch.nonzero(m).flatten().tolist() for m in self.target_mask]
 
     def to_dict(self) -> dict[str, Any]:
+        """Plain JSON: the tokens, the target positions as resolved, the texts, the labels
+        shown to a reader, and the target-position spec as given (its repr when it is not
+        plain JSON, such as a slice; the resolved positions are what round-trips).
+
+        Examples:
+            >>> ps = PromptSet.from_tokens(None, [[5, 6]], target_positions=slice(-1, None),
+            ...                            labels=["hi"])
+            >>> d = ps.to_dict(); d["targets"], d["labels"], d["target_spec"]
+            ([[1]], ['hi'], 'slice(-1, None, None)')
+            >>> PromptSet.from_dict(d).labels
+            ('hi',)
+        """
+        try:
+            spec = json.loads(json.dumps(self.target_spec))
+        except TypeError:  # a slice, or a list holding one
+            spec = repr(self.target_spec)
         return {
             "tokens": self.token_lists(),
             "targets": self.target_lists(),
             "texts": list(self.texts) if self.texts is not None else None,
+            "labels": list(self.labels) if self.labels is not None else None,
+            "target_spec": spec,
         }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], model: Host | None = None) -> PromptSet:
         return cls.from_tokens(
-            model, data["tokens"], target_positions=data["targets"], texts=data.get("texts")
+            model,
+            data["tokens"],
+            target_positions=data["targets"],
+            texts=data.get("texts"),
+            labels=data.get("labels"),
         )
 
 

@@ -211,6 +211,8 @@ def test_to_dict_from_dict_round_trip():
         "tokens": ROWS,
         "targets": [[2, 3], [0], [0, 2]],
         "texts": ["x", "y", "z"],
+        "labels": None,
+        "target_spec": "[slice(-2, None, None), [0], [0, -1]]",  # as given, for a reader
     }
     back = PromptSet.from_dict(data)
     assert torch.equal(back.tokens, ps.tokens)
