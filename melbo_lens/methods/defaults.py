@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from melbo_lens.core.host import Host, n_layers_of
@@ -36,6 +36,7 @@ from melbo_lens.core.sites import HookSite, check_sites
 from melbo_lens.methods.radius import RadiusChoice, search_radius
 
 __all__ = [
+    "AutoChoices",
     "SOURCE_DEPTH",
     "TARGET_DEPTH",
     "default_positions",
@@ -104,6 +105,36 @@ def default_positions(
     }
 
 
+@dataclass(frozen=True)
+class AutoChoices:
+    """What the defaults chose for a run, as the artifact keeps it (`metadata["auto"]`):
+    the sites and their rule, the target positions left out and their rule, and the
+    radius search's result. Every reader of that record goes through `of`.
+
+    Examples:
+        >>> AutoChoices.of({"auto": {"positions": {"rule": "r", "excluded": [[0]]}}}).positions
+        {'rule': 'r', 'excluded': [[0]]}
+        >>> AutoChoices.of({}).to_dict()
+        {}
+    """
+
+    sites: dict[str, Any] | None = None
+    positions: dict[str, Any] | None = None
+    radius: dict[str, Any] | None = None
+
+    @classmethod
+    def of(cls, metadata: dict[str, Any] | None) -> AutoChoices:
+        """The choices recorded in an artifact's metadata (none: nothing was automatic)."""
+        auto = (metadata or {}).get("auto") or {}
+        return cls(auto.get("sites"), auto.get("positions"), auto.get("radius"))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+    def radius_choice(self) -> RadiusChoice | None:
+        return None if self.radius is None else RadiusChoice.from_dict(self.radius)
+
+
 def resolve_defaults(
     model: Host,
     prompts: PromptSet,
@@ -136,7 +167,7 @@ def resolve_defaults(
         say(progress, f"auto positions: {left} outlier-norm position(s) left out")
     if config.radius == "auto":
         if prior is not None:
-            saved = (prior.metadata or {}).get("auto", {}).get("radius")
+            saved = AutoChoices.of(prior.metadata).radius
             if saved is None:
                 raise ValueError(
                     f"the run being resumed chose no radius automatically (it used "
@@ -163,16 +194,16 @@ def describe_defaults(metadata: dict[str, Any] | None) -> dict[str, str]:
         {'target positions (auto)': 'left out [[0], []] (per prompt): r'}
     """
     meta = metadata or {}
-    auto = meta.get("auto") or {}
+    auto = AutoChoices.of(meta)
     out = {}
-    if "sites" in auto:
-        sites = auto["sites"]
+    if auto.sites is not None:
+        sites = auto.sites
         out["sites (auto)"] = f"{sites['source']} -> {sites['target']}: {sites['rule']}"
-    if "positions" in auto:
-        pos = auto["positions"]
+    if auto.positions is not None:
+        pos = auto.positions
         out["target positions (auto)"] = f"left out {pos['excluded']} (per prompt): {pos['rule']}"
-    if "radius" in auto:
-        choice = RadiusChoice.from_dict(auto["radius"])
+    choice = auto.radius_choice()
+    if choice is not None:
         line = choice.summary()
         train = meta.get("train_seconds")
         if train:
