@@ -75,9 +75,13 @@ def without_norm_outliers(
 ) -> tuple[PromptSet, list[list[int]]]:
     """`prompts` with the outlier-norm positions at `site` left out of the target mask,
     and the positions left out per prompt. A prompt keeps at least its non-outliers (the
-    median token is never an outlier), so every prompt keeps a target position."""
+    median token is never an outlier), so every prompt keeps a target position. The
+    result's `target_spec` is its positions, explicit now, so a later call on it (a
+    radius probe, a resumed run) keeps them without another forward pass."""
     norms = residual_norms(model, prompts, site)
     mask = prompts.target_mask
     outliers = norm_outliers(norms, mask.to(norms.device), factor).to(mask.device)
     excluded = [torch.nonzero(row).flatten().tolist() for row in outliers]
-    return replace(prompts, target_mask=mask & ~outliers), excluded
+    kept = mask & ~outliers
+    positions = [torch.nonzero(row).flatten().tolist() for row in kept]
+    return replace(prompts, target_mask=kept, target_spec=positions), excluded

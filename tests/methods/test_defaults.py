@@ -186,3 +186,29 @@ def test_auto_radius_errors_name_the_field():
         MelboConfig(radius=-1)
     with pytest.raises(ValueError, match="is chosen by train_steering_vectors"):
         MelboConfig().radius_value()
+
+
+def test_positions_are_resolved_once_for_the_run_and_all_its_radius_probes(tiny_model, monkeypatch):
+    """The outlier rule runs one forward pass for the whole default run; the radius
+    search's probes re-enter `train_steering_vectors` with the resolved prompts, whose
+    positions are explicit now, and keep them as they are."""
+    import melbo_lens.methods.defaults as defaults
+
+    calls = []
+    real = defaults.without_norm_outliers
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(defaults, "without_norm_outliers", counted)
+    prompts = PromptSet.from_tokens(tiny_model, TOKENS)
+    vectors = train_steering_vectors(tiny_model, prompts, MelboConfig(n_vectors=2), progress=False)
+    choice = RadiusChoice.from_dict(vectors.metadata["auto"]["radius"])
+    assert len(choice.radii) >= 2  # the search probed several radii
+    assert len(calls) == 1
+    assert "positions" in vectors.metadata["auto"]
+    assert vectors.prompts["targets"] == [
+        [t for t in range(len(row)) if t not in out]
+        for row, out in zip(TOKENS, vectors.metadata["auto"]["positions"]["excluded"], strict=True)
+    ]
