@@ -34,6 +34,7 @@ from typing import Any
 import torch
 
 from melbo_lens.analysis.corpus import DEFAULT_CORPUS, Corpus, Document, corpus_dir, write_built
+from melbo_lens.core.progress import say
 
 __all__ = ["RECIPE_VERSION", "build_corpus", "is_prose"]
 
@@ -220,9 +221,8 @@ def build_corpus(
 
     from melbo_lens.models import toy
 
-    if progress:
-        roots = " and ".join(str(d) for d in doc_roots)
-        print(f"  corpus: reading prose under {site}{' and ' + roots if roots else ''}", flush=True)
+    roots = " and ".join(str(d) for d in doc_roots)
+    say(progress, f"  corpus: reading prose under {site}{' and ' + roots if roots else ''}")
     for prompt in toy.clean_prompts(arithmetic, seed=seed):
         digits = toy.prompt_digits(prompt)
         text = toy.clean_answer(*digits)
@@ -265,8 +265,8 @@ def build_corpus(
             )
         else:
             add(Document(text=text, split=_split_of(text), source=source))
-        if progress and len(docs) % 1000 == 0:
-            print(f"  corpus: {len(docs)} documents, {n_tokens:,} tokens", flush=True)
+        if len(docs) % 1000 == 0:
+            say(progress, f"  corpus: {len(docs)} documents, {n_tokens:,} tokens")
     corpus = Corpus(docs, name)
     manifest = {
         "format": "melbo_lens.corpus/1",
@@ -289,8 +289,7 @@ def build_corpus(
         "seconds": round(time.perf_counter() - start, 1),
     }
     write_built(corpus, Path(out) if out is not None else corpus_dir(name), manifest)
-    if progress:
-        print(f"  corpus {name!r}: {corpus.counts()}, {n_tokens:,} tokens", flush=True)
+    say(progress, f"  corpus {name!r}: {corpus.counts()}, {n_tokens:,} tokens")
     return corpus
 
 

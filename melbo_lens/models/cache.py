@@ -20,7 +20,6 @@ import json
 import logging
 import os
 import shutil
-import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -32,6 +31,7 @@ from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 from melbo_lens.core.host import hooked_transformer_is_the_host
 from melbo_lens.core.io import temporary_beside
+from melbo_lens.core.progress import say
 
 if TYPE_CHECKING:
     from transformer_lens.model_bridge import TransformerBridge
@@ -83,10 +83,10 @@ def build_entry(
     entry.parent.mkdir(parents=True, exist_ok=True)
     if entry.exists():  # a directory without a manifest is an interrupted or damaged entry
         remove_tree(entry)
-    print(  # the conversion's progress bars follow; say why they appear only once
+    say(  # the conversion's progress bars follow; say why they appear only once
+        True,
         f"melbo_lens: first use of {spec.name}: converting it to a HookedTransformer once "
         f"(about a minute); later loads read the cache at {entry}",
-        file=sys.stderr,
     )
     work = temporary_beside(entry, directory=True)
     try:

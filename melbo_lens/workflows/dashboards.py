@@ -20,6 +20,7 @@ from functools import partial
 from typing import Any
 
 from melbo_lens.core.host import Host
+from melbo_lens.core.progress import say
 
 __all__ = ["sharded_dashboards"]
 
@@ -95,6 +96,5 @@ def sharded_dashboards(
     dash = finish_dashboards(model, sae_obj, merge_dashboard_states(states), rows, settings)
     stamp(dash, model, sae_obj, c, settings)
     dash.info.update(shards=shards, executor=executor)
-    if progress:
-        print(f"  dashboards: {shards} shards ({executor}) merged: {dash!r}", flush=True)
+    say(progress, f"  dashboards: {shards} shards ({executor}) merged: {dash!r}")
     return dash
