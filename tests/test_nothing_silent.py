@@ -146,7 +146,8 @@ def _poison(step: int, value: float):
 @pytest.mark.parametrize("value,problem", [(float("nan"), "NaN/inf"), (0.0, "zero")])
 def test_04_bad_values_stop_training_at_their_step(tiny_model, tmp_path, value, problem):
     ps = PromptSet.from_tokens(tiny_model, [[1, 2, 3, 4]])
-    cfg = MelboConfig(HookSite(1), HookSite(3), n_vectors=1, radius=4.0, steps=30)
+    # fixed steps: the poisoned step 12 must come before the slot could plateau
+    cfg = MelboConfig(HookSite(1), HookSite(3), n_vectors=1, radius=4.0, steps=30, slot_tol=0)
     path = tmp_path / "ckpt.safetensors"
     with pytest.raises(
         TrainingError, match=rf"at step 13 for vector 0 \(start 0\): objective is .*{problem}"

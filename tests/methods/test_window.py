@@ -291,13 +291,10 @@ def test_an_early_stopped_run_resumes_bit_exactly(threshold_planted, tmp_path):
     resumed = train_steering_vectors(
         model, prompts, cfg, progress=False, resume=str(path), checkpoint=path
     )
-    torch.testing.assert_close(resumed.vectors, whole.vectors, rtol=0, atol=0)
+    assert torch.equal(resumed.vectors, whole.vectors)
     assert torch.equal(resumed.record("steps_done"), whole.record("steps_done"))
-    torch.testing.assert_close(
-        resumed.record("losses").nan_to_num(-1),
-        whole.record("losses").nan_to_num(-1),
-        rtol=0,
-        atol=0,
+    assert torch.equal(
+        resumed.record("losses").nan_to_num(-1), whole.record("losses").nan_to_num(-1)
     )
 
 

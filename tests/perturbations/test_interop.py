@@ -50,12 +50,12 @@ def test_gguf_round_trip_in_repeng_layout(tmp_path):
     np.testing.assert_array_equal(np.asarray(tensor.data, np.float32), vecs[1].numpy())
     back = import_control_vector(path)
     assert back.layers == (2,) and back.metadata["model_hint"] == "llama"
-    torch.testing.assert_close(back.vectors[0, 0], vecs[1], rtol=0, atol=0)
-    torch.testing.assert_close(back.at(2).vectors[0], vecs[1], rtol=0, atol=0)
+    assert torch.equal(back.vectors[0, 0], vecs[1])
+    assert torch.equal(back.at(2).vectors[0], vecs[1])
     with pytest.raises(OutputExists, match="overwrite=True"):
         export_control_vector(sv, path, model_hint="llama", index=0)
     export_control_vector(sv, path, model_hint="llama", index=0, overwrite=True)
-    torch.testing.assert_close(import_control_vector(path).vectors[0, 0], vecs[0], rtol=0, atol=0)
+    assert torch.equal(import_control_vector(path).vectors[0, 0], vecs[0])
 
 
 def test_llama_cpp_refuses_layer_0_and_so_does_the_export(tmp_path):
@@ -97,18 +97,18 @@ def test_layer_vectors_add_at_every_layer(tiny_model):
         by_hand = tiny_model(tokens)
     with lv.apply(tiny_model, 1):
         ours = tiny_model(tokens)
-    torch.testing.assert_close(ours, by_hand, rtol=0, atol=0)
+    assert torch.equal(ours, by_hand)
     with LayerVectors(vecs[:, :1], (1,)).apply(tiny_model, 0):
         one = tiny_model(tokens)
     with lv.at(1).apply(tiny_model, 0):
         as_sv = tiny_model(tokens)
-    torch.testing.assert_close(one, as_sv, rtol=0, atol=0)
+    assert torch.equal(one, as_sv)
     with lv.apply(tiny_model, [None, 0]):
         rows = tiny_model(tokens)
     plain = tiny_model(tokens)
-    torch.testing.assert_close(rows[0], plain[0], rtol=0, atol=0)
+    assert torch.equal(rows[0], plain[0])
     with lv.apply(tiny_model, 0):
-        torch.testing.assert_close(rows[1], tiny_model(tokens)[1], rtol=0, atol=0)
+        assert torch.equal(rows[1], tiny_model(tokens)[1])
     assert not tiny_model.hook_dict["blocks.1.hook_resid_post"].fwd_hooks  # removed
     with pytest.raises(IndexError, match="out of range"):
         lv.hooks(tiny_model, 2)
@@ -121,7 +121,7 @@ def test_steering_vectors_round_trip():
     assert theirs.layer_type == "decoder_block" and list(theirs.layer_activations) == [5]
     back = from_steering_vector(theirs)
     assert back.layers == (5,)
-    torch.testing.assert_close(back.vectors[0, 0], sv.vectors[1], rtol=0, atol=0)
+    assert torch.equal(back.vectors[0, 0], sv.vectors[1])
 
 
 def test_a_model_with_attached_saes_is_refused_with_how_to_detach():
