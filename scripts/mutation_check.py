@@ -148,8 +148,8 @@ MUTANTS = [
     Mutant(
         "window_records_candidate_0",
         "melbo_lens/methods/training/phase.py",
-        "kept = [int(torch.argmax(obj))] if window else slice(None)",
-        "kept = [0] if window else slice(None)",
+        "kept = [int(torch.argmax(obj))] if self.window else slice(None)",
+        "kept = [0] if self.window else slice(None)",
         ("tests/methods/test_window.py::test_recorded_step_objective_is_the_best_candidates",),
     ),
     Mutant(
@@ -211,8 +211,8 @@ MUTANTS = [
     Mutant(
         "plateau_not_checked_on_resume",
         "melbo_lens/methods/training/phase.py",
-        "if window is not None and plateaued(",
-        "if False and plateaued(",
+        "            self.bar.update(n_steps - first)\n            return\n",
+        "            pass\n",
         ("tests/methods/test_window.py::test_an_early_stopped_run_resumes_bit_exactly",),
     ),
 ]
