@@ -181,3 +181,17 @@ def test_train_cli_with_only_a_prompt_chooses_and_records_everything(tmp_path, c
     norm = sv.metadata["auto"]["radius"]["residual_norm"]
     assert sv.config["radius"] == chosen and 2**-6 * norm <= chosen <= 4 * norm
     assert sv.prompts["targets"][0][0] == 1  # position 0 is out
+
+
+def test_cli_trains_for_the_consistency_objective(tmp_path, capsys):
+    """`melbo-lens train --objective consistency` from the command line, on two prompts."""
+    from melbo_lens.cli import main
+
+    out = tmp_path / "c"
+    argv = ["train", "--prompt", CHATS[0], "--prompt", CHATS[1], "--out", str(out)]
+    argv += ["--n-vectors", "1", "--radius", "8", "--source", "7", "--target"]
+    argv += ["blocks.22.hook_resid_pre", "--steps", "3", "--objective", "consistency", "--quiet"]
+    assert main(argv) == 0
+    sv = SteeringVectors.load(out / "vectors.safetensors")
+    assert sv.config["objective"] == "consistency" and sv.metadata["objective"] == "consistency"
+    assert -1.0 <= float(sv.record("objective")[0]) <= 1.0  # a mean cosine

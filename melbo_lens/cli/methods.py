@@ -68,6 +68,8 @@ def _train_adapters(args: argparse.Namespace, source, orthogonal, path: Path, re
         lr=lr_option(args.lr),
         orthogonal=orthogonal,
         seed=args.seed,
+        objective=args.objective,
+        consistency_weight=args.consistency_weight,
     )
     adapters, seconds = train_checkpointed(
         train_steering_adapters, model, ps, config, args, path, resume

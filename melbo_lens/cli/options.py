@@ -320,6 +320,19 @@ def add_training_args(p: argparse.ArgumentParser, *, n_vectors: int) -> None:
         help="a window's slot ends once its best objective rose by at most this fraction over "
         "2 steps ('auto': 1e-3 power, 0 AMSGrad; 0: run every step)",
     )
+    t.add_argument(
+        "--objective",
+        choices=["melbo", "consistency", "melbo+consistency"],
+        default="melbo",
+        help="what each vector maximises: MELBO's change at the target, the consistency of "
+        "that change across prompts (mean pairwise cosine; needs >= 2 prompts), or both",
+    )
+    t.add_argument(
+        "--consistency-weight",
+        type=positive_float,
+        default=1.0,
+        help="weight of the consistency term in --objective melbo+consistency",
+    )
     t.add_argument("--lr", default="auto", help="'auto' (0.011·R/√d_model) or a number")
     t.add_argument(
         "--orthogonal",
@@ -390,6 +403,8 @@ def melbo_config(args: argparse.Namespace, radius: Any):
         starts_per_vector=args.starts_per_vector,
         slot_steps=args.slot_steps,
         slot_tol=args.slot_tol,
+        objective=args.objective,
+        consistency_weight=args.consistency_weight,
     )
 
 

@@ -114,6 +114,8 @@ class AdapterConfig(LoopConfig):
     adapters_per_batch: int | None = None
     amsgrad: bool | None = None
     seed: int = 0
+    objective: Literal["melbo", "consistency", "melbo+consistency"] = "melbo"
+    consistency_weight: float = 1.0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "target", as_site(self.target))

@@ -13,6 +13,7 @@ from typing import Any, TypeVar
 
 from melbo_lens.core.checks import is_int, is_positive
 from melbo_lens.core.sites import HookSite
+from melbo_lens.methods.training.objective import OBJECTIVES
 
 __all__ = [
     "AUTO_SLOT_STEPS",
@@ -253,6 +254,12 @@ def _loop_problems(config: Any) -> list[str]:
         )
     if config.solver not in ("auto", "amsgrad", "power"):
         problems.append(f"solver must be 'auto', 'amsgrad' or 'power', got {config.solver!r}")
+    objective = getattr(config, "objective", "melbo")
+    if objective not in OBJECTIVES:
+        problems.append(f"objective must be one of {list(OBJECTIVES)}, got {objective!r}")
+    weight = getattr(config, "consistency_weight", 1.0)
+    if not is_positive(weight):
+        problems.append(f"consistency_weight must be a finite number > 0, got {weight!r}")
     if config.soft_on not in ("vectors", "deltas"):
         problems.append(f"soft_on must be 'vectors' or 'deltas', got {config.soft_on!r}")
     if len(config.betas) != 2 or not all(0 <= b < 1 for b in config.betas):

@@ -17,7 +17,12 @@ from torch import Tensor
 
 from melbo_lens.core.segment import Segment
 
-__all__ = ["melbo_objective", "melbo_objective_per_prompt", "cosine_penalty"]
+__all__ = [
+    "consistency_per_member",
+    "cosine_penalty",
+    "melbo_objective",
+    "melbo_objective_per_prompt",
+]
 
 
 def melbo_objective_per_prompt(
@@ -72,6 +77,45 @@ def melbo_objective(
         12.0
     """
     return melbo_objective_per_prompt(steered, unsteered, mask, power=power, q=q).sum()
+
+
+def consistency_per_member(
+    steered: Float[Tensor, "*members n pos d_model"],
+    unsteered: Float[Tensor, "*members n pos d_model"],
+    mask: Bool[Tensor, "*members n pos"],
+) -> Float[Tensor, "*members"]:
+    """How alike a perturbation's effect is across prompts: the mean pairwise cosine
+    between the prompts' mean target deltas d_i = mean_{t ∈ I_i} (Z_t(θ) − Z_t(0)),
+
+        C = 1/(n(n−1)) Σ_{i≠j} cos(d_i, d_j)   ∈ [−1, 1],
+
+    1 when every prompt's target moves the same way (the cross-prompt term of NoiseCLR-
+    style objectives), about 0 when the moves are unrelated. Needs n >= 2 prompts; a
+    prompt whose delta is zero counts as cosine 0 with every other.
+
+    Examples:
+        >>> u = torch.zeros(2, 1, 2)                      # 2 prompts, 1 position, d=2
+        >>> m = torch.ones(2, 1, dtype=torch.bool)
+        >>> same = torch.tensor([[[1.0, 0.0]], [[3.0, 0.0]]])
+        >>> opposite = torch.tensor([[[1.0, 0.0]], [[-1.0, 0.0]]])
+        >>> float(consistency_per_member(same, u, m)), float(consistency_per_member(opposite, u, m))
+        (1.0, -1.0)
+    """
+    n = steered.shape[-3]
+    if n < 2:
+        raise ValueError(
+            f"the consistency objective compares prompts with each other and needs at least 2, "
+            f"got {n}; add prompts or use objective='melbo'"
+        )
+    if steered.dtype in (torch.float16, torch.bfloat16):
+        steered = steered.float()
+    m = mask[..., None].to(steered.dtype)
+    delta = (steered - unsteered.to(steered.dtype)) * m
+    mean = delta.sum(-2) / m.sum(-2).clamp_min(1.0)  # [*members, n, d]
+    unit = torch.nn.functional.normalize(mean, dim=-1)
+    gram = unit @ unit.transpose(-1, -2)
+    off = gram.sum((-1, -2)) - gram.diagonal(dim1=-2, dim2=-1).sum(-1)
+    return off / (n * (n - 1))
 
 
 def cosine_penalty(vectors: Float[Tensor, "k d"]) -> Float[Tensor, ""]:

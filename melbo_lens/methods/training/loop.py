@@ -126,6 +126,7 @@ def _metadata(
         "rows_per_pass": rows,
         "steps": spec.steps,
         "solver": spec.solver,
+        "objective": spec.objective.name,
         **(
             {"starts": spec.starts, "slot_steps": spec.slot_steps, "slot_tol": spec.slot_tol}
             if spec.windowed
@@ -139,6 +140,7 @@ def _loop(model: Host, prompts: PromptSet, family: Family[A], prior: Any | None,
     """The loop itself (see `train`)."""
     device = prompts.tokens.device
     spec = LoopSpec.of(family.config, n=family.n, per_batch=family.per_batch)
+    spec.objective.check(len(prompts))
     plan = phases(spec)
     store = family.empty(device)
     steps = max(n_steps for _, n_steps in plan) if spec.n else spec.steps

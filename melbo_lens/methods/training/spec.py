@@ -12,6 +12,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from melbo_lens.core.sites import HookSite
+from melbo_lens.methods.training.objective import Melbo, Objective, make_objective
 
 __all__ = ["LoopSpec", "groups_of", "phases", "plateaued"]
 
@@ -36,6 +37,7 @@ class LoopSpec:
     starts: int = 1  # candidate starts per slot (orthogonal="sequential" only)
     slot_steps: int = 0  # steps between acceptances after the first (starts > 1)
     slot_tol: float = 0.0  # a window's slot ends when its best stops improving (`plateaued`)
+    objective: Objective = Melbo()  # what each member maximises (`training.objective`)
 
     @property
     def windowed(self) -> bool:
@@ -68,6 +70,12 @@ class LoopSpec:
             starts=config.starts,
             slot_steps=config.loop_slot_steps(),
             slot_tol=config.loop_slot_tol(),
+            objective=make_objective(
+                getattr(config, "objective", "melbo"),
+                power=config.power,
+                q=config.q,
+                weight=getattr(config, "consistency_weight", 1.0),
+            ),
         )
 
 

@@ -10,7 +10,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from melbo_lens.core.segment import Segment
-from melbo_lens.methods.objectives import cosine_penalty, melbo_objective_per_prompt
+from melbo_lens.methods.objectives import cosine_penalty
 from melbo_lens.methods.training.group import Group
 from melbo_lens.methods.training.spec import LoopSpec
 
@@ -20,13 +20,9 @@ __all__ = ["backward", "objective_of", "pieces"]
 def objective_of(
     segment: Segment, z: Float[Tensor, "k n pos d_model"], spec: LoopSpec
 ) -> Float[Tensor, " k"]:
-    """MELBO's objective of each member from its target activations z [k, n, pos, d]."""
-    # on a model split over devices z comes from the target block's device
-    mask = segment.prompts.target_mask.to(z.device).expand(z.shape[:-1])
-    per_prompt = melbo_objective_per_prompt(
-        z, segment.unsteered.to(z.device).expand_as(z), mask, power=spec.power, q=spec.q
-    )
-    return per_prompt.sum(-1)
+    """The run's objective (`spec.objective`) of each member from its target
+    activations z [k, n, pos, d]."""
+    return spec.objective(segment, z)
 
 
 def _loss(segment: Segment, group: Group, spec: LoopSpec) -> tuple[Tensor, Tensor]:
@@ -78,6 +74,13 @@ def backward(segment: Segment, group: Group, spec: LoopSpec, max_rows: int | Non
         raise ValueError(
             "soft_on='deltas' compares every member's target deltas, so a step cannot be "
             "split into passes; use soft_on='vectors', or a larger max_rows_per_pass"
+        )
+    if spec.objective.couples_prompts and any(index is not None for _, index in parts):
+        raise ValueError(
+            f"objective={spec.objective.name!r} compares a member's effect across all its "
+            f"prompts, so one member's prompts cannot be split into passes; use a "
+            f"max_rows_per_pass of at least {len(segment.prompts)} (the prompts), or "
+            "objective='melbo'"
         )
     objective = torch.zeros(k, device=segment.unsteered.device)
     for members, prompt_index in parts:
