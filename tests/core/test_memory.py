@@ -52,7 +52,11 @@ def test_estimate_matches_the_measured_peak_and_splitting_lowers_it():
     # block) came within 0.85-1.17 of the measured peak over three shapes; allow 0.6-1.6
     assert 0.6 < estimate / whole < 1.6, (estimate, whole)
     quarter, _ = _probe(4)
-    assert quarter < 0.5 * whole, (quarter, whole)
+    # the unsplit peak is bimodal under glibc's dynamic mmap threshold (346 or 532 MB in
+    # back-to-back runs of this probe) while 4-row passes peak at ~185 MB: the ratio
+    # ranged 0.35-0.55, so 0.5 failed now and then; 0.7 still fails if splitting stopped
+    # lowering the peak (the fixed part is ~90 MB of the 185)
+    assert quarter < 0.7 * whole, (quarter, whole)
 
 
 def test_rows_per_pass_fails_early_naming_the_need_and_the_knob(monkeypatch):
