@@ -32,8 +32,13 @@ OBJECTIVES = ("melbo", "consistency", "melbo+consistency")
 class Objective(Protocol):
     """One value per member from its target activations (larger is better)."""
 
-    name: str
-    couples_prompts: bool
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def couples_prompts(self) -> bool:
+        """Whether a member's value needs all its prompts in one pass."""
+        ...
 
     def __call__(
         self, segment: Segment, z: Float[Tensor, "k n pos d_model"]
