@@ -195,3 +195,19 @@ def test_cli_trains_for_the_consistency_objective(tmp_path, capsys):
     sv = SteeringVectors.load(out / "vectors.safetensors")
     assert sv.config["objective"] == "consistency" and sv.metadata["objective"] == "consistency"
     assert -1.0 <= float(sv.record("objective")[0]) <= 1.0  # a mean cosine
+
+
+def test_cli_trains_for_an_answers_log_probability(tmp_path):
+    """`melbo-lens train --objective logprob --continuation ...`: the target is chosen as
+    the last block's output, and the saved objective is the answer's log-probability."""
+    from melbo_lens.cli import main
+
+    out = tmp_path / "l"
+    argv = ["train", "--prompt", CHATS[0], "--out", str(out), "--n-vectors", "1"]
+    argv += ["--radius", "8", "--source", "7", "--steps", "3", "--objective", "logprob"]
+    argv += ["--continuation", "I love cheese!", "--quiet"]
+    assert main(argv) == 0
+    sv = SteeringVectors.load(out / "vectors.safetensors")
+    assert sv.target == HookSite(29, "resid_post") and sv.metadata["objective"] == "logprob"
+    assert float(sv.record("objective")[0]) < 0  # a sum of log-probabilities
+    assert main(argv[:-3] + ["--quiet", "--overwrite"]) == 2  # logprob without an answer

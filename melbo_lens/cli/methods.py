@@ -23,6 +23,7 @@ from melbo_lens.cli.options import (
     site_or_auto,
     sites_option,
     train_checkpointed,
+    training_prompts,
 )
 from melbo_lens.cli.output import claimed_output
 from melbo_lens.models.zoo import load_model
@@ -54,7 +55,7 @@ def _train_adapters(args: argparse.Namespace, source, orthogonal, path: Path, re
     from melbo_lens.methods.adapters import AdapterConfig, train_steering_adapters
 
     model = load_model(args.model, bridge=args.bridge)
-    ps = prompt_set(model, read_prompts(args), not args.no_chat, args.target_positions)
+    ps = training_prompts(model, read_prompts(args), args)
     auto_source, target = sites_option(args, model)
     config = AdapterConfig(
         (source or auto_source).layer,

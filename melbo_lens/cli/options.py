@@ -231,6 +231,35 @@ def prompt_set(model: Host, prompts: list[Any], chat: bool, target_spec: str):
     return PromptSet.coerce(model, prompts, chat=chat, target_positions=positions)
 
 
+def training_prompts(model: Host, prompts: list[Any], args: argparse.Namespace):
+    """The prompts a training command trains on: with --objective logprob, each prompt
+    followed by its --continuation (teacher forcing), else `prompt_set`."""
+    from melbo_lens.core.prompts import PromptSet
+
+    continuations = getattr(args, "continuation", None)
+    if getattr(args, "objective", "melbo") != "logprob":
+        if continuations:
+            raise CliError(
+                f"--continuation is the answer --objective logprob scores; with --objective "
+                f"{args.objective} drop it"
+            )
+        return prompt_set(model, prompts, not args.no_chat, args.target_positions)
+    if not continuations:
+        raise CliError(
+            "--objective logprob scores an answer: give it with --continuation TEXT (one for "
+            "all prompts, or one per prompt)"
+        )
+    if args.target_positions != "auto":
+        raise CliError(
+            "--objective logprob scores the --continuation tokens; drop --target-positions"
+        )
+    texts = continuations[0] if len(continuations) == 1 else continuations
+    try:
+        return PromptSet.with_continuations(model, prompts, texts, chat=not args.no_chat)
+    except ValueError as err:
+        raise CliError(f"--continuation: {err}") from None
+
+
 # ---------------------------------------------------------------------- option groups
 def add_prompt_args(p: argparse.ArgumentParser | Any, *, positions: bool = True) -> None:
     """--prompt, --prompts-file, --no-chat (and --target-positions)."""
@@ -322,10 +351,16 @@ def add_training_args(p: argparse.ArgumentParser, *, n_vectors: int) -> None:
     )
     t.add_argument(
         "--objective",
-        choices=["melbo", "consistency", "melbo+consistency"],
+        choices=["melbo", "consistency", "melbo+consistency", "logprob"],
         default="melbo",
         help="what each vector maximises: MELBO's change at the target, the consistency of "
         "that change across prompts (mean pairwise cosine; needs >= 2 prompts), or both",
+    )
+    t.add_argument(
+        "--continuation",
+        action="append",
+        help="with --objective logprob: the answer whose log-probability is maximised "
+        "(repeatable: one for all prompts, or one per prompt)",
     )
     t.add_argument(
         "--consistency-weight",
@@ -414,7 +449,7 @@ def train_vectors(args: argparse.Namespace, prompts: list[Any], path: Path, resu
     from melbo_lens.models.zoo import load_model
 
     model = load_model(args.model, bridge=args.bridge)
-    ps = prompt_set(model, prompts, not args.no_chat, args.target_positions)
+    ps = training_prompts(model, prompts, args)
     config = melbo_config(args, args.radius)
     vectors, seconds = train_checkpointed(
         train_steering_vectors, model, ps, config, args, path, resume

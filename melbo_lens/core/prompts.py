@@ -372,6 +372,46 @@ class PromptSet:
             return [str(t) for t in self.token_lists()]
         return [tokenizer.decode(t) for t in self.token_lists()]
 
+    @classmethod
+    def with_continuations(
+        cls,
+        model: Host,
+        prompts: PromptSet | str | Sequence[Any],
+        continuations: str | Sequence[str],
+        *,
+        chat: bool = True,
+    ) -> PromptSet:
+        """Prompts followed by given continuations (teacher forcing), the target positions
+        being those that predict a continuation token: what a log-probability objective
+        scores. One continuation for all prompts, or one per prompt.
+
+        Examples:
+            >>> ps = PromptSet.with_continuations(model, "hi", "ok", chat=False)
+            >>> len(ps.token_lists()[0]) == len(ps.target_lists()[0]) + 1 + 1
+            True
+        """
+        base = cls.coerce(model, prompts, chat=chat)
+        texts = (
+            [continuations] * len(base) if isinstance(continuations, str) else list(continuations)
+        )
+        if len(texts) != len(base):
+            raise ValueError(
+                f"continuations: got {len(texts)} for {len(base)} prompts; give one for all "
+                "or one per prompt"
+            )
+        tokenizer = model.tokenizer
+        if tokenizer is None:
+            raise ValueError("continuations are text: the model needs a tokenizer")
+        rows, positions = [], []
+        for row, text in zip(base.token_lists(), texts, strict=True):
+            cont = list(tokenizer.encode(text, add_special_tokens=False))
+            if not cont:
+                raise ValueError(f"continuation {text!r} has no tokens")
+            rows.append(row + cont)
+            positions.append(list(range(len(row) - 1, len(row) + len(cont) - 1)))
+        shown = [f"{p} -> {t}" for p, t in zip(base.display(tokenizer), texts, strict=True)]
+        return cls.from_tokens(model, rows, target_positions=positions, labels=shown)
+
     def token_lists(self) -> list[list[int]]:
         return [t[m].tolist() for t, m in zip(self.tokens, self.attention_mask, strict=True)]
 

@@ -114,7 +114,7 @@ class AdapterConfig(LoopConfig):
     adapters_per_batch: int | None = None
     amsgrad: bool | None = None
     seed: int = 0
-    objective: Literal["melbo", "consistency", "melbo+consistency"] = "melbo"
+    objective: Literal["melbo", "consistency", "melbo+consistency", "logprob"] = "melbo"
     consistency_weight: float = 1.0
 
     def __post_init__(self) -> None:

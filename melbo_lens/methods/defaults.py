@@ -147,6 +147,9 @@ def resolve_defaults(
     """(config with sites and radius filled in, prompts with the default positions, the
     record of what was chosen). A run resumed from `prior` reuses its radius."""
     auto: dict[str, Any] = {}
+    if getattr(config, "objective", "melbo") == "logprob" and config.target is None:
+        # the log-probability objective reads the logits: the target is the last block
+        config = replace(config, target=HookSite(n_layers_of(model) - 1, "resid_post"))
     if config.source is None or config.target is None:
         source, target = default_sites(n_layers_of(model))
         _check_one_auto(config, source, target)

@@ -119,7 +119,7 @@ class MelboConfig(LoopConfig):
     starts_per_vector: int | Literal["auto"] = "auto"
     slot_steps: int | Literal["auto"] = "auto"
     slot_tol: float | Literal["auto"] = "auto"
-    objective: Literal["melbo", "consistency", "melbo+consistency"] = "melbo"
+    objective: Literal["melbo", "consistency", "melbo+consistency", "logprob"] = "melbo"
     consistency_weight: float = 1.0
 
     @property

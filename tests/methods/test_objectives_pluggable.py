@@ -151,3 +151,117 @@ def test_what_the_consistency_objective_refuses(tiny_model):
         MelboConfig(objective="reach")
     with pytest.raises(ValueError, match="consistency_weight must be a finite number > 0"):
         MelboConfig(objective="melbo+consistency", consistency_weight=-1.0)
+
+
+# ---------------------------------------------------------------------- logprob
+ANSWER_TOKENS = [7, 7, 3]
+
+
+def _continued(model):
+    rows = [row + ANSWER_TOKENS for row in TOKENS]
+    positions = [list(range(len(row) - 1, len(row) + len(ANSWER_TOKENS) - 1)) for row in TOKENS]
+    return PromptSet.from_tokens(model, rows, target_positions=positions)
+
+
+def _answer_logprob(model, prompts, vector, site):
+    """Σ log p(answer tokens) from the full model's logits (independent of the segment)."""
+    from melbo_lens import steer
+
+    total = torch.zeros(())
+    for row, positions in zip(prompts.token_lists(), prompts.target_lists(), strict=True):
+        tokens = torch.tensor([row])
+        with torch.no_grad(), steer(model, site, vector):
+            logp = torch.log_softmax(model(tokens)[0].float(), -1)
+        total += sum(logp[t, row[t + 1]] for t in positions)
+    return float(total)
+
+
+def test_logprob_objective_is_the_full_models_log_probability(tiny_model):
+    prompts = _continued(tiny_model)
+    last = HookSite(tiny_model.cfg.n_layers - 1, "resid_post")
+    segment = Segment(tiny_model, HookSite(0), last, prompts)
+    from melbo_lens.methods.training.objective import LogProb
+
+    vectors = torch.randn(2, 32, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ours = LogProb()(segment, segment.run(vectors))
+    for j in range(2):
+        # tol: a sum of 9 log-probabilities of size ~4, float32 through two code paths
+        assert float(ours[j]) == pytest.approx(
+            _answer_logprob(tiny_model, prompts, vectors[j], HookSite(0)), rel=1e-5
+        )
+
+
+def test_training_for_logprob_makes_the_answer_likely_and_melbo_does_not(tiny_model):
+    prompts = _continued(tiny_model)
+    site = HookSite(0)
+    found = {}
+    for objective in ("logprob", "melbo"):
+        target = None if objective == "logprob" else HookSite(2)
+        cfg = MelboConfig(site, target, n_vectors=1, radius=4.0, objective=objective)
+        found[objective] = train_steering_vectors(tiny_model, prompts, cfg, progress=False)
+    trained = found["logprob"]
+    assert trained.target == HookSite(3, "resid_post")  # chosen for the objective
+    base = _answer_logprob(tiny_model, prompts, torch.zeros(32), site)
+    reached = _answer_logprob(tiny_model, prompts, trained.vectors[0], site)
+    melbo = _answer_logprob(tiny_model, prompts, found["melbo"].vectors[0], site)
+    assert reached == pytest.approx(float(trained.record("objective")[0]), rel=1e-5)
+    assert reached > base + 3.0 and reached > melbo + 3.0, (reached, base, melbo)
+
+
+def test_what_the_logprob_objective_refuses(tiny_model):
+    prompts = _continued(tiny_model)
+    cfg = MelboConfig(HookSite(0), HookSite(2), n_vectors=1, radius=2.0, objective="logprob")
+    with pytest.raises(ValueError, match="target must be blocks.3.hook_resid_post, got blocks.2"):
+        train_steering_vectors(tiny_model, prompts, cfg, progress=False)
+    bare = PromptSet.from_tokens(tiny_model, TOKENS, target_positions=slice(None))
+    cfg = MelboConfig(HookSite(0), HookSite(3), n_vectors=1, radius=2.0, objective="logprob")
+    with pytest.raises(ValueError, match="is its last token; build the prompts with"):
+        train_steering_vectors(tiny_model, bare, cfg, progress=False)
+
+
+def test_with_continuations_marks_the_positions_that_predict_the_answer(tiny_tok_model):
+    ps = PromptSet.with_continuations(tiny_tok_model, ["ab", "cde"], "xy", chat=False)
+    for row, positions in zip(ps.token_lists(), ps.target_lists(), strict=True):
+        answer = row[positions[0] + 1 :]
+        assert tiny_tok_model.tokenizer.decode(answer) == "xy"
+        assert positions == list(range(len(row) - 3, len(row) - 1))
+    with pytest.raises(ValueError, match="got 3 for 2 prompts"):
+        PromptSet.with_continuations(tiny_tok_model, ["ab", "cde"], ["x", "y", "z"], chat=False)
+
+
+@pytest.mark.parametrize(
+    "family,solver,orthogonal",
+    list(
+        itertools.product(
+            FAMILIES, ("amsgrad", "power"), ("sequential", "simultaneous", "soft", "none")
+        )
+    ),
+)
+def test_logprob_trains_and_resumes_in_every_combination(
+    tiny_model, tmp_path, family, solver, orthogonal
+):
+    train = FAMILIES[family][0]
+    last = HookSite(3, "resid_post")
+    common = dict(radius=2.0, steps=4, objective="logprob", solver=solver, orthogonal=orthogonal)
+    if family == "vectors":
+        config = MelboConfig(HookSite(0), last, n_vectors=2, slot_tol=0, **common)
+    else:
+        config = AdapterConfig(1, last, n_adapters=2, rank=1, **common)
+    prompts = _continued(tiny_model)
+    whole = train(tiny_model, prompts, config, progress=False)
+    calls = []
+    path = tmp_path / "run.safetensors"
+    part = train(
+        tiny_model,
+        prompts,
+        config,
+        progress=False,
+        checkpoint=path,
+        callback=lambda s: calls.append(1) or len(calls) < 3,
+    )
+    assert part.metadata["interrupted"]
+    resumed = train(tiny_model, prompts, config, progress=False, resume=str(path))
+    for name in ("vectors",) if family == "vectors" else ("omega_a", "omega_b"):
+        assert torch.equal(getattr(resumed, name), getattr(whole, name)), name
+    assert (whole.record("objective") < 0).all()  # sums of log-probabilities

@@ -140,7 +140,7 @@ def _loop(model: Host, prompts: PromptSet, family: Family[A], prior: Any | None,
     """The loop itself (see `train`)."""
     device = prompts.tokens.device
     spec = LoopSpec.of(family.config, n=family.n, per_batch=family.per_batch)
-    spec.objective.check(len(prompts))
+    spec.objective.check(model, prompts, spec.target)
     plan = phases(spec)
     store = family.empty(device)
     steps = max(n_steps for _, n_steps in plan) if spec.n else spec.steps

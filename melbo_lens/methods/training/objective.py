@@ -10,23 +10,31 @@ prompts in one pass (then a step cannot be split across prompt blocks):
   (`methods.objectives.consistency_per_member`): one consistent effect, whatever its
   size (the sphere fixes the size of θ);
 * `melbo+consistency`: MELBO's value plus `weight` × (its value, held constant) ×
-  consistency, so with weight 1 a perfectly consistent direction counts double.
+  consistency, so with weight 1 a perfectly consistent direction counts double;
+* `logprob`: Σ over target positions of log p(next token), teacher-forced: the prompts
+  carry their continuations (`PromptSet.with_continuations`) and the target is the last
+  block's output, read through the model's final norm and unembedding (supervised: the
+  perturbation that makes a given answer likely).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
+import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from melbo_lens.core.host import Host, n_layers_of
+from melbo_lens.core.prompts import PromptSet
 from melbo_lens.core.segment import Segment
+from melbo_lens.core.sites import HookSite
 from melbo_lens.methods.objectives import consistency_per_member, melbo_objective_per_prompt
 
-__all__ = ["OBJECTIVES", "Consistency", "Melbo", "Objective", "make_objective"]
+__all__ = ["OBJECTIVES", "Consistency", "LogProb", "Melbo", "Objective", "make_objective"]
 
-OBJECTIVES = ("melbo", "consistency", "melbo+consistency")
+OBJECTIVES = ("melbo", "consistency", "melbo+consistency", "logprob")
 
 
 class Objective(Protocol):
@@ -44,8 +52,8 @@ class Objective(Protocol):
         self, segment: Segment, z: Float[Tensor, "k n pos d_model"]
     ) -> Float[Tensor, " k"]: ...
 
-    def check(self, n_prompts: int) -> None:
-        """Refuse, before training, a prompt set this objective cannot use."""
+    def check(self, model: Host, prompts: PromptSet, target: HookSite) -> None:
+        """Refuse, before training, prompts or a target this objective cannot use."""
         ...
 
 
@@ -69,7 +77,7 @@ class Melbo:
         per_prompt = melbo_objective_per_prompt(z, unsteered, mask, power=self.power, q=self.q)
         return per_prompt.sum(-1)
 
-    def check(self, n_prompts: int) -> None:
+    def check(self, model: Host, prompts: PromptSet, target: HookSite) -> None:
         return None
 
 
@@ -91,12 +99,47 @@ class Consistency:
         melbo = melbo_objective_per_prompt(z, unsteered, mask, power=self.power, q=self.q).sum(-1)
         return melbo + self.weight * melbo.detach().abs() * c
 
-    def check(self, n_prompts: int) -> None:
-        if n_prompts < 2:
+    def check(self, model: Host, prompts: PromptSet, target: HookSite) -> None:
+        if len(prompts) < 2:
             raise ValueError(
                 f"objective={self.name!r} compares prompts with each other and needs at least "
-                f"2 prompts, got {n_prompts}; add prompts or use objective='melbo'"
+                f"2 prompts, got {len(prompts)}; add prompts or use objective='melbo'"
             )
+
+
+@dataclass(frozen=True)
+class LogProb:
+    """Teacher-forced log-probability of the continuations (see the module docstring)."""
+
+    name: str = "logprob"
+    couples_prompts: bool = False
+
+    def __call__(self, segment: Segment, z: Tensor) -> Tensor:
+        hooked: Any = segment.model  # a HookedTransformer's final norm and unembedding
+        k, n, pos, d = z.shape
+        logits = hooked.unembed(hooked.ln_final(z.reshape(k * n, pos, d))).reshape(k, n, pos, -1)
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        tokens = segment.prompts.tokens.to(z.device)
+        following = torch.roll(tokens, -1, dims=1)  # the token after each position
+        picked = logp.gather(-1, following[None, :, :, None].expand(k, n, pos, 1))[..., 0]
+        mask = segment.prompts.target_mask.to(z.device)
+        return torch.where(mask, picked, torch.zeros_like(picked)).sum((-1, -2))
+
+    def check(self, model: Host, prompts: PromptSet, target: HookSite) -> None:
+        last = n_layers_of(model) - 1
+        if target != HookSite(last, "resid_post"):
+            raise ValueError(
+                f"objective='logprob' reads the logits from the last block's output, so the "
+                f"target must be blocks.{last}.hook_resid_post, got {target.name}"
+            )
+        lengths = prompts.attention_mask.sum(-1)
+        for i, positions in enumerate(prompts.target_lists()):
+            if positions and max(positions) >= int(lengths[i]) - 1:
+                raise ValueError(
+                    f"objective='logprob' scores the token after each target position, and "
+                    f"prompt {i}'s target position {max(positions)} is its last token; build "
+                    "the prompts with PromptSet.with_continuations(model, prompts, answers)"
+                )
 
 
 def make_objective(name: str, *, power: float, q: float, weight: float) -> Objective:
@@ -107,4 +150,6 @@ def make_objective(name: str, *, power: float, q: float, weight: float) -> Objec
         return Consistency(None, power, q)
     if name == "melbo+consistency":
         return Consistency(weight, power, q, name="melbo+consistency")
+    if name == "logprob":
+        return LogProb()
     raise ValueError(f"objective must be one of {list(OBJECTIVES)}, got {name!r}")
