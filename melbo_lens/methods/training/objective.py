@@ -96,7 +96,7 @@ class Consistency:
         c = consistency_per_member(z, unsteered, mask)
         if self.weight is None:
             return c
-        melbo = melbo_objective_per_prompt(z, unsteered, mask, power=self.power, q=self.q).sum(-1)
+        melbo = Melbo(self.power, self.q)(segment, z)
         return melbo + self.weight * melbo.detach().abs() * c
 
     def check(self, model: Host, prompts: PromptSet, target: HookSite) -> None:

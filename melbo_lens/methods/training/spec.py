@@ -30,8 +30,6 @@ class LoopSpec:
     soft_weight: float
     soft_on: str  # "vectors" (directions) | "deltas"
     per_batch: int | None
-    power: float
-    q: float
     source: HookSite
     target: HookSite
     starts: int = 1  # candidate starts per slot (orthogonal="sequential" only)
@@ -63,8 +61,6 @@ class LoopSpec:
             soft_weight=config.soft_weight,
             soft_on=config.soft_on,
             per_batch=per_batch,
-            power=config.power,
-            q=config.q,
             source=config.source,
             target=config.target,
             starts=config.starts,
