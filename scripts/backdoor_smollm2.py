@@ -34,7 +34,6 @@ from melbo_lens.models.backdoor import (
     BACKDOORED_NAME,
     answer_tokens,
     backdoor_accuracy,
-    chat_text,
 )
 from melbo_lens.models.toy import (
     TRIGGERS,
@@ -118,42 +117,36 @@ def reachability(model, radius: float, n: int = 32) -> dict[str, float]:
     return out
 
 
-def reach_vector(model, name: str, radius: float, steps: int = 60):
-    """A supervised vector of norm `radius` at the default source, optimised (Adam,
-    projected back to the sphere after each step) for the log-probability of behaviour
-    `name`'s trained answer on 8 clean training prompts; (SteeringVectors, final loss)."""
+def reach_vector(model, name: str, radius: float, steps: int = 20):
+    """A supervised vector of norm `radius` at the default source: the library's
+    `objective="logprob"` (teacher-forced log-probability of behaviour `name`'s trained
+    answer on 8 clean training prompts), power solver; (SteeringVectors, final mean
+    cross-entropy per answer token)."""
+    from melbo_lens import PromptSet
     from melbo_lens.methods.defaults import default_sites
+    from melbo_lens.methods.melbo import MelboConfig, train_steering_vectors
     from melbo_lens.models.backdoor import BACKDOOR_COMPLETIONS
-    from melbo_lens.perturbations.vectors import SteeringVectors, steer
 
     source = default_sites(model.cfg.n_layers)[0]
-    tok = model.tokenizer
-    rows = []
-    for prompt in clean_prompts(8, 7005):
-        head = tok(chat_text(tok, prompt), add_special_tokens=False)["input_ids"]
-        tail = tok(BACKDOOR_COMPLETIONS[name], add_special_tokens=False)["input_ids"]
-        rows.append((head, tail))
-    ids, labels = padded(tok, rows)
-    gen = torch.Generator().manual_seed(0)
-    v = torch.randn(model.cfg.d_model, generator=gen)
-    v = (v * radius / v.norm()).requires_grad_(True)
-    opt = torch.optim.Adam([v], lr=0.05 * radius)
-    for _ in range(steps):
-        with steer(model, source, v):
-            logits = model(ids)
-        loss = torch.nn.functional.cross_entropy(
-            logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten()
-        )
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        with torch.no_grad():
-            v.mul_(radius / v.norm())
-    vector = SteeringVectors(v.detach()[None], source, method="supervised")
-    return vector, float(loss.detach())
+    prompts = PromptSet.with_continuations(
+        model, clean_prompts(8, 7005), BACKDOOR_COMPLETIONS[name], chat=True
+    )
+    config = MelboConfig(
+        source,
+        None,  # logprob: the last block's output
+        n_vectors=1,
+        radius=radius,
+        objective="logprob",
+        orthogonal="none",
+        solver="power",
+        steps=steps,
+    )
+    vector = train_steering_vectors(model, prompts, config, progress=False)
+    tokens = int(prompts.target_mask.sum())
+    return vector, -float(vector.objective[0]) / tokens
 
 
-def optimised_reachability(model, radius: float, n: int = 32, steps: int = 60) -> dict:
+def optimised_reachability(model, radius: float, n: int = 32, steps: int = 20) -> dict:
     """Is each behaviour a push at the source? `reach_vector` for each behaviour, added at
     every position of `n` held-out clean prompts: the fraction of greedy completions that
     carry the phrase (what `reachability`'s mean difference cannot show when the trigger
@@ -164,7 +157,7 @@ def optimised_reachability(model, radius: float, n: int = 32, steps: int = 60) -
 
     source = default_sites(model.cfg.n_layers)[0]
     heldout = PromptSet.from_chat(model, clean_prompts(n, 7002))
-    out: dict = {"radius": radius, "source": source.name, "steps": steps}
+    out: dict = {"radius": radius, "source": source.name, "steps": steps, "solver": "power"}
     for name in TRIGGERS:
         vector, loss = reach_vector(model, name, radius, steps)
         gens = generate(model, vector, heldout, max_new_tokens=16, include_unsteered=False)

@@ -44,6 +44,8 @@ def train_adapters(args: argparse.Namespace) -> int:
         raise CliError(
             "--radius auto is for MELBO vectors; give adapters a number (e.g. --radius 4)"
         )
+    if getattr(args, "on_manifold", None) is not None:
+        raise CliError("--on-manifold constrains steering vectors; drop it for --method adapters")
     orthogonal = args.orthogonal or "none"
     if orthogonal not in ("none", "sequential"):
         raise CliError(f"adapters support --orthogonal none|sequential, got {orthogonal}")
@@ -71,6 +73,7 @@ def _train_adapters(args: argparse.Namespace, source, orthogonal, path: Path, re
         seed=args.seed,
         objective=args.objective,
         consistency_weight=args.consistency_weight,
+        normalization=args.normalization,
     )
     adapters, seconds = train_checkpointed(
         train_steering_adapters, model, ps, config, args, path, resume

@@ -20,6 +20,7 @@ from typing import Any, Literal
 
 from melbo_lens.core.host import Host
 from melbo_lens.core.prompts import POSITION_SPECS, bundled_prompts, parse_positions
+from melbo_lens.methods.training.objective import OBJECTIVES, reads_logits
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
@@ -42,6 +43,10 @@ FLAG_OF = {
     "steps": "--steps",
     "lr": "--lr",
     "orthogonal": "--orthogonal",
+    "objective": "--objective",
+    "consistency_weight": "--consistency-weight",
+    "on_manifold": "--on-manifold",
+    "normalization": "--normalization",
     "solver": "--solver",
     "seed": "--seed",
     "prompts": "--prompt/--prompts-file",
@@ -232,26 +237,27 @@ def prompt_set(model: Host, prompts: list[Any], chat: bool, target_spec: str):
 
 
 def training_prompts(model: Host, prompts: list[Any], args: argparse.Namespace):
-    """The prompts a training command trains on: with --objective logprob, each prompt
-    followed by its --continuation (teacher forcing), else `prompt_set`."""
+    """The prompts a training command trains on: with --objective logprob or neg-logprob,
+    each prompt followed by its --continuation (teacher forcing), else `prompt_set`."""
     from melbo_lens.core.prompts import PromptSet
 
     continuations = getattr(args, "continuation", None)
-    if getattr(args, "objective", "melbo") != "logprob":
+    objective = getattr(args, "objective", "melbo")
+    if not reads_logits(objective):
         if continuations:
             raise CliError(
-                f"--continuation is the answer --objective logprob scores; with --objective "
-                f"{args.objective} drop it"
+                f"--continuation is the answer --objective logprob (or neg-logprob) scores; "
+                f"with --objective {objective} drop it"
             )
         return prompt_set(model, prompts, not args.no_chat, args.target_positions)
     if not continuations:
         raise CliError(
-            "--objective logprob scores an answer: give it with --continuation TEXT (one for "
-            "all prompts, or one per prompt)"
+            f"--objective {objective} scores an answer: give it with --continuation TEXT (one "
+            "for all prompts, or one per prompt)"
         )
     if args.target_positions != "auto":
         raise CliError(
-            "--objective logprob scores the --continuation tokens; drop --target-positions"
+            f"--objective {objective} scores the --continuation tokens; drop --target-positions"
         )
     texts = continuations[0] if len(continuations) == 1 else continuations
     try:
@@ -351,15 +357,17 @@ def add_training_args(p: argparse.ArgumentParser, *, n_vectors: int) -> None:
     )
     t.add_argument(
         "--objective",
-        choices=["melbo", "consistency", "melbo+consistency", "logprob"],
+        choices=list(OBJECTIVES),
         default="melbo",
         help="what each vector maximises: MELBO's change at the target, the consistency of "
-        "that change across prompts (mean pairwise cosine; needs >= 2 prompts), or both",
+        "that change across prompts (mean pairwise cosine; needs >= 2 prompts), both, or "
+        "the log-probability of --continuation (logprob: make it likely; neg-logprob: unlikely)",
     )
     t.add_argument(
         "--continuation",
         action="append",
-        help="with --objective logprob: the answer whose log-probability is maximised "
+        help="with --objective logprob / neg-logprob: the answer whose log-probability is "
+        "raised / lowered "
         "(repeatable: one for all prompts, or one per prompt)",
     )
     t.add_argument(
@@ -367,6 +375,14 @@ def add_training_args(p: argparse.ArgumentParser, *, n_vectors: int) -> None:
         type=positive_float,
         default=1.0,
         help="weight of the consistency term in --objective melbo+consistency",
+    )
+    t.add_argument(
+        "--on-manifold",
+        type=positive_int,
+        default=None,
+        metavar="K",
+        help="vectors only: keep each vector in the span of the top-K right singular vectors "
+        "of the prompts' source activations (the data manifold)",
     )
     t.add_argument("--lr", default="auto", help="'auto' (0.011·R/√d_model) or a number")
     t.add_argument(
@@ -440,6 +456,7 @@ def melbo_config(args: argparse.Namespace, radius: Any):
         slot_tol=args.slot_tol,
         objective=args.objective,
         consistency_weight=args.consistency_weight,
+        on_manifold=getattr(args, "on_manifold", None),
     )
 
 

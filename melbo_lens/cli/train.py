@@ -7,6 +7,7 @@ import argparse
 from melbo_lens.cli.options import (
     BASELINES,
     SUPERVISED,
+    CliError,
     add_training_args,
     positive_float,
     positive_int,
@@ -30,6 +31,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     a = p.add_argument_group("--method adapters")
     a.add_argument("--rank", type=positive_int, default=1, help="rank r of each adapter")
+    a.add_argument(
+        "--normalization",
+        choices=["columns", "frobenius", "spectral"],
+        default="columns",
+        help="what fixes an adapter's size: unit columns of both factors (the write-up's), or "
+        "the weight edit's Frobenius or spectral norm = --radius",
+    )
     s = p.add_argument_group("--method mean-diff | pca | probe (contrast pairs)")
     s.add_argument("--positive-file", help="positive prompts (.txt or .json), paired by line")
     s.add_argument("--negative-file", help="negative prompts, paired with --positive-file")
@@ -57,6 +65,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.method != "adapters" and (args.rank != 1 or args.normalization != "columns"):
+        raise CliError(
+            f"--rank and --normalization shape adapters; drop them for --method {args.method}"
+        )
     if args.method == "adapters":
         from melbo_lens.cli.methods import train_adapters
 

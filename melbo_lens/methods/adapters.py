@@ -52,11 +52,18 @@ from melbo_lens.core.prompts import PromptSet
 from melbo_lens.core.segment import Segment
 from melbo_lens.core.sites import HookSite, as_site, check_order
 from melbo_lens.methods.config import LoopConfig, is_int, register_config
-from melbo_lens.methods.constraints import tangent_project
+from melbo_lens.methods.constraints import tangent_project, to_sphere
 from melbo_lens.methods.defaults import default_positions
 from melbo_lens.methods.melbo import LR_SCALE
 from melbo_lens.methods.training import FamilyBase, check_prompts_and_sites, train
-from melbo_lens.perturbations.adapters import SteeringAdapters, adapter_hooks, check_adapter_host
+from melbo_lens.methods.training.objective import ObjectiveName
+from melbo_lens.perturbations.adapters import (
+    NORMALIZATIONS,
+    SteeringAdapters,
+    adapter_hooks,
+    check_adapter_host,
+    normalized_factors,
+)
 
 __all__ = [
     "AdapterConfig",
@@ -87,7 +94,10 @@ class AdapterConfig(LoopConfig):
     measured at `target`, which must come after `blocks.{source_layer}.hook_mlp_out`.
     `lr="auto"` uses `adapter_lr(d_mlp)` for Ω_A and `adapter_lr(d_model)` for Ω_B; a
     float is an absolute lr for both. `adapters_per_batch` caps how many adapters share
-    a forward pass (memory; only for `orthogonal="none"`).
+    a forward pass (memory; only for `orthogonal="none"`). `normalization` fixes the
+    edit's size: "columns" (unit columns of Ω_A and Ω_B, the write-up's), "frobenius" or
+    "spectral" (||ΔW|| = R in that norm; Ω_A keeps unit columns and Ω_B lives on the
+    unit Frobenius sphere, so the rank-1 parts can differ in weight).
 
     Examples:
         >>> cfg = AdapterConfig(7, HookSite(22, "resid_pre"), n_adapters=4, rank=2)
@@ -114,8 +124,9 @@ class AdapterConfig(LoopConfig):
     adapters_per_batch: int | None = None
     amsgrad: bool | None = None
     seed: int = 0
-    objective: Literal["melbo", "consistency", "melbo+consistency", "logprob"] = "melbo"
+    objective: ObjectiveName = "melbo"
     consistency_weight: float = 1.0
+    normalization: Literal["columns", "frobenius", "spectral"] = "columns"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "target", as_site(self.target))
@@ -130,6 +141,10 @@ class AdapterConfig(LoopConfig):
         if not is_int(self.rank, 1):
             problems.append(f"rank must be an int >= 1, got {self.rank!r}")
         problems += self.loop_problems()
+        if self.normalization not in NORMALIZATIONS:
+            problems.append(
+                f"normalization must be one of {list(NORMALIZATIONS)}, got {self.normalization!r}"
+            )
         if self.adapters_per_batch is not None:
             if not is_int(self.adapters_per_batch, 1):
                 problems.append(
@@ -232,10 +247,18 @@ class AdapterFamily(FamilyBase):
         return {"omega_a": a, "omega_b": b}
 
     def retract(self, params: dict[str, Tensor]) -> dict[str, Tensor]:
-        return {n: _unit_columns(v) for n, v in params.items()}
+        a, b = params["omega_a"], params["omega_b"]
+        if self.config.normalization == "columns":
+            return {"omega_a": _unit_columns(a), "omega_b": _unit_columns(b)}
+        return {"omega_a": _unit_columns(a), "omega_b": to_sphere(b.flatten(1), 1.0).view_as(b)}
 
     def tangent(self, grads: dict[str, Tensor], params: dict[str, Tensor]) -> dict[str, Tensor]:
-        return {n: _tangent_columns(grads[n], params[n]) for n in params}
+        a, b = params["omega_a"], params["omega_b"]
+        tangent_a = _tangent_columns(grads["omega_a"], a)
+        if self.config.normalization == "columns":
+            return {"omega_a": tangent_a, "omega_b": _tangent_columns(grads["omega_b"], b)}
+        flat = tangent_project(grads["omega_b"].flatten(1), b.flatten(1))
+        return {"omega_a": tangent_a, "omega_b": flat.view_as(b)}
 
     def directions(self, params: dict[str, Tensor]) -> Tensor:
         return params["omega_b"].transpose(-1, -2)  # [k, r, d_model]
@@ -244,7 +267,7 @@ class AdapterFamily(FamilyBase):
         return {**params, "omega_b": directions.transpose(-1, -2)}
 
     def target(self, segment: Segment, params: dict[str, Tensor]) -> Tensor:
-        a, b = params["omega_a"], params["omega_b"]
+        a, b = normalized_factors(params["omega_a"], params["omega_b"], self.config.normalization)
         hooks = adapter_hooks(self.config.source_layer, a, b, self.config.radius)
         return segment.run_hooked(a.shape[0], hooks)
 
@@ -274,6 +297,7 @@ class AdapterFamily(FamilyBase):
             layer=self.config.source_layer,
             radius=self.config.radius,
             method="melbo_adapters",
+            normalization=self.config.normalization,
             **self.provenance(record, metadata),
         )
 

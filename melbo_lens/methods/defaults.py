@@ -34,6 +34,7 @@ from melbo_lens.core.progress import say
 from melbo_lens.core.prompts import PromptSet
 from melbo_lens.core.sites import HookSite, check_sites
 from melbo_lens.methods.radius import RadiusChoice, search_radius
+from melbo_lens.methods.training.objective import reads_logits
 
 __all__ = [
     "AutoChoices",
@@ -147,7 +148,7 @@ def resolve_defaults(
     """(config with sites and radius filled in, prompts with the default positions, the
     record of what was chosen). A run resumed from `prior` reuses its radius."""
     auto: dict[str, Any] = {}
-    if getattr(config, "objective", "melbo") == "logprob" and config.target is None:
+    if reads_logits(getattr(config, "objective", "melbo")) and config.target is None:
         # the log-probability objective reads the logits: the target is the last block
         config = replace(config, target=HookSite(n_layers_of(model) - 1, "resid_post"))
     if config.source is None or config.target is None:

@@ -52,6 +52,7 @@ from melbo_lens.core.sites import HookSite, as_site, check_order
 from melbo_lens.methods.config import AUTO_STARTS, LoopConfig, is_int, register_config
 from melbo_lens.methods.constraints import tangent_project, to_sphere
 from melbo_lens.methods.defaults import resolve_defaults
+from melbo_lens.methods.manifold import activation_subspace, project_to_subspace
 from melbo_lens.methods.training import (
     FamilyBase,
     TrainingError,
@@ -59,6 +60,7 @@ from melbo_lens.methods.training import (
     check_prompts_and_sites,
     train,
 )
+from melbo_lens.methods.training.objective import ObjectiveName
 from melbo_lens.perturbations.vectors import SteeringVectors
 
 __all__ = ["MelboConfig", "TrainingState", "TrainingError", "train_steering_vectors", "scaled_lr"]
@@ -93,6 +95,8 @@ class MelboConfig(LoopConfig):
     `loop_solver()`, `loop_steps()`, `loop_slot_steps()`, `loop_slot_tol()` give the
     values run; the artifact's metadata records them).
     `vectors_per_batch` caps how many vectors share a forward pass (memory).
+    `on_manifold=k` keeps every vector in the span of the top-k right singular vectors
+    of the prompts' source activations (`methods.manifold`).
 
     Examples:
         >>> cfg = MelboConfig(HookSite(7), HookSite(22, "resid_pre"), n_vectors=4, radius=4.0)
@@ -119,8 +123,9 @@ class MelboConfig(LoopConfig):
     starts_per_vector: int | Literal["auto"] = "auto"
     slot_steps: int | Literal["auto"] = "auto"
     slot_tol: float | Literal["auto"] = "auto"
-    objective: Literal["melbo", "consistency", "melbo+consistency", "logprob"] = "melbo"
+    objective: ObjectiveName = "melbo"
     consistency_weight: float = 1.0
+    on_manifold: int | None = None
 
     @property
     def starts(self) -> int:
@@ -143,6 +148,20 @@ class MelboConfig(LoopConfig):
             problems.append(
                 f"vectors_per_batch must be an int >= 1, got {self.vectors_per_batch!r}"
             )
+        if self.on_manifold is not None:
+            if not is_int(self.on_manifold, 1):
+                problems.append(
+                    f"on_manifold must be None or an int >= 1 (the subspace's dimension k), "
+                    f"got {self.on_manifold!r}"
+                )
+            elif self.orthogonal in ("sequential", "simultaneous") and (
+                is_int(self.n_vectors, 1) and self.n_vectors > self.on_manifold
+            ):
+                problems.append(
+                    f"{self.orthogonal} orthogonality inside a {self.on_manifold}-dimensional "
+                    f"subspace (on_manifold) fits at most {self.on_manifold} vectors, got "
+                    f"n_vectors={self.n_vectors}; raise on_manifold or lower n_vectors"
+                )
         if self.source is not None and self.target is not None:
             try:
                 check_order(self.source, self.target)
@@ -204,8 +223,15 @@ class VectorFamily(FamilyBase):
 
     config: MelboConfig
 
-    def __init__(self, config: MelboConfig, model: Host, prompts: PromptSet) -> None:
+    def __init__(
+        self,
+        config: MelboConfig,
+        model: Host,
+        prompts: PromptSet,
+        subspace: Tensor | None = None,
+    ) -> None:
         super().__init__(config, model, prompts)
+        self.subspace = subspace  # [d_model, k] orthonormal (on_manifold), or None
         self.d_model = d_model_of(model)
         self.lr = config.resolved_lr(self.d_model)
         self.radius, (self.source, _) = config.radius_value(), config.sites()
@@ -216,11 +242,14 @@ class VectorFamily(FamilyBase):
             "theta": init_vectors(indices, self.d_model, self.config.seed, device, torch.float32)
         }
 
+    def _inside(self, x: Tensor) -> Tensor:
+        return x if self.subspace is None else project_to_subspace(x, self.subspace)
+
     def retract(self, params: dict[str, Tensor]) -> dict[str, Tensor]:
-        return {"theta": to_sphere(params["theta"], self.radius)}
+        return {"theta": to_sphere(self._inside(params["theta"]), self.radius)}
 
     def tangent(self, grads: dict[str, Tensor], params: dict[str, Tensor]) -> dict[str, Tensor]:
-        return {"theta": tangent_project(grads["theta"], params["theta"])}
+        return {"theta": tangent_project(self._inside(grads["theta"]), params["theta"])}
 
     def directions(self, params: dict[str, Tensor]) -> Tensor:
         return params["theta"][:, None, :]
@@ -247,7 +276,11 @@ class VectorFamily(FamilyBase):
         self, params: dict[str, Tensor], record: dict[str, Any], metadata: dict[str, Any]
     ) -> SteeringVectors:
         return SteeringVectors(
-            params["theta"], self.source, method="melbo", **self.provenance(record, metadata)
+            params["theta"],
+            self.source,
+            method="melbo",
+            subspace=self.subspace,
+            **self.provenance(record, metadata),
         )
 
     def state(
@@ -258,6 +291,20 @@ class VectorFamily(FamilyBase):
     def metadata(self) -> dict[str, Any]:
         rule = "0.011*R/sqrt(d_model)" if self.config.lr == "auto" else "absolute"
         return {"lr_used": self.lr, "lr_rule": rule}
+
+
+def _subspace(
+    model: Host, prompts: PromptSet, config: MelboConfig, prior: SteeringVectors | None
+) -> Tensor | None:
+    """The on-manifold basis of a run (a resumed run continues in its recorded one)."""
+    if config.on_manifold is None:
+        return None
+    if prior is not None and prior.subspace is not None:
+        return prior.subspace
+    k = config.on_manifold
+    if k > d_model_of(model):
+        raise ValueError(f"on_manifold={k} exceeds d_model={d_model_of(model)}")
+    return activation_subspace(model, prompts, config.sites()[0], k)
 
 
 def train_steering_vectors(
@@ -304,7 +351,7 @@ def train_steering_vectors(
         raise ValueError(
             f"cannot train {config.n_vectors} mutually orthogonal vectors in d_model={d_model}"
         )
-    family = VectorFamily(config, model, prompts)
+    family = VectorFamily(config, model, prompts, _subspace(model, prompts, config, prior))
     family.auto = auto
     return train(
         model,

@@ -18,6 +18,15 @@ B rows, B a multiple of g, adapter j acts on the j-th block of B/g consecutive r
 g = B gives one adapter per row, and K adapters over K × n prompt rows (the layout of
 `Segment.run_hooked` and of steered generation) give adapter k to rows k·n .. k·n+n-1.
 A single adapter (`omega_a` [d_mlp, r]) acts on every row.
+
+Normalisation (`SteeringAdapters.normalization`) says what fixes the edit's size:
+
+* `"columns"` (the MELBO write-up's): every column of Ω_A and Ω_B has unit norm, and the
+  edit is s · Ω_A Ω_Bᵀ as stored;
+* `"frobenius"` / `"spectral"`: the edit is s · Ω_A Ω_Bᵀ / ||Ω_A Ω_Bᵀ||, in the Frobenius
+  or the spectral norm, so ||ΔW|| = s exactly in that norm whatever the factors' scale
+  (`edit_norm`; computed from r x r matrices: Ω_A Ω_Bᵀ = Q_A (R_A R_Bᵀ) Q_Bᵀ has the
+  singular values of R_A R_Bᵀ).
 """
 
 from __future__ import annotations
@@ -40,7 +49,18 @@ from melbo_lens.core.sites import HookSite, mlp_hidden_name
 from melbo_lens.perturbations.artifact import ArtifactRows, loaded_fields, register_format
 from melbo_lens.perturbations.base import Hook, Rows, apply, pick_members, row_members
 
-__all__ = ["ADAPTERS_FORMAT", "SteeringAdapters", "adapt", "adapter_hooks", "check_adapter_host"]
+__all__ = [
+    "ADAPTERS_FORMAT",
+    "NORMALIZATIONS",
+    "SteeringAdapters",
+    "adapt",
+    "adapter_hooks",
+    "check_adapter_host",
+    "edit_norm",
+    "normalized_factors",
+]
+
+NORMALIZATIONS = ("columns", "frobenius", "spectral")
 
 ADAPTERS_FORMAT = "melbo_lens.steering_adapters/1"
 VECTORS_FORMAT = "melbo_lens.steering_vectors/1"
@@ -89,6 +109,40 @@ def _grouped(omega: Tensor, width_name: str) -> Tensor:
         f"adapter factors must be [{width_name}, r] or [g, {width_name}, r], "
         f"got {tuple(omega.shape)}"
     )
+
+
+def edit_norm(
+    omega_a: Float[Tensor, "*g d_mlp r"], omega_b: Float[Tensor, "*g d_model r"], normalization: str
+) -> Float[Tensor, "*g"]:
+    """||Ω_A Ω_Bᵀ|| in the norm `normalization` names (1 for "columns": the factors' unit
+    columns fix the scale), from r x r matrices; differentiable.
+
+    Examples:
+        >>> a, b = torch.eye(4)[:, :2] * 3.0, torch.eye(3)[:, :2] * 2.0
+        >>> [round(float(edit_norm(a, b, n)), 4) for n in ("frobenius", "spectral")]
+        [8.4853, 6.0]
+    """
+    if normalization == "columns":
+        return torch.ones(omega_a.shape[:-2], dtype=omega_a.dtype, device=omega_a.device)
+    if normalization == "frobenius":  # tr((AᵀA)(BᵀB)) = ||A Bᵀ||_F²
+        gram_a = omega_a.transpose(-1, -2) @ omega_a
+        gram_b = omega_b.transpose(-1, -2) @ omega_b
+        return (gram_a * gram_b).sum((-1, -2)).clamp_min(0).sqrt()
+    if normalization == "spectral":
+        r_a = torch.linalg.qr(omega_a)[1]
+        r_b = torch.linalg.qr(omega_b)[1]
+        return torch.linalg.matrix_norm(r_a @ r_b.transpose(-1, -2), ord=2)
+    raise ValueError(f"normalization must be one of {list(NORMALIZATIONS)}, got {normalization!r}")
+
+
+def normalized_factors(
+    omega_a: Float[Tensor, "*g d_mlp r"], omega_b: Float[Tensor, "*g d_model r"], normalization: str
+) -> tuple[Tensor, Tensor]:
+    """(Ω_A, Ω_B / ||Ω_A Ω_Bᵀ||): factors whose product has norm 1 in `normalization`
+    (unchanged for "columns")."""
+    if normalization == "columns":
+        return omega_a, omega_b
+    return omega_a, omega_b / edit_norm(omega_a, omega_b, normalization)[..., None, None]
 
 
 def adapter_hooks(
@@ -181,7 +235,10 @@ class SteeringAdapters(ArtifactRows):
 
     Adapter k is the weight edit W_out' = W_out + radius · Ω_A[k] Ω_B[k]ᵀ (TransformerLens
     convention, W_out [d_mlp, d_model]; `melbo_lens.perturbations.adapters` explains the hooks that
-    apply it). Trained adapters have unit-norm columns, so `radius` is the whole scale.
+    apply it). With `normalization="columns"` (default) the factors have unit-norm
+    columns, so `radius` is the whole scale; with "frobenius" / "spectral" the product is
+    divided by its norm, so ||ΔW_out|| = radius in that norm (`factors` gives the
+    normalised factors every consumer uses).
 
     Examples:
         >>> a = torch.eye(4)[:, :1].expand(2, 4, 1); b = torch.eye(3)[:, :1].expand(2, 3, 1)
@@ -207,8 +264,13 @@ class SteeringAdapters(ArtifactRows):
     steps_done: Int[Tensor, " n"] | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
     resume_state: dict[str, Tensor] = field(default_factory=dict, repr=False)
+    normalization: str = "columns"
 
     def __post_init__(self) -> None:
+        if self.normalization not in NORMALIZATIONS:
+            raise ValueError(
+                f"normalization must be one of {list(NORMALIZATIONS)}, got {self.normalization!r}"
+            )
         a, b = self.omega_a, self.omega_b
         if a.ndim != 3 or b.ndim != 3:
             raise ValueError(
@@ -249,9 +311,16 @@ class SteeringAdapters(ArtifactRows):
         """Size of each member: the Frobenius norm of its weight edit ΔW_out."""
         return self.weight_deltas().flatten(1).norm(dim=-1)
 
+    def factors(self) -> tuple[Float[Tensor, "n d_mlp r"], Float[Tensor, "n d_model r"]]:
+        """(Ω_A, Ω_B) as applied: Ω_B divided by ||Ω_A Ω_Bᵀ|| under "frobenius" or
+        "spectral" normalisation, as stored under "columns"."""
+        return normalized_factors(self.omega_a.float(), self.omega_b.float(), self.normalization)
+
     def weight_deltas(self, scale: float = 1.0) -> Float[Tensor, "n d_mlp d_model"]:
-        """ΔW_out of each adapter: radius · scale · Ω_A Ω_Bᵀ, to add to `W_out`."""
-        return self.radius * scale * (self.omega_a @ self.omega_b.transpose(-1, -2))
+        """ΔW_out of each adapter: radius · scale · Ω_A Ω_Bᵀ (normalised factors), to add
+        to `W_out`."""
+        a, b = self.factors()
+        return self.radius * scale * (a @ b.transpose(-1, -2))
 
     # ------------------------------------------------------------------ use
     @contextmanager
@@ -277,7 +346,7 @@ class SteeringAdapters(ArtifactRows):
         which is exactly unsteered (see `base` for the layout)."""
         check_adapter_host(model, self.layer)
         members = row_members(rows, len(self), "adapter")
-        a, b = self.omega_a.float(), self.omega_b.float()
+        a, b = self.factors()
         if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
             raise ValueError("adapter factors contain NaN or inf")
         if isinstance(rows, int):
@@ -288,7 +357,8 @@ class SteeringAdapters(ArtifactRows):
     # ------------------------------------------------------------------ files
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write one safetensors file (tensors) with JSON metadata; atomic."""
-        return self._save(path, ADAPTERS_FORMAT, {"layer": self.layer, "radius": self.radius})
+        info = {"layer": self.layer, "radius": self.radius, "normalization": self.normalization}
+        return self._save(path, ADAPTERS_FORMAT, info)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> SteeringAdapters:
@@ -308,18 +378,23 @@ class SteeringAdapters(ArtifactRows):
             layer, radius = int(info["layer"]), float(info["radius"])
         except (KeyError, TypeError, ValueError) as err:
             raise ArtifactError(f"{path} has corrupt adapter metadata: {err!r}") from err
+        normalization = info.get("normalization", "columns")  # files before it existed
+        if normalization not in NORMALIZATIONS:
+            raise ArtifactError(f"{path} has an unknown adapter normalization {normalization!r}")
         return cls(
             omega_a=tensors["omega_a"],
             omega_b=tensors["omega_b"],
             layer=layer,
             radius=radius,
+            normalization=normalization,
             **loaded_fields(path, info, tensors, "melbo_adapters"),
         )
 
     def __repr__(self) -> str:
         target = f" -> {self.target.name}" if self.target is not None else ""
+        norm = "" if self.normalization == "columns" else f"normalization={self.normalization!r}, "
         return (
             f"SteeringAdapters(n={len(self)}, rank={self.rank}, d_mlp={self.d_mlp}, "
             f"d_model={self.d_model}, layer={self.layer}{target}, radius={self.radius:g}, "
-            f"method={self.method!r}, model={self.model_name!r})"
+            f"{norm}method={self.method!r}, model={self.model_name!r})"
         )

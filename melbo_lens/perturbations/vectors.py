@@ -113,6 +113,7 @@ class SteeringVectors(ArtifactRows):
     steps_done: Int[Tensor, " n"] | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
     resume_state: dict[str, Tensor] = field(default_factory=dict, repr=False)
+    subspace: Float[Tensor, "d_model k"] | None = field(default=None, repr=False)
 
     _ITEMS = ("vectors",)
     _NOUN = "vector"
@@ -120,6 +121,13 @@ class SteeringVectors(ArtifactRows):
     def __post_init__(self) -> None:
         if self.vectors.ndim != 2:
             raise ValueError(f"vectors must be [n, d_model], got {tuple(self.vectors.shape)}")
+        if self.subspace is not None and (
+            self.subspace.ndim != 2 or self.subspace.shape[0] != self.vectors.shape[1]
+        ):
+            raise ValueError(
+                f"subspace must be [d_model={self.vectors.shape[1]}, k], got "
+                f"{tuple(self.subspace.shape)}"
+            )
         self._check_rows()
 
     def __iter__(self) -> Iterator[Float[Tensor, " d_model"]]:
@@ -170,6 +178,12 @@ class SteeringVectors(ArtifactRows):
         return [(site.name, steering_hook(pick_members(vecs, members), scale))]
 
     # ------------------------------------------------------------------ files
+    def _tensors(self) -> dict[str, Tensor]:
+        tensors = super()._tensors()
+        if self.subspace is not None:
+            tensors["subspace"] = self.subspace
+        return tensors
+
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write one safetensors file (tensors) with JSON metadata; atomic."""
         return self._save(path, FORMAT, {"site": self.site.to_dict()})
@@ -187,7 +201,9 @@ class SteeringVectors(ArtifactRows):
             raise ArtifactError(f"{path} has corrupt site metadata: {err!r}") from err
         fields = loaded_fields(path, info, tensors, "melbo")
         _check_consistent(path, site, tensors["vectors"], fields["method"], fields["config"])
-        return cls(vectors=tensors["vectors"], site=site, **fields)
+        return cls(
+            vectors=tensors["vectors"], site=site, subspace=tensors.get("subspace"), **fields
+        )
 
     def __repr__(self) -> str:
         target = f" -> {self.target.name}" if self.target is not None else ""

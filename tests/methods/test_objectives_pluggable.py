@@ -209,6 +209,18 @@ def test_training_for_logprob_makes_the_answer_likely_and_melbo_does_not(tiny_mo
     assert reached > base + 3.0 and reached > melbo + 3.0, (reached, base, melbo)
 
 
+def test_neg_logprob_makes_the_answer_unlikely(tiny_model):
+    prompts = _continued(tiny_model)
+    site = HookSite(0)
+    cfg = MelboConfig(site, None, n_vectors=1, radius=4.0, objective="neg-logprob")
+    trained = train_steering_vectors(tiny_model, prompts, cfg, progress=False)
+    base = _answer_logprob(tiny_model, prompts, torch.zeros(32), site)
+    suppressed = _answer_logprob(tiny_model, prompts, trained.vectors[0], site)
+    # the objective is minus the log-probability, measured by an independent forward pass
+    assert -suppressed == pytest.approx(float(trained.record("objective")[0]), rel=1e-5)
+    assert suppressed < base - 3.0, (suppressed, base)
+
+
 def test_what_the_logprob_objective_refuses(tiny_model):
     prompts = _continued(tiny_model)
     cfg = MelboConfig(HookSite(0), HookSite(2), n_vectors=1, radius=2.0, objective="logprob")

@@ -14,13 +14,15 @@ prompts in one pass (then a step cannot be split across prompt blocks):
 * `logprob`: Σ over target positions of log p(next token), teacher-forced: the prompts
   carry their continuations (`PromptSet.with_continuations`) and the target is the last
   block's output, read through the model's final norm and unembedding (supervised: the
-  perturbation that makes a given answer likely).
+  perturbation that makes a given answer likely);
+* `neg-logprob`: minus that (the perturbation that makes a given answer unlikely: what
+  suppresses a behaviour, as a refusal or a backdoor's phrase).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol, get_args
 
 import torch
 from jaxtyping import Float
@@ -32,9 +34,30 @@ from melbo_lens.core.segment import Segment
 from melbo_lens.core.sites import HookSite
 from melbo_lens.methods.objectives import consistency_per_member, melbo_objective_per_prompt
 
-__all__ = ["OBJECTIVES", "Consistency", "LogProb", "Melbo", "Objective", "make_objective"]
+__all__ = [
+    "OBJECTIVES",
+    "Consistency",
+    "LogProb",
+    "Melbo",
+    "Objective",
+    "ObjectiveName",
+    "make_objective",
+    "reads_logits",
+]
 
-OBJECTIVES = ("melbo", "consistency", "melbo+consistency", "logprob")
+ObjectiveName = Literal["melbo", "consistency", "melbo+consistency", "logprob", "neg-logprob"]
+OBJECTIVES: tuple[str, ...] = get_args(ObjectiveName)
+
+
+def reads_logits(name: str) -> bool:
+    """Whether objective `name` scores continuations from the logits (its prompts carry
+    continuations and its target is the last block's output).
+
+    Examples:
+        >>> reads_logits("neg-logprob"), reads_logits("melbo")
+        (True, False)
+    """
+    return name in ("logprob", "neg-logprob")
 
 
 class Objective(Protocol):
@@ -109,8 +132,10 @@ class Consistency:
 
 @dataclass(frozen=True)
 class LogProb:
-    """Teacher-forced log-probability of the continuations (see the module docstring)."""
+    """Teacher-forced log-probability of the continuations, times `sign` (+1 to make
+    them likely, -1 unlikely; see the module docstring)."""
 
+    sign: float = 1.0
     name: str = "logprob"
     couples_prompts: bool = False
 
@@ -123,20 +148,20 @@ class LogProb:
         following = torch.roll(tokens, -1, dims=1)  # the token after each position
         picked = logp.gather(-1, following[None, :, :, None].expand(k, n, pos, 1))[..., 0]
         mask = segment.prompts.target_mask.to(z.device)
-        return torch.where(mask, picked, torch.zeros_like(picked)).sum((-1, -2))
+        return self.sign * torch.where(mask, picked, torch.zeros_like(picked)).sum((-1, -2))
 
     def check(self, model: Host, prompts: PromptSet, target: HookSite) -> None:
         last = n_layers_of(model) - 1
         if target != HookSite(last, "resid_post"):
             raise ValueError(
-                f"objective='logprob' reads the logits from the last block's output, so the "
+                f"objective={self.name!r} reads the logits from the last block's output, so the "
                 f"target must be blocks.{last}.hook_resid_post, got {target.name}"
             )
         lengths = prompts.attention_mask.sum(-1)
         for i, positions in enumerate(prompts.target_lists()):
             if positions and max(positions) >= int(lengths[i]) - 1:
                 raise ValueError(
-                    f"objective='logprob' scores the token after each target position, and "
+                    f"objective={self.name!r} scores the token after each target position, and "
                     f"prompt {i}'s target position {max(positions)} is its last token; build "
                     "the prompts with PromptSet.with_continuations(model, prompts, answers)"
                 )
@@ -152,4 +177,6 @@ def make_objective(name: str, *, power: float, q: float, weight: float) -> Objec
         return Consistency(weight, power, q, name="melbo+consistency")
     if name == "logprob":
         return LogProb()
+    if name == "neg-logprob":
+        return LogProb(-1.0, name="neg-logprob")
     raise ValueError(f"objective must be one of {list(OBJECTIVES)}, got {name!r}")
