@@ -24,7 +24,7 @@ from melbo_lens.core.host import Host, supports_kv_cache
 from melbo_lens.core.prompts import PromptSet
 from melbo_lens.core.sites import HookSite, as_site
 from melbo_lens.perturbations.adapters import SteeringAdapters
-from melbo_lens.perturbations.base import Perturbation, row_members
+from melbo_lens.perturbations.base import Perturbation, prompts_for, row_members
 from melbo_lens.perturbations.vectors import SteeringVectors, steering_hook
 
 __all__ = ["generate", "generate_steered", "generate_with_adapters", "SteeredGenerations"]
@@ -233,7 +233,7 @@ def generate(
     if getattr(model, "tokenizer", None) is None:
         raise ValueError("steered generation needs a model with a tokenizer to decode text")
     _check_decoding(scale, max_new_tokens, temperature, top_p, seed, max_rows)
-    ps = PromptSet.coerce(model, prompts, chat=chat)
+    ps = prompts_for(perturbation, model, prompts, chat=chat)
     n_ctx = getattr(model.cfg, "n_ctx", None)
     longest = int(ps.lengths.max())
     if isinstance(n_ctx, int) and longest + max_new_tokens > n_ctx:

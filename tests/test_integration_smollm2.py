@@ -211,3 +211,25 @@ def test_cli_trains_for_an_answers_log_probability(tmp_path):
     assert sv.target == HookSite(29, "resid_post") and sv.metadata["objective"] == "logprob"
     assert float(sv.record("objective")[0]) < 0  # a sum of log-probabilities
     assert main(argv[:-3] + ["--quiet", "--overwrite"]) == 2  # logprob without an answer
+
+
+def test_cli_trains_soft_prompts_and_generates_with_them(tmp_path, capsys):
+    """`melbo-lens train --family soft-prompt --objective logprob --continuation ...`, then
+    `melbo-lens generate` on the file: the placeholders are placed in the user turn."""
+    from melbo_lens.cli import main
+    from melbo_lens.perturbations.soft_prompts import SoftPrompts
+
+    out = tmp_path / "s"
+    argv = ["train", "--family", "soft-prompt", "--prompt", CHATS[0], "--out", str(out)]
+    argv += ["--n-vectors", "1", "--n-tokens", "2", "--steps", "4", "--objective", "logprob"]
+    argv += ["--continuation", "I love cheese!", "--quiet"]
+    assert main(argv) == 0
+    sp = SoftPrompts.load(out / "soft_prompts.safetensors")
+    assert sp.n_tokens == 2 and sp.target == HookSite(29, "resid_post")
+    assert float(sp.record("objective")[0]) > float(sp.record("losses")[0, 0])
+    assert "nearest tokens" in capsys.readouterr().out
+    argv = ["generate", str(out / "soft_prompts.safetensors"), "--prompt", CHATS[1]]
+    assert main(argv + ["--max-new-tokens", "3"]) == 0
+    assert "<|endoftext|><|endoftext|>" in capsys.readouterr().out
+    bad = ["train", "--family", "soft-prompt", "--prompt", CHATS[0], "--out", str(tmp_path / "b")]
+    assert main(bad + ["--source", "3", "--quiet"]) == 2  # soft prompts enter at the input

@@ -76,6 +76,7 @@ def _generate(args: argparse.Namespace, json_path) -> int:
     from melbo_lens.generation import generate
     from melbo_lens.models.zoo import load_model
     from melbo_lens.perturbations.artifact import load_artifact
+    from melbo_lens.perturbations.base import prompts_for
 
     perturbation = load_artifact(args.vectors) if args.vectors else None
     if perturbation is None and args.indices:
@@ -83,7 +84,11 @@ def _generate(args: argparse.Namespace, json_path) -> int:
     indices = _indices(args.indices, len(perturbation)) if perturbation is not None else None
     saved_name = perturbation.metadata.get("load_name") if perturbation is not None else None
     model = load_model(args.model or saved_name or DEFAULT_MODEL)
-    prompts = prompt_set(model, read_prompts(args), not args.no_chat, "all")
+    texts = read_prompts(args)
+    if hasattr(perturbation, "prepare"):  # soft prompts place their tokens in the texts
+        prompts = prompts_for(perturbation, model, texts, chat=not args.no_chat)
+    else:
+        prompts = prompt_set(model, texts, not args.no_chat, "all")
     gens = generate(
         model,
         perturbation,

@@ -84,6 +84,71 @@ def _train_adapters(args: argparse.Namespace, source, orthogonal, path: Path, re
     return 0 if adapters.complete else 130
 
 
+def train_soft_prompt(args: argparse.Namespace) -> int:
+    """Soft prompts: --n-tokens learned input embeddings at the start of each user turn."""
+    if args.source not in (None, "auto"):
+        raise CliError(
+            "soft prompts enter at the input embeddings; drop --source for --method soft-prompt"
+        )
+    if getattr(args, "on_manifold", None) is not None:
+        raise CliError("--on-manifold constrains steering vectors; drop it for soft prompts")
+    with claimed_output(args, "soft_prompts.safetensors") as (path, resume):
+        return _train_soft_prompt(args, path, resume)
+
+
+def _train_soft_prompt(args: argparse.Namespace, path: Path, resume) -> int:
+    from melbo_lens.methods.soft_prompts import (
+        SoftPromptConfig,
+        soft_prompt_set,
+        train_soft_prompts,
+    )
+    from melbo_lens.methods.training.objective import reads_logits
+
+    model = load_model(args.model, bridge=args.bridge)
+    texts = read_prompts(args)
+    continuations = args.continuation
+    if reads_logits(args.objective) and not continuations:
+        raise CliError(
+            f"--objective {args.objective} scores an answer: give it with --continuation TEXT"
+        )
+    if continuations and not reads_logits(args.objective):
+        raise CliError("--continuation is for --objective logprob / neg-logprob; drop it")
+    answers = None
+    if continuations:
+        answers = continuations[0] if len(continuations) == 1 else continuations
+    try:
+        ps = soft_prompt_set(
+            model, texts, args.n_tokens, continuations=answers, chat=not args.no_chat
+        )
+    except ValueError as err:
+        raise CliError(f"--prompt / --continuation: {err}") from None
+    target = site_or_auto(args.target, "resid_post")
+    config = SoftPromptConfig(
+        target=target,
+        n_prompts=args.n_vectors,
+        n_tokens=args.n_tokens,
+        radius="auto" if args.radius in (None, "auto") else args.radius,
+        power=args.power,
+        q=args.q,
+        steps=40 if args.steps == "auto" else args.steps,
+        lr=lr_option(args.lr),
+        orthogonal=args.orthogonal or "none",
+        solver="power" if args.solver == "auto" else args.solver,
+        seed=args.seed,
+        objective=args.objective,
+        consistency_weight=args.consistency_weight,
+    )
+    prompts, seconds = train_checkpointed(train_soft_prompts, model, ps, config, args, path, resume)
+    print_vectors(prompts)
+    print("\nnearest tokens (cosine) of each soft token:")
+    for k, member in enumerate(prompts.nearest_tokens(model, k=3)):
+        shown = " | ".join(", ".join(f"{t!r} {c:.2f}" for t, c in row) for row in member)
+        print(f"{k:>6}  {shown}")
+    state = "complete" if prompts.complete else "INTERRUPTED (resume with --resume)"
+    print(f"\n{len(prompts)} soft prompts ({state}) in {seconds:.1f} s -> {path}")
+    return 0 if prompts.complete else 130
+
+
 def _position(value: str):
     return value if value in ("last", "mean", "answer") else int(value)
 

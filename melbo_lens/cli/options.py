@@ -498,7 +498,9 @@ def train_checkpointed(train_fn, model, ps, config, args, path: Path, resume: st
 def training_plan(config: Any) -> str:
     """One line saying how a config trains, with its "auto" values resolved."""
     noun = "adapter" if hasattr(config, "n_adapters") else "vector"
-    n = getattr(config, "n_adapters", getattr(config, "n_vectors", 0))
+    if hasattr(config, "n_prompts"):
+        noun = "soft prompt"
+    n = getattr(config, "n_adapters", getattr(config, "n_vectors", getattr(config, "n_prompts", 0)))
     if config.windowed:
         how = (
             f"each the best of a window of {config.starts} starts, {config.loop_solver()} "

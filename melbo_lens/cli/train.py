@@ -24,10 +24,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_training_args(p, n_vectors=8)
     p.add_argument(
         "--method",
+        "--family",
+        dest="method",
         default="melbo",
-        choices=["melbo", "adapters", *SUPERVISED, *BASELINES],
+        choices=["melbo", "adapters", "soft-prompt", *SUPERVISED, *BASELINES],
         help="melbo vectors, adapters (MELBO adapters on the source block's MLP), "
-        "mean-diff|pca|probe (contrast pairs), random|jacobian|hessian (baselines)",
+        "soft-prompt (learned input embeddings), mean-diff|pca|probe (contrast pairs), "
+        "random|jacobian|hessian (baselines)",
     )
     a = p.add_argument_group("--method adapters")
     a.add_argument("--rank", type=positive_int, default=1, help="rank r of each adapter")
@@ -38,6 +41,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="what fixes an adapter's size: unit columns of both factors (the write-up's), or "
         "the weight edit's Frobenius or spectral norm = --radius",
     )
+    sp = p.add_argument_group("--method soft-prompt")
+    sp.add_argument("--n-tokens", type=positive_int, default=1, help="soft tokens per prompt (m)")
     s = p.add_argument_group("--method mean-diff | pca | probe (contrast pairs)")
     s.add_argument("--positive-file", help="positive prompts (.txt or .json), paired by line")
     s.add_argument("--negative-file", help="negative prompts, paired with --positive-file")
@@ -69,6 +74,12 @@ def run(args: argparse.Namespace) -> int:
         raise CliError(
             f"--rank and --normalization shape adapters; drop them for --method {args.method}"
         )
+    if args.method != "soft-prompt" and args.n_tokens != 1:
+        raise CliError(f"--n-tokens sizes soft prompts; drop it for --method {args.method}")
+    if args.method == "soft-prompt":
+        from melbo_lens.cli.methods import train_soft_prompt
+
+        return train_soft_prompt(args)
     if args.method == "adapters":
         from melbo_lens.cli.methods import train_adapters
 

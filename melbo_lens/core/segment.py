@@ -100,6 +100,9 @@ def _add_rows(delta: Tensor):
     return hook
 
 
+_EMBEDDING_HOOKS = ("hook_embed", "hook_pos_embed", "hook_tokens")
+
+
 class Segment:
     """Cached prefix at `source`; runs source -> target for batches of vectors.
 
@@ -172,7 +175,8 @@ class Segment:
 
         Batch row r is copy r // n of prompt r % n; hook functions see that layout.
         Hooks must sit at or after the source (e.g. an adapter on the source block's
-        MLP, for a segment whose source is `HookSite(L, "mlp_out")`).
+        MLP, for a segment whose source is `HookSite(L, "mlp_out")`), or on the
+        embeddings (`hook_embed`: a soft prompt), for which the pass runs from the tokens.
         """
         n = len(self.prompts)
         idx = torch.arange(k * n, device=self.prompts.tokens.device) % n
@@ -215,7 +219,10 @@ class Segment:
             idx = torch.arange(rows.shape[0], device=rows.device) % n
         mask = self.prompts.attention_mask[idx]
         extra = list(extra_hooks or [])
-        if self.layer_slicing:
+        # hooks on the embeddings (a soft prompt's) run before the cached prefix ends:
+        # those passes start from the tokens
+        before_blocks = any(name in _EMBEDDING_HOOKS for name, _ in extra)
+        if self.layer_slicing and not before_blocks:
             return self._forward_sliced(rows, idx, mask, extra)
         return self._forward_hooked(rows, idx, mask, extra)
 

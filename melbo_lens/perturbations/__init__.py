@@ -10,5 +10,6 @@ registers every artifact format with `load_artifact`.
 
 from melbo_lens.perturbations import (  # noqa: F401  (format registry)
     adapters,  # pyright: ignore[reportUnusedImport]
+    soft_prompts,  # pyright: ignore[reportUnusedImport]
     vectors,  # pyright: ignore[reportUnusedImport]
 )

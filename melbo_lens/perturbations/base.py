@@ -29,9 +29,18 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from melbo_lens.core.host import Host
+from melbo_lens.core.prompts import PromptSet
 from melbo_lens.core.sites import HookSite
 
-__all__ = ["Hook", "Perturbation", "Rows", "apply", "pick_members", "row_members"]
+__all__ = [
+    "Hook",
+    "Perturbation",
+    "Rows",
+    "apply",
+    "pick_members",
+    "prompts_for",
+    "row_members",
+]
 
 Hook = tuple[str, Callable[..., Any]]
 Rows = int | Sequence[int | None]
@@ -106,3 +115,15 @@ def apply(
     """
     with model.hooks(fwd_hooks=perturbation.hooks(model, index, scale)):
         yield model
+
+
+def prompts_for(
+    perturbation: Any, model: Host, prompts: PromptSet | str | Sequence[Any], *, chat: bool
+) -> PromptSet:
+    """`prompts` as `perturbation` needs them: one that changes the input itself (soft
+    prompts) places its tokens with its `prepare`; every other takes them as they are
+    (`PromptSet.coerce`). Consumers that build batches from prompts call this once."""
+    prepare = getattr(perturbation, "prepare", None)
+    if prepare is not None:
+        return prepare(model, prompts, chat=chat)
+    return PromptSet.coerce(model, prompts, chat=chat)

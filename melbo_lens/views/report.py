@@ -141,6 +141,11 @@ def _config_section(run: RunAnalysis) -> str:
         "norms": [round(float(x), 4) for x in v.norms],
         "SAE": run.sae_name or "none",
     }
+    if run.info.get("nearest_tokens"):  # soft prompts: each token's nearest vocabulary tokens
+        prov["nearest tokens"] = [
+            [" / ".join(f"{t!r} {c:.2f}" for t, c in row[:3]) for row in member]
+            for member in run.info["nearest_tokens"]
+        ]
     meta = v.metadata or {}
     if "solver" in meta:  # what the trainer ran ("auto" config values resolved)
         window = f"{meta['starts']} starts per vector, " if "starts" in meta else ""

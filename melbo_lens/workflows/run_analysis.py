@@ -54,8 +54,9 @@ from melbo_lens.analysis.tokens import (
 from melbo_lens.core.io import atomic_save_tensors, atomic_write_text, read_artifact
 from melbo_lens.core.sites import HookSite
 from melbo_lens.generation import SteeredGenerations
-from melbo_lens.perturbations.adapters import SteeringAdapters
 from melbo_lens.perturbations.artifact import load_artifact
+from melbo_lens.perturbations.soft_prompts import SoftPrompts
+from melbo_lens.perturbations.trained import Trained
 from melbo_lens.perturbations.vectors import SteeringVectors
 
 if TYPE_CHECKING:
@@ -94,7 +95,7 @@ class RunAnalysis:
     same site. Optional parts are None when they could not be computed (see `notes`).
     """
 
-    vectors: SteeringVectors | SteeringAdapters
+    vectors: Trained
     objective: list[float]
     random_objective: list[float]
     generations: SteeredGenerations | None = None
@@ -132,7 +133,7 @@ class RunAnalysis:
         return run_labels(self.vectors)
 
     @property
-    def scored_vectors(self) -> SteeringVectors | SteeringAdapters:
+    def scored_vectors(self) -> Trained:
         """The vectors with `objective` set to the objective measured here."""
         return replace(self.vectors, objective=torch.tensor(self.objective))
 
@@ -324,7 +325,7 @@ class RunAnalysis:
 
 
 # ---------------------------------------------------------------------- compute
-def run_labels(vectors: SteeringVectors | SteeringAdapters) -> list[str]:
+def run_labels(vectors: Trained) -> list[str]:
     meta = vectors.metadata.get("labels") if vectors.metadata else None
     if isinstance(meta, list | tuple) and len(meta) == len(vectors):
         return [str(x) for x in meta]
@@ -335,10 +336,12 @@ def compact_attribution(att: DeltaAttribution) -> DeltaAttribution:
     return replace(att, decomposition=_project(att.decomposition))
 
 
-def _artifact_digest(art: SteeringVectors | SteeringAdapters) -> str:
+def _artifact_digest(art: Trained) -> str:
     """The digest that ties a saved analysis to the perturbation it was computed for."""
     if isinstance(art, SteeringVectors):
         return _digest(art.vectors)
+    if isinstance(art, SoftPrompts):
+        return _digest(art.embeddings)
     return _digest(art.omega_a, art.omega_b)
 
 

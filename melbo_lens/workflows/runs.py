@@ -38,6 +38,8 @@ from melbo_lens.methods.baselines import random_adapters, random_vectors
 from melbo_lens.methods.config import objective_settings
 from melbo_lens.methods.objectives import segment_objectives
 from melbo_lens.perturbations.adapters import SteeringAdapters
+from melbo_lens.perturbations.soft_prompts import SoftPrompts
+from melbo_lens.perturbations.trained import Trained
 from melbo_lens.perturbations.vectors import SteeringVectors
 from melbo_lens.workflows.run_saes import dashboards_of, pick_sae, pick_target_sae
 
@@ -68,7 +70,7 @@ __all__ = [
 
 def analyze_run(
     model: Host,
-    vectors: SteeringVectors | SteeringAdapters,
+    vectors: Trained,
     prompts: PromptSet | Sequence[str] | None = None,
     *,
     generations: SteeredGenerations | None = None,
@@ -109,17 +111,21 @@ def analyze_run(
         >>> run = analyze_run(model, vectors, prompts, n_random=16)   # doctest: +SKIP
         >>> run.save("demo_out")                                     # doctest: +SKIP
     """
-    if not isinstance(vectors, SteeringVectors | SteeringAdapters):
+    if not isinstance(vectors, Trained):
         raise TypeError(
-            f"analyze_run takes SteeringVectors or SteeringAdapters, got {type(vectors).__name__}"
+            "analyze_run takes SteeringVectors, SteeringAdapters or SoftPrompts, got "
+            f"{type(vectors).__name__}"
         )
-    is_vectors = isinstance(vectors, SteeringVectors)
     steps = _Steps(progress)
     ps = _prompt_set(model, vectors, prompts)
     tgt = _target(vectors, target)
     notes: list[str] = []
     power, q = objective_settings(vectors.method, vectors.config)
-    radius = float(vectors.radius.mean()) if is_vectors else float(vectors.radius)
+    radius = (
+        float(vectors.radius)
+        if isinstance(vectors, SteeringAdapters)
+        else float(vectors.norms.mean())
+    )
 
     with steps("objective and random baseline"):
         if isinstance(vectors, SteeringVectors):
@@ -127,19 +133,22 @@ def analyze_run(
             both = torch.cat([vectors.vectors.float(), rand.vectors.float()])
             scores = _objective(model, both, vectors.site, tgt, ps, power, q)  # one prefix pass
             objective, random_objective = scores[: len(vectors)], scores[len(vectors) :]
-        else:  # adapters: against random adapters of the same layer, rank and radius
-            rand_a = random_adapters(
-                model, vectors.layer, n=n_random, radius=radius, rank=vectors.rank, seed=random_seed
-            )
+        else:  # against random members of the same shape and size
+            rand_p = _random_like(model, vectors, n_random, radius, random_seed)
             objective, random_objective = (
                 perturbation_objectives(model, p, ps, tgt, power=power, q=q).tolist()
-                for p in (vectors, rand_a)
+                for p in (vectors, rand_p)
             )
 
     with steps("similarity"):
-        # vectors: cosines of θ; adapters: cosines of their weight edits ΔW_out
+        # vectors: cosines of θ; adapters: of their weight edits ΔW_out; soft prompts: of
+        # their embeddings, all m tokens together
         vsim = cosine_matrix(
-            vectors if is_vectors else vectors.weight_deltas().flatten(1)  # type: ignore[union-attr]
+            vectors
+            if isinstance(vectors, SteeringVectors)
+            else vectors.weight_deltas().flatten(1)
+            if isinstance(vectors, SteeringAdapters)
+            else vectors.embeddings.flatten(1)
         )
         dsim = delta_similarity(model, ps, vectors, target=tgt)
 
@@ -249,6 +258,11 @@ def analyze_run(
             "prompts": len(sub),
             "verified_top": attribution_top,
         },
+        **(
+            {"nearest_tokens": vectors.nearest_tokens(model, k=5)}
+            if isinstance(vectors, SoftPrompts) and getattr(model, "W_E", None) is not None
+            else {}
+        ),
         "seconds": steps.seconds,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "melbo_lens": package_version(),
@@ -298,11 +312,26 @@ class _Steps:
         say(self.progress, f"  analysis: {name} ({sec:.1f} s)")
 
 
+def _random_like(
+    model: Host, art: SteeringAdapters | SoftPrompts, n: int, radius: float, seed: int
+) -> SteeringAdapters | SoftPrompts:
+    """The random baseline of a non-vector artifact: random adapters of the same layer,
+    rank and radius, or soft prompts of Gaussian embeddings with the same m and norm."""
+    if isinstance(art, SteeringAdapters):
+        return random_adapters(model, art.layer, n=n, radius=radius, rank=art.rank, seed=seed)
+    m, d = art.n_tokens, art.embeddings.shape[-1]
+    gen = torch.Generator().manual_seed(seed)
+    emb = torch.nn.functional.normalize(torch.randn(n, m, d, generator=gen), dim=-1) * radius
+    return SoftPrompts(emb, placeholder=art.placeholder, method="random")
+
+
 def _prompt_set(
     model: Host,
-    vectors: SteeringVectors | SteeringAdapters,
+    vectors: Trained,
     prompts: PromptSet | Sequence[str] | None,
 ) -> PromptSet:
+    if isinstance(vectors, SoftPrompts) and prompts is not None:
+        return vectors.prepare(model, prompts)  # its placeholders in the user turns
     if isinstance(prompts, PromptSet):
         return prompts
     if prompts is not None:
@@ -315,9 +344,7 @@ def _prompt_set(
     return PromptSet.from_dict(vectors.prompts, model).to(device)
 
 
-def _target(
-    vectors: SteeringVectors | SteeringAdapters, target: HookSite | str | int | None
-) -> HookSite:
+def _target(vectors: Trained, target: HookSite | str | int | None) -> HookSite:
     if target is not None:
         return as_site(target)
     if vectors.target is None:

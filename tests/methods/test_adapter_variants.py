@@ -13,6 +13,7 @@ import torch
 from melbo_lens import HookSite, PromptSet
 from melbo_lens.core.sites import mlp_hidden_name
 from melbo_lens.methods.adapters import AdapterConfig, train_steering_adapters
+from melbo_lens.methods.training.objective import OBJECTIVES, reads_logits
 from melbo_lens.perturbations.adapters import SteeringAdapters, edit_norm
 
 TOKENS = [[1, 2, 3, 4, 5], [6, 7, 8], [9, 10, 11, 12]]
@@ -76,11 +77,20 @@ def test_edit_norm_matches_full_matrices_in_float64():
         )
     ),
 )
-def test_variants_train_and_resume_exactly(tiny_model, tmp_path, normalization, solver, orthogonal):
-    prompts = PromptSet.from_tokens(tiny_model, TOKENS, target_positions=slice(None))
+@pytest.mark.parametrize("objective", OBJECTIVES)
+def test_variants_train_and_resume_exactly(
+    tiny_model, tmp_path, normalization, solver, orthogonal, objective
+):
+    if reads_logits(objective):  # the answer [7, 7, 3] after each prompt
+        rows = [row + [7, 7, 3] for row in TOKENS]
+        positions = [list(range(len(r) - 1, len(r) + 2)) for r in TOKENS]
+        prompts = PromptSet.from_tokens(tiny_model, rows, target_positions=positions)
+    else:
+        prompts = PromptSet.from_tokens(tiny_model, TOKENS, target_positions=slice(None))
     config = AdapterConfig(
         1,
-        HookSite(3),
+        HookSite(3, "resid_post") if reads_logits(objective) else HookSite(3),
+        objective=objective,
         n_adapters=2,
         rank=2,
         radius=2.0,

@@ -250,12 +250,13 @@ def test_with_continuations_marks_the_positions_that_predict_the_answer(tiny_tok
         )
     ),
 )
+@pytest.mark.parametrize("objective", ["logprob", "neg-logprob"])
 def test_logprob_trains_and_resumes_in_every_combination(
-    tiny_model, tmp_path, family, solver, orthogonal
+    tiny_model, tmp_path, family, solver, orthogonal, objective
 ):
     train = FAMILIES[family][0]
     last = HookSite(3, "resid_post")
-    common = dict(radius=2.0, steps=4, objective="logprob", solver=solver, orthogonal=orthogonal)
+    common = dict(radius=2.0, steps=4, objective=objective, solver=solver, orthogonal=orthogonal)
     if family == "vectors":
         config = MelboConfig(HookSite(0), last, n_vectors=2, slot_tol=0, **common)
     else:
@@ -276,4 +277,5 @@ def test_logprob_trains_and_resumes_in_every_combination(
     resumed = train(tiny_model, prompts, config, progress=False, resume=str(path))
     for name in ("vectors",) if family == "vectors" else ("omega_a", "omega_b"):
         assert torch.equal(getattr(resumed, name), getattr(whole, name)), name
-    assert (whole.record("objective") < 0).all()  # sums of log-probabilities
+    sign = 1 if objective == "logprob" else -1  # sums of log-probabilities, or minus them
+    assert (sign * whole.record("objective") < 0).all()

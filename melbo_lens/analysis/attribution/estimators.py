@@ -32,8 +32,7 @@ from melbo_lens.core.prompts import PromptSet
 from melbo_lens.core.sites import (
     HookSite,
 )
-from melbo_lens.perturbations.adapters import SteeringAdapters
-from melbo_lens.perturbations.vectors import SteeringVectors
+from melbo_lens.perturbations.trained import Trained
 
 __all__ = ["attribute_target_delta"]
 
@@ -232,7 +231,7 @@ def _pearson(x: list[float], y: list[float]) -> float | None:
 def attribute_target_delta(
     model: Host,
     prompts: PromptSet | Sequence[str],
-    vectors: SteeringVectors | SteeringAdapters,
+    vectors: Trained,
     index: int = 0,
     *,
     method: str = "exact",

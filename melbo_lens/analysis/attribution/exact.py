@@ -23,9 +23,8 @@ from melbo_lens.core.sites import (
     check_order,
     require_hook,
 )
-from melbo_lens.perturbations.adapters import SteeringAdapters
 from melbo_lens.perturbations.base import Perturbation
-from melbo_lens.perturbations.vectors import SteeringVectors
+from melbo_lens.perturbations.trained import Trained
 
 __all__ = ["decompose_target_delta"]
 
@@ -249,7 +248,7 @@ def _check_saes(
 def decompose_target_delta(
     model: Host,
     prompts: PromptSet | Sequence[str],
-    vectors: SteeringVectors | SteeringAdapters,
+    vectors: Trained,
     index: int = 0,
     *,
     target: HookSite | str | int | None = None,

@@ -8,8 +8,7 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-from melbo_lens.perturbations.adapters import SteeringAdapters
-from melbo_lens.perturbations.vectors import SteeringVectors
+from melbo_lens.perturbations.trained import Trained
 
 __all__ = []
 
@@ -33,9 +32,7 @@ def esc_hover(text: Any) -> str:
     return html.escape(str(text)).replace("\n", "⏎")
 
 
-def vector_labels(
-    vectors: SteeringVectors | SteeringAdapters, labels: Sequence[str] | None
-) -> list[str]:
+def vector_labels(vectors: Trained, labels: Sequence[str] | None) -> list[str]:
     n = len(vectors)
     if labels is None:
         meta = vectors.metadata.get("labels") if isinstance(vectors.metadata, dict) else None
@@ -58,7 +55,7 @@ def unique_labels(labels: Sequence[str]) -> list[str]:
     return out
 
 
-def setup_line(vectors: SteeringVectors | SteeringAdapters) -> str:
+def setup_line(vectors: Trained) -> str:
     """One line saying where and how the vectors were made."""
     cfg = vectors.config or {}
     parts = [vectors.site.name + (f" → {vectors.target.name}" if vectors.target else "")]

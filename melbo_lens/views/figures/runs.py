@@ -9,8 +9,7 @@ from typing import Any
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from melbo_lens.perturbations.adapters import SteeringAdapters
-from melbo_lens.perturbations.vectors import SteeringVectors
+from melbo_lens.perturbations.trained import Trained
 from melbo_lens.views.figures.common import (
     TEMPLATE,
     esc_hover,
@@ -25,7 +24,7 @@ __all__ = ["objective_vs_random", "planted_benchmark", "radius_sweep", "training
 
 # ---------------------------------------------------------------------- training
 def training_curves(
-    vectors: SteeringVectors | SteeringAdapters,
+    vectors: Trained,
     *,
     log_y: bool = False,
     labels: Sequence[str] | None = None,
@@ -70,7 +69,7 @@ def training_curves(
 
 
 def objective_vs_random(
-    vectors: SteeringVectors | SteeringAdapters,
+    vectors: Trained,
     random_objectives: Sequence[float],
     *,
     labels: Sequence[str] | None = None,
