@@ -157,3 +157,47 @@ def test_sae_features_on_a_low_precision_model(low):
     assert effects is not None
     with clamp_feature(model, sae, 0, 3.0):
         assert bool(torch.isfinite(model(prompts.tokens)).all())
+
+
+@pytest.mark.parametrize("objective", ["consistency", "neg-logprob"])
+def test_the_other_objectives_and_families_train(low, objective):
+    """Every family and objective keeps fp32 parameters and finite objectives on a
+    low-precision model (soft prompts find their placeholders in the model's dtype)."""
+    from melbo_lens.methods.soft_prompts import (
+        SoftPromptConfig,
+        soft_prompt_set,
+        train_soft_prompts,
+    )
+
+    model, prompts = low
+    texts = ["hello there", "what is two plus two?"]
+    answers = "ok" if objective == "neg-logprob" else None
+    target = HookSite(3, "resid_post") if answers else HookSite(3)
+    if answers:
+        prompts = PromptSet.with_continuations(model, texts, answers)
+    kw = dict(steps=4, objective=objective)
+    runs = [
+        train_steering_vectors(
+            model,
+            prompts,
+            MelboConfig(HookSite(1), target, n_vectors=3, radius=4.0, on_manifold=4, **kw),
+            progress=False,
+        ).vectors,
+        train_steering_adapters(
+            model,
+            prompts,
+            AdapterConfig(1, target, n_adapters=2, rank=2, normalization="spectral", **kw),
+            progress=False,
+        ).omega_b,
+    ]
+    soft = train_soft_prompts(
+        model,
+        soft_prompt_set(model, texts, 2, continuations=answers),
+        SoftPromptConfig(n_prompts=2, n_tokens=2, **kw),
+        progress=False,
+    )
+    for params in [*runs, soft.embeddings]:
+        assert params.dtype == torch.float32 and bool(torch.isfinite(params).all())
+    assert bool(torch.isfinite(soft.objective).all())
+    gens = generate(model, soft, texts, max_new_tokens=3, chat=True)
+    assert len(gens.steered) == 2 and all(isinstance(t, str) for t in gens.steered[1])

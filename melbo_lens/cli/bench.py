@@ -50,6 +50,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "and the previous default) and (g) the planted vector 0; writes OUT/bench_vectors.json",
     )
     p.add_argument(
+        "--families",
+        action="store_true",
+        help="per-step cost of every family and objective (adapters, soft prompts, "
+        "on-manifold, consistency, logprob) against vectors; writes OUT/bench_families.json",
+    )
+    p.add_argument(
         "--explain",
         action="store_true",
         help="explanations: dashboards of every latent of a packaged SAE over the corpus, "
@@ -82,13 +88,20 @@ def run(args: argparse.Namespace) -> int:
     if out.exists() and not out.is_dir():
         raise CliError(f"--out {out} is a file; give a directory")
     name = (
-        "bench_explain.json"
+        "bench_families.json"
+        if args.families
+        else "bench_explain.json"
         if args.explain
         else "bench_vectors.json"
         if args.vectors
         else "bench.json"
     )
     with claimed_file(out / name, "--out", overwrite=args.overwrite) as path:  # before the work
+        if args.families:
+            from melbo_lens.workflows.bench_families import families_benchmark
+
+            families_benchmark(args)  # writes OUT/bench_families.{json,txt}
+            return 0
         if args.explain:
             return _explain(args, path)
         if args.vectors:

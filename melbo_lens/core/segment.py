@@ -137,8 +137,7 @@ class Segment:
             compile and self.layer_slicing and model.cfg.positional_embedding_type != "shortformer"
         )
         # Blocks that run with θ present: [start, stop).
-        self.start = self.source.next_block
-        self.stop = self.target.layer if self.target.point == "resid_pre" else self.target.layer + 1
+        self.start, self.stop = self.block_range(self.source, self.target)
         with torch.no_grad():
             self.prefix: Float[Tensor, "n pos d_model"] | None = (
                 self._run_prefix() if self.layer_slicing else None
@@ -146,6 +145,23 @@ class Segment:
             self.unsteered: Float[Tensor, "n pos d_model"] = self._forward(None).detach()
 
     # ------------------------------------------------------------------ public
+    @staticmethod
+    def block_range(source: HookSite, target: HookSite) -> tuple[int, int]:
+        """[start, stop): the blocks a segment from `source` to `target` runs.
+
+        Examples:
+            >>> Segment.block_range(HookSite(1), HookSite(3, "resid_pre"))
+            (2, 3)
+        """
+        stop = target.layer if target.point == "resid_pre" else target.layer + 1
+        return source.next_block, stop
+
+    @staticmethod
+    def blocks_between(source: HookSite, target: HookSite) -> int:
+        """How many blocks a segment from `source` to `target` runs per pass."""
+        start, stop = Segment.block_range(source, target)
+        return stop - start
+
     @property
     def n_blocks(self) -> int:
         """Number of transformer blocks run per step (partial blocks count as whole)."""
