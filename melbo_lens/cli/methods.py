@@ -74,6 +74,7 @@ def _train_adapters(args: argparse.Namespace, source, orthogonal, path: Path, re
         objective=args.objective,
         consistency_weight=args.consistency_weight,
         normalization=args.normalization,
+        position_quantile=args.position_quantile,
     )
     adapters, seconds = train_checkpointed(
         train_steering_adapters, model, ps, config, args, path, resume

@@ -47,6 +47,7 @@ FLAG_OF = {
     "consistency_weight": "--consistency-weight",
     "on_manifold": "--on-manifold",
     "normalization": "--normalization",
+    "position_quantile": "--position-quantile",
     "solver": "--solver",
     "seed": "--seed",
     "prompts": "--prompt/--prompts-file",

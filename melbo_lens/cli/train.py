@@ -41,6 +41,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="what fixes an adapter's size: unit columns of both factors (the write-up's), or "
         "the weight edit's Frobenius or spectral norm = --radius",
     )
+    a.add_argument(
+        "--position-quantile",
+        type=float,
+        default=None,
+        metavar="Q",
+        help="sparse positions: each adapter acts only where its read-out exceeds its "
+        "Q-quantile over the training tokens (e.g. 0.9: about 10%% of tokens)",
+    )
     sp = p.add_argument_group("--method soft-prompt")
     sp.add_argument("--n-tokens", type=positive_int, default=1, help="soft tokens per prompt (m)")
     s = p.add_argument_group("--method mean-diff | pca | probe (contrast pairs)")
@@ -70,9 +78,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.method != "adapters" and (args.rank != 1 or args.normalization != "columns"):
+    adapter_only = args.rank != 1 or args.normalization != "columns"
+    if args.method != "adapters" and (adapter_only or args.position_quantile is not None):
         raise CliError(
-            f"--rank and --normalization shape adapters; drop them for --method {args.method}"
+            "--rank, --normalization and --position-quantile shape adapters; drop them for "
+            f"--method {args.method}"
         )
     if args.method != "soft-prompt" and args.n_tokens != 1:
         raise CliError(f"--n-tokens sizes soft prompts; drop it for --method {args.method}")

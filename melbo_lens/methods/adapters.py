@@ -49,9 +49,9 @@ from torch import Tensor
 
 from melbo_lens.core.host import Host, d_model_of
 from melbo_lens.core.prompts import PromptSet
-from melbo_lens.core.segment import Segment
-from melbo_lens.core.sites import HookSite, as_site, check_order
-from melbo_lens.methods.config import LoopConfig, is_int, register_config
+from melbo_lens.core.segment import Segment, run_to_site
+from melbo_lens.core.sites import HookSite, as_site, check_order, mlp_hidden_name
+from melbo_lens.methods.config import LoopConfig, is_int, is_positive, register_config
 from melbo_lens.methods.constraints import tangent_project, to_sphere
 from melbo_lens.methods.defaults import default_positions
 from melbo_lens.methods.melbo import LR_SCALE
@@ -98,6 +98,10 @@ class AdapterConfig(LoopConfig):
     edit's size: "columns" (unit columns of Ω_A and Ω_B, the write-up's), "frobenius" or
     "spectral" (||ΔW|| = R in that norm; Ω_A keeps unit columns and Ω_B lives on the
     unit Frobenius sphere, so the rank-1 parts can differ in weight).
+    `position_quantile=q` makes the adapters sparse in position: each component acts
+    only where its read-out |h·Ω_A[:, j]| exceeds its q-quantile over the training
+    prompts' tokens (recomputed every step, stored as `SteeringAdapters.thresholds`), so
+    it writes at about a (1 - q) share of the tokens, the ones it reads most strongly.
 
     Examples:
         >>> cfg = AdapterConfig(7, HookSite(22, "resid_pre"), n_adapters=4, rank=2)
@@ -127,6 +131,7 @@ class AdapterConfig(LoopConfig):
     objective: ObjectiveName = "melbo"
     consistency_weight: float = 1.0
     normalization: Literal["columns", "frobenius", "spectral"] = "columns"
+    position_quantile: float | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "target", as_site(self.target))
@@ -144,6 +149,12 @@ class AdapterConfig(LoopConfig):
         if self.normalization not in NORMALIZATIONS:
             problems.append(
                 f"normalization must be one of {list(NORMALIZATIONS)}, got {self.normalization!r}"
+            )
+        q = self.position_quantile
+        if q is not None and not (is_positive(q) and q < 1):
+            problems.append(
+                f"position_quantile must be None or a number in (0, 1) (the share of tokens "
+                f"where an adapter does not act), got {q!r}"
             )
         if self.adapters_per_batch is not None:
             if not is_int(self.adapters_per_batch, 1):
@@ -233,6 +244,25 @@ class AdapterFamily(FamilyBase):
         super().__init__(config, model, prompts)
         self.d_mlp, self.d_model = int(model.cfg.d_mlp), d_model_of(model)
         self.n, self.per_batch = config.n_adapters, config.adapters_per_batch
+        self.hidden: Tensor | None = None  # [tokens, d_mlp]: what the adapters read
+        if config.position_quantile is not None:
+            with torch.no_grad():
+                h = run_to_site(
+                    model,
+                    prompts.tokens,
+                    prompts.attention_mask,
+                    mlp_hidden_name(config.source_layer),
+                )
+            self.hidden = h[prompts.attention_mask.bool().to(h.device)].float()
+
+    def thresholds(self, omega_a: Tensor) -> Tensor | None:
+        """[k, r] read-out thresholds of the members (sparse positions), or None."""
+        if self.hidden is None:
+            return None
+        q = float(self.config.position_quantile)  # type: ignore[arg-type]
+        with torch.no_grad():
+            reads = (self.hidden.to(omega_a.device) @ omega_a.detach().float()).abs()  # [k,N,r]
+            return torch.quantile(reads, q, dim=1)
 
     def init(self, indices: list[int], device: torch.device) -> dict[str, Tensor]:
         a, b = init_adapters(
@@ -268,7 +298,8 @@ class AdapterFamily(FamilyBase):
 
     def target(self, segment: Segment, params: dict[str, Tensor]) -> Tensor:
         a, b = normalized_factors(params["omega_a"], params["omega_b"], self.config.normalization)
-        hooks = adapter_hooks(self.config.source_layer, a, b, self.config.radius)
+        tau = self.thresholds(a)
+        hooks = adapter_hooks(self.config.source_layer, a, b, self.config.radius, tau)
         return segment.run_hooked(a.shape[0], hooks)
 
     def lrs(self) -> dict[str, float]:
@@ -298,6 +329,7 @@ class AdapterFamily(FamilyBase):
             radius=self.config.radius,
             method="melbo_adapters",
             normalization=self.config.normalization,
+            thresholds=self.thresholds(params["omega_a"]),
             **self.provenance(record, metadata),
         )
 

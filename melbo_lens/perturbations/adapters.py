@@ -27,6 +27,13 @@ Normalisation (`SteeringAdapters.normalization`) says what fixes the edit's size
   or the spectral norm, so ||ΔW|| = s exactly in that norm whatever the factors' scale
   (`edit_norm`; computed from r x r matrices: Ω_A Ω_Bᵀ = Q_A (R_A R_Bᵀ) Q_Bᵀ has the
   singular values of R_A R_Bᵀ).
+
+Sparse positions (`thresholds`, [n, r]): adapter k's component j acts at a token only
+where its read-out |h·Ω_A[:, j]| exceeds `thresholds[k, j]`, so it writes at a few
+positions, chosen by what it reads (a learned mask: training sets each threshold to a
+quantile of the read-out over the training prompts' tokens, `AdapterConfig.
+position_quantile`). The rule is per token, so teacher-forced training, right-padded
+batches and KV-cached generation apply it alike.
 """
 
 from __future__ import annotations
@@ -150,9 +157,12 @@ def adapter_hooks(
     omega_a: Float[Tensor, "*g d_mlp r"],
     omega_b: Float[Tensor, "*g d_model r"],
     scale: float | Tensor,
+    thresholds: Float[Tensor, "*g r"] | None = None,
 ) -> list[Hook]:
     """TransformerLens (name, hook) pairs adding `scale · (h Ω_A) Ω_Bᵀ` to block `layer`'s
     MLP output; per group of batch rows when the factors are 3-D (see the module doc).
+    With `thresholds`, a read-out h·Ω_A[:, j] counts only where its magnitude exceeds
+    threshold j (sparse positions).
 
     Gradients flow to `omega_a` and `omega_b`; the delta is computed in their dtype.
 
@@ -162,6 +172,7 @@ def adapter_hooks(
         ['blocks.1.mlp.hook_post', 'blocks.1.hook_mlp_out']
     """
     a, b = _grouped(omega_a, "d_mlp"), _grouped(omega_b, "d_model")
+    tau = None if thresholds is None else thresholds.reshape(a.shape[0], 1, a.shape[2])
     if a.shape[0] != b.shape[0] or a.shape[2] != b.shape[2]:
         raise ValueError(
             f"omega_a {tuple(omega_a.shape)} and omega_b {tuple(omega_b.shape)} disagree on "
@@ -194,6 +205,8 @@ def adapter_hooks(
         a_ = a.to(act.device)
         b_ = b.to(act.device)
         coeff = h.to(a_.dtype).reshape(g, -1, h.shape[-1]) @ a_  # [g, rows/g·pos, r]
+        if tau is not None:  # sparse positions: only read-outs above the threshold
+            coeff = coeff * (coeff.abs() > tau.to(coeff.device, coeff.dtype))
         delta = (coeff @ b_.transpose(-1, -2)) * scale  # [g, rows/g·pos, d_model]
         return act + delta.reshape(act.shape).to(act.dtype)
 
@@ -247,7 +260,7 @@ class SteeringAdapters(ArtifactRows):
         (2, 1, torch.Size([1, 4, 3]))
     """
 
-    _ITEMS = ("omega_a", "omega_b")
+    _ITEMS = ("omega_a", "omega_b", "thresholds")
     _NOUN = "adapter"
 
     omega_a: Float[Tensor, "n d_mlp r"]
@@ -265,6 +278,7 @@ class SteeringAdapters(ArtifactRows):
     metadata: dict[str, Any] = field(default_factory=dict)
     resume_state: dict[str, Tensor] = field(default_factory=dict, repr=False)
     normalization: str = "columns"
+    thresholds: Float[Tensor, "n r"] | None = None
 
     def __post_init__(self) -> None:
         if self.normalization not in NORMALIZATIONS:
@@ -281,6 +295,11 @@ class SteeringAdapters(ArtifactRows):
             raise ValueError(
                 f"omega_a {tuple(a.shape)} and omega_b {tuple(b.shape)} disagree on the "
                 "number of adapters n or the rank r"
+            )
+        if self.thresholds is not None and tuple(self.thresholds.shape) != (a.shape[0], a.shape[2]):
+            raise ValueError(
+                f"thresholds must be [n={a.shape[0]}, r={a.shape[2]}], got "
+                f"{tuple(self.thresholds.shape)}"
             )
         if isinstance(self.layer, bool) or not isinstance(self.layer, int) or self.layer < 0:
             raise ValueError(f"layer must be an int >= 0, got {self.layer!r}")
@@ -349,10 +368,13 @@ class SteeringAdapters(ArtifactRows):
         a, b = self.factors()
         if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
             raise ValueError("adapter factors contain NaN or inf")
+        tau = None if self.thresholds is None else self.thresholds.float()
         if isinstance(rows, int):
-            return adapter_hooks(self.layer, a[members[0]], b[members[0]], self.radius * scale)
+            one = None if tau is None else tau[members[0]]
+            return adapter_hooks(self.layer, a[members[0]], b[members[0]], self.radius * scale, one)
         a, b = pick_members(a, members), pick_members(b, members)  # row -1: Ω = 0
-        return adapter_hooks(self.layer, a, b, self.radius * scale)
+        tau = None if tau is None else pick_members(tau, members)
+        return adapter_hooks(self.layer, a, b, self.radius * scale, tau)
 
     # ------------------------------------------------------------------ files
     def save(self, path: str | os.PathLike[str]) -> Path:
@@ -387,6 +409,7 @@ class SteeringAdapters(ArtifactRows):
             layer=layer,
             radius=radius,
             normalization=normalization,
+            thresholds=tensors.get("thresholds"),
             **loaded_fields(path, info, tensors, "melbo_adapters"),
         )
 

@@ -67,11 +67,21 @@ def test_edit_norm_matches_full_matrices_in_float64():
         torch.testing.assert_close(edit_norm(a, b, normalization), want, rtol=1e-12, atol=0)
 
 
+VARIANTS = {  # name: (normalization, position_quantile)
+    "frobenius": ("frobenius", None),
+    "spectral": ("spectral", None),
+    "sparse": ("columns", 0.5),
+}
+# sparse adapters act on about half the tokens; longer prompts keep every prompt's change
+# non-zero (a prompt the adapter leaves alone has no delta, and a consistency cosine of 0)
+LONG = [[1, 2, 3, 4, 5, 6, 7, 8], [9, 10, 11, 12, 13, 14, 15], [16, 17, 18, 19, 20, 21]]
+
+
 @pytest.mark.parametrize(
-    "normalization,solver,orthogonal",
+    "variant,solver,orthogonal",
     list(
         itertools.product(
-            ("frobenius", "spectral"),
+            VARIANTS,
             ("amsgrad", "power"),
             ("sequential", "simultaneous", "soft", "none"),
         )
@@ -79,14 +89,16 @@ def test_edit_norm_matches_full_matrices_in_float64():
 )
 @pytest.mark.parametrize("objective", OBJECTIVES)
 def test_variants_train_and_resume_exactly(
-    tiny_model, tmp_path, normalization, solver, orthogonal, objective
+    tiny_model, tmp_path, variant, solver, orthogonal, objective
 ):
+    normalization, quantile = VARIANTS[variant]
+    tokens = TOKENS if quantile is None else LONG
     if reads_logits(objective):  # the answer [7, 7, 3] after each prompt
-        rows = [row + [7, 7, 3] for row in TOKENS]
-        positions = [list(range(len(r) - 1, len(r) + 2)) for r in TOKENS]
+        rows = [row + [7, 7, 3] for row in tokens]
+        positions = [list(range(len(r) - 1, len(r) + 2)) for r in tokens]
         prompts = PromptSet.from_tokens(tiny_model, rows, target_positions=positions)
     else:
-        prompts = PromptSet.from_tokens(tiny_model, TOKENS, target_positions=slice(None))
+        prompts = PromptSet.from_tokens(tiny_model, tokens, target_positions=slice(None))
     config = AdapterConfig(
         1,
         HookSite(3, "resid_post") if reads_logits(objective) else HookSite(3),
@@ -98,12 +110,14 @@ def test_variants_train_and_resume_exactly(
         solver=solver,
         orthogonal=orthogonal,
         normalization=normalization,
+        position_quantile=quantile,
     )
     whole = train_steering_adapters(tiny_model, prompts, config, progress=False)
     assert whole.normalization == normalization
     assert whole.complete and bool(torch.isfinite(whole.objective).all())
+    assert (whole.thresholds is None) == (quantile is None)
     deltas = whole.weight_deltas().double()
-    for j in range(2):
+    for j in range(2 if normalization != "columns" else 0):
         # tol: float32 factors; the norm is fixed by construction
         assert float(_full_norm(deltas[j], normalization)) == pytest.approx(2.0, rel=1e-5)
     if orthogonal in ("sequential", "simultaneous"):  # Ω_B columns of the two adapters
@@ -124,6 +138,8 @@ def test_variants_train_and_resume_exactly(
     resumed = train_steering_adapters(tiny_model, prompts, config, progress=False, resume=str(path))
     assert torch.equal(resumed.omega_a, whole.omega_a)
     assert torch.equal(resumed.omega_b, whole.omega_b)
+    if quantile is not None:
+        assert torch.equal(resumed.thresholds, whole.thresholds)
     loaded = SteeringAdapters.load(whole.save(tmp_path / "done.safetensors"))
     assert loaded.normalization == normalization
     assert torch.equal(loaded.weight_deltas(), whole.weight_deltas())
@@ -145,3 +161,66 @@ def test_unknown_normalization_is_refused():
     a, b = torch.ones(1, 4, 1), torch.ones(1, 3, 1)
     with pytest.raises(ValueError, match="normalization must be one of"):
         SteeringAdapters(a, b, layer=0, radius=1.0, normalization="l1")
+
+
+# ---------------------------------------------------------------------- sparse positions
+def test_sparse_positions_apply_the_hand_computed_masked_edit(tiny_model):
+    gen = torch.Generator().manual_seed(8)
+    a = torch.randn(2, 64, 2, generator=gen, dtype=torch.float64)
+    b = torch.randn(2, 32, 2, generator=gen, dtype=torch.float64)
+    tau = torch.tensor([[0.5, 1.0], [2.0, 0.1]], dtype=torch.float64)
+    adapters = SteeringAdapters(a.float(), b.float(), layer=1, radius=1.5, thresholds=tau.float())
+    tokens = torch.tensor([[1, 2, 3, 4, 5, 6]])
+    _, cache = tiny_model.run_with_cache(tokens)
+    h = cache[mlp_hidden_name(1)][0].double()
+    for j in range(2):
+        read = h @ a[j]  # [pos, r]
+        kept = read * (read.abs() > tau[j])
+        assert 0 < int((read.abs() > tau[j]).sum()) < read.numel()  # the mask is not trivial
+        with adapters.apply(tiny_model, j):
+            _, steered = tiny_model.run_with_cache(tokens)
+        got = (steered["blocks.1.hook_mlp_out"] - cache["blocks.1.hook_mlp_out"])[0].double()
+        # tol: float32 hooks against the float64 hand computation
+        torch.testing.assert_close(got, 1.5 * kept @ b[j].T, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("orthogonal", ["sequential", "none"])
+def test_sparse_adapters_act_on_the_quantiles_share_of_tokens(tiny_model, tmp_path, orthogonal):
+    rows = [list(range(1 + i, 13 + i)) for i in range(4)]  # 48 tokens
+    prompts = PromptSet.from_tokens(tiny_model, rows, target_positions=slice(None))
+    config = AdapterConfig(
+        1,
+        HookSite(3),
+        n_adapters=2,
+        rank=2,
+        radius=2.0,
+        steps=6,
+        orthogonal=orthogonal,
+        position_quantile=0.75,
+    )
+    whole = train_steering_adapters(tiny_model, prompts, config, progress=False)
+    assert whole.thresholds is not None and whole.thresholds.shape == (2, 2)
+    _, cache = tiny_model.run_with_cache(prompts.tokens)
+    h = cache[mlp_hidden_name(1)].reshape(-1, 64)
+    share = ((h @ whole.omega_a).abs() > whole.thresholds[:, None, :]).float().mean(1)
+    # tol: the 0.75-quantile of 48 read-outs leaves 12 of 48 above it (ties aside)
+    torch.testing.assert_close(share, torch.full((2, 2), 0.25), atol=1 / 48, rtol=0)
+    calls = []
+    path = tmp_path / "run.safetensors"
+    train_steering_adapters(
+        tiny_model,
+        prompts,
+        config,
+        progress=False,
+        checkpoint=path,
+        callback=lambda s: calls.append(1) or len(calls) < 3,
+    )
+    resumed = train_steering_adapters(tiny_model, prompts, config, progress=False, resume=str(path))
+    assert torch.equal(resumed.omega_a, whole.omega_a) and torch.equal(
+        resumed.thresholds, whole.thresholds
+    )
+    loaded = SteeringAdapters.load(whole.save(tmp_path / "done.safetensors"))
+    assert torch.equal(loaded.thresholds, whole.thresholds)
+    assert torch.equal(loaded[1].thresholds, whole.thresholds[1:])
+    with pytest.raises(ValueError, match="position_quantile must be None or a number in"):
+        AdapterConfig(1, HookSite(3), position_quantile=1.0)
