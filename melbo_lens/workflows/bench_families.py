@@ -10,7 +10,7 @@ computes) on the first 4 bundled `varied` prompts and times `steps` steps after 
   `on_manifold=16`, the consistency objective, and the log-probability of an answer
   (which runs to the last block and the unembedding);
 * adapters with unit columns (rank 1), Frobenius (rank 1) and spectral (rank 2)
-  normalisation;
+  normalisation, and sparse in position (acting on the top 10% of read-outs);
 * soft prompts of 1 and 8 tokens (MELBO's objective; a step runs every block from the
   input, not from the source) and of 4 tokens for an answer's log-probability.
 
@@ -89,6 +89,7 @@ def _rows(model: Host, members: int, steps: int) -> list[tuple[str, str, Callabl
         ("adapters", "columns, rank 1", adapters()),
         ("adapters", "frobenius, rank 1", adapters(normalization="frobenius")),
         ("adapters", "spectral, rank 2", adapters(normalization="spectral", rank=2)),
+        ("adapters", "sparse positions, q=0.9", adapters(position_quantile=0.9)),
         ("soft prompts", "1 token", soft(1)),
         ("soft prompts", "8 tokens", soft(8)),
         ("soft prompts", "4 tokens, logprob", soft(4, ANSWER, objective="logprob")),
