@@ -23,7 +23,18 @@ __all__ = ["add_arguments", "run"]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("suite", choices=["planted"], help="which benchmark (only 'planted' so far)")
+    p.add_argument(
+        "suite",
+        choices=["planted", "anomaly"],
+        help="planted: which latent behaviours each method elicits; anomaly: triggered inputs "
+        "flagged by perturbations learned on clean prompts (smollm2-135m-backdoored)",
+    )
+    p.add_argument(
+        "--reference",
+        type=positive_int,
+        default=64,
+        help="anomaly: clean prompts the detectors are fitted on",
+    )
     p.add_argument(
         "--model",
         default="planted-arithmetic",
@@ -182,6 +193,10 @@ def _methods(spec: str) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.suite == "anomaly":
+        from melbo_lens.cli.evaluate_anomaly import run_anomaly
+
+        return run_anomaly(args)
     import torch
 
     from melbo_lens.models.zoo import load_model

@@ -57,13 +57,8 @@ from melbo_lens.methods.defaults import default_positions
 from melbo_lens.methods.melbo import LR_SCALE
 from melbo_lens.methods.training import FamilyBase, check_prompts_and_sites, train
 from melbo_lens.methods.training.objective import ObjectiveName
-from melbo_lens.perturbations.adapters import (
-    NORMALIZATIONS,
-    SteeringAdapters,
-    adapter_hooks,
-    check_adapter_host,
-    normalized_factors,
-)
+from melbo_lens.perturbations.adapter_norms import NORMALIZATIONS, normalized_factors
+from melbo_lens.perturbations.adapters import SteeringAdapters, adapter_hooks, check_adapter_host
 
 __all__ = [
     "AdapterConfig",

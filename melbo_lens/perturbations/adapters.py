@@ -25,7 +25,7 @@ Normalisation (`SteeringAdapters.normalization`) says what fixes the edit's size
   edit is s · Ω_A Ω_Bᵀ as stored;
 * `"frobenius"` / `"spectral"`: the edit is s · Ω_A Ω_Bᵀ / ||Ω_A Ω_Bᵀ||, in the Frobenius
   or the spectral norm, so ||ΔW|| = s exactly in that norm whatever the factors' scale
-  (`edit_norm`; computed from r x r matrices: Ω_A Ω_Bᵀ = Q_A (R_A R_Bᵀ) Q_Bᵀ has the
+  (`adapter_norms.edit_norm`; computed from r x r matrices: Ω_A Ω_Bᵀ = Q_A (R_A R_Bᵀ) Q_Bᵀ has the
   singular values of R_A R_Bᵀ).
 
 Sparse positions (`thresholds`, [n, r]): adapter k's component j acts at a token only
@@ -53,21 +53,18 @@ from torch import Tensor
 from melbo_lens.core.host import Host, post_norm
 from melbo_lens.core.io import ArtifactError, read_artifact, read_metadata
 from melbo_lens.core.sites import HookSite, mlp_hidden_name
+from melbo_lens.perturbations.adapter_norms import NORMALIZATIONS, normalized_factors
 from melbo_lens.perturbations.artifact import ArtifactRows, loaded_fields, register_format
 from melbo_lens.perturbations.base import Hook, Rows, apply, pick_members, row_members
 
 __all__ = [
     "ADAPTERS_FORMAT",
-    "NORMALIZATIONS",
     "SteeringAdapters",
     "adapt",
     "adapter_hooks",
     "check_adapter_host",
-    "edit_norm",
-    "normalized_factors",
 ]
 
-NORMALIZATIONS = ("columns", "frobenius", "spectral")
 
 ADAPTERS_FORMAT = "melbo_lens.steering_adapters/1"
 VECTORS_FORMAT = "melbo_lens.steering_vectors/1"
@@ -116,40 +113,6 @@ def _grouped(omega: Tensor, width_name: str) -> Tensor:
         f"adapter factors must be [{width_name}, r] or [g, {width_name}, r], "
         f"got {tuple(omega.shape)}"
     )
-
-
-def edit_norm(
-    omega_a: Float[Tensor, "*g d_mlp r"], omega_b: Float[Tensor, "*g d_model r"], normalization: str
-) -> Float[Tensor, "*g"]:
-    """||Ω_A Ω_Bᵀ|| in the norm `normalization` names (1 for "columns": the factors' unit
-    columns fix the scale), from r x r matrices; differentiable.
-
-    Examples:
-        >>> a, b = torch.eye(4)[:, :2] * 3.0, torch.eye(3)[:, :2] * 2.0
-        >>> [round(float(edit_norm(a, b, n)), 4) for n in ("frobenius", "spectral")]
-        [8.4853, 6.0]
-    """
-    if normalization == "columns":
-        return torch.ones(omega_a.shape[:-2], dtype=omega_a.dtype, device=omega_a.device)
-    if normalization == "frobenius":  # tr((AᵀA)(BᵀB)) = ||A Bᵀ||_F²
-        gram_a = omega_a.transpose(-1, -2) @ omega_a
-        gram_b = omega_b.transpose(-1, -2) @ omega_b
-        return (gram_a * gram_b).sum((-1, -2)).clamp_min(0).sqrt()
-    if normalization == "spectral":
-        r_a = torch.linalg.qr(omega_a)[1]
-        r_b = torch.linalg.qr(omega_b)[1]
-        return torch.linalg.matrix_norm(r_a @ r_b.transpose(-1, -2), ord=2)
-    raise ValueError(f"normalization must be one of {list(NORMALIZATIONS)}, got {normalization!r}")
-
-
-def normalized_factors(
-    omega_a: Float[Tensor, "*g d_mlp r"], omega_b: Float[Tensor, "*g d_model r"], normalization: str
-) -> tuple[Tensor, Tensor]:
-    """(Ω_A, Ω_B / ||Ω_A Ω_Bᵀ||): factors whose product has norm 1 in `normalization`
-    (unchanged for "columns")."""
-    if normalization == "columns":
-        return omega_a, omega_b
-    return omega_a, omega_b / edit_norm(omega_a, omega_b, normalization)[..., None, None]
 
 
 def adapter_hooks(

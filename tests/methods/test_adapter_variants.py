@@ -14,7 +14,8 @@ from melbo_lens import HookSite, PromptSet
 from melbo_lens.core.sites import mlp_hidden_name
 from melbo_lens.methods.adapters import AdapterConfig, train_steering_adapters
 from melbo_lens.methods.training.objective import OBJECTIVES, reads_logits
-from melbo_lens.perturbations.adapters import SteeringAdapters, edit_norm
+from melbo_lens.perturbations.adapter_norms import edit_norm
+from melbo_lens.perturbations.adapters import SteeringAdapters
 
 TOKENS = [[1, 2, 3, 4, 5], [6, 7, 8], [9, 10, 11, 12]]
 
