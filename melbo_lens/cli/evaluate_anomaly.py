@@ -98,6 +98,8 @@ def run_anomaly(args: argparse.Namespace) -> int:
                 "settings": {**settings, "command": command},
                 "seeds": seeds,
                 "summary": summarise(seeds),
+                "summary_near_miss": summarise(seeds, "auroc_near_miss"),
+                "summary_shifted": summarise(seeds, "auroc_shifted"),
             }
             atomic_write_text(path, json.dumps(result, indent=1))
             atomic_write_text(out / "anomaly.md", anomaly_page(result))
