@@ -25,9 +25,10 @@ __all__ = ["add_arguments", "run"]
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "suite",
-        choices=["planted", "anomaly"],
+        choices=["planted", "anomaly", "fragility"],
         help="planted: which latent behaviours each method elicits; anomaly: triggered inputs "
-        "flagged by perturbations learned on clean prompts (smollm2-135m-backdoored)",
+        "flagged by perturbations learned on clean prompts (smollm2-135m-backdoored); "
+        "fragility: soft tokens / vector norm each planted phrase needs, backdoored vs clean",
     )
     p.add_argument(
         "--reference",
@@ -197,6 +198,10 @@ def run(args: argparse.Namespace) -> int:
         from melbo_lens.cli.evaluate_anomaly import run_anomaly
 
         return run_anomaly(args)
+    if args.suite == "fragility":
+        from melbo_lens.cli.evaluate_fragility import run_fragility
+
+        return run_fragility(args)
     import torch
 
     from melbo_lens.models.zoo import load_model

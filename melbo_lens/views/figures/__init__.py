@@ -11,7 +11,8 @@ it can be read without the code that made it:
 * `feature_heatmap`: vectors × SAE features, with each feature's top-activating tokens;
 * `similarity_heatmap`: a `CosineMatrix` (of vectors or of their target deltas);
 * `attribution_bars`: attribution estimates against patched effects, per node;
-* `token_delta_heatmap`: ‖Δ_t‖ per vector and token, prompt / completion boundary marked.
+* `token_delta_heatmap`: ‖Δ_t‖ per vector and token, prompt / completion boundary marked;
+* `fragility_figure`: a planted phrase's success rate against soft-prompt length / R.
 """
 
 from __future__ import annotations
@@ -25,9 +26,11 @@ from melbo_lens.views.figures.runs import (
     training_curves,
 )
 from melbo_lens.views.figures.similarity import similarity_heatmap
+from melbo_lens.views.figures.studies import fragility_figure
 from melbo_lens.views.figures.tokens import token_delta_heatmap
 
 __all__ = [
+    "fragility_figure",
     "attribution_bars",
     "feature_heatmap",
     "objective_vs_random",
