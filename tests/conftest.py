@@ -92,3 +92,21 @@ def tiny_tok_model() -> HookedTransformer:
     model.set_tokenizer(make_tiny_tokenizer())
     assert len(model.tokenizer) == model.cfg.d_vocab
     return model
+
+
+def interrupted_then_resumed(train, model, prompts, config, tmp_path, *, after: int = 3):
+    """Train with a checkpoint, stop after `after` steps through the callback, then resume
+    from the checkpoint: (the interrupted artifact, the resumed one). Resume tests compare
+    the resumed artifact with an uninterrupted run."""
+    calls: list[int] = []
+    path = tmp_path / "run.safetensors"
+    part = train(
+        model,
+        prompts,
+        config,
+        progress=False,
+        checkpoint=path,
+        callback=lambda s: calls.append(1) or len(calls) < after,
+    )
+    assert part.metadata["interrupted"]
+    return part, train(model, prompts, config, progress=False, resume=str(path))

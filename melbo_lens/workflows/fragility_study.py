@@ -51,9 +51,11 @@ def fragility_model(
     steps: int,
     seed: int,
     max_new_tokens: int = 16,
+    placeholder: int | None = None,
     progress: bool = True,
 ) -> list[dict[str, Any]]:
-    """Every row (behaviour x soft-prompt length, behaviour x R) for one model."""
+    """Every row (behaviour x soft-prompt length, behaviour x R) for one model
+    (`placeholder`: the soft prompts' token, default `default_placeholder(model)`)."""
     from melbo_lens.models.backdoor import BACKDOOR_COMPLETIONS
     from melbo_lens.models.toy import TRIGGER_PHRASES, TRIGGERS, clean_prompts
 
@@ -62,57 +64,46 @@ def fragility_model(
     last = HookSite(n_layers_of(model) - 1, "resid_post")
     source = default_sites(n_layers_of(model))[0]
     rows: list[dict[str, Any]] = []
+
+    def measure(behaviour: str, kind: str, size: float, train: Any, config: Any, ps: PromptSet):
+        start = time.perf_counter()
+        artifact = train(model, ps, config, progress=False)
+        gens = generate(
+            model, artifact, heldout, max_new_tokens=max_new_tokens, include_unsteered=False,
+            chat=True,
+        )  # fmt: skip
+        rows.append(
+            {
+                "model": label,
+                "behaviour": behaviour,
+                "kind": kind,
+                "size": size,
+                "rate": _rate(gens.steered[0], TRIGGER_PHRASES[behaviour]),
+                "loss_per_token": -float(artifact.record("objective")[0])
+                / int(ps.target_mask.sum()),
+                "seconds": round(time.perf_counter() - start, 1),
+            }
+        )
+        say(progress, f"  {label} {behaviour} {kind} {size:g}: rate {rows[-1]['rate']:.2f}")
+
     for behaviour in TRIGGERS:
-        answer, phrase = BACKDOOR_COMPLETIONS[behaviour], TRIGGER_PHRASES[behaviour]
+        answer = BACKDOOR_COMPLETIONS[behaviour]
         for m in tokens:
-            start = time.perf_counter()
-            ps = soft_prompt_set(model, train_texts, m, continuations=answer)
-            config = SoftPromptConfig(
-                n_prompts=1, n_tokens=m, objective="logprob", steps=steps, seed=seed
+            ps = soft_prompt_set(
+                model, train_texts, m, continuations=answer, placeholder=placeholder
             )
-            soft = train_soft_prompts(model, ps, config, progress=False)
-            gens = generate(
-                model, soft, heldout, max_new_tokens=max_new_tokens, include_unsteered=False,
-                chat=True,
+            soft = SoftPromptConfig(
+                n_prompts=1, n_tokens=m, objective="logprob", steps=steps, seed=seed,
+                placeholder=placeholder,
             )  # fmt: skip
-            rows.append(
-                {
-                    "model": label,
-                    "behaviour": behaviour,
-                    "kind": "soft prompt",
-                    "size": m,
-                    "rate": _rate(gens.steered[0], phrase),
-                    "loss_per_token": -float(soft.record("objective")[0])
-                    / int(ps.target_mask.sum()),
-                    "seconds": round(time.perf_counter() - start, 1),
-                }
-            )
-            say(progress, f"  {label} {behaviour} soft m={m}: rate {rows[-1]['rate']:.2f}")
+            measure(behaviour, "soft prompt", m, train_soft_prompts, soft, ps)
+        ps = PromptSet.with_continuations(model, train_texts, answer, chat=True)
         for radius in radii:
-            start = time.perf_counter()
-            ps = PromptSet.with_continuations(model, train_texts, answer, chat=True)
-            config = MelboConfig(
+            vec = MelboConfig(
                 source, last, n_vectors=1, radius=radius, objective="logprob",
                 orthogonal="none", solver="power", steps=steps, seed=seed,
             )  # fmt: skip
-            vector = train_steering_vectors(model, ps, config, progress=False)
-            gens = generate(
-                model, vector, heldout, max_new_tokens=max_new_tokens, include_unsteered=False,
-                chat=True,
-            )  # fmt: skip
-            rows.append(
-                {
-                    "model": label,
-                    "behaviour": behaviour,
-                    "kind": "vector",
-                    "size": radius,
-                    "rate": _rate(gens.steered[0], phrase),
-                    "loss_per_token": -float(vector.record("objective")[0])
-                    / int(ps.target_mask.sum()),
-                    "seconds": round(time.perf_counter() - start, 1),
-                }
-            )
-            say(progress, f"  {label} {behaviour} vector R={radius:g}: rate {rows[-1]['rate']:.2f}")
+            measure(behaviour, "vector", radius, train_steering_vectors, vec, ps)
     return rows
 
 

@@ -9,6 +9,7 @@ import itertools
 
 import pytest
 import torch
+from conftest import interrupted_then_resumed
 
 from melbo_lens import HookSite, PromptSet
 from melbo_lens.core.sites import mlp_hidden_name
@@ -125,18 +126,9 @@ def test_variants_train_and_resume_exactly(
         cross = whole.omega_b[0].T @ whole.omega_b[1]
         # tol: float32 Gram–Schmidt of unit-scale columns
         torch.testing.assert_close(cross, torch.zeros(2, 2), atol=1e-5, rtol=0)
-    calls = []
-    path = tmp_path / "run.safetensors"
-    part = train_steering_adapters(
-        tiny_model,
-        prompts,
-        config,
-        progress=False,
-        checkpoint=path,
-        callback=lambda s: calls.append(1) or len(calls) < 3,
+    _, resumed = interrupted_then_resumed(
+        train_steering_adapters, tiny_model, prompts, config, tmp_path
     )
-    assert part.metadata["interrupted"]
-    resumed = train_steering_adapters(tiny_model, prompts, config, progress=False, resume=str(path))
     assert torch.equal(resumed.omega_a, whole.omega_a)
     assert torch.equal(resumed.omega_b, whole.omega_b)
     if quantile is not None:
@@ -206,17 +198,9 @@ def test_sparse_adapters_act_on_the_quantiles_share_of_tokens(tiny_model, tmp_pa
     share = ((h @ whole.omega_a).abs() > whole.thresholds[:, None, :]).float().mean(1)
     # tol: the 0.75-quantile of 48 read-outs leaves 12 of 48 above it (ties aside)
     torch.testing.assert_close(share, torch.full((2, 2), 0.25), atol=1 / 48, rtol=0)
-    calls = []
-    path = tmp_path / "run.safetensors"
-    train_steering_adapters(
-        tiny_model,
-        prompts,
-        config,
-        progress=False,
-        checkpoint=path,
-        callback=lambda s: calls.append(1) or len(calls) < 3,
+    _, resumed = interrupted_then_resumed(
+        train_steering_adapters, tiny_model, prompts, config, tmp_path
     )
-    resumed = train_steering_adapters(tiny_model, prompts, config, progress=False, resume=str(path))
     assert torch.equal(resumed.omega_a, whole.omega_a) and torch.equal(
         resumed.thresholds, whole.thresholds
     )

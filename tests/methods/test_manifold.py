@@ -9,6 +9,7 @@ import itertools
 import numpy as np
 import pytest
 import torch
+from conftest import interrupted_then_resumed
 
 from melbo_lens import HookSite, MelboConfig, PromptSet, SteeringVectors, train_steering_vectors
 from melbo_lens.methods.manifold import activation_subspace, subspace_share
@@ -88,18 +89,9 @@ def test_on_manifold_vectors_stay_inside_and_resume_exactly(
         # tol: float32 Gram–Schmidt followed by the subspace projection U Uᵀ θ, which
         # rounds again (measured up to 2.8e-5 of a cosine); cosines are at most 1
         torch.testing.assert_close(gram, torch.eye(3), atol=1e-4, rtol=0)
-    calls = []
-    path = tmp_path / "run.safetensors"
-    part = train_steering_vectors(
-        tiny_model,
-        prompts,
-        config,
-        progress=False,
-        checkpoint=path,
-        callback=lambda s: calls.append(1) or len(calls) < 3,
+    _, resumed = interrupted_then_resumed(
+        train_steering_vectors, tiny_model, prompts, config, tmp_path
     )
-    assert part.metadata["interrupted"]
-    resumed = train_steering_vectors(tiny_model, prompts, config, progress=False, resume=str(path))
     assert torch.equal(resumed.vectors, whole.vectors)
     saved = SteeringVectors.load(whole.save(tmp_path / "done.safetensors"))
     assert torch.equal(saved.subspace, whole.subspace)

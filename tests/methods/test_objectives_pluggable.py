@@ -8,6 +8,7 @@ import itertools
 
 import pytest
 import torch
+from conftest import interrupted_then_resumed
 
 from melbo_lens import HookSite, MelboConfig, PromptSet, train_steering_vectors
 from melbo_lens.core.segment import Segment
@@ -263,18 +264,7 @@ def test_logprob_trains_and_resumes_in_every_combination(
         config = AdapterConfig(1, last, n_adapters=2, rank=1, **common)
     prompts = _continued(tiny_model)
     whole = train(tiny_model, prompts, config, progress=False)
-    calls = []
-    path = tmp_path / "run.safetensors"
-    part = train(
-        tiny_model,
-        prompts,
-        config,
-        progress=False,
-        checkpoint=path,
-        callback=lambda s: calls.append(1) or len(calls) < 3,
-    )
-    assert part.metadata["interrupted"]
-    resumed = train(tiny_model, prompts, config, progress=False, resume=str(path))
+    _, resumed = interrupted_then_resumed(train, tiny_model, prompts, config, tmp_path)
     for name in ("vectors",) if family == "vectors" else ("omega_a", "omega_b"):
         assert torch.equal(getattr(resumed, name), getattr(whole, name)), name
     sign = 1 if objective == "logprob" else -1  # sums of log-probabilities, or minus them

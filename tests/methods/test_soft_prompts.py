@@ -9,6 +9,7 @@ import itertools
 
 import pytest
 import torch
+from conftest import interrupted_then_resumed
 
 from melbo_lens import generate
 from melbo_lens.core.segment import Segment
@@ -127,18 +128,8 @@ def test_soft_prompts_train_and_resume_exactly(
         cross = whole.embeddings[0] @ whole.embeddings[1].T / 4.0
         # tol: float32 Gram–Schmidt; cosines are at most 1
         torch.testing.assert_close(cross, torch.zeros(2, 2), atol=1e-5, rtol=0)
-    calls = []
-    path = tmp_path / "run.safetensors"
-    part = train_soft_prompts(
-        model,
-        ps,
-        cfg,
-        progress=False,
-        checkpoint=path,
-        callback=lambda s: calls.append(1) or len(calls) < 3,
-    )
-    assert part.metadata["interrupted"] and not part.complete
-    resumed = train_soft_prompts(model, ps, cfg, progress=False, resume=str(path))
+    part, resumed = interrupted_then_resumed(train_soft_prompts, model, ps, cfg, tmp_path)
+    assert not part.complete
     assert torch.equal(resumed.embeddings, whole.embeddings) and resumed.complete
     loaded = load_artifact(whole.save(tmp_path / "done.safetensors"))
     assert isinstance(loaded, SoftPrompts) and torch.equal(loaded.embeddings, whole.embeddings)

@@ -49,3 +49,21 @@ def test_the_committed_fragility_page_is_generated_from_its_json():
         pytest.skip("no committed fragility study")
     page = (path.parent / "fragility.md").read_text(encoding="utf-8")
     assert fragility_page(json.loads(path.read_text(encoding="utf-8"))) == page
+
+
+def test_the_fragility_rows_on_a_tiny_chat_model(tiny_tok_model):
+    """The study's code path end to end (one soft-prompt length, one R, one step): a row
+    per behaviour and setting, with rates that are shares of the held-out prompts."""
+    from melbo_lens.workflows.fragility_study import fragility_model, smallest
+
+    system = tiny_tok_model.tokenizer.convert_tokens_to_ids("<|system|>")  # the char
+    # tokenizer reads "=" and "+" as <unk>, its default placeholder: another is needed
+    rows = fragility_model(
+        tiny_tok_model, "tiny", tokens=[1], radii=[2.0], n_heldout=2, steps=1, seed=0,
+        max_new_tokens=2, placeholder=system, progress=False,
+    )  # fmt: skip
+    assert [(r["behaviour"], r["kind"], r["size"]) for r in rows] == [
+        (b, kind, size) for b in TRIGGERS for kind, size in (("soft prompt", 1), ("vector", 2.0))
+    ]
+    assert all(r["rate"] in (0.0, 0.5, 1.0) and r["loss_per_token"] > 0 for r in rows)
+    assert smallest(rows, "tiny", "hate", "vector", 2.0) is None  # no rate reaches 2
