@@ -162,25 +162,30 @@ def anomaly_seed(
         reach = _reach_vector(model, b, radius, seed, melbo.site)
         det = fit_detector(model, reach, reference, target)
         scorers[f"supervised {b}"] = lambda ps, det=det: det.score(model, ps)
-    aurocs: dict[str, dict[str, float]] = {d: {} for d in DETECTORS}
-    near_aurocs: dict[str, dict[str, float]] = {d: {} for d in DETECTORS}
-    shifted_aurocs: dict[str, dict[str, float]] = {d: {} for d in DETECTORS}
+    negatives = {"auroc": clean, "auroc_near_miss": near, "auroc_shifted": shifted}
+    scored: dict[tuple[str, str], torch.Tensor] = {}  # each prompt set once per scorer
+
+    def score(scorer: str, prompts: str, ps: PromptSet) -> torch.Tensor:
+        if (scorer, prompts) not in scored:
+            scored[scorer, prompts] = scorers[scorer](ps)
+        return scored[scorer, prompts]
+
+    results: dict[str, dict[str, dict[str, float]]] = {
+        key: {d: {} for d in DETECTORS} for key in negatives
+    }
     for name in DETECTORS:
         for b, ps in triggered.items():
-            scorer = scorers[f"supervised {b}" if name == "supervised" else name]
-            positive = scorer(ps)
-            aurocs[name][b] = auroc(positive, scorer(clean))
-            near_aurocs[name][b] = auroc(positive, scorer(near))
-            shifted_aurocs[name][b] = auroc(positive, scorer(shifted))
+            scorer = f"supervised {b}" if name == "supervised" else name
+            positive = score(scorer, b, ps)
+            for key, negative in negatives.items():
+                results[key][name][b] = auroc(positive, score(scorer, key, negative))
     return {
         "seed": seed,
         "radius": radius,
         "site": melbo.site.name,
         "target": target.name,
         "melbo_objective": [round(float(x), 4) for x in melbo.record("objective")],
-        "auroc": aurocs,
-        "auroc_near_miss": near_aurocs,
-        "auroc_shifted": shifted_aurocs,
+        **results,
         "seconds": round(time.perf_counter() - start, 1),
     }
 
