@@ -25,10 +25,13 @@ __all__ = ["add_arguments", "run"]
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "suite",
-        choices=["planted", "anomaly", "fragility"],
+        choices=["planted", "anomaly", "fragility", "miss", "finetune", "features"],
         help="planted: which latent behaviours each method elicits; anomaly: triggered inputs "
         "flagged by perturbations learned on clean prompts (smollm2-135m-backdoored); "
-        "fragility: soft tokens / vector norm each planted phrase needs, backdoored vs clean",
+        "fragility: soft tokens / vector norm each planted phrase needs, backdoored vs clean; "
+        "miss: why the defaults miss 'I love cheese!' and the fix, chosen and confirmed; "
+        "finetune: the base -> backdoored change in SAE latents, against MELBO's vectors; "
+        "features: an SAE latent clamp against mean-difference and probe vectors at equal KL",
     )
     p.add_argument(
         "--reference",
@@ -58,6 +61,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--adapter-radius", type=positive_float, default=4.0, help="R of the adapters")
     p.add_argument(
+        "--adapter-steps", type=positive_int, default=None, help="adapter steps (default 300)"
+    )
+    p.add_argument(
+        "--adapter-solver",
+        choices=["amsgrad", "power"],
+        default=None,
+        help="the adapters' solver (default amsgrad; power: the safeguarded power step, "
+        "affordable on CPU with --adapter-steps 20)",
+    )
+    p.add_argument(
         "--heldout",
         type=nonnegative_int,
         default=None,
@@ -76,6 +89,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--first-seed", type=nonnegative_int, default=0, help="seeds run from this one on"
     )
+    p.add_argument(
+        "--confirm-first-seed",
+        type=nonnegative_int,
+        default=10,
+        help="miss: the fresh confirmation seeds run from this one on (--seeds of them)",
+    )
+    p.add_argument(
+        "--selection-runs",
+        action="store_true",
+        help="miss: also run the chosen fix on the selection seeds (default: only on the "
+        "confirmation seeds; the choice itself is measured on the selection seeds)",
+    )
     p.add_argument("--out", default="evaluate_out", help="output directory")
     again = p.add_mutually_exclusive_group()
     again.add_argument(
@@ -91,6 +116,7 @@ RESUME_FIELDS = {
     "methods": "--methods",
     "radius": "--radius",
     "adapter_radius": "--adapter-radius",
+    "adapter_options": "--adapter-steps / --adapter-solver",
     "source": "--source",
     "target": "--target",
     "target_positions": "--positions",
@@ -148,6 +174,7 @@ def _expected_settings(args: argparse.Namespace, methods: list[str], toy: bool, 
         if args.radius is not None
         else DEFAULT_RADIUS,
         "adapter_radius": args.adapter_radius,
+        "adapter_options": _adapter_options(args),
         "source": f"blocks.{args.source}.hook_resid_pre",
         "target": f"blocks.{args.target}.hook_resid_pre",
         "target_positions": "auto"
@@ -160,6 +187,36 @@ def _expected_settings(args: argparse.Namespace, methods: list[str], toy: bool, 
         "max_new_tokens": args.max_new_tokens,
         "n_heldout": _heldout(args, toy),
     }
+
+
+def _command(args: argparse.Namespace) -> str:
+    """The command line that reproduces this run (for the page)."""
+    parts = ["melbo-lens evaluate planted", f"--model {args.model}", f"--seeds {args.seeds}",
+             f"--first-seed {args.first_seed}", f"--n-vectors {args.n_vectors}",
+             f"--methods {args.methods}", f"--max-new-tokens {args.max_new_tokens}"]  # fmt: skip
+    if args.defaults:
+        parts.append("--defaults")
+    else:
+        parts += [f"--source {args.source}", f"--target {args.target}",
+                  f"--positions {args.positions}", f"--steps {args.steps}"]  # fmt: skip
+        if args.radius is not None:
+            parts.append(f"--radius {args.radius:g}")
+    parts.append(f"--adapter-radius {args.adapter_radius:g}")
+    optional = {
+        "--adapter-steps": args.adapter_steps,
+        "--adapter-solver": args.adapter_solver,
+        "--heldout": args.heldout,
+    }
+    for flag, value in optional.items():
+        if value is not None:
+            parts.append(f"{flag} {value}")
+    return " ".join([*parts, f"--threads {args.threads}", f"--out {args.out}"])
+
+
+def _adapter_options(args: argparse.Namespace) -> dict[str, Any]:
+    """`AdapterConfig` fields the flags set (none: its defaults)."""
+    given = {"steps": args.adapter_steps, "solver": args.adapter_solver}
+    return {k: v for k, v in given.items() if v is not None}
 
 
 def _heldout(args: argparse.Namespace, toy: bool) -> int:
@@ -202,6 +259,18 @@ def run(args: argparse.Namespace) -> int:
         from melbo_lens.cli.evaluate_fragility import run_fragility
 
         return run_fragility(args)
+    if args.suite == "features":
+        from melbo_lens.cli.evaluate_features import run_features
+
+        return run_features(args)
+    if args.suite == "finetune":
+        from melbo_lens.cli.evaluate_finetune import run_finetune
+
+        return run_finetune(args)
+    if args.suite == "miss":
+        from melbo_lens.cli.evaluate_miss import run_miss
+
+        return run_miss(args)
     import torch
 
     from melbo_lens.models.zoo import load_model
@@ -246,7 +315,7 @@ def _run_seeds(
 ) -> int:
     from melbo_lens.core.sites import HookSite
     from melbo_lens.models.toy import DEFAULT_RADIUS, TRIGGER_PHRASES
-    from melbo_lens.workflows.planted import PlantedReport, evaluate_planted
+    from melbo_lens.workflows.planted import PlantedReport, evaluate_planted, planted_page
 
     done = {run.seed for run in runs}
     report = None
@@ -269,6 +338,7 @@ def _run_seeds(
             log=lambda line: print(line, flush=True),
             defaults=args.defaults or not toy,
             adapter_radius=args.adapter_radius,
+            adapter_options=_adapter_options(args),
         )
         runs += part.runs
         settings = {
@@ -279,7 +349,7 @@ def _run_seeds(
         report = PlantedReport(runs, settings, part.behaviours)
         elapsed = seconds_before + time.perf_counter() - start
         out.mkdir(parents=True, exist_ok=True)  # after every seed: a stopped run resumes
-        data = report.to_dict() | {"seconds": round(elapsed, 1)}
+        data = report.to_dict() | {"seconds": round(elapsed, 1), "command": _command(args)}
         atomic_write_text(path, json.dumps(data, indent=2))
     if report is None:
         report = PlantedReport(runs, settings or {}, list(TRIGGER_PHRASES))
@@ -290,5 +360,7 @@ def _run_seeds(
 
     figure = out / "planted.html"  # self-contained: plotly.js inlined, works offline
     planted_benchmark(report).write_html(figure, include_plotlyjs=True)
-    print(f"wrote {out / 'planted.json'} and {figure}")
+    saved = report.to_dict() | {"command": _command(args)}
+    atomic_write_text(out / "planted.md", planted_page(saved))
+    print(f"wrote {out / 'planted.json'}, {out / 'planted.md'} and {figure}")
     return 0

@@ -52,6 +52,7 @@ __all__ = [
     "anomaly_page",
     "anomaly_seed",
     "near_miss_prompts",
+    "reach_vector",
     "shifted_prompts",
     "summarise",
 ]
@@ -97,7 +98,10 @@ def shifted_prompts(n: int, seed: int) -> list[str]:
     return [p.translate(table) for p in clean_prompts(n, seed)]
 
 
-def _reach_vector(model: Host, behaviour: str, radius: float, seed: int, source: HookSite):
+def reach_vector(model: Host, behaviour: str, radius: float, seed: int, source: HookSite):
+    """A supervised vector of norm `radius` at `source` for a planted `behaviour`: the
+    teacher-forced log-probability of its trained answer on 8 clean training prompts
+    (`clean_prompts(8, 7005)`), 20 power steps (as `scripts/backdoor_smollm2.py --reach`)."""
     from melbo_lens.models.backdoor import BACKDOOR_COMPLETIONS
     from melbo_lens.models.toy import clean_prompts
 
@@ -159,7 +163,7 @@ def anomaly_seed(
         ref_z, last_token_targets(model, ps, target)
     )
     for b in triggered:  # the upper reference: the behaviour's own push
-        reach = _reach_vector(model, b, radius, seed, melbo.site)
+        reach = reach_vector(model, b, radius, seed, melbo.site)
         det = fit_detector(model, reach, reference, target)
         scorers[f"supervised {b}"] = lambda ps, det=det: det.score(model, ps)
     negatives = {"auroc": clean, "auroc_near_miss": near, "auroc_shifted": shifted}

