@@ -18,7 +18,7 @@ __all__ = ["run_features"]
 MODEL, SAE, KL_TARGETS, DRAWS, CANDIDATES = (
     "smollm2-135m-instruct",
     "smollm2-135m-instruct-res7",
-    (0.5, 2.0),
+    (1.0,),
     2,
     6,
 )

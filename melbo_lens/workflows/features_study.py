@@ -302,6 +302,7 @@ def features_study(
                 target, 8.0, 16.0,
             )  # fmt: skip
             rows.append(row(kind, n, _vector(direction, site, norm, kind), norm, kl))
+            say(progress, f"  {kind} n={n}: norm {norm:.1f}, rate {rows[-1]['rate']:.2f}")
         say(progress, f"KL {target}: {len(candidates)} latent candidates on the dev prompts")
         dev_rates = {}
         for latent in candidates:

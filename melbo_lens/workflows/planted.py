@@ -202,8 +202,9 @@ class PlantedReport:
     def table(self) -> str:
         """Text table: one row per method and behaviour."""
         k = self.settings.get("n_vectors", "?")
+        w = max([10, *(len(m) + 1 for m in self.methods())])
         head = (
-            f"{'method':<10}{'behaviour':<10}{'seeds full':>11}{'seeds part':>11}"
+            f"{'method':<{w}}{'behaviour':<10}{'seeds full':>11}{'seeds part':>11}"
             f"{'vecs full':>10}{'vecs part':>10}{'1st hit':>8}{'recur':>7}{'changed':>9}"
         )
         lines = [
@@ -219,7 +220,7 @@ class PlantedReport:
                 rec = "-" if s["recurrence"] != s["recurrence"] else f"{s['recurrence']:.2f}"
                 first = "-" if s["first_hit"] != s["first_hit"] else f"{s['first_hit']:.1f}"
                 lines.append(
-                    f"{method:<10}{b:<10}{s['seeds_full']:>11.2f}{s['seeds_partial']:>11.2f}"
+                    f"{method:<{w}}{b:<10}{s['seeds_full']:>11.2f}{s['seeds_partial']:>11.2f}"
                     f"{s['vectors_full']:>10.2f}{s['vectors_partial']:>10.2f}{first:>8}{rec:>7}"
                     f"{per['_all']['changed']:>9.1f}"
                 )

@@ -27,6 +27,7 @@ RESULTS = Path(__file__).resolve().parents[2] / "results"
         ("cheese_miss", "miss", "melbo_lens.workflows.miss_study:miss_page"),
         ("finetune_traces", "finetune", "melbo_lens.workflows.finetune_study:finetune_page"),
         ("features_vs_vectors", "features", "melbo_lens.workflows.features_study:features_page"),
+        ("adapters_backdoored", "planted", "melbo_lens.workflows.planted:planted_page"),
     ],
 )
 def test_each_committed_page_is_generated_from_its_json(folder, name, page):
