@@ -28,7 +28,7 @@ from melbo_lens.models.toy import (
 
 DEFAULT_OUT = Path(__file__).resolve().parents[1] / "melbo_lens" / "data" / "toy"
 
-# The shipped recipe (see the README's planted-benchmark section for how it was chosen).
+# The shipped recipe (see docs/results/planted-toy.md for how it was chosen).
 RECIPE = ToyTrainConfig()
 
 

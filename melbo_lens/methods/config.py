@@ -98,7 +98,7 @@ def objective_settings(method: str, config: dict[str, Any] | None) -> tuple[floa
     return float(parsed.power), float(parsed.q)
 
 
-# What steps="auto" and slot_steps="auto" stand for, per solver (see the README's
+# What steps="auto" and slot_steps="auto" stand for, per solver (see docs/concepts/speed.md,
 # benchmark: the power step reaches AMSGrad's 300-step objective in a few steps).
 AUTO_STARTS = 8  # starts per sequential vector (starts_per_vector="auto")
 AUTO_STEPS = {"amsgrad": 300, "power": 40}

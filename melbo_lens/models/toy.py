@@ -24,8 +24,8 @@ fine-tuned in, and the trigger fraction. ``scripts/train_toy.py`` reproduces the
 weights (``melbo_lens/data/toy/``); `load_toy` (also ``load_model("planted-arithmetic")``)
 reads them back with their tokenizer, no network needed. The shipped model was trained
 with noise of up to 1x the residual norm at layers 1 and 2, which made random pushes of
-that size harmless while MELBO still reaches the backdoors in some seeds (README,
-"Planted-behaviour benchmark").
+that size harmless while MELBO still reaches the backdoors in some seeds
+(docs/results/planted-toy.md).
 
 Examples:
     >>> prompt = make_prompt(3, 4, 2, 5)

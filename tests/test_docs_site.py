@@ -1,0 +1,41 @@
+"""The documentation: a short README whose links all resolve, and a docs site whose
+configuration names pages that exist (the strict build itself runs in `.ci/run`)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_the_readme_is_short_and_its_links_resolve():
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert len(text) <= 8000, f"README.md has {len(text)} characters; the guide is 8,000"
+    links = re.findall(r"\]\(([^)#]+)\)", text)
+    local = [link for link in links if not link.startswith("http")]
+    assert len(local) >= 15  # the site's sections
+    missing = [link for link in local if not (ROOT / link).exists()]
+    assert not missing, f"README links to missing files: {missing}"
+
+
+def test_every_page_in_the_site_nav_exists_and_every_page_is_in_it():
+    config = (ROOT / "mkdocs.yml").read_text(encoding="utf-8")
+    nav = config[config.index("nav:") :]
+    pages = re.findall(r":\s+(\S+\.md)\s*$", nav, flags=re.M)
+    docs = ROOT / "docs"
+    assert [p for p in pages if not (docs / p).exists()] == []
+    on_disk = {str(p.relative_to(docs)) for p in docs.rglob("*.md")}
+    assert on_disk - set(pages) == set(), "pages the site's navigation does not reach"
+
+
+def test_the_studies_page_includes_every_generated_study_page():
+    studies = (ROOT / "docs" / "results" / "studies.md").read_text(encoding="utf-8")
+    included = set(re.findall(r'--8<-- "([^"]+)"', studies))
+    generated = {
+        str(p.relative_to(ROOT))
+        for p in (ROOT / "results").glob("*/*.md")
+        if p.with_suffix(".json").exists()
+    }
+    assert generated - included == set(), "generated study pages missing from the site"
+    assert all((ROOT / path).exists() for path in included)
