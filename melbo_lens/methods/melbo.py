@@ -333,6 +333,34 @@ def train_steering_vectors(
     minute, so it pays off for long runs (it does not change the results beyond float
     rounding).
 
+    Args:
+        model: the HookedTransformer (or host) to steer; its weights are not changed.
+        prompts: the prompts and their target positions (`PromptSet`); prompts built
+            without `target_positions` get the default positions.
+        config: what to train (`MelboConfig`): sites, number of vectors, radius R
+            ("auto" searches it), objective, solver and orthogonality.
+        progress: show a progress bar (and the defaults' choices) on stderr.
+        callback: called after every step with the loop's state; returning False
+            stops the run, which returns what exists so far.
+        checkpoint: a path where the partial artifact is saved every
+            `checkpoint_every` steps, atomically (finite values only).
+        checkpoint_every: steps between checkpoints.
+        resume: a saved artifact (or its path) of the same settings to continue exactly.
+        compile: run the segment's blocks through torch.compile.
+        overwrite: allow `checkpoint` to replace a finished run at that path.
+        max_rows_per_pass: split each step's rows (members x prompts) into passes of
+            at most this many rows; "auto" sizes them to the device's free memory.
+
+    Returns:
+        The trained `SteeringVectors`, with their objective, losses per step, the
+        settings run and the defaults' choices in `metadata["auto"]`.
+
+    Raises:
+        ValueError: prompts or sites that do not fit the model, or more mutually
+            orthogonal vectors than d_model.
+        TrainingError: a NaN/inf or zero objective at some step (checked every step).
+        MemoryError: a pass that cannot fit the device, naming the knob that lowers it.
+
     Examples:
         >>> cfg = MelboConfig(HookSite(1), HookSite(3), n_vectors=4, steps=50)
         >>> prompts = PromptSet.from_texts(model, "hi there")
