@@ -224,6 +224,29 @@ def generate(
     `max_rows` at a time to bound memory. `indices` choose members; negative ones count
     from the end as in Python, out-of-range ones are an error.
 
+    Args:
+        model: the model to complete with (it needs a tokenizer to decode).
+        perturbation: any `Perturbation` (vectors, adapters, soft prompts, clamps), or
+            None for unsteered completions only.
+        prompts: a `PromptSet`, a string or a list of strings / chat conversations.
+        indices: the members to use (default: all).
+        scale: multiplies each member's edit (1.0: as trained).
+        max_new_tokens: tokens generated per row.
+        do_sample: sample instead of greedy decoding.
+        temperature: the sampling temperature (with `do_sample`).
+        top_p: nucleus sampling's mass (with `do_sample`; None: off).
+        seed: the sampling generator's seed (sampled runs are reproducible).
+        chat: format plain-string prompts with the chat template.
+        include_unsteered: add one unsteered reference row per prompt.
+        max_rows: rows decoded at a time.
+
+    Returns:
+        `SteeredGenerations`: `unsteered[p]` and `steered[k][p]` texts, with `table()`.
+
+    Raises:
+        ValueError: a prompt plus `max_new_tokens` longer than the context, an
+            out-of-range index, or bad decoding settings, each named.
+
     Examples:
         >>> sv = SteeringVectors(torch.eye(50)[:2, :32] * 8.0, HookSite(1))
         >>> gens = generate(model, sv, "hello", max_new_tokens=4)

@@ -39,3 +39,12 @@ def test_the_studies_page_includes_every_generated_study_page():
     }
     assert generated - included == set(), "generated study pages missing from the site"
     assert all((ROOT / path).exists() for path in included)
+
+
+def test_the_cli_reference_page_is_generated_from_the_parser():
+    from melbo_lens.cli.reference import cli_reference
+
+    page = (ROOT / "docs" / "reference" / "cli.md").read_text(encoding="utf-8")
+    assert page == cli_reference(), (
+        "regenerate: python -m melbo_lens.cli.reference > docs/reference/cli.md"
+    )

@@ -35,6 +35,7 @@ def _load(path: Path, args: argparse.Namespace, settings: dict[str, Any]) -> dic
     except (ValueError, KeyError, TypeError) as err:
         raise CliError(f"--resume: {path} is not a readable miss study ({err})") from None
     now = {k: v for k, v in settings.items() if k != "command"}
+    saved.setdefault("selection_runs", False)  # files from before the flag ran no fix there
     differing = sorted(k for k in now if saved.get(k) != now[k])
     if differing:
         raise CliError(
