@@ -371,6 +371,30 @@ def train_steering_adapters(
     leave out the outlier-norm positions at the target, as for vectors
     (`methods.defaults`).
 
+    Args:
+        model: the HookedTransformer (or host) whose MLP the adapters edit (by hooks;
+            its weights are not changed).
+        prompts: the prompts and their target positions (`PromptSet`).
+        config: what to train (`AdapterConfig`): the block, target, number, rank,
+            radius, normalisation, solver and orthogonality.
+        progress: show a progress bar on stderr.
+        callback: called after every step; returning False stops the run.
+        checkpoint: a path where the partial artifact is saved every
+            `checkpoint_every` steps, atomically.
+        checkpoint_every: steps between checkpoints.
+        resume: a saved artifact (or its path) of the same settings to continue exactly.
+        compile: run the segment's blocks through torch.compile.
+        overwrite: allow `checkpoint` to replace a finished run at that path.
+        max_rows_per_pass: split each step's rows into passes of at most this many
+            rows ("auto": sized to the free memory).
+
+    Returns:
+        The trained `SteeringAdapters`.
+
+    Raises:
+        ValueError: prompts or sites that do not fit the model.
+        TrainingError: a NaN/inf or zero objective at some step.
+
     Examples:
         >>> cfg = AdapterConfig(1, HookSite(3), n_adapters=2, steps=5)
         >>> adapters = train_steering_adapters(model, prompts, cfg)

@@ -90,6 +90,21 @@ def random_vectors(
     initial vector k, so with equal seeds this baseline *is* MELBO's starting point
     (`orthogonal=False`), or its Gram–Schmidt orthonormalisation in index order.
 
+    Args:
+        model: the model whose width the vectors take.
+        site: where they are added (a `HookSite`, a hook name or a layer).
+        n: how many vectors.
+        radius: the norm of each.
+        orthogonal: orthonormalise them (Gram–Schmidt in index order) before scaling.
+        seed: vector k comes from the generator (seed, k).
+
+    Returns:
+        `SteeringVectors` with `method="random"`.
+
+    Raises:
+        ValueError: n < 1, a radius that is not a positive number, or more orthogonal
+            vectors than d_model.
+
     Examples:
         >>> sv = random_vectors(model, HookSite(2), n=8, radius=4.0)
         >>> [round(float(r), 4) for r in sv.radius] == [4.0] * 8

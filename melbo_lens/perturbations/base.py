@@ -106,6 +106,15 @@ def apply(
     """Apply member `index` of `perturbation` (or one member per block of batch rows for
     a list) inside the block; the hooks are removed on exit, also when the body raises.
 
+    Args:
+        model: the model to perturb inside the block.
+        perturbation: any `Perturbation` (vectors, adapters, soft prompts, clamps).
+        index: the member for every row, or a list: one member per block of batch rows.
+        scale: multiplies the member's edit (1.0: as trained).
+
+    Yields:
+        The model, with the perturbation's hooks attached.
+
     Examples:
         >>> sv = SteeringVectors(torch.eye(32)[:2] * 4.0, HookSite(1))
         >>> with apply(model, sv, 1):

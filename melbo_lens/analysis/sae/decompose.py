@@ -173,6 +173,24 @@ def decompose_onto_sae(
     `nonnegative=True` only features pointing along θ are used (cosine: ranked by cos,
     not |cos|; sparse: non-negative least squares).
 
+    Args:
+        vector: a `SteeringVectors` (with `index`) or one vector [d].
+        sae: a sae-lens SAE reading the vector's site.
+        index: which member of a `SteeringVectors`.
+        top_k: how many features to keep.
+        method: "cosine" (rank decoder directions by cosine) or "sparse" (orthogonal
+            matching pursuit, coefficients in activation units).
+        nonnegative: only features pointing along the vector.
+        allow_site_mismatch: decompose even when the SAE reads another site.
+        site: the site of a bare tensor, to have it checked.
+
+    Returns:
+        `SaeDecomposition`: the features, their coefficients and cosines, and the
+        share of ||θ||² the fit explains.
+
+    Raises:
+        ValueError: a bad method or top_k, a width or site that does not fit the SAE.
+
     Examples:
         >>> dec = decompose_onto_sae(vecs, sae, index=0, method="sparse", top_k=5)
         >>> 1 <= len(dec.features) <= 5, 0.0 <= dec.explained <= 1.0

@@ -83,6 +83,21 @@ def load_sae(
 
     An `SAE` object is returned as it is.
 
+    Args:
+        name_or_path: a name in `PACKAGED_SAES`, a sae-lens directory, a pretrained
+            release (with `sae_id`), or an `SAE` (returned as it is).
+        sae_id: the SAE within a pretrained release.
+        device: where to load the weights.
+
+    Returns:
+        The sae-lens `SAE`.
+
+    Raises:
+        FileNotFoundError: a name that is no packaged SAE and no sae-lens directory.
+        ValueError: a pretrained release or id that sae-lens does not know.
+        RuntimeError: a pretrained release that cannot be downloaded (offline), with
+            how to load a local copy instead.
+
     Examples:
         >>> sae = load_sae("runs/sae_l7")                              # doctest: +SKIP
         >>> sae = load_sae("gpt2-small-res-jb", sae_id="blocks.8.hook_resid_pre")  # doctest: +SKIP
