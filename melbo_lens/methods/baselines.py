@@ -442,6 +442,21 @@ def jacobian_vectors(
     fixed so each vector's largest-magnitude entry is positive. `converged` and
     `residuals` in `metadata` report the eigensolver's state.
 
+    Args:
+        model: the model to differentiate.
+        prompts: the prompts and their target positions.
+        source: where θ is added.
+        target: where the change is read.
+        k: how many singular vectors.
+        radius: the norm R each vector is scaled to.
+        iterations: block Lanczos iterations at most.
+        tol: the eigensolver's relative residual tolerance.
+        block_size: directions per batch of Hessian-vector products (default k).
+        seed: the starting block's seed.
+
+    Returns:
+        `SteeringVectors` with `method="jacobian"`, singular values in `metadata`.
+
     Examples:
         >>> sv = jacobian_vectors(model, prompts, HookSite(7), HookSite(22, "resid_pre"),
         ...                       k=8, radius=4.0)            # doctest: +SKIP

@@ -134,6 +134,23 @@ def mean_difference_vectors(
     position, pairs and site; `metadata["pair_agreement"]` is the fraction of pairs whose
     own difference points the same way as the mean.
 
+    Args:
+        model: the model to read activations from.
+        positive: the prompts with the behaviour (texts or a `PromptSet`).
+        negative: their paired prompts without it, one for one.
+        site: where activations are read and the vector is added.
+        position: "last" token, "mean" over the prompt, "answer" (the answer token
+            named by `answer_tokens`) or a position index.
+        answer_tokens: with `position="answer"`, the answer token(s) to read at.
+        radius: rescale the vector to this norm (default: its natural norm).
+        batch_size: prompts per forward pass.
+
+    Returns:
+        One `SteeringVectors` member with `method="mean_difference"`.
+
+    Raises:
+        ValueError: unpaired prompt lists, a bad position or batch size.
+
     Examples:
         >>> sv = mean_difference_vectors(model, ["I love it"], ["I hate it"], 3)
         >>> with sv.apply(model, 0, scale=4.0):
@@ -227,6 +244,26 @@ def probe_vectors(
     direction in activation space as it is and makes `l2` scale-free. The positive side
     is label 1, so the vector points towards it. Pairing is not used, only the two sets.
     `metadata` has the training accuracy, loss and iterations.
+
+    Args:
+        model: the model to read activations from.
+        positive: the prompts with the behaviour (label 1).
+        negative: the prompts without it (label 0).
+        site: where activations are read and the vector is added.
+        l2: the L2 penalty on the weights (scale-free, see above).
+        max_iter: L-BFGS iterations at most.
+        position: "last", "mean", "answer" or a position index, as for
+            `mean_difference_vectors`.
+        answer_tokens: with `position="answer"`, the answer token(s).
+        radius: rescale the vector to this norm (default: the norm of the pairs'
+            mean difference).
+        batch_size: prompts per forward pass.
+
+    Returns:
+        One `SteeringVectors` member with `method="probe"`, the fit in `metadata`.
+
+    Raises:
+        ValueError: a negative `l2`, unpaired prompt lists or a bad position.
 
     Examples:
         >>> sv = probe_vectors(model, pos_texts, neg_texts, 6, l2=1e-2)
