@@ -201,6 +201,16 @@ def completion_diversity(texts: Sequence[str], *, embed: Embedder | None = None)
 
     `embed` maps texts to a [n, dim] tensor; default the packaged all-MiniLM-L6-v2.
 
+    Args:
+        texts: the completions (at least one).
+        embed: texts -> [n, dim] embeddings (default: all-MiniLM-L6-v2, packaged).
+
+    Returns:
+        `Diversity`: the mean pairwise cosine distance and the sum of variances.
+
+    Raises:
+        ValueError: no texts.
+
     Examples:
         >>> onehot = lambda ts: torch.tensor([[1.0, 0.0] if "a" in t else [0.0, 1.0] for t in ts])
         >>> completion_diversity(["a", "a", "a"], embed=onehot).mean_distance
@@ -275,6 +285,19 @@ def fluency(
     completions are re-tokenized without special tokens; an empty completion gives nan.
     Rows are right-padded with an explicit attention mask and run `max_rows` at a time
     (causal attention: padding after a row's last token cannot change its positions).
+
+    Args:
+        model: the model that scores the completions, unsteered.
+        prompts: the prompts (a `PromptSet`, a string or a list).
+        completions: texts, or token lists; completion j continues prompt
+            `j % len(prompts)`.
+        max_rows: rows per forward pass.
+
+    Returns:
+        One perplexity per completion (nan for an empty one).
+
+    Raises:
+        ValueError: a prompt plus completion longer than the model's context.
 
     Examples:
         >>> fluency(model, ["The cat"], [" sat on the mat."])  # doctest: +SKIP

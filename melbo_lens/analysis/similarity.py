@@ -164,6 +164,13 @@ class CosineMatrix:
 def cosine_matrix(a: VectorSet, b: VectorSet | None = None) -> CosineMatrix:
     """Cosine similarity between every vector of `a` and every vector of `b` (default a).
 
+    Args:
+        a: vectors (a `SteeringVectors` or a [n, d] tensor).
+        b: other vectors of the same width (default: `a` itself).
+
+    Returns:
+        `CosineMatrix` with `values[i, j]` = cos(a_i, b_j).
+
     Examples:
         >>> cm = cosine_matrix(torch.tensor([[1.0, 0.0], [1.0, 1.0]]))
         >>> [[round(x, 4) for x in row] for row in cm.values.tolist()]

@@ -250,6 +250,15 @@ def load_artifact(path: str | os.PathLike[str]) -> Any:
     """Load whichever melbo_lens artifact `path` holds (vectors, adapters, ...), chosen by
     the format tag in its metadata. Never unpickles.
 
+    Args:
+        path: a `.safetensors` file written by a melbo_lens artifact's `save`.
+
+    Returns:
+        The artifact: `SteeringVectors`, `SteeringAdapters`, `SoftPrompts`, ...
+
+    Raises:
+        ArtifactError: a file that is not a melbo_lens artifact, or a broken one.
+
     Examples:
         >>> art = load_artifact("run/adapters.safetensors")  # doctest: +SKIP
         >>> isinstance(art, SteeringAdapters)  # doctest: +SKIP

@@ -79,6 +79,18 @@ def steer(
 ) -> Generator[Any, None, None]:
     """Add `scale * vectors` at `site` during forward passes inside the block.
 
+    Args:
+        model: the model to steer inside the block.
+        site: where the vectors are added (a `HookSite`, hook name or layer).
+        vectors: one vector [d_model], or one per batch row [batch, d_model].
+        scale: multiplies the vectors.
+
+    Yields:
+        The model, with the steering hook attached (removed on exit, also on error).
+
+    Raises:
+        ValueError: vectors holding NaN or inf.
+
     Examples:
         >>> with steer(model, HookSite(3), torch.randn(model.cfg.d_model)):
         ...     logits = model("Hello")
