@@ -256,6 +256,30 @@ def select_radius(
     so an interrupted sweep resumes at the first unfinished radius; a saved radius made
     with other settings is an error naming them.
 
+    Args:
+        model: the model to train and complete with (it needs a tokenizer).
+        prompts: the training prompts (`PromptSet`).
+        config: the MELBO config trained at each radius (its own radius is replaced).
+        radii: the radii to try, each > 0.
+        max_new_tokens: tokens per completion.
+        fluency_limit: fluency has collapsed at R when the median perplexity exceeds
+            this multiple of the unsteered completions' (see the module docstring).
+        repetition_limit: fluency has also collapsed when the mean repetition exceeds
+            this (None: not used).
+        embed: texts -> embeddings for diversity (default: all-MiniLM-L6-v2).
+        keep_vectors: keep each radius's vectors in the result.
+        progress: announce each radius and show training bars.
+        save_dir: save each finished radius there and reuse it on a later call.
+        max_rows_per_pass: as for `train_steering_vectors`.
+
+    Returns:
+        `RadiusSweep`: the per-radius measurements, `table()` and the recommended R.
+
+    Raises:
+        TypeError: prompts that are not a `PromptSet`.
+        ValueError: bad radii, fewer than 2 vectors, a model without a tokenizer, or a
+            saved radius made with other settings.
+
     Examples:
         >>> sweep = select_radius(model, prompts, MelboConfig(HookSite(7),
         ...     HookSite(22, "resid_pre"), n_vectors=4, steps=40), [4, 8, 16, 32])  # doctest: +SKIP
