@@ -240,6 +240,21 @@ def classify_completions(
     paraphrases sit at ~0.05-0.35 from each other, texts on one topic (sums with different
     numbers) at ~0.5-0.7, unrelated texts at ~0.8-1.0; lower it to split finer.
 
+    Args:
+        completions: texts, or a `SteeredGenerations`.
+        rules: `BehaviorRule`s or `(name, pattern)` tuples (a substring, a compiled
+            regex or a callable), tried in order; names must be unique.
+        cluster: cluster the completions no rule matches (else label them unmatched).
+        embed: texts -> embeddings for the clustering (default: all-MiniLM-L6-v2).
+        threshold: the cosine distance below which clusters merge.
+
+    Returns:
+        `BehaviorReport`: a label per completion, every rule each matched, exemplars
+        and `table()`.
+
+    Raises:
+        ValueError: rule names that repeat.
+
     Examples:
         >>> report = classify_completions(
         ...     ["I love cheese", "2 + 2 = 4", "Brie is great"],

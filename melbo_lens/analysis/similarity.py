@@ -437,6 +437,21 @@ def compare_vectors(
 
     `labels` names the two sets in the printout (default: their methods, or "A" / "B").
 
+    Args:
+        a: the first set (a `SteeringVectors` or a [n, d] tensor).
+        b: the second set, of the same width.
+        model: with `prompts`, also compare the vectors' target-layer deltas.
+        prompts: the prompts the deltas are measured on.
+        target: where the deltas are read (default: the vectors' own target).
+        labels: the two sets' names in the printout.
+
+    Returns:
+        `VectorComparison`: cosines, nearest matches, principal angles and, with a
+        model, the delta similarity.
+
+    Raises:
+        ValueError: only one of `model` and `prompts` given, or widths that differ.
+
     Examples:
         >>> print(compare_vectors(SteeringVectors.load("a.safetensors"),
         ...                       SteeringVectors.load("b.safetensors")))   # doctest: +SKIP
