@@ -250,6 +250,34 @@ def feature_dashboards(
     `cache=True` keeps state and result under the melbo_lens cache (a path: there; False:
     nowhere). `dashboard_shard` runs one part of the rows, for `merge_dashboard_states`.
 
+    Args:
+        model: the model the SAE reads (run to the SAE's hook only).
+        sae: a sae-lens SAE.
+        corpus: a packaged corpus name, a `Corpus`, a folder of text, or texts.
+        latents: the latents to build dashboards for (default: all).
+        max_tokens: cap on the corpus tokens streamed.
+        ctx: tokens per row (default 128, or the model's context if shorter).
+        split: "train" or "heldout" part of a packaged corpus (None: all).
+        k: top activations kept per latent.
+        n_sample: activations sampled per latent for the quantile bands.
+        corr_every: one token in this many enters the correlation sample.
+        n_correlated: correlated latents listed per latent.
+        n_logits: top and bottom tokens of each latent's logit effect.
+        batch_size: rows per forward pass.
+        left: tokens of left context shown around an activation.
+        right: tokens of right context.
+        cache: True keeps state and result in the melbo_lens cache, a path keeps them
+            there, False nowhere.
+        save_every: rows between saved states (with a cache).
+        allow_model_mismatch: build dashboards for an SAE trained on another model.
+        progress: show a progress bar.
+
+    Returns:
+        `FeatureDashboards`, one `FeatureDashboard` per latent by `dash[latent]`.
+
+    Raises:
+        ValueError: an SAE that does not fit the model, or bad settings, each named.
+
     Examples:
         >>> dash = feature_dashboards(model, sae, ["the cat sat on the mat"] * 4, ctx=8,
         ...                           latents=[0, 1], cache=False, progress=False)
