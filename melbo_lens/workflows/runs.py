@@ -107,6 +107,33 @@ def analyze_run(
     `cards` a card per vector (`vector_cards`) whose latents come from `target_sae`
     ("auto": the packaged SAE at the target site, if any), with dashboards of those too.
 
+    Args:
+        model: the model the vectors were trained on.
+        vectors: `SteeringVectors`, `SteeringAdapters` or `SoftPrompts`.
+        prompts: the prompts to analyse on (default: the training prompts).
+        generations: completions already made (default: made here, greedy).
+        sae: "auto", None, an SAE, or a name or path (see above).
+        n_random: random vectors of the same R for the objective's baseline.
+        random_seed: their seed.
+        target: where the change is read (default: the vectors' target).
+        max_new_tokens: tokens per completion when they are made here.
+        attribution: "exact", "attribution_patching" or "integrated_gradients".
+        attribution_prompts: how many prompts the attribution runs on.
+        attribution_top: estimated nodes verified by patching.
+        top_features: SAE features kept per vector.
+        feature_token_k: top tokens kept per feature on the prompts.
+        corpus: what the dashboards read (see above).
+        target_sae: the SAE the cards read at the target ("auto", None or an SAE).
+        dashboard_tokens: corpus tokens the dashboards stream.
+        cards: make a card per vector.
+        progress: announce each step.
+
+    Returns:
+        `RunAnalysis`, what `write_report` renders; `save(folder)` keeps it.
+
+    Raises:
+        TypeError: a perturbation that is not a trained artifact.
+
     Examples:
         >>> run = analyze_run(model, vectors, prompts, n_random=16)   # doctest: +SKIP
         >>> run.save("demo_out")                                     # doctest: +SKIP
