@@ -301,6 +301,36 @@ def evaluate_planted(
     positions and the R that MELBO chose for the same seed (without MELBO among
     `methods`: that MELBO's defaults would choose, found without training it).
 
+    Args:
+        model: a planted model (the toy, the backdoored SmolLM2, or one trained on
+            their task).
+        n_vectors: perturbations per method and seed (K).
+        radius: R of MELBO, random and Jacobian vectors (without `defaults`).
+        seeds: the seeds run.
+        source: where vectors are added (without `defaults`).
+        target: where the change is read (without `defaults`).
+        target_positions: the last n positions, or None for all (see above).
+        steps: MELBO's steps (without `defaults`).
+        orthogonal: MELBO's orthogonality mode (without `defaults`).
+        methods: a subset of `METHODS`.
+        max_new_tokens: tokens per completion.
+        n_heldout: held-out prompts for the recurrence of eliciting members.
+        log: called with one line per method and seed.
+        defaults: run MELBO on pure defaults (see above).
+        chat: ask the prompts as chat turns (default: when the tokenizer has a template).
+        adapter_radius: R of the adapters and the random adapters.
+        default_positions: with `defaults`, use the default positions (False: keep
+            `target_positions`).
+        on_vectors: called with (method, seed, perturbations) before they are scored.
+        adapter_options: more `AdapterConfig` fields for the adapters.
+
+    Returns:
+        `PlantedReport`: every run's completions, hits and recurrence, `summary()` and
+        `table()`.
+
+    Raises:
+        ValueError: an unknown method or a bad `target_positions`.
+
     Examples:
         >>> from melbo_lens.models.toy import load_toy
         >>> report = evaluate_planted(load_toy(), n_vectors=2, seeds=[0], steps=2,
