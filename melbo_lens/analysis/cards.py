@@ -118,6 +118,29 @@ def vector_cards(
     after the perturbation's site); (d) completes `prompts` (chat-formatted when `chat`;
     None: when the tokenizer has a chat template), or reads `generations` when given.
 
+    Args:
+        model: the model the perturbation acts on.
+        perturbation: any `Perturbation`.
+        corpus: a packaged corpus name, a `Corpus` or texts.
+        indices: the members to make cards for (default: all).
+        sae: an SAE at a hook after the perturbation's site, for (c).
+        prompts: prompts to complete for (d).
+        generations: completions already made, instead of `prompts`.
+        labels: the members' names on the cards.
+        context_tokens: corpus tokens read for (a).
+        effect_rows: held-out rows steered for (b) and (c).
+        ctx: tokens per row.
+        k: tokens and latents listed per part.
+        max_new_tokens: tokens per completion.
+        chat: chat-format `prompts` (None: when the tokenizer has a template).
+        progress: show progress.
+
+    Returns:
+        One `PerturbationCard` per chosen member.
+
+    Raises:
+        IndexError: a member index out of range.
+
     Examples:
         >>> cards = vector_cards(model, vectors, ["the cat sat on a mat"] * 8, ctx=8,
         ...                      context_tokens=64, effect_rows=2, prompts=["hi"],
