@@ -98,6 +98,36 @@ class MelboConfig(LoopConfig):
     `on_manifold=k` keeps every vector in the span of the top-k right singular vectors
     of the prompts' source activations (`methods.manifold`).
 
+    Args:
+        source: where θ is added (None: the default site, a quarter of the depth in).
+        target: where the change is read (None: three quarters in; the last block's
+            output for the logprob objectives).
+        n_vectors: how many vectors.
+        radius: R, each vector's norm ("auto": searched before training).
+        power: p, the per-position change ||Δ||^p.
+        q: the per-prompt sum to the power 1/q.
+        steps: steps of the first vector (or of every vector without a window).
+        lr: the learning rate ("auto": scaled to R and d_model).
+        orthogonal: "sequential", "simultaneous", "soft" or "none".
+        solver: "amsgrad" or "power" ("auto": power with a window, else amsgrad).
+        betas: the Adam betas.
+        soft_weight: the weight of the soft orthogonality penalty.
+        soft_on: what the soft penalty compares: "vectors" or their "deltas".
+        vectors_per_batch: cap on the vectors sharing a forward pass.
+        amsgrad: keep the max of second moments (None: unless orthogonal is
+            "simultaneous").
+        seed: vector k starts from the generator (seed, k).
+        starts_per_vector: candidate starts per sequential vector ("auto": 8).
+        slot_steps: steps between later slots of a window ("auto": per solver).
+        slot_tol: relative rise below which a slot ends early ("auto": per solver).
+        objective: "melbo", "consistency", "melbo+consistency", "logprob" or
+            "neg-logprob" (`methods.training.objective`).
+        consistency_weight: the consistency term's weight in "melbo+consistency".
+        on_manifold: keep the vectors in the top-k activation subspace (None: off).
+
+    Raises:
+        ValueError: any invalid field, all named in one message.
+
     Examples:
         >>> cfg = MelboConfig(HookSite(7), HookSite(22, "resid_pre"), n_vectors=4, radius=4.0)
         >>> MelboConfig.from_dict(cfg.to_dict()) == cfg
