@@ -98,6 +98,33 @@ class AdapterConfig(LoopConfig):
     prompts' tokens (recomputed every step, stored as `SteeringAdapters.thresholds`), so
     it writes at about a (1 - q) share of the tokens, the ones it reads most strongly.
 
+    Args:
+        source_layer: the block whose MLP output weights the adapters edit.
+        target: where the change is read (after `blocks.{source_layer}.hook_mlp_out`).
+        n_adapters: how many adapters.
+        rank: the rank r of each edit ΔW = R·Ω_A Ω_Bᵀ.
+        radius: R, the edit's scale.
+        power: p, the per-position change ||Δ||^p.
+        q: the per-prompt sum to the power 1/q.
+        steps: training steps per adapter.
+        lr: the learning rate ("auto": scaled to d_mlp and d_model).
+        orthogonal: "sequential", "simultaneous", "soft" or "none" (on the Ω_B columns;
+            default "none").
+        solver: "amsgrad" or "power".
+        betas: the Adam betas.
+        soft_weight: the weight of the soft orthogonality penalty.
+        soft_on: what the soft penalty compares: "vectors" or their "deltas".
+        adapters_per_batch: cap on the adapters sharing a forward pass.
+        amsgrad: keep the max of second moments (None: as for vectors).
+        seed: adapter k starts from the generator (seed, k).
+        objective: as `MelboConfig.objective`.
+        consistency_weight: the consistency term's weight in "melbo+consistency".
+        normalization: "columns", "frobenius" or "spectral" (see above).
+        position_quantile: act only above this quantile of each read-out (None: off).
+
+    Raises:
+        ValueError: any invalid field, all named in one message.
+
     Examples:
         >>> cfg = AdapterConfig(7, HookSite(22, "resid_pre"), n_adapters=4, rank=2)
         >>> AdapterConfig.from_dict(cfg.to_dict()) == cfg
