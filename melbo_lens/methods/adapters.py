@@ -37,7 +37,7 @@ its default 0.011·R/√d_model. R does not enter (the columns have norm 1 whate
 
 Why one module over ~400 lines: about a third of it is the public docstrings
 (`AdapterConfig` and the trainer entry point document every field and parameter for
-the API reference); the code is one concept, under 300 lines.
+the API reference); the code is one concept, about 300 lines.
 """
 
 from __future__ import annotations

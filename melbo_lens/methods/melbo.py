@@ -34,7 +34,7 @@ Orthogonality modes:
 
 Why one module over ~400 lines: about a third of it is the public docstrings
 (`MelboConfig` and the trainer entry point document every field and parameter for
-the API reference); the code is one concept, under 300 lines.
+the API reference); the code is one concept, about 300 lines.
 """
 
 from __future__ import annotations
