@@ -27,6 +27,13 @@ __all__ = [
 def to_sphere(vectors: Float[Tensor, "*k d"], radius: float) -> Float[Tensor, "*k d"]:
     """Rescale each row to norm `radius`.
 
+    Args:
+        vectors: rows to rescale (any leading dims).
+        radius: the norm each row gets.
+
+    Returns:
+        The rows, each of norm `radius`.
+
     Examples:
         >>> to_sphere(torch.tensor([[3.0, 4.0]]), 10.0)
         tensor([[6., 8.]])
@@ -38,6 +45,13 @@ def tangent_project(
     grad: Float[Tensor, "*k d"], vectors: Float[Tensor, "*k d"]
 ) -> Float[Tensor, "*k d"]:
     """Remove from each gradient row its component along the matching vector row.
+
+    Args:
+        grad: gradient rows.
+        vectors: the matching points on the sphere (any norm).
+
+    Returns:
+        The gradient in each sphere's tangent space at its vector.
 
     Examples:
         >>> tangent_project(torch.tensor([[1.0, 1.0]]), torch.tensor([[2.0, 0.0]]))
@@ -61,6 +75,15 @@ def gram_schmidt(vectors: Float[Tensor, "k d"]) -> Float[Tensor, "k d"]:
 
     Done as a QR factorisation with the signs fixed so that row k has a positive
     component along the input row k; no host synchronisation.
+
+    Args:
+        vectors: k rows of dimension d, k <= d.
+
+    Returns:
+        k orthonormal rows spanning the same nested subspaces.
+
+    Raises:
+        ValueError: more rows than dimensions.
 
     Examples:
         >>> gram_schmidt(torch.tensor([[2.0, 0.0], [1.0, 1.0]])).abs()

@@ -35,6 +35,16 @@ def melbo_objective_per_prompt(
 ) -> Float[Tensor, "*batch"]:
     """(Σ_t mask·||steered − unsteered||₂^power)^(1/q) for each prompt (leading dims kept).
 
+    Args:
+        steered: target activations with the perturbation (any leading dims).
+        unsteered: the same without it.
+        mask: the target positions.
+        power: p, the per-position change ||Δ||^p.
+        q: the per-prompt sum to the power 1/q.
+
+    Returns:
+        One value per prompt (the leading dims kept).
+
     Examples:
         >>> s = torch.tensor([[[3.0, 4.0], [1.0, 0.0]]]); u = torch.zeros_like(s)
         >>> melbo_objective_per_prompt(s, u, torch.tensor([[True, False]]))
@@ -69,6 +79,16 @@ def melbo_objective(
     q: float = 1.0,
 ) -> Float[Tensor, ""]:
     """Σ_i (Σ_t mask[i,t]·||steered[i,t] − unsteered[i,t]||₂^power)^(1/q).
+
+    Args:
+        steered: target activations with the perturbation.
+        unsteered: the same without it.
+        mask: the target positions (True where the change counts).
+        power: p, the per-position change ||Δ||^p.
+        q: the per-prompt sum to the power 1/q.
+
+    Returns:
+        The objective, summed over prompts (a scalar).
 
     Examples:
         >>> s = torch.ones(2, 3, 4); u = torch.zeros(2, 3, 4)
@@ -120,6 +140,12 @@ def consistency_per_member(
 
 def cosine_penalty(vectors: Float[Tensor, "k d"]) -> Float[Tensor, ""]:
     """Σ_{j<k} cos²(v_j, v_k): zero exactly when the rows are pairwise orthogonal.
+
+    Args:
+        vectors: k rows (flattened after the first dim).
+
+    Returns:
+        The sum of squared pairwise cosines (a scalar).
 
     Examples:
         >>> float(cosine_penalty(torch.eye(3)))
