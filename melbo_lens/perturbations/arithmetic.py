@@ -73,6 +73,17 @@ def add_vectors(
 ) -> SteeringVectors:
     """`a + alpha·b` row by row; a single vector on either side broadcasts.
 
+    Args:
+        a: the vectors (`SteeringVectors`).
+        b: vectors of the same site and width, one vector, or a tensor.
+        alpha: the weight of `b`.
+
+    Returns:
+        `SteeringVectors` a + alpha·b, with the provenance of the operation.
+
+    Raises:
+        ValueError: sites, widths or counts that do not match.
+
     Examples:
         >>> a = SteeringVectors(torch.eye(3)[:2], HookSite(1))
         >>> add_vectors(a, torch.tensor([0.0, 0.0, 2.0])).vectors.tolist()
@@ -85,6 +96,17 @@ def subtract_vectors(
     a: SteeringVectors, b: SteeringVectors | Float[Tensor, "*n d_model"], *, alpha: float = 1.0
 ) -> SteeringVectors:
     """`a - alpha·b` row by row; a single vector on either side broadcasts.
+
+    Args:
+        a: the vectors (`SteeringVectors`).
+        b: vectors of the same site and width, one vector, or a tensor.
+        alpha: the weight of `b`.
+
+    Returns:
+        `SteeringVectors` a - alpha·b, with the provenance of the operation.
+
+    Raises:
+        ValueError: sites, widths or counts that do not match.
 
     Examples:
         >>> a = SteeringVectors(torch.eye(2), HookSite(1))
@@ -158,6 +180,23 @@ def scale_sweep(
 
     All chosen vectors run together on the batch axis (at most `max_rows` rows per
     forward). A plain tensor needs `site`.
+
+    Args:
+        model: the model to steer.
+        vectors: `SteeringVectors`, or a tensor of vectors with `site`.
+        prompts: the prompts; the change is measured at their target positions.
+        scales: the multipliers of each vector.
+        indices: the vectors to sweep (default: all).
+        site: where a plain tensor is added.
+        tokens: token ids whose next-token log-probability change is also measured.
+        max_rows: rows per forward pass.
+
+    Returns:
+        `ScaleSweep`: KL, top-1 change and (with `tokens`) log-probability change per
+        vector and scale, with `table()`.
+
+    Raises:
+        ValueError: a site that differs from the vectors', or a tensor without one.
 
     Examples:
         >>> sweep = scale_sweep(model, vectors, prompts, [0.5, 1, 2, 4])   # doctest: +SKIP
