@@ -232,6 +232,13 @@ def repetition_score(text_or_tokens: str | Sequence[int] | Sequence[str], n: int
     is used as is. Fewer than n items give 0.0 (nothing can repeat). "a b a b a b" with
     n = 2 has 5 bigrams, 2 distinct: 1 − 2/5 = 0.6.
 
+    Args:
+        text_or_tokens: a text (split on whitespace) or a sequence of tokens.
+        n: the n-gram length.
+
+    Returns:
+        The share of repeated n-grams, in [0, 1).
+
     Examples:
         >>> repetition_score("a b a b a b", n=2)
         0.6

@@ -76,6 +76,12 @@ def default_sites(n_layers: int) -> tuple[HookSite, HookSite]:
     residual stream leaving block ⌈n/4⌉ − 1 (= entering block ⌈n/4⌉) and entering block
     ⌊3n/4⌋. Models under 3 layers: the embeddings to the last block's output.
 
+    Args:
+        n_layers: the model's number of blocks.
+
+    Returns:
+        (source, target) `HookSite`s.
+
     Examples:
         >>> [s.name for s in default_sites(30)]  # SmolLM2-135M
         ['blocks.7.hook_resid_post', 'blocks.22.hook_resid_pre']
