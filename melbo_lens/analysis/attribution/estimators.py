@@ -261,6 +261,27 @@ def attribute_target_delta(
     small vectors; for the quadratic default its error per node is ||c||², c the node's
     own share of Δ, at any vector size: prefer integrated gradients there.
 
+    Args:
+        model: the model the perturbation acts on.
+        prompts: the prompts (a `PromptSet` or texts).
+        vectors: a trained artifact (vectors, adapters or soft prompts).
+        index: which member.
+        method: "exact", "attribution_patching" or "integrated_gradients".
+        metric: None, a [d_model] direction, or a callable metric(Z_target) -> scalar.
+        saes: SAEs whose features (and error) are attributed, by site or hook name.
+        target: where Δ is read (default: the artifact's target).
+        steps: integrated-gradients steps.
+        top_n: nodes verified by patching.
+        verify: patch the top nodes for real and correlate with the estimates.
+        scale: multiplies the member's edit.
+
+    Returns:
+        `DeltaAttribution`: the exact decomposition, the node estimates, the groups'
+        completeness and (with `verify`) the patched effects, with `table()`.
+
+    Raises:
+        ValueError: an unknown method, or steps or top_n out of range.
+
     Examples:
         >>> res = attribute_target_delta(model, prompts, vectors, 0,  # doctest: +SKIP
         ...                              method="integrated_gradients", steps=32)

@@ -260,6 +260,17 @@ def decompose_target_delta(
     output), one per attention head `L{l}H{h}` and one per MLP `L{l}.mlp` between the
     source and the target. They sum to Δ up to float rounding.
 
+    Args:
+        model: the model the perturbation acts on.
+        prompts: the prompts (a `PromptSet` or texts).
+        vectors: a trained artifact (vectors, adapters or soft prompts).
+        index: which member.
+        target: where Δ is read (default: the artifact's target).
+        scale: multiplies the member's edit.
+
+    Returns:
+        `DeltaDecomposition`: the components [c, n, pos, d], their names, and Δ.
+
     Examples:
         >>> dec = decompose_target_delta(model, prompts, vectors, 0)
         >>> torch.allclose(dec.components.sum(0), dec.delta, atol=1e-5)
