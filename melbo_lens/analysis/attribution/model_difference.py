@@ -137,6 +137,23 @@ def feature_change_attribution(
     `adapter_hooks(...)` or a `steering_hook` with `model_b = model_a`. Hooks at `site`
     itself run before the SAE reads it.
 
+    Args:
+        model_a: the reference model (the base).
+        model_b: the changed model (fine-tuned, edited, or model_a with `hooks_b`).
+        prompts: the prompts (a `PromptSet` or texts), with answers when they matter.
+        sae: an SAE at `site`, of the models' width.
+        site: where the features are read.
+        loss: "kl", "mse", or a callable loss(logits_B, logits_A, real_token_mask).
+        hooks_b: (hook name, function) pairs active only in model B's run.
+
+    Returns:
+        `FeatureChange`: each feature's score, its gradient x activation, its activation
+        change, and the SAE error's score; `ranked(k)` and `table()`.
+
+    Raises:
+        ValueError: models of different architectures, an SAE of another width, or an
+            unknown loss.
+
     Examples:
         >>> fc = feature_change_attribution(  # doctest: +SKIP
         ...     base, tuned, prompts, sae, HookSite(6))

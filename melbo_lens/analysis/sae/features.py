@@ -117,6 +117,20 @@ def feature_effects(
     Features are ranked by mean |activation change| over the real tokens
     (`positions="all"`) or the prompts' target positions (`"target"`).
 
+    Args:
+        model: the model the vector steers.
+        sae: an SAE at the vector's site or later.
+        vectors: `SteeringVectors`.
+        index: which vector.
+        prompts: the prompts (a `PromptSet`, a text or texts).
+        top_n: features kept.
+        scale: multiplies the vector.
+        positions: rank over "all" real tokens or the "target" positions.
+        chunk_tokens: tokens encoded at a time.
+
+    Returns:
+        `FeatureEffects`: the top features' activation changes per prompt and token.
+
     Examples:
         >>> fx = feature_effects(model, sae, vectors, 0, prompts, top_n=10)  # doctest: +SKIP
         >>> print(fx.table())                                            # doctest: +SKIP
@@ -206,6 +220,19 @@ def feature_vectors(
     activation 1; `.apply(model, i, scale=a)` adds activation a). A number (or one per
     feature) scales each to that norm, e.g. a learned vector's norm for a fair comparison.
     `target` is recorded so `delta_similarity` and `Segment` know where to measure.
+
+    Args:
+        sae: the SAE whose decoder rows are taken.
+        features: one latent index or several.
+        radius: None (the rows as they are), a norm, or one norm per feature.
+        target: recorded as the vectors' target.
+
+    Returns:
+        `SteeringVectors` at the SAE's site, one per feature.
+
+    Raises:
+        ValueError: no features, latent indices out of range, or radii that are not
+            positive or not one per feature.
 
     Examples:
         >>> feats = feature_vectors(sae, [12, 40], radius=4.0)
