@@ -195,6 +195,27 @@ def pca_vectors(
     pairs vary around their mean. Each component's sign makes the positive side project
     higher on average; `metadata["explained_variance"]` gives each component's share.
 
+    Args:
+        model: the model to read activations from.
+        positive: the prompts with the behaviour.
+        negative: their paired prompts without it, one for one.
+        site: where activations are read and the vectors are added.
+        n_components: how many principal components.
+        center: subtract the mean difference first (see above).
+        position: "last", "mean", "answer" or a position index, as for
+            `mean_difference_vectors`.
+        answer_tokens: with `position="answer"`, the answer token(s).
+        radius: rescale each vector to this norm (default: the norm of the pairs'
+            mean difference).
+        batch_size: prompts per forward pass.
+
+    Returns:
+        `SteeringVectors` with one member per component, `method="pca"`.
+
+    Raises:
+        ValueError: unpaired prompt lists, a bad position, or more components than
+            pairs allow.
+
     Examples:
         >>> sv = pca_vectors(model, pos_texts, neg_texts, 6, n_components=2)
     """
@@ -319,6 +340,23 @@ def stability_curve(
     (whose cosine is 1). `options` go to the method (`center` for PCA; `l2`, `max_iter`
     for the probe). The source documents argue a direction is stable only from about
     32 pairs.
+
+    Args:
+        model: the model to read activations from.
+        positive: the prompts with the behaviour.
+        negative: their paired prompts without it.
+        site: where activations are read.
+        method: "mean_difference", "pca" or "probe".
+        sizes: the numbers of pairs (default: powers of 2 below the total, then all).
+        seed: the order of the pairs.
+        repeats: orders averaged over.
+        position: "last", "mean", "answer" or a position index.
+        answer_tokens: with `position="answer"`, the answer token(s).
+        batch_size: prompts per forward pass.
+        **options: passed to the method.
+
+    Returns:
+        (n, cosine) pairs, one per size.
 
     Examples:
         >>> stability_curve(model, pos_texts, neg_texts, 6)  # doctest: +SKIP
