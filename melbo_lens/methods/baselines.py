@@ -156,6 +156,20 @@ def random_adapters(
     `radius`: the random baseline for trained adapters, drawn exactly as the adapter
     trainer draws its initial adapter k (so with equal seeds this *is* its start).
 
+    Args:
+        model: the model whose MLP the adapters edit.
+        layer: the block.
+        n: how many adapters.
+        radius: R, the edit's scale.
+        rank: the rank of each edit.
+        seed: adapter k is drawn from the generator (seed, k).
+
+    Returns:
+        `SteeringAdapters` with `method="random_adapters"`.
+
+    Raises:
+        ValueError: a block without an MLP to edit, n < 1 or a bad radius.
+
     Examples:
         >>> ra = random_adapters(model, 1, n=3, radius=4.0, rank=2)
         >>> len(ra), ra.rank, round(float(ra.omega_b.norm(dim=1).mean()), 4)
@@ -514,6 +528,28 @@ def hessian_vectors(
     is well defined for any p, q, may be indefinite, and its largest eigenvalues are
     taken. `metadata["eigenvalues"]` holds them; `objective` the objective of each
     returned vector at radius R with the given p, q.
+
+    Args:
+        model: the model to differentiate.
+        prompts: the prompts and their target positions.
+        source: where θ is added.
+        target: where the change is read.
+        k: how many eigenvectors.
+        radius: the norm R each vector is scaled to.
+        power: p of the objective.
+        q: q of the objective.
+        at: the point [d_model] the Hessian is taken at (None: θ = 0, needs p=2, q=1).
+        iterations: block Lanczos iterations at most.
+        tol: the eigensolver's relative residual tolerance.
+        block_size: directions per batch of Hessian-vector products (default k).
+        seed: the starting block's seed.
+
+    Returns:
+        `SteeringVectors` with `method="hessian"`, eigenvalues in `metadata`.
+
+    Raises:
+        ValueError: non-positive exponents, `at=None` with exponents other than p = 2,
+            q = 1, or an `at` that is not a finite nonzero [d_model] vector.
 
     Examples:
         >>> sv = hessian_vectors(model, prompts, 7, "blocks.22.hook_resid_pre",
