@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from melbo_lens.cli.options import CliError
-from melbo_lens.cli.output import checked_directory, locked
+from melbo_lens.cli.output import checked_directory, locked, saved_study
 from melbo_lens.core.io import atomic_write_text
 
 __all__ = ["run_anomaly"]
@@ -27,29 +27,8 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _saved(path: Path, args: argparse.Namespace, settings: dict[str, Any]) -> list[dict]:
-    from melbo_lens.workflows.anomaly_study import SETTINGS_FIELDS
-
-    if not path.exists():
-        return []
-    if not (args.resume or args.overwrite):
-        raise CliError(
-            f"--out already holds an anomaly study ({path}); pass --resume to keep its seeds "
-            "and run the rest, --overwrite to replace it, or another --out"
-        )
-    if args.overwrite:
-        return []
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-        saved, seeds = data["settings"], list(data["seeds"])
-    except (ValueError, KeyError, TypeError) as err:
-        raise CliError(f"--resume: {path} is not a readable anomaly study ({err})") from None
-    differing = [f for f in SETTINGS_FIELDS if saved.get(f) != settings[f]]
-    if differing:
-        raise CliError(
-            f"--resume: {path} was run with other settings ({', '.join(differing)}); rerun "
-            "with the saved values, or pass --overwrite or another --out"
-        )
-    return seeds
+    data = saved_study(path, args, settings, "an anomaly study", "its seeds")
+    return [] if data is None else list(data["seeds"])
 
 
 def run_anomaly(args: argparse.Namespace) -> int:

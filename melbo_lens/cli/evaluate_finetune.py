@@ -11,7 +11,7 @@ import json
 from typing import Any
 
 from melbo_lens.cli.options import CliError
-from melbo_lens.cli.output import checked_directory, locked
+from melbo_lens.cli.output import checked_directory, locked, saved_study
 from melbo_lens.core.io import atomic_write_text
 
 __all__ = ["run_finetune"]
@@ -57,18 +57,9 @@ def run_finetune(args: argparse.Namespace) -> int:
     path = out / "finetune.json"
     with locked(out):
         state: dict[str, Any] = {"attribution": None, "dashboards": {}, "melbo": []}
-        if path.exists():
-            if not (args.resume or args.overwrite):
-                raise CliError(
-                    f"--out already holds a fine-tuning study ({path}); pass --resume to keep "
-                    "its parts and run the rest, --overwrite to replace it, or another --out"
-                )
-            if args.resume:
-                saved = json.loads(path.read_text(encoding="utf-8"))
-                same = {k: v for k, v in saved["settings"].items() if k != "command"}
-                if same != {k: v for k, v in settings.items() if k != "command"}:
-                    raise CliError(f"--resume: {path} was run with other settings; --overwrite")
-                state = {k: saved.get(k, v) for k, v in state.items()}
+        saved = saved_study(path, args, settings, "a fine-tuning study", "its parts")
+        if saved is not None:
+            state = {k: saved.get(k, v) for k, v in state.items()}
 
         def save() -> None:
             result = {"settings": settings, **state}

@@ -10,8 +10,7 @@ import argparse
 import json
 from typing import Any
 
-from melbo_lens.cli.options import CliError
-from melbo_lens.cli.output import checked_directory, locked
+from melbo_lens.cli.output import checked_directory, locked, saved_study
 from melbo_lens.core.io import atomic_write_text
 
 __all__ = ["run_fragility"]
@@ -44,19 +43,8 @@ def run_fragility(args: argparse.Namespace) -> int:
     out = checked_directory(args.out, "--out")
     path = out / "fragility.json"
     with locked(out):
-        rows: list[dict[str, Any]] = []
-        if path.exists():
-            if not (args.resume or args.overwrite):
-                raise CliError(
-                    f"--out already holds a fragility study ({path}); pass --resume to keep "
-                    "its models and run the rest, --overwrite to replace it, or another --out"
-                )
-            if args.resume:
-                saved = json.loads(path.read_text(encoding="utf-8"))
-                same = {k: v for k, v in saved["settings"].items() if k != "command"}
-                if same != {k: v for k, v in settings.items() if k != "command"}:
-                    raise CliError(f"--resume: {path} was run with other settings; --overwrite")
-                rows = list(saved["rows"])
+        saved = saved_study(path, args, settings, "a fragility study", "its models")
+        rows: list[dict[str, Any]] = [] if saved is None else list(saved["rows"])
         torch.set_num_threads(args.threads)
         for name in MODELS:
             if any(r["model"] == name for r in rows):

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from melbo_lens.cli.options import CliError
-from melbo_lens.cli.output import checked_directory, locked
+from melbo_lens.cli.output import checked_directory, locked, saved_study
 from melbo_lens.core.io import atomic_write_text
 
 __all__ = ["run_miss"]
@@ -20,29 +20,11 @@ __all__ = ["run_miss"]
 
 def _load(path: Path, args: argparse.Namespace, settings: dict[str, Any]) -> dict[str, Any]:
     empty: dict[str, Any] = {"diagnosis": [], "chosen": None, "selection": [], "confirmation": []}
-    if not path.exists():
-        return empty
-    if not (args.resume or args.overwrite):
-        raise CliError(
-            f"--out already holds a miss study ({path}); pass --resume to keep its seeds and "
-            "run the rest, --overwrite to replace it, or another --out"
-        )
-    if args.overwrite:
-        return empty
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-        saved = {k: v for k, v in data["settings"].items() if k != "command"}
-    except (ValueError, KeyError, TypeError) as err:
-        raise CliError(f"--resume: {path} is not a readable miss study ({err})") from None
-    now = {k: v for k, v in settings.items() if k != "command"}
-    saved.setdefault("selection_runs", False)  # files from before the flag ran no fix there
-    differing = sorted(k for k in now if saved.get(k) != now[k])
-    if differing:
-        raise CliError(
-            f"--resume: {path} was run with other settings ({', '.join(differing)}); rerun "
-            "with the saved values, or pass --overwrite or another --out"
-        )
-    return {k: data.get(k, v) for k, v in empty.items()}
+    data = saved_study(
+        path, args, settings, "a miss study", "its seeds",
+        defaults={"selection_runs": False},  # files from before the flag ran no fix there
+    )  # fmt: skip
+    return empty if data is None else {k: data.get(k, v) for k, v in empty.items()}
 
 
 def run_miss(args: argparse.Namespace) -> int:

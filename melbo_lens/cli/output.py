@@ -9,15 +9,18 @@ life, then looks at `OUT/filename`: a finished result there is only replaced wit
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
+from typing import Any
 
 from melbo_lens.cli.options import FLAG_OF, CliError
 from melbo_lens.core.io import LockHeld, exclusive_lock
 
 __all__ = [
+    "saved_study",
     "checked_directory",
     "claimed_file",
     "claimed_output",
@@ -138,3 +141,39 @@ def _show(value) -> str:
         return HookSite.from_dict(value).name
     text = repr(value)
     return text if len(text) <= 160 else text[:157] + "..."
+
+
+def saved_study(
+    path: Path,
+    args: argparse.Namespace,
+    settings: dict[str, Any],
+    study: str,
+    keeps: str,
+    *,
+    defaults: dict[str, Any] | None = None,
+) -> dict[str, Any] | None:
+    """What an earlier run of a study command saved at `path`, when `--resume` keeps it
+    (None: nothing there, or `--overwrite`). A saved result is refused without `--resume`
+    or `--overwrite`, and resumed only when every setting but "command" matches, naming
+    those that differ; `defaults` fill settings that files from before a flag lack."""
+    if not path.exists():
+        return None
+    if not (args.resume or args.overwrite):
+        raise CliError(
+            f"--out already holds {study} ({path}); pass --resume to keep {keeps} and run "
+            "the rest, --overwrite to replace it, or another --out"
+        )
+    if args.overwrite:
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        saved = {**(defaults or {}), **data["settings"]}
+    except (ValueError, KeyError, TypeError) as err:
+        raise CliError(f"--resume: {path} is not a readable {study} ({err})") from None
+    differing = sorted(k for k in settings if k != "command" and saved.get(k) != settings[k])
+    if differing:
+        raise CliError(
+            f"--resume: {path} was run with other settings ({', '.join(differing)}); rerun "
+            "with the saved values, or pass --overwrite or another --out"
+        )
+    return data

@@ -176,3 +176,28 @@ def test_a_resumed_benchmark_refuses_other_adapter_options(tmp_path, capsys):
     assert "Command: `melbo-lens evaluate planted" in (tmp_path / "p" / "planted.md").read_text()
     assert main([*base, "--adapter-steps", "3", "--resume"]) == 2
     assert "--adapter-steps / --adapter-solver" in capsys.readouterr().err
+
+
+def test_the_study_commands_share_one_resume_check(tmp_path):
+    """`saved_study`: nothing saved gives None; a saved result needs --resume or
+    --overwrite; a resume names each differing setting; `defaults` fill older files."""
+    import argparse
+
+    from melbo_lens.cli.options import CliError
+    from melbo_lens.cli.output import saved_study
+
+    path = tmp_path / "s.json"
+    now = {"model": "m", "n": 2, "command": "new"}
+
+    def args(**kw):
+        return argparse.Namespace(**{"resume": False, "overwrite": False, **kw})
+
+    assert saved_study(path, args(), now, "a study", "its seeds") is None
+    path.write_text(json.dumps({"settings": {"model": "m", "command": "old"}, "rows": [1]}))
+    with pytest.raises(CliError, match="already holds a study"):
+        saved_study(path, args(), now, "a study", "its seeds")
+    assert saved_study(path, args(overwrite=True), now, "a study", "its seeds") is None
+    with pytest.raises(CliError, match=r"other settings \(n\)"):
+        saved_study(path, args(resume=True), now, "a study", "its seeds")
+    kept = saved_study(path, args(resume=True), now, "a study", "x", defaults={"n": 2})
+    assert kept is not None and kept["rows"] == [1]
