@@ -5,6 +5,7 @@ does not import sae-lens, plotly or circuitsvis.
 """
 
 from importlib.metadata import PackageNotFoundError, version
+from typing import TYPE_CHECKING
 
 try:
     __version__ = version("melbo-lens")
@@ -100,7 +101,6 @@ from melbo_lens.perturbations.directional import (
     ablate_direction,
     clamp_direction,
     mean_projection,
-    orthogonalize_weights,
 )
 from melbo_lens.perturbations.interop import (
     export_control_vector,
@@ -109,11 +109,81 @@ from melbo_lens.perturbations.interop import (
     to_steering_vector,
 )
 from melbo_lens.perturbations.layer_vectors import LayerVectors
+from melbo_lens.perturbations.orthogonalize import orthogonalize_weights
 from melbo_lens.perturbations.vectors import SteeringVectors, steer
 from melbo_lens.workflows.radius import RadiusSweep, select_radius
 from melbo_lens.workflows.runs import RunAnalysis, RunAnalysisError, analyze_run
 
+if TYPE_CHECKING:
+    # The lazily loaded names below (`__getattr__`), seen statically: by type checkers and
+    # by the API reference (mkdocstrings reads the source, not the running module).
+    # (`name as name` marks a re-export: ruff cannot read the computed __all__ below.)
+    from melbo_lens.analysis.corpus_build import (
+        build_corpus as build_corpus,
+    )
+    from melbo_lens.analysis.sae.clamps import (
+        FeatureClamp as FeatureClamp,
+    )
+    from melbo_lens.analysis.sae.clamps import (
+        clamp_feature as clamp_feature,
+    )
+    from melbo_lens.analysis.sae.comparison import (
+        FeatureComparison as FeatureComparison,
+    )
+    from melbo_lens.analysis.sae.comparison import (
+        compare_with_features as compare_with_features,
+    )
+    from melbo_lens.analysis.sae.dashboard_finish import (
+        logit_effects as logit_effects,
+    )
+    from melbo_lens.analysis.sae.dashboard_result import (
+        FeatureDashboards as FeatureDashboards,
+    )
+    from melbo_lens.analysis.sae.dashboards import (
+        feature_dashboards as feature_dashboards,
+    )
+    from melbo_lens.analysis.sae.decompose import (
+        SaeDecomposition as SaeDecomposition,
+    )
+    from melbo_lens.analysis.sae.decompose import (
+        decompose_onto_sae as decompose_onto_sae,
+    )
+    from melbo_lens.analysis.sae.features import (
+        FeatureEffects as FeatureEffects,
+    )
+    from melbo_lens.analysis.sae.features import (
+        feature_effects as feature_effects,
+    )
+    from melbo_lens.analysis.sae.features import (
+        feature_vectors as feature_vectors,
+    )
+    from melbo_lens.analysis.sae.loading import (
+        load_sae as load_sae,
+    )
+    from melbo_lens.analysis.sae.loading import (
+        packaged_sae_dir as packaged_sae_dir,
+    )
+    from melbo_lens.analysis.sae.loading import (
+        sae_site as sae_site,
+    )
+    from melbo_lens.models.zoo import (
+        PACKAGED_MODELS as PACKAGED_MODELS,
+    )
+    from melbo_lens.models.zoo import (
+        load_model as load_model,
+    )
+    from melbo_lens.workflows.dashboards import (
+        sharded_dashboards as sharded_dashboards,
+    )
+    from melbo_lens.workflows.planted import (
+        PlantedReport as PlantedReport,
+    )
+    from melbo_lens.workflows.planted import (
+        evaluate_planted as evaluate_planted,
+    )
+
 __version__ = "0.1.0"
+"""The package version (the docs site shows it in its title)."""
 
 
 # sae-lens is imported only when one of its names is asked for (analysis/sae.py).

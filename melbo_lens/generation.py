@@ -32,7 +32,17 @@ __all__ = ["generate", "generate_steered", "generate_with_adapters", "SteeredGen
 
 @dataclass
 class SteeredGenerations:
-    """Completions: `steered[v][i]` for vector `indices[v]` on prompt i."""
+    """Completions: `steered[v][i]` for vector `indices[v]` on prompt i.
+
+    Attributes:
+        prompts: The prompts.
+        indices: The members used.
+        steered: `steered[v][i]`, member `indices[v]` on prompt i.
+        unsteered: The unsteered completions (None when not asked).
+        scale: The multiplier used.
+        settings: Sampling settings.
+        labels: Names of the members.
+    """
 
     prompts: list[str]
     indices: list[int]
@@ -345,6 +355,16 @@ def generate_steered(
 ) -> SteeredGenerations:
     """`generate` for steering vectors; `site` moves them to another hook site.
 
+    Args:
+        model: The model.
+        vectors: The steering vectors.
+        prompts: A `PromptSet`, a string, or a list of prompts.
+        site: Another site to add them at (default: their own).
+        **kwargs: Everything `generate` takes.
+
+    Returns:
+        The steered (and unsteered) completions.
+
     Examples:
         >>> gens = generate_steered(model, vectors, "Tell me a story", chat=True,
         ...                         max_new_tokens=8)
@@ -362,7 +382,17 @@ def generate_with_adapters(
     prompts: PromptSet | str | Sequence[Any],
     **kwargs: Any,
 ) -> SteeredGenerations:
-    """`generate` for steering adapters (kept as a name for existing code)."""
+    """`generate` for steering adapters (kept as a name for existing code).
+
+    Args:
+        model: The model.
+        adapters: The steering adapters.
+        prompts: A `PromptSet`, a string, or a list of prompts.
+        **kwargs: Everything `generate` takes.
+
+    Returns:
+        The steered (and unsteered) completions.
+    """
     return generate(model, adapters, prompts, **kwargs)
 
 

@@ -46,6 +46,11 @@ class BehaviorRule:
     compiled `re.Pattern` (matches if `pattern.search(text)`), or a callable
     `text -> bool`.
 
+    Args:
+        name: The behaviour's label.
+        pattern: A substring, a compiled regular expression, or a `text -> bool` callable.
+        case_sensitive: Match a substring pattern case-sensitively.
+
     Examples:
         >>> BehaviorRule("cheese", "cheese").matches("I love CHEESE!")
         True
@@ -102,6 +107,15 @@ class BehaviorReport:
     `sources[i]` says where completion i came from (e.g. "vector 3, prompt 0") when
     known; `matched[i]` lists every rule that matched (the label is the first);
     `exemplars` maps each cluster to its most central member.
+
+    Attributes:
+        texts: The completions classified.
+        labels: Per completion: a rule's name, `cluster-k` or `unmatched`.
+        matched: Per completion, every rule that matched.
+        rules: The rules' names, in the order tried.
+        exemplars: Per cluster, its most central completion.
+        sources: Per completion, where it came from (when known).
+        settings: The classifier's settings (embedding model, threshold).
     """
 
     texts: list[str]

@@ -43,7 +43,23 @@ __all__ = ["PerturbationCard", "vector_cards"]
 
 @dataclass
 class PerturbationCard:
-    """One member's card (see the module docstring); plain data, JSON-ready."""
+    """One member's card (see the module docstring); plain data, JSON-ready.
+
+    Attributes:
+        index: The member's index.
+        label: Its name in views.
+        site: The hook it acts at.
+        contexts: Corpus windows where its direction is most present (a).
+        promoted: (token, mean Δ log-prob, mean prob) of the tokens it raises most (b).
+        suppressed: The same for the tokens it lowers most (b).
+        kl: Mean KL(steered ‖ unsteered) over corpus positions (b).
+        latents_on: (latent, mean change) of the SAE latents it turns on most (c).
+        latents_off: The same for those it turns off (c).
+        sae_hook: The SAE's hook (None without an SAE).
+        completions: (prompt, completion) pairs under the perturbation (d).
+        behavior: The behaviour cluster its completions fall into (d).
+        notes: What could not be computed, and why.
+    """
 
     index: int
     label: str

@@ -98,7 +98,13 @@ class Document:
 
 @dataclass
 class Corpus:
-    """Documents plus where they came from (`provenance`); see the module docstring."""
+    """Documents plus where they came from (`provenance`); see the module docstring.
+
+    Attributes:
+        documents: The texts and conversations, each with its split and source.
+        name: The corpus's name (e.g. `"melbo-chat-prose"`).
+        provenance: How it was built: sources, counts, seed, token count, digest.
+    """
 
     documents: list[Document]
     name: str = "corpus"
@@ -299,6 +305,19 @@ def load_corpus(name_or_path: str | os.PathLike[str] | Corpus | Sequence[str]) -
     `build_corpus` / `melbo-lens corpus build`), ``"prompts"`` (the bundled prompt list).
     A folder's manifest digest is checked, so a damaged cache is an error, not a quiet
     change of what is shown.
+
+    Args:
+        name_or_path: A corpus name, a folder `build_corpus` wrote, a `.jsonl(.gz)` file, a
+            `Corpus`, or a list of texts.
+
+    Returns:
+        The corpus.
+
+    Raises:
+        CorpusError: A record is malformed, or the folder's manifest digest does not match
+            its documents (a `ValueError`).
+        FileNotFoundError: A named corpus has not been built (run `melbo-lens corpus
+            build`).
 
     Examples:
         >>> load_corpus(["a text", "another"]).counts()

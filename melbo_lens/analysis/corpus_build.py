@@ -195,6 +195,22 @@ def build_corpus(
     one). Writes ``out`` (default `corpus_dir(name)`): ``corpus.jsonl.gz`` then
     ``manifest.json``.
 
+    Args:
+        name: The corpus's name (also its cache folder's).
+        out: Where to write it (default: the cache folder `corpus_dir(name)`).
+        tokenizer: Counts tokens; without one, characters / 4.
+        target_tokens: Stop adding documents at this many tokens.
+        per_package_chars: Most characters taken from one package's documentation.
+        chat_fraction: Fraction of the tokens made of chat conversations.
+        arithmetic: Arithmetic word problems added.
+        seed: Seeds the shuffle and the held-out split.
+        site_packages: Where installed packages' texts are read (default: this venv's).
+        doc_roots: System documentation folders read.
+        progress: Show a progress bar.
+
+    Returns:
+        The corpus written.
+
     Examples:
         >>> c = build_corpus(out="corpus_out", tokenizer=model.tokenizer)  # doctest: +SKIP
         >>> c.provenance["n_tokens"] >= 1_000_000                          # doctest: +SKIP

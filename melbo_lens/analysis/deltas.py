@@ -39,6 +39,17 @@ def perturbation_targets(
 ) -> tuple[Float[Tensor, "k n pos d_model"], Float[Tensor, "n pos d_model"]]:
     """(steered, unsteered) target activations: member `members[j]` on copy j.
 
+    Args:
+        model: The model.
+        perturbation: Any perturbation.
+        prompts: The prompts.
+        target: Where Z is read.
+        members: The members to run (default: all).
+        chunk: Members per forward pass.
+
+    Returns:
+        [k, n, pos, d_model] steered and [n, pos, d_model] unsteered activations.
+
     Examples:
         >>> z, z0 = perturbation_targets(model, adapters, prompts, HookSite(3))
         >>> tuple(z.shape) == (len(adapters), *z0.shape)
@@ -70,6 +81,18 @@ def perturbation_objectives(
     chunk: int = 8,
 ) -> Float[Tensor, " k"]:
     """MELBO's objective Σ_i (Σ_t mask·||Z_t(member) − Z_t(0)||^p)^(1/q) of each member.
+
+    Args:
+        model: The model.
+        perturbation: Any perturbation.
+        prompts: The prompts, with their target positions.
+        target: Where Z is read.
+        power: p.
+        q: q.
+        chunk: Members per forward pass.
+
+    Returns:
+        [k] the objective of each member.
 
     Examples:
         >>> perturbation_objectives(model, adapters, prompts, HookSite(3)).shape

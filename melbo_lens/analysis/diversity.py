@@ -156,6 +156,11 @@ class Diversity:
 
     `mean_distance` = mean over pairs i<j of 1 − cos(e_i, e_j) (0 when n < 2);
     `variance` = Σ_d Var_i(e_i[d]) with population variance (= 1 − ||mean e||²).
+
+    Attributes:
+        mean_distance: Mean pairwise cosine distance of the embeddings.
+        variance: Total variance of the unit embeddings.
+        n: Completions measured.
     """
 
     mean_distance: float

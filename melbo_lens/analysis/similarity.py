@@ -228,6 +228,20 @@ def delta_similarity(
     Deltas are taken at the prompts' target positions and flattened, so two vectors
     match when they move those positions the same way.
 
+    Args:
+        model: The model.
+        prompts: The prompts the deltas are taken on.
+        a: Steering vectors, or a [k, d_model] tensor with `site`.
+        b: The second set (None: `a` with itself).
+        target: Where deltas are read (default: the artifacts' target).
+        site: Where plain tensors are added.
+
+    Returns:
+        The cosine matrix of the flattened deltas.
+
+    Raises:
+        ValueError: No target or site is given or known.
+
     Examples:
         >>> dm = delta_similarity(model, prompts, melbo, supervised)     # doctest: +SKIP
         >>> dm.summary()["mean_abs"]                                    # doctest: +SKIP
@@ -315,6 +329,14 @@ def principal_angles(a: VectorSet, b: VectorSet, *, rtol: float = 1e-10) -> Prin
     angle is atan2(sin, cos), accurate for small and for right angles alike (arccos of
     the cosine alone loses small angles to rounding). Computed in float64.
 
+    Args:
+        a: Steering vectors or a [k, d_model] tensor.
+        b: Likewise.
+        rtol: Singular values below `rtol × the largest` count as rank-deficient.
+
+    Returns:
+        The angles (radians and degrees), smallest first.
+
     Examples:
         >>> pa = principal_angles(torch.eye(3)[:2], torch.tensor([[1.0, 0, 0], [0, 1.0, 1.0]]))
         >>> [round(x, 4) for x in pa.degrees.tolist()]
@@ -379,6 +401,13 @@ class NearestMatches:
 
 def nearest_matches(a: VectorSet, b: VectorSet) -> NearestMatches:
     """For each vector of `a`, the vector of `b` with the largest |cos|, and its sign.
+
+    Args:
+        a: Steering vectors or a [k, d_model] tensor.
+        b: The set searched, likewise.
+
+    Returns:
+        Per vector of `a`: the index of its match in `b`, the |cos| and the sign.
 
     Examples:
         >>> nm = nearest_matches(torch.eye(2), torch.tensor([[0.0, -1.0], [2.0, 0.0]]))

@@ -57,6 +57,16 @@ class TokenDeltas:
 
     `tokens[:n_prompt]` is the prompt, the rest the completion; `steered[t]` says
     whether the vector was added at position t (every position, unless asked otherwise).
+
+    Attributes:
+        label: The vector's name.
+        tokens: The text's tokens.
+        norms: ‖Δ_t‖₂ per token.
+        n_prompt: Prompt tokens at the start of `tokens`.
+        steered: Per token, whether the vector was added there.
+        site: Where Δ was read.
+        index: The vector's member index.
+        source: Where the vector was added.
     """
 
     label: str
@@ -109,7 +119,18 @@ class TokenDeltas:
 @dataclass
 class TokenActivations:
     """SAE feature `feature`'s activation per token, with (`steered`) and without
-    (`unsteered`) vector `index`; `tokens[:n_prompt]` is the prompt."""
+    (`unsteered`) vector `index`; `tokens[:n_prompt]` is the prompt.
+
+    Attributes:
+        label: The vector's name.
+        feature: The SAE latent.
+        tokens: The text's tokens.
+        steered: The latent's activation per token with the vector.
+        unsteered: The same without it.
+        n_prompt: Prompt tokens at the start of `tokens`.
+        site: The SAE's site.
+        index: The vector's member index.
+    """
 
     label: str
     feature: int
@@ -280,6 +301,27 @@ def token_delta_norms(
     of up to `max_rows // 2` vectors run in one batch. `labels` names the vectors (one
     per vector of `vectors`; default `metadata["labels"]`, else `method[k]`).
 
+    Args:
+        model: The model.
+        vectors: Steering vectors or any perturbation.
+        texts_or_generations: `SteeredGenerations`, one text, or one text per vector.
+        indices: The members to read (default: all).
+        target: Where Δ is read (default: `vectors.target`).
+        prompt: Which prompt of `SteeredGenerations` to read.
+        positions: `"all"` or `"completion"`: where the vector is added.
+        scale: Multiplier of the vector.
+        prepend_bos: Prepend BOS (default: the model's setting).
+        max_rows: Batch rows per forward pass.
+        labels: Names of the vectors.
+
+    Returns:
+        One `TokenDeltas` per vector read.
+
+    Raises:
+        ValueError: No target is given or known, the texts or labels do not match the
+            vectors, or `positions` / `max_rows` is invalid.
+        IndexError: An index in `indices` is out of range.
+
     Examples:
         >>> gens = generate_steered(model, vectors, "Tell me a story", chat=True)  # doctest: +SKIP
         >>> deltas = token_delta_norms(model, vectors, gens)                       # doctest: +SKIP
@@ -405,6 +447,26 @@ def feature_token_activations(
     number of prompt tokens (default: all of a plain string, the prompt of a pair);
     `label` names the vector (default as in `token_delta_norms`).
 
+    Args:
+        model: The model.
+        vectors: The steering vectors.
+        index: The member to apply.
+        sae: A sae-lens `SAE` at the vectors' site or later.
+        feature: The latent to read.
+        text: A string or a `(prompt, completion)` pair.
+        n_prompt: Prompt tokens (default: from `text`).
+        scale: Multiplier of the vector.
+        prepend_bos: Prepend BOS (default: the model's setting).
+        label: The vector's name.
+
+    Returns:
+        The latent's activation per token, with and without the vector.
+
+    Raises:
+        ValueError: `feature` is not a latent of the SAE, the SAE reads a site before the
+            vector's, or `n_prompt` exceeds the text's tokens.
+        IndexError: `index` is out of range.
+
     Examples:
         >>> acts = feature_token_activations(model, vectors, 0, sae, 123,
         ...                                  ("Tell me a story", " Once upon"))  # doctest: +SKIP
@@ -483,6 +545,20 @@ def top_activating_tokens(
     `context` tokens of left context. Only positive activations count, so a feature
     that never fires gets an empty list. Special tokens (BOS, chat markers) are skipped
     unless `skip_special=False`; `chat=True` formats the texts with the chat template.
+
+    Args:
+        model: The model.
+        sae: A sae-lens `SAE`.
+        texts: The texts searched.
+        features: The latents.
+        k: Tokens kept per latent.
+        context: Tokens of left context shown.
+        chat: Format the texts with the chat template.
+        skip_special: Skip BOS and chat-marker tokens.
+        batch_size: Texts per forward pass.
+
+    Returns:
+        Per latent, its top (context, activation) pairs.
 
     Examples:
         >>> corpus = json.load(open("melbo_lens/data/prompts.json"))["varied"]   # doctest: +SKIP

@@ -104,6 +104,14 @@ def _check_rows(model: Host | None, rows: list[list[int]]) -> None:
 class PromptSet:
     """Right-padded prompts with attention and target masks.
 
+    Args:
+        tokens: [n, pos] right-padded token ids.
+        attention_mask: [n, pos] the real tokens.
+        target_mask: [n, pos] the positions the objective reads.
+        texts: The prompts' texts, when known.
+        target_spec: How `target_mask` was made (saved with artifacts).
+        labels: A name per prompt.
+
     Examples:
         >>> import torch
         >>> ps = PromptSet.from_tokens(None, [[5, 6, 7], [8, 9]], target_positions=slice(-1, None))

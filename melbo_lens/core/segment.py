@@ -106,6 +106,18 @@ _EMBEDDING_HOOKS = ("hook_embed", "hook_pos_embed", "hook_tokens")
 class Segment:
     """Cached prefix at `source`; runs source -> target for batches of vectors.
 
+    Args:
+        model: The model.
+        source: Where vectors are added (the prefix up to it is cached).
+        target: Where activations are read.
+        prompts: The prompts, with their target positions.
+        layer_slicing: Run only the blocks between source and target (None: when the
+            model allows it).
+        compile: `torch.compile` the source-to-target step.
+
+    Raises:
+        ValueError: A site is not in the model, or `target` is not after `source`.
+
     Examples:
         >>> seg = Segment(model, HookSite(1), HookSite(3), prompts)
         >>> z = seg.run(theta)  # theta [K, d_model] -> [K, n, pos, d_model]

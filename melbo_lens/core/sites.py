@@ -52,6 +52,10 @@ _NAME = re.compile(r"^blocks\.(\d+)\.hook_([a-z_]+)$")
 class HookSite:
     """A residual-width hook point: block `layer`, point `point` (default `resid_post`).
 
+    Args:
+        layer: The block index.
+        point: `"resid_pre"`, `"resid_mid"` or `"resid_post"`.
+
     Examples:
         >>> HookSite(7).name
         'blocks.7.hook_resid_post'

@@ -77,6 +77,12 @@ AdapterOrthogonal = Literal["none", "sequential", "simultaneous", "soft"]
 def adapter_lr(dim: int) -> float:
     """Scale-aware lr for a unit-norm column of dimension `dim`: 0.011/√dim.
 
+    Args:
+        dim: The column's dimension.
+
+    Returns:
+        The learning rate.
+
     Examples:
         >>> round(adapter_lr(576), 6)        # SmolLM2-135M's d_model
         0.000458
@@ -221,7 +227,15 @@ class AdapterConfig(LoopConfig):
 
 @dataclass
 class AdapterTrainingState:
-    """What a per-step callback sees. Return False from the callback to stop early."""
+    """What a per-step callback sees. Return False from the callback to stop early.
+
+    Attributes:
+        step: The step within the current phase.
+        indices: The adapters being trained.
+        objective: Their objectives at this step.
+        omega_a: [k, d_mlp, r] their input factors.
+        omega_b: [k, d_model, r] their output factors.
+    """
 
     step: int
     indices: list[int]  # which adapters are training now

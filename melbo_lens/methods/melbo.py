@@ -79,6 +79,13 @@ LR_SCALE = 0.011
 def scaled_lr(radius: float, d_model: int) -> float:
     """Scale-aware learning rate 0.011·R/√d_model (≈1e-3 at the source's setting).
 
+    Args:
+        radius: R.
+        d_model: The residual width.
+
+    Returns:
+        The learning rate.
+
     Examples:
         >>> round(scaled_lr(4.0, 2048), 5)
         0.00097
@@ -230,6 +237,12 @@ class TrainingState:
     With a window of starts (the default), `indices` is `[k]`, the vector being filled,
     and `objective` / `vectors` have one row per candidate start; `step` counts from 0
     in each vector's phase.
+
+    Attributes:
+        step: The step within the current phase.
+        indices: The vectors being trained.
+        objective: Their objectives at this step.
+        vectors: Their current values.
     """
 
     step: int

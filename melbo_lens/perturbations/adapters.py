@@ -190,6 +190,19 @@ def adapt(
     `scale` is the whole multiplier s (an artifact passes radius × its own scale). The
     hooks are removed on exit, also when the body raises.
 
+    Args:
+        model: The model the hooks are added to.
+        layer: The block whose MLP output is edited.
+        omega_a: [d_mlp, r] input factors, or [g, d_mlp, r] one per group of batch rows.
+        omega_b: [d_model, r] output factors, shaped like `omega_a`.
+        scale: The multiplier s of Ω_A Ω_Bᵀ.
+
+    Yields:
+        The model, with the adapter in place.
+
+    Raises:
+        ValueError: The factors contain NaN or inf.
+
     Examples:
         >>> unit = torch.nn.functional.normalize
         >>> a = unit(torch.randn(model.cfg.d_mlp, 1), dim=0)
@@ -215,6 +228,24 @@ class SteeringAdapters(ArtifactRows):
     columns, so `radius` is the whole scale; with "frobenius" / "spectral" the product is
     divided by its norm, so ||ΔW_out|| = radius in that norm (`factors` gives the
     normalised factors every consumer uses).
+
+    Args:
+        omega_a: [n, d_mlp, r] input factors Ω_A.
+        omega_b: [n, d_model, r] output factors Ω_B.
+        layer: The block whose MLP output weights are edited.
+        radius: The scale R of the edit.
+        target: The site the training objective read.
+        method: How they were made (`"melbo_adapters"`, `"random_adapters"`, ...).
+        config: The training settings.
+        model_name: The model they were trained on.
+        prompts: The training prompts and target positions.
+        losses: [n, steps] the training curves.
+        objective: [n] the final objectives.
+        steps_done: [n] steps each adapter trained for.
+        metadata: Free-form provenance.
+        resume_state: Optimiser state for resuming an unfinished run.
+        normalization: `"columns"`, `"frobenius"` or `"spectral"` (see above).
+        thresholds: [n, r] read-out thresholds for sparse positions (None: every token).
 
     Examples:
         >>> a = torch.eye(4)[:, :1].expand(2, 4, 1); b = torch.eye(3)[:, :1].expand(2, 3, 1)

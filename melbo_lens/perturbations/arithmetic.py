@@ -125,6 +125,15 @@ class ScaleSweep:
     for vector `indices[v]` at `scales[s]`. `top1_changed[v, s]`: fraction of those
     positions whose most likely next token changed. `logprob_change[v, s]` (when tokens
     were given): mean change of log P(next token ∈ tokens).
+
+    Attributes:
+        scales: The multipliers swept.
+        indices: The vectors swept.
+        site: Where they were added.
+        kl: [vectors, scales] mean KL(unsteered ‖ steered), nats.
+        top1_changed: [vectors, scales] fraction of positions whose top token changed.
+        logprob_change: [vectors, scales] mean change of log P(next ∈ tokens).
+        tokens: The token ids `logprob_change` is about.
     """
 
     scales: list[float]

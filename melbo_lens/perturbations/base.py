@@ -48,7 +48,13 @@ Rows = int | Sequence[int | None]
 
 @runtime_checkable
 class Perturbation(Protocol):
-    """What every consumer needs of a perturbation (structural: no base class needed)."""
+    """What every consumer needs of a perturbation (structural: no base class needed).
+
+    Attributes:
+        site: The hook site the perturbation acts at (adapters: their block's MLP output).
+        hooks: `hooks(model, rows, scale=1.0)` returns TransformerLens `(name, hook)` pairs
+            that apply member `rows[i]` to batch row i (None leaves a row untouched).
+    """
 
     @property
     def site(self) -> HookSite: ...

@@ -14,30 +14,18 @@ direction) can be removed, pinned to a value, or added at several strengths:
 * **Weight orthogonalisation** bakes the same edit into the weights: every matrix that
   writes into the stream (W_E, W_pos, each W_O and b_O, each W_out and b_out) has its
   output projected off r, so nothing writes r in the first place.
-  `orthogonalize_weights` returns an edited copy of the model.
+  `orthogonalize_weights` (in `melbo_lens.perturbations.orthogonalize`) returns an
+  edited copy of the model.
 * **Clamping** sets the projection x·r̂ to a fixed value at chosen sites (for example its
   mean over reference prompts, from `mean_projection`) instead of removing it.
 * **Arithmetic** adds and subtracts steering vectors, and `scale_sweep` measures how the
   next-token distribution moves as a vector's strength grows.
 
-Why the hook and weight versions agree. Write P = I - r̂r̂ᵀ. With hooks, block 0 reads
-P·embed; a block's write a is added and the sum projected, resid_mid = P(x + a) = x + Pa
-since Px = x. With orthogonalised weights the block reads the same x and writes Pa
-directly. By induction every residual value, and so every norm input (LayerNorm,
-RMSNorm, the centring-only LNPre of folded models) and the logits, is the same up to
-float rounding: norms only read the stream. What differs is what the *writes* look
-like: `hook_embed`, `hook_attn_out` and `hook_mlp_out` carry r under the hooks and not
-under the weights. The weights cannot express the edit when a norm sits between a
-sublayer and its residual add (Gemma 2/3 `ln*_post`, OLMo 2 post-norm: the write
-w ⊙ y / rms(y) has an r component whatever W_O is), nor for mixture-of-experts MLPs;
-`orthogonalize_weights` refuses those models, and `ablate_direction` stays exact on them.
-Folded models (`center_writing_weights`) lose the zero-mean property of their writes
-unless r itself has zero mean; LNPre centres its input anyway, so outputs are unaffected.
+`orthogonalize_weights` (the weight version) lives in `perturbations.orthogonalize`.
 """
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Generator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -45,9 +33,9 @@ from typing import Any
 
 import torch
 from jaxtyping import Float
-from torch import Tensor, nn
+from torch import Tensor
 
-from melbo_lens.core.host import Host, post_norm
+from melbo_lens.core.host import Host
 from melbo_lens.core.prompts import PromptSet
 from melbo_lens.core.segment import run_to_site
 from melbo_lens.core.sites import HookSite, as_site, require_hook, residual_stream_sites
@@ -55,12 +43,12 @@ from melbo_lens.perturbations.base import Hook, Rows, apply, pick_members, row_m
 from melbo_lens.perturbations.vectors import SteeringVectors
 
 __all__ = [
+    "Directions",
     "DirectionEdit",
     "ablate_direction",
     "clamp_direction",
     "direction_basis",
     "mean_projection",
-    "orthogonalize_weights",
 ]
 
 Directions = Float[Tensor, "*k d_model"] | SteeringVectors
@@ -127,6 +115,12 @@ class DirectionEdit:
     `sites=None` means every `resid_pre`, `resid_mid` and `resid_post` the model has.
     `scale` in `hooks` blends: x + scale·(edited − x) (1 = the full edit). Rows whose
     member is None are untouched. Computed in at least float32 whatever the model dtype.
+
+    Args:
+        bases: [n, d_model, m] orthonormal columns per member.
+        sites: Where the edit runs (None: every residual-stream site).
+        values: Clamp values per member (None: ablation).
+        method: `"ablation"` or `"clamp"`.
 
     Examples:
         >>> edit = DirectionEdit.ablation(torch.eye(4)[:2], d_model=4)
@@ -246,6 +240,14 @@ def ablate_direction(
     `resid_post` the model has, which makes it equal to `orthogonalize_weights`; pass
     sites to ablate only there. Hooks are removed on exit, also when the body raises.
 
+    Args:
+        model: The model the hooks are added to.
+        direction: A [d_model] direction or [m, d_model] directions (their span is removed).
+        sites: Where to project (None: every residual-stream site).
+
+    Yields:
+        The model, with the projection in place.
+
     Examples:
         >>> with ablate_direction(model, refusal_dir):
         ...     logits = model(tokens)
@@ -256,74 +258,6 @@ def ablate_direction(
     )
     with apply(model, edit, 0):
         yield model
-
-
-def _residual_writers(model: Host) -> list[tuple[nn.Module, str]]:
-    """(module, parameter name) of every weight whose output is added to the stream."""
-    cfg = model.cfg
-    if post_norm(model):
-        raise NotImplementedError(
-            "this model normalises each sublayer's output before adding it to the residual "
-            "stream (Gemma 2/3, OLMo 2), so no weight edit removes the direction from what "
-            "is written; use ablate_direction(model, direction), which is exact here"
-        )
-    if getattr(cfg, "num_experts", None):
-        raise NotImplementedError(
-            "mixture-of-experts MLPs are not handled by orthogonalize_weights; "
-            "use ablate_direction(model, direction)"
-        )
-    hooked: Any = model  # its modules: a HookedTransformer (checked by the caller)
-    writers: list[tuple[nn.Module, str]] = [(hooked.embed, "W_E")]
-    if cfg.positional_embedding_type == "standard":  # shortformer W_pos never enters the stream
-        writers.append((hooked.pos_embed, "W_pos"))
-    for block in hooked.blocks:
-        writers += [(block.attn, "W_O"), (block.attn, "b_O")]
-        if not cfg.attn_only:
-            writers += [(block.mlp, "W_out"), (block.mlp, "b_out")]
-    for module, name in writers:
-        param = getattr(module, name, None)
-        if not isinstance(param, nn.Parameter) or param.shape[-1] != cfg.d_model:
-            raise NotImplementedError(
-                f"expected a parameter {name} [..., d_model={cfg.d_model}] on "
-                f"{type(module).__name__}, found {type(param).__name__}; this architecture "
-                "is not supported by orthogonalize_weights, use ablate_direction instead"
-            )
-    return writers
-
-
-def orthogonalize_weights(model: Host, direction: Directions) -> Any:
-    """A copy of `model` whose residual-stream writes are projected off `direction`.
-
-    The same function as running under `ablate_direction(model, direction)` (see the
-    module docstring for why, and for the architectures it refuses). The original model
-    is not touched. HookedTransformer only.
-
-    Examples:
-        >>> edited = orthogonalize_weights(model, refusal_dir)   # doctest: +SKIP
-        >>> torch.allclose(edited(tokens), logits_under_ablation, atol=1e-4)  # doctest: +SKIP
-        True
-    """
-    from transformer_lens import HookedTransformer
-
-    if not isinstance(model, HookedTransformer):
-        raise TypeError(
-            f"orthogonalize_weights edits HookedTransformer weights, got {type(model).__name__}; "
-            "for other hosts use ablate_direction(model, direction)"
-        )
-    basis = direction_basis(direction, int(model.cfg.d_model))
-    _residual_writers(model)  # refuse before paying for the copy
-    new = copy.deepcopy(model)
-    # A copy made inside a `model.hooks(...)` block carries its temporary hooks; the copy
-    # has no context that would remove them.
-    new.reset_hooks(including_permanent=False)
-    for module, name in _residual_writers(new):
-        param = getattr(module, name)
-        w = param.detach().to(torch.float64)
-        q = basis.to(w.device)
-        edited = (w - (w @ q) @ q.T).to(param.dtype)
-        # A fresh Parameter also unties anything that shared this tensor.
-        setattr(module, name, nn.Parameter(edited, requires_grad=param.requires_grad))
-    return new
 
 
 # ---------------------------------------------------------------------- clamping
@@ -339,6 +273,15 @@ def clamp_direction(
 
     `value` is a number or a tensor broadcasting to [batch, pos]. Hooks are removed on
     exit, also when the body raises.
+
+    Args:
+        model: The model the hooks are added to.
+        direction: The [d_model] direction r (normalised here).
+        value: The projection to set, a number or a tensor broadcasting to [batch, pos].
+        sites: Where to clamp.
+
+    Yields:
+        The model, with the clamp in place.
 
     Examples:
         >>> mu = mean_projection(model, reference, r, HookSite(5))
@@ -362,6 +305,16 @@ def mean_projection(
 ) -> float:
     """Mean of x·r̂ at `site` over the prompts' target positions (`positions="all"`: all
     real tokens). The model runs only up to the site.
+
+    Args:
+        model: The model.
+        prompts: The reference prompts.
+        direction: The [d_model] direction r (normalised here).
+        site: Where x is read.
+        positions: `"target"` (the prompts' target positions) or `"all"`.
+
+    Returns:
+        The mean of x·r̂.
 
     Examples:
         >>> mean_projection(model, reference, r, HookSite(5))    # doctest: +SKIP

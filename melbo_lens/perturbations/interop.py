@@ -92,6 +92,19 @@ def to_steering_vector(vectors: SteeringVectors | LayerVectors, index: int | Non
     """Member `index` as a steering-vectors `SteeringVector` (decoder-block layers).
 
     Needs the `steering-vectors` package (`pip install --no-deps steering-vectors`).
+
+    Args:
+        vectors: The vectors to convert (one site, or one vector per layer).
+        index: The member to convert; may be None only when there is one member.
+
+    Returns:
+        A `steering_vectors.SteeringVector` with the member's vector per decoder layer.
+
+    Raises:
+        ValueError: The vectors' site is not a decoder block's output, or `index` is None
+            with several members.
+        IndexError: `index` is out of range.
+        ImportError: The `steering-vectors` package is not installed.
     """
     from steering_vectors import SteeringVector  # pyright: ignore[reportMissingTypeStubs]
 
@@ -102,7 +115,18 @@ def to_steering_vector(vectors: SteeringVectors | LayerVectors, index: int | Non
 
 def from_steering_vector(steering_vector: Any) -> LayerVectors:
     """A steering-vectors `SteeringVector` (decoder-block layers) as one `LayerVectors`
-    member (`.at(layer)` gives `SteeringVectors` at one layer)."""
+    member (`.at(layer)` gives `SteeringVectors` at one layer).
+
+    Args:
+        steering_vector: A `steering_vectors.SteeringVector` (its `layer_activations`
+            map decoder-block layers to vectors).
+
+    Returns:
+        One `LayerVectors` member with a vector per layer of `steering_vector`.
+
+    Raises:
+        ValueError: The vector acts on layers other than decoder blocks.
+    """
     layer_type = getattr(steering_vector, "layer_type", "decoder_block")
     if layer_type != "decoder_block":
         raise ValueError(
@@ -127,6 +151,23 @@ def export_control_vector(
 
     `model_hint` is the transformers `model_type` of the model (`"llama"` for SmolLM2).
     An existing file is only replaced with `overwrite=True`.
+
+    Args:
+        vectors: The vectors to export; `LayerVectors` keep their layers, `SteeringVectors`
+            are written at their site's block.
+        path: The `.gguf` file to write.
+        model_hint: The transformers `model_type` of the model (`"llama"` for SmolLM2).
+        index: The member to write; may be None only when there is one member.
+        overwrite: Replace an existing file (otherwise an existing file is an error).
+
+    Returns:
+        The path written.
+
+    Raises:
+        FileExistsError: `path` exists and `overwrite` is False.
+        ValueError: The vectors' site is not a decoder block's output (llama.cpp's layers),
+            or `model_hint` is not a model type.
+        ImportError: The `gguf` package is not installed.
     """
     import gguf
 
@@ -161,7 +202,21 @@ def export_control_vector(
 
 def import_control_vector(source: str | os.PathLike[str] | Any) -> LayerVectors:
     """A llama.cpp / repeng control vector (a GGUF path, or a repeng `ControlVector`) as
-    one `LayerVectors` member. `metadata["model_hint"]` keeps the file's model hint."""
+    one `LayerVectors` member. `metadata["model_hint"]` keeps the file's model hint.
+
+    Args:
+        source: A `.gguf` control-vector path, or a repeng `ControlVector` (its
+            `directions` map layers to vectors).
+
+    Returns:
+        One `LayerVectors` member, a vector per layer of the file.
+
+    Raises:
+        FileNotFoundError: No file at the path.
+        ValueError: The file is not a control vector (wrong architecture, no direction
+            tensors).
+        ImportError: A path was given and the `gguf` package is not installed.
+    """
     if isinstance(source, str | os.PathLike):
         directions, hint = _read_gguf(Path(source))
     else:  # a repeng ControlVector

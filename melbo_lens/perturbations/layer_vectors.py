@@ -35,6 +35,14 @@ __all__ = ["LayerVectors"]
 class LayerVectors:
     """n members, each one vector per layer in `layers`, added to the layers' outputs.
 
+    Args:
+        vectors: [n, layers, d_model]; member k adds `vectors[k, j]` to the output of
+            block `layers[j]` (its `resid_post`).
+        layers: The blocks the vectors are added at, one per entry of dim 1.
+        method: Where the vectors came from (`"imported"`, `"steering-vectors"`, ...).
+        model_name: The model they were made for, when known.
+        metadata: Free-form provenance (a GGUF file's model hint, for one), saved with them.
+
     Examples:
         >>> lv = LayerVectors(torch.ones(1, 2, 32), layers=(1, 2))
         >>> [s.name for s in lv.sites], len(lv)

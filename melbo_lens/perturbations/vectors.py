@@ -107,6 +107,21 @@ def steer(
 class SteeringVectors(ArtifactRows):
     """n steering vectors at one site, with provenance.
 
+    Args:
+        vectors: [n, d_model] the vectors.
+        site: Where they are added.
+        target: The site the training objective read.
+        method: How they were made (`"melbo"`, `"random"`, `"mean_difference"`, ...).
+        config: The training settings.
+        model_name: The model they were made for.
+        prompts: The training prompts and target positions.
+        losses: [n, steps] the training curves.
+        objective: [n] the final objectives.
+        steps_done: [n] steps each vector trained for.
+        metadata: Free-form provenance.
+        resume_state: Optimiser state for resuming an unfinished run.
+        subspace: [d_model, k] a basis the vectors were kept in (None: unrestricted).
+
     Examples:
         >>> sv = SteeringVectors(torch.eye(3)[:2] * 4.0, HookSite(1), method="random")
         >>> len(sv), sv[1].vectors.tolist()

@@ -58,6 +58,32 @@ def sharded_dashboards(
     `sae` is an SAE object or what `load_sae` takes (a name or folder: under Ray each
     worker loads it); `corpus` anything `load_corpus` takes. `model_loader()` returns the
     model (on every Ray worker, and once here to finish).
+
+    Args:
+        model_loader: Returns the model; called on every worker and once here.
+        sae: An SAE, or what `load_sae` takes.
+        corpus: What `load_corpus` takes.
+        shards: Parts the corpus is split into, one task each.
+        executor: `"local"` (this process, in turn) or `"ray"`.
+        address: A Ray cluster address (default: a local Ray).
+        workers: Tasks run at once.
+        num_cpus: CPUs per Ray task.
+        num_gpus: GPUs per Ray task.
+        max_retries: Ray retries of a failed shard.
+        latents: The latents shown (default: all).
+        max_tokens: Corpus tokens read (default: all).
+        ctx: Tokens per corpus row.
+        k: Top activations kept per latent.
+        n_sample: Activations sampled across quantile bands per latent.
+        corr_every: Tokens between samples for the latent correlations.
+        batch_size: Rows per forward pass.
+        progress: Show progress.
+
+    Returns:
+        The merged `FeatureDashboards`, equal to one pass over the whole corpus.
+
+    Raises:
+        ValueError: `shards` < 1 or `executor` is not `"local"` / `"ray"`.
     """
     from melbo_lens.analysis.sae import load_sae
     from melbo_lens.analysis.sae.dashboards import (

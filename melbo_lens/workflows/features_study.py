@@ -40,7 +40,7 @@ from typing import Any
 import torch
 
 from melbo_lens.analysis.diversity import fluency
-from melbo_lens.analysis.sae.features import FeatureClamp
+from melbo_lens.analysis.sae.clamps import FeatureClamp
 from melbo_lens.core.host import Host
 from melbo_lens.core.progress import say
 from melbo_lens.core.prompts import PromptSet

@@ -160,7 +160,13 @@ class MethodRun:
 
 @dataclass
 class PlantedReport:
-    """All runs of `evaluate_planted`, with summaries per method and behaviour."""
+    """All runs of `evaluate_planted`, with summaries per method and behaviour.
+
+    Attributes:
+        runs: One `MethodRun` per method and seed.
+        settings: The settings of the evaluation (model, sites, R, K, seeds, ...).
+        behaviours: The planted behaviours scored, in table order.
+    """
 
     runs: list[MethodRun]
     settings: dict[str, Any]

@@ -52,6 +52,23 @@ class RadiusSweep:
     prompt i at `radii[k]`; `unsteered[i]` the unsteered one. `fluency` is a median
     perplexity (lower is more fluent), `baseline_fluency` the unsteered completions'.
     `vectors` (not serialised) holds the trained vectors per radius.
+
+    Attributes:
+        radii: The radii swept.
+        objective: Mean MELBO objective per radius.
+        diversity: Completion diversity per radius.
+        fluency: Median perplexity per radius.
+        repetition: Mean trigram repetition per radius.
+        recommended: The chosen R (None when every R collapsed).
+        baseline_fluency: The unsteered completions' median perplexity.
+        fluency_limit: Collapse above `fluency_limit × baseline_fluency`.
+        repetition_limit: Collapse above this repetition (None: not used).
+        variance: Embedding variance per radius.
+        completions: `completions[k][v][i]`, vector v on prompt i at `radii[k]`.
+        unsteered: The unsteered completions.
+        prompts: The prompts.
+        settings: The sweep's settings.
+        vectors: The trained vectors per radius (not serialised).
     """
 
     radii: list[float]

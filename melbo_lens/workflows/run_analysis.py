@@ -93,6 +93,24 @@ class RunAnalysis:
     `objective[k]` is vector k's objective Σ_i (Σ_t ||Δ_t||^p)^(1/q) on `prompts`, and
     `random_objective` the same objective for random vectors of the same radius at the
     same site. Optional parts are None when they could not be computed (see `notes`).
+
+    Attributes:
+        vectors: The trained vectors or adapters.
+        objective: Each member's objective on the run's prompts.
+        random_objective: Random members' objectives at the same R and site.
+        generations: Steered completions.
+        vector_similarity: Cosines of the vectors.
+        delta_similarity: Cosines of their target deltas.
+        decompositions: Each vector in the SAE's dictionary.
+        feature_tokens: Top-activating tokens of the latents shown.
+        attributions: Attribution of the target change per vector.
+        token_deltas: ‖Δ_t‖ per token of each completion.
+        feature_activations: Per-token activations of each vector's top latent.
+        sae_name: The SAE used.
+        notes: What could not be computed, and why.
+        info: Run settings and provenance.
+        dashboards: Dashboards of the latents shown.
+        cards: One card per member.
     """
 
     vectors: Trained

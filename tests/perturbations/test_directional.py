@@ -14,8 +14,8 @@ from melbo_lens.perturbations.directional import (
     clamp_direction,
     direction_basis,
     mean_projection,
-    orthogonalize_weights,
 )
+from melbo_lens.perturbations.orthogonalize import orthogonalize_weights
 from melbo_lens.perturbations.vectors import SteeringVectors, steer
 
 TOKENS = torch.tensor([[1, 5, 9, 13, 17, 21], [2, 4, 8, 16, 32, 3]])

@@ -50,6 +50,19 @@ def logit_diff_metric(
     The rest of the model runs from the target (a `resid_pre` / `resid_post` site of a
     HookedTransformer) to the logits.
 
+    Args:
+        model: A HookedTransformer.
+        prompts: The prompts; each one's last real token is read.
+        target: The site the metric starts from.
+        good: The token id whose logit counts positively.
+        bad: The token id whose logit counts negatively.
+
+    Returns:
+        A metric `m(Z_target) -> scalar` for `attribute_target_delta`.
+
+    Raises:
+        ValueError: `target` is not a `resid_pre` / `resid_post` site.
+
     Examples:
         >>> m = logit_diff_metric(model, prompts, HookSite(2), good=7, bad=9)  # doctest: +SKIP
         >>> attribute_target_delta(model, prompts, vectors, 0, metric=m)  # doctest: +SKIP

@@ -33,6 +33,15 @@ class FeatureChange:
     `scores[i]` = Σ over real tokens of ∂loss/∂f_i (in B's run) × (f_i(B) − f_i(A)):
     the first-order drop in the loss if feature i went back to its value under A.
     `grad_x_act[i]` uses f_i(B) instead of the change (importance, not change).
+
+    Attributes:
+        site: The SAE's site.
+        loss: The loss the attribution differentiates (e.g. `"next_token"`).
+        loss_value: Its value in model B's run.
+        scores: Per latent, gradient × activation change (B minus A).
+        grad_x_act: Per latent, gradient × B's activation.
+        activation_change: Per latent, summed f_i(B) − f_i(A).
+        error_score: The same score for the SAE's error term.
     """
 
     site: HookSite

@@ -37,6 +37,17 @@ class DeltaDecomposition:
 
     `components[c]` is component c's contribution; their sum is `delta` up to float
     rounding (`sum_error`: max |Σ − Δ| / max |Δ|).
+
+    Attributes:
+        names: One name per component (`"L3H2"`, `"mlp4"`, `"source"`, ...).
+        kinds: `"head"`, `"mlp"`, `"bias"` or `"source"` per component.
+        components: [c, n, pos, d_model] each component's contribution to Δ.
+        delta: [n, pos, d_model] Δ = Z(θ) − Z(0) at the target.
+        target_mask: [n, pos] the target positions.
+        source: Where the vector was added.
+        target: Where Δ is read.
+        sum_error: max |Σ components − Δ| / max |Δ|.
+        attention_mask: [n, pos] the real tokens.
     """
 
     names: list[str]
@@ -173,7 +184,22 @@ class GroupCompleteness:
 
 @dataclass
 class DeltaAttribution:
-    """Decomposition of Δ, node attributions of a metric, and their verification."""
+    """Decomposition of Δ, node attributions of a metric, and their verification.
+
+    Attributes:
+        decomposition: The exact decomposition of Δ the attribution refines.
+        method: `"attribution_patching"` or `"integrated_gradients"`.
+        metric: The metric's name.
+        metric_steered: The metric with the vector.
+        metric_unsteered: The metric without it.
+        nodes: Per node (head or MLP): its attribution and, for the top nodes, the real
+            patching effect it predicts.
+        groups: Completeness checks: attribution sums against patching whole groups.
+        correlation: Pearson correlation of attributions with patching effects.
+        steps: Integrated-gradients midpoints (None for attribution patching).
+        linearised_at: Which run the gradient was taken in.
+        patch_direction: What the verifying patches do.
+    """
 
     decomposition: DeltaDecomposition
     method: str

@@ -45,15 +45,10 @@ sae-lens is imported here and nowhere outside `melbo_lens.analysis`.
 
 from __future__ import annotations
 
+from melbo_lens.analysis.sae.clamps import FeatureClamp, clamp_feature
 from melbo_lens.analysis.sae.comparison import FeatureComparison, compare_with_features
 from melbo_lens.analysis.sae.decompose import SaeDecomposition, decompose_onto_sae
-from melbo_lens.analysis.sae.features import (
-    FeatureClamp,
-    FeatureEffects,
-    clamp_feature,
-    feature_effects,
-    feature_vectors,
-)
+from melbo_lens.analysis.sae.features import FeatureEffects, feature_effects, feature_vectors
 from melbo_lens.analysis.sae.loading import (
     PACKAGED_SAES,
     decoder_directions,

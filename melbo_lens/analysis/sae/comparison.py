@@ -31,6 +31,13 @@ class FeatureComparison:
     `objective[0]` is the vector's MELBO objective, `objective[j+1]` that of feature
     `features[j]` (its decoder direction at the vector's norm, added at every position
     like the vector); `delta_cosine[j]`: cos of their target deltas with the vector's.
+
+    Attributes:
+        features: The SAE latents compared with the vector.
+        objective: The vector's MELBO objective first, then each latent's at the same norm.
+        delta_cosine: Per latent, cos of its target delta with the vector's.
+        radius: The norm both were added at (the vector's).
+        target: The site the objective and deltas are read at.
     """
 
     features: list[int]
@@ -70,6 +77,18 @@ def compare_with_features(
 
     All run through one `Segment` (same prompts, same target positions, vectors added at
     every position); power and q come from the vectors' config (default 2 and 1).
+
+    Args:
+        model: The model the vectors were trained on.
+        prompts: The prompts the objective is measured on.
+        vectors: The steering vectors.
+        index: The member to compare.
+        sae: The SAE whose decoder directions are compared.
+        features: The latents to compare (e.g. a decomposition's `features`).
+        target: Where the objective is read (default: the vectors' target).
+
+    Returns:
+        The objectives and delta cosines, vector first.
 
     Examples:
         >>> dec = decompose_onto_sae(vecs, sae, index=0, method="sparse")  # doctest: +SKIP

@@ -32,6 +32,13 @@ def logit_effects(
     1/RMS factor depends on the token, not the direction, and is positive, so it is left
     out: effects are per unit of direction at the final residual, before that factor.
 
+    Args:
+        model: A HookedTransformer (its final norm and unembedding are used).
+        directions: [n, d_model] directions at the final residual stream.
+
+    Returns:
+        [n, d_vocab] direct logit effect per unit of each direction.
+
     Examples:
         >>> logit_effects(model, torch.eye(32)[:2]).shape
         torch.Size([2, 50])

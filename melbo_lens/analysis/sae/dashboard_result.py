@@ -92,7 +92,34 @@ class FeatureDashboard:
 
 @dataclass
 class FeatureDashboards:
-    """Dashboards of `latents`; tensors are per latent in that order (see the module doc)."""
+    """Dashboards of `latents`; tensors are per latent in that order (see the module doc).
+
+    Attributes:
+        latents: The latents shown, in the order of every tensor's first dimension.
+        n_tokens: Corpus tokens the pass read.
+        top_values: Largest activations per latent, descending.
+        top_locations: (document, position) of each top activation.
+        top_windows: Token ids of the context window around each top activation.
+        sample_values: Activations sampled across the quantile bands (sae_vis's
+            `quantile_bands`).
+        sample_locations: (document, position) of each sampled activation.
+        sample_windows: Token ids of the window around each sampled activation.
+        hist: Histogram of positive activations per latent (bins `HIST_EDGES`).
+        active: Tokens on which each latent fired.
+        total: Tokens seen per latent (`active / total` is the firing density).
+        logit_top_ids: Tokens each latent's decoder direction promotes most.
+        logit_top: Their direct logit effects.
+        logit_bottom_ids: Tokens it suppresses most.
+        logit_bottom: Their direct logit effects.
+        logit_hist: Histogram of the direct logit effects over the vocabulary.
+        logit_range: (min, max) of those effects, the histogram's range.
+        corr_ids: The latents most correlated with each latent's activation.
+        corr_values: Their Pearson correlations.
+        token_strings: Decoded text of every token id the windows hold.
+        left: Tokens of context before the activating token in each window.
+        right: Tokens of context after it.
+        info: Provenance: model, SAE digest, corpus name and settings.
+    """
 
     latents: list[int]
     n_tokens: int

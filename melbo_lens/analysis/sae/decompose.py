@@ -81,6 +81,19 @@ class SaeDecomposition:
     activation units, θ ≈ Σ_j coefficients[j]·W_dec[features[j]]. `cosines`: cos(θ,
     W_dec[f]) for both. `explained_curve[j]`: fraction of ||θ||² explained by the best
     (least-squares) fit on the first j+1 features; `explained` is its last value.
+
+    Attributes:
+        features: Latents ranked by importance.
+        coefficients: Their cosines (`"cosine"`) or sparse weights (`"sparse"`).
+        explained: Fraction of ||θ||² the least-squares fit on all `features` explains.
+        method: `"cosine"` or `"sparse"`.
+        cosines: cos(θ, W_dec[f]) per feature.
+        explained_curve: Fraction explained by the first j+1 features.
+        vector_norm: ||θ||.
+        nonnegative: Whether the sparse fit kept coefficients ≥ 0.
+        vector_site: Where the vector acts.
+        sae_site: Where the SAE reads.
+        label: The vector's name in tables.
     """
 
     features: list[int]

@@ -42,6 +42,15 @@ def packaged_sae_dir(name: str) -> Path:
     """The folder of a packaged SAE (``cfg.json``, ``sae_weights.safetensors`` and the
     ``metrics.json`` its training script wrote); `SAE.load_from_disk` reads it.
 
+    Args:
+        name: A packaged SAE's name (e.g. `"smollm2-135m-instruct-res7"`).
+
+    Returns:
+        The folder holding its files.
+
+    Raises:
+        ValueError: `name` is not a packaged SAE; the message lists those there are.
+
     Examples:
         >>> (packaged_sae_dir("smollm2-135m-instruct-res7") / "metrics.json").is_file()
         True
@@ -153,6 +162,16 @@ def hook_name(sae: SAE) -> str | None:
 
 def sae_site(sae: SAE) -> HookSite:
     """The residual-width `HookSite` the SAE reads (from `cfg.metadata.hook_name`).
+
+    Args:
+        sae: A sae-lens `SAE`.
+
+    Returns:
+        The site it reads.
+
+    Raises:
+        ValueError: The SAE records no hook name, or reads a site that is not residual-width
+            (an attention head's output).
 
     Examples:
         >>> sae_site(sae)                                              # doctest: +SKIP
