@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import sys
 import tempfile
 import time
@@ -21,17 +22,44 @@ from pathlib import Path
 
 import nbclient
 import nbformat
+import plotly.io as pio
 
 import melbo_lens
 from melbo_lens.core.io import atomic_write_text
 
 ROOT = Path(__file__).resolve().parent.parent
+PLOTLY = "application/vnd.plotly.v1+json"
+# where docs/hooks.py puts plotly.js once for the whole site, seen from a tutorial's page
+PLOTLY_JS = "../../assets/plotly.min.js"
+
+
+def static_figures(nb) -> int:
+    """Give each Plotly output an HTML form that a static page can show.
+
+    A figure is saved as Plotly's mime bundle, which Jupyter draws and a static page does
+    not. Its HTML form loads plotly.js from the site's own copy (no CDN: the site works
+    offline). Returns the number of figures.
+    """
+    n = 0
+    for cell in nb.cells:
+        for out in cell.get("outputs", []):
+            data = out.get("data", {})
+            if PLOTLY in data:
+                fig = pio.from_json(json.dumps(data[PLOTLY]))
+                html = pio.to_html(fig, include_plotlyjs=PLOTLY_JS, full_html=False)
+                data["text/html"] = html
+                n += 1
+    return n
 
 
 def execute(src: Path, dst: Path, threads: int, command: str) -> float:
     """Run `src` top to bottom in this interpreter's kernel; write it with outputs to `dst`."""
     nb = nbformat.read(src, as_version=4)
-    setup = nbformat.v4.new_code_cell(f"import torch\ntorch.set_num_threads({threads})")
+    setup = nbformat.v4.new_code_cell(
+        f"import torch\ntorch.set_num_threads({threads})\n"
+        # tqdm's notebook bar needs ipywidgets; its text bar is what the page should show
+        "import warnings\nwarnings.filterwarnings('ignore', message='IProgress not found')"
+    )
     nb.cells.insert(0, setup)
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as cwd:  # files a notebook saves stay out of docs/
@@ -41,6 +69,7 @@ def execute(src: Path, dst: Path, threads: int, command: str) -> float:
         client.execute()
     seconds = time.perf_counter() - start
     nb.cells.pop(0)  # the thread setting is the script's, not the tutorial's
+    static_figures(nb)
     nb.metadata["melbo_lens_execution"] = {
         "command": command,
         "date": datetime.date.today().isoformat(),

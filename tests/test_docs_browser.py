@@ -1,7 +1,8 @@
 """The docs site in a real browser (headless Chromium over the DevTools protocol, as the
 report's test): built with `mkdocs build --strict`, served locally; the home page shows
 the package and its version, the API page shows `train_steering_vectors` with its
-parameter table, and search finds "radius". Nothing is fetched from outside the host."""
+parameter table, a tutorial shows its executed outputs, and search finds "radius".
+Nothing is fetched from outside the host."""
 
 from __future__ import annotations
 
@@ -81,6 +82,17 @@ def test_the_home_page_api_page_and_search(site, browser):
         ".find(t => t.includes('checkpoint_every') && t.includes('max_rows_per_pass'))"
     )
     assert "resume" in table
+    # a name loaded lazily at run time (sae-lens) is in the reference with its parameters
+    assert browser.poll("!!document.getElementById('melbo_lens.decompose_onto_sae')")
+
+    _open(browser, site + "/tutorials/01_quickstart/")
+    outputs = browser.poll(
+        "[...document.querySelectorAll('.jp-OutputArea-output')].map(o => o.innerText)"
+        ".filter(t => t.trim()).length"
+    )
+    assert outputs >= 3, "the quickstart tutorial should show its executed outputs"
+    # its figure is drawn by the site's own copy of plotly.js (docs/hooks.py)
+    assert browser.poll("document.querySelectorAll('.js-plotly-plot .main-svg').length", 60)
 
     _open(browser, site + "/")
     browser.js(

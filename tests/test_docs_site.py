@@ -3,6 +3,7 @@ configuration names pages that exist (the strict build itself runs in `.ci/run`)
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -22,10 +23,10 @@ def test_the_readme_is_short_and_its_links_resolve():
 def test_every_page_in_the_site_nav_exists_and_every_page_is_in_it():
     config = (ROOT / "mkdocs.yml").read_text(encoding="utf-8")
     nav = config[config.index("nav:") :]
-    pages = re.findall(r":\s+(\S+\.md)\s*$", nav, flags=re.M)
+    pages = re.findall(r":\s+(\S+\.(?:md|ipynb))\s*$", nav, flags=re.M)
     docs = ROOT / "docs"
     assert [p for p in pages if not (docs / p).exists()] == []
-    on_disk = {str(p.relative_to(docs)) for p in docs.rglob("*.md")}
+    on_disk = {str(p.relative_to(docs)) for p in [*docs.rglob("*.md"), *docs.rglob("*.ipynb")]}
     assert on_disk - set(pages) == set(), "pages the site's navigation does not reach"
 
 
@@ -48,3 +49,29 @@ def test_the_cli_reference_page_is_generated_from_the_parser():
     assert page == cli_reference(), (
         "regenerate: python -m melbo_lens.cli.reference > docs/reference/cli.md"
     )
+
+
+def _cells(notebook: dict) -> list[tuple[str, str]]:
+    return [(c["cell_type"], "".join(c["source"])) for c in notebook["cells"]]
+
+
+def test_the_tutorial_pages_are_the_notebooks_executed():
+    """docs/tutorials/*.ipynb are what scripts/execute_notebooks.py wrote: the committed
+    notebook's cells, with outputs and no errors; a changed notebook fails here until the
+    script is rerun."""
+    sources = sorted((ROOT / "notebooks").glob("*.ipynb"))
+    assert sources
+    for src in sources:
+        page = ROOT / "docs" / "tutorials" / src.name
+        assert page.exists(), f"run: python scripts/execute_notebooks.py --only {src.stem}"
+        want, got = json.loads(src.read_text()), json.loads(page.read_text())
+        assert _cells(got) == _cells(want), (
+            f"{page.relative_to(ROOT)} is stale; run: "
+            f"python scripts/execute_notebooks.py --only {src.stem}"
+        )
+        code = [c for c in got["cells"] if c["cell_type"] == "code"]
+        assert all(c["execution_count"] is not None for c in code), f"{page.name}: not executed"
+        outputs = [o for c in code for o in c["outputs"]]
+        assert outputs and not [o for o in outputs if o["output_type"] == "error"]
+        run = got["metadata"]["melbo_lens_execution"]
+        assert run["command"].startswith("python scripts/execute_notebooks.py")
