@@ -30,18 +30,6 @@ def test_every_page_in_the_site_nav_exists_and_every_page_is_in_it():
     assert on_disk - set(pages) == set(), "pages the site's navigation does not reach"
 
 
-def test_the_studies_page_includes_every_generated_study_page():
-    studies = (ROOT / "docs" / "results" / "studies.md").read_text(encoding="utf-8")
-    included = set(re.findall(r'--8<-- "([^"]+)"', studies))
-    generated = {
-        str(p.relative_to(ROOT))
-        for p in (ROOT / "results").glob("*/*.md")
-        if p.with_suffix(".json").exists()
-    }
-    assert generated - included == set(), "generated study pages missing from the site"
-    assert all((ROOT / path).exists() for path in included)
-
-
 def test_the_cli_reference_page_is_generated_from_the_parser():
     from melbo_lens.cli.reference import cli_reference
 
@@ -75,3 +63,21 @@ def test_the_tutorial_pages_are_the_notebooks_executed():
         assert outputs and not [o for o in outputs if o["output_type"] == "error"]
         run = got["metadata"]["melbo_lens_execution"]
         assert run["command"].startswith("python scripts/execute_notebooks.py")
+
+
+def test_the_readme_says_nothing_the_site_does_not():
+    """README.md is its install commands and example, which the site includes as they
+    stand (pymdownx.snippets sections), plus the title and the list of the site's pages."""
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    sections = re.findall(r"<!-- --8<-- \[start:(\w+)\] -->", text)
+    assert sections == ["install", "example"]
+    site = "".join(p.read_text(encoding="utf-8") for p in (ROOT / "docs").rglob("*.md"))
+    for name in sections:
+        assert f'--8<-- "README.md:{name}"' in site, f"no docs page includes README.md:{name}"
+    rest = re.sub(
+        r"<!-- --8<-- \[start:(\w+)\] -->.*?<!-- --8<-- \[end:\1\] -->", "", text, flags=re.S
+    )
+    rest = rest[: rest.index("## Documentation")]
+    assert [line for line in rest.splitlines() if line.strip() not in ("", "---")] == [
+        "# melbo_lens"
+    ]
