@@ -77,3 +77,13 @@ def test_the_check_catches_an_undocumented_parameter():
     _, kinds, names = documentation(module, "f")
     assert "parameters" in kinds and names == {"a"}
     assert [p for p in parameters(module["f"]) if p not in names] == ["b"]
+
+
+@pytest.mark.parametrize("name", melbo_lens.__all__)
+def test_public_examples_run_unless_a_reason_is_given(package, name):
+    """The doctest plugin runs every example; a public name may skip one only where the
+    docstring says why (`not run here: ...`, e.g. it needs the Hugging Face hub)."""
+    obj, _, _ = documentation(package, name)
+    text = obj.docstring.value
+    if "+SKIP" in text:
+        assert "not run here:" in text, f"{name}: make its example run, or say why it cannot"

@@ -312,8 +312,9 @@ def fluency(
         ValueError: a prompt plus completion longer than the model's context.
 
     Examples:
-        >>> fluency(model, ["The cat"], [" sat on the mat."])  # doctest: +SKIP
-        [12.3]
+        >>> ppl = fluency(model, ["the cat"], [" sat on the mat."])
+        >>> len(ppl), ppl[0] > 1.0
+        (1, True)
     """
     heads = _prompt_tokens(model, prompts)
     tails = [_completion_tokens(model, c) for c in completions]

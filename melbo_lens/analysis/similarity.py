@@ -243,8 +243,9 @@ def delta_similarity(
         ValueError: No target or site is given or known.
 
     Examples:
-        >>> dm = delta_similarity(model, prompts, melbo, supervised)     # doctest: +SKIP
-        >>> dm.summary()["mean_abs"]                                    # doctest: +SKIP
+        >>> dm = delta_similarity(model, prompts, melbo, supervised)
+        >>> dm.summary()["mean_abs"] <= 1.0
+        True
     """
     targets: set[HookSite] = set()
     for x in (a, b):
@@ -482,8 +483,12 @@ def compare_vectors(
         ValueError: only one of `model` and `prompts` given, or widths that differ.
 
     Examples:
-        >>> print(compare_vectors(SteeringVectors.load("a.safetensors"),
-        ...                       SteeringVectors.load("b.safetensors")))   # doctest: +SKIP
+        >>> cmp = compare_vectors(vectors[:2], vectors[2:], model=model, prompts=prompts)
+        >>> "cos" in str(cmp)
+        True
+
+        Files compare the same way, `compare_vectors(SteeringVectors.load("a.safetensors"),
+        SteeringVectors.load("b.safetensors"))`, and `melbo-lens compare A B` prints it.
     """
     if (model is None) != (prompts is None):
         raise ValueError("delta similarity needs both model= and prompts=")

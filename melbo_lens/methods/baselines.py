@@ -472,9 +472,10 @@ def jacobian_vectors(
         `SteeringVectors` with `method="jacobian"`, singular values in `metadata`.
 
     Examples:
-        >>> sv = jacobian_vectors(model, prompts, HookSite(7), HookSite(22, "resid_pre"),
-        ...                       k=8, radius=4.0)            # doctest: +SKIP
-        >>> sv.metadata["singular_values"]  # doctest: +SKIP
+        >>> sv = jacobian_vectors(model, prompts, HookSite(1), HookSite(3, "resid_pre"),
+        ...                       k=2, radius=4.0)
+        >>> len(sv.metadata["singular_values"]), sv.vectors.norm(dim=-1).tolist()
+        (2, [4.0, 4.0])
     """
     source, target = _sites(model, source, target)
     sv, vals = _spectral_vectors(
@@ -552,12 +553,14 @@ def hessian_vectors(
             q = 1, or an `at` that is not a finite nonzero [d_model] vector.
 
     Examples:
-        >>> sv = hessian_vectors(model, prompts, 7, "blocks.22.hook_resid_pre",
-        ...                      k=4, radius=4.0)             # doctest: +SKIP
-        >>> j = jacobian_vectors(model, prompts, 7, "blocks.22.hook_resid_pre",
-        ...                      k=1, radius=1.0)             # doctest: +SKIP
-        >>> sv4 = hessian_vectors(model, prompts, 7, "blocks.22.hook_resid_pre", k=4,
-        ...                       radius=4.0, power=4.0, at=0.1 * j.vectors[0])  # doctest: +SKIP
+        >>> sv = hessian_vectors(model, prompts, 1, "blocks.3.hook_resid_pre", k=2, radius=4.0)
+        >>> j = jacobian_vectors(model, prompts, 1, "blocks.3.hook_resid_pre", k=1, radius=1.0)
+        >>> len(sv), round(abs(float(sv.vectors[0] @ j.vectors[0])) / 4.0, 3)   # p = 2: they agree
+        (2, 1.0)
+        >>> sv4 = hessian_vectors(model, prompts, 1, "blocks.3.hook_resid_pre", k=2,
+        ...                       radius=4.0, power=4.0, at=0.1 * j.vectors[0])
+        >>> len(sv4)
+        2
     """
     source, target = _sites(model, source, target)
     if not (power > 0 and q > 0):

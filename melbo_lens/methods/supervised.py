@@ -359,8 +359,9 @@ def stability_curve(
         (n, cosine) pairs, one per size.
 
     Examples:
-        >>> stability_curve(model, pos_texts, neg_texts, 6)  # doctest: +SKIP
-        [(1, 0.41), (2, 0.57), (4, 0.72), ..., (64, 1.0)]
+        >>> curve = stability_curve(model, pos_texts, neg_texts, HookSite(1))
+        >>> curve[-1][0], round(curve[-1][1], 6)    # all pairs: the vector itself
+        (3, 1.0)
     """
     P, N, info = pair_activations(
         model,

@@ -260,8 +260,9 @@ def load_artifact(path: str | os.PathLike[str]) -> Any:
         ArtifactError: a file that is not a melbo_lens artifact, or a broken one.
 
     Examples:
-        >>> art = load_artifact("run/adapters.safetensors")  # doctest: +SKIP
-        >>> isinstance(art, SteeringAdapters)  # doctest: +SKIP
+        >>> import os, tempfile
+        >>> path = adapters.save(os.path.join(tempfile.mkdtemp(), "adapters.safetensors"))
+        >>> isinstance(load_artifact(path), SteeringAdapters)
         True
     """
     import melbo_lens.perturbations  # noqa: F401  # pyright: ignore[reportUnusedImport]  (registers every artifact class)

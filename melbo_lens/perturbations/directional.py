@@ -317,8 +317,9 @@ def mean_projection(
         The mean of x·r̂.
 
     Examples:
-        >>> mean_projection(model, reference, r, HookSite(5))    # doctest: +SKIP
-        3.21
+        >>> mu = mean_projection(model, reference, r, HookSite(1))
+        >>> isinstance(mu, float)
+        True
     """
     if positions not in ("target", "all"):
         raise ValueError(f"positions must be 'target' or 'all', got {positions!r}")

@@ -90,8 +90,10 @@ def orthogonalize_weights(model: Host, direction: Directions) -> Any:
             there.
 
     Examples:
-        >>> edited = orthogonalize_weights(model, refusal_dir)   # doctest: +SKIP
-        >>> torch.allclose(edited(tokens), logits_under_ablation, atol=1e-4)  # doctest: +SKIP
+        >>> edited = orthogonalize_weights(model, refusal_dir)
+        >>> with ablate_direction(model, refusal_dir):
+        ...     hooked = model(tokens)
+        >>> torch.allclose(edited(tokens), hooked, atol=1e-4)
         True
     """
     from transformer_lens import HookedTransformer

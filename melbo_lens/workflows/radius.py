@@ -298,9 +298,11 @@ def select_radius(
             saved radius made with other settings.
 
     Examples:
-        >>> sweep = select_radius(model, prompts, MelboConfig(HookSite(7),
-        ...     HookSite(22, "resid_pre"), n_vectors=4, steps=40), [4, 8, 16, 32])  # doctest: +SKIP
-        >>> print(sweep.table()); sweep.recommended  # doctest: +SKIP
+        >>> onehot = lambda ts: torch.eye(2)[[len(t) % 2 for t in ts]]   # a stand-in embedder
+        >>> sweep = select_radius(model, prompts, MelboConfig(HookSite(1), HookSite(3),
+        ...     n_vectors=2, steps=2), [1.0, 4.0], max_new_tokens=4, embed=onehot, progress=False)
+        >>> sweep.radii, len(sweep.completions[0])
+        ([1.0, 4.0], 2)
     """
     if not isinstance(prompts, PromptSet):
         raise TypeError(

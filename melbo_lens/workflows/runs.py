@@ -135,8 +135,10 @@ def analyze_run(
         TypeError: a perturbation that is not a trained artifact.
 
     Examples:
-        >>> run = analyze_run(model, vectors, prompts, n_random=16)   # doctest: +SKIP
-        >>> run.save("demo_out")                                     # doctest: +SKIP
+        >>> run = analyze_run(model, vectors, prompts, sae=None, n_random=4, max_new_tokens=3,
+        ...                   cards=False, progress=False)
+        >>> len(run.objective), len(run.random_objective)
+        (4, 4)
     """
     if not isinstance(vectors, Trained):
         raise TypeError(

@@ -64,8 +64,11 @@ def logit_diff_metric(
         ValueError: `target` is not a `resid_pre` / `resid_post` site.
 
     Examples:
-        >>> m = logit_diff_metric(model, prompts, HookSite(2), good=7, bad=9)  # doctest: +SKIP
-        >>> attribute_target_delta(model, prompts, vectors, 0, metric=m)  # doctest: +SKIP
+        >>> m = logit_diff_metric(model, prompts, HookSite(3, "resid_pre"), good=7, bad=9)
+        >>> res = attribute_target_delta(model, prompts, vectors, 0, metric=m,
+        ...                              target=HookSite(3, "resid_pre"), top_n=2)
+        >>> res.metric_steered != res.metric_unsteered
+        True
     """
     target = as_site(target)
     if not target.is_block_boundary:

@@ -164,9 +164,12 @@ def feature_change_attribution(
             unknown loss.
 
     Examples:
-        >>> fc = feature_change_attribution(  # doctest: +SKIP
-        ...     base, tuned, prompts, sae, HookSite(6))
-        >>> fc.ranked(10)  # doctest: +SKIP
+        >>> import copy
+        >>> tuned = copy.deepcopy(model)
+        >>> tuned.blocks[0].mlp.W_out.data += 0.05          # a "fine-tune" before the SAE's site
+        >>> fc = feature_change_attribution(model, tuned, prompts, sae, HookSite(1))
+        >>> fc.scores.shape, fc.activation_change.abs().sum() > 0
+        (torch.Size([64]), tensor(True))
     """
     _same_architecture(model_a, model_b)
     prompts = PromptSet.coerce(model_a, prompts)

@@ -91,9 +91,10 @@ def compare_with_features(
         The objectives and delta cosines, vector first.
 
     Examples:
-        >>> dec = decompose_onto_sae(vecs, sae, index=0, method="sparse")  # doctest: +SKIP
-        >>> cmp = compare_with_features(model, ps, vecs, 0, sae, dec.features)  # doctest: +SKIP
-        >>> print(cmp.table())                                             # doctest: +SKIP
+        >>> dec = decompose_onto_sae(vecs, sae, index=0, method="sparse", top_k=3)
+        >>> cmp = compare_with_features(model, prompts, vecs, 0, sae, dec.features)
+        >>> len(cmp.objective) == 1 + len(dec.features), round(cmp.delta_cosine[0], 6)
+        (True, 1.0)
     """
     tgt = target if target is not None else vectors.target
     if tgt is None:

@@ -146,8 +146,9 @@ def feature_effects(
         `FeatureEffects`: the top features' activation changes per prompt and token.
 
     Examples:
-        >>> fx = feature_effects(model, sae, vectors, 0, prompts, top_n=10)  # doctest: +SKIP
-        >>> print(fx.table())                                            # doctest: +SKIP
+        >>> fx = feature_effects(model, sae, vectors, 0, prompts, top_n=5)
+        >>> len(fx.features), fx.vector_site.name
+        (5, 'blocks.1.hook_resid_post')
     """
     if positions not in ("all", "target"):
         raise ValueError(f"positions must be 'all' or 'target', got {positions!r}")

@@ -108,7 +108,14 @@ def load_sae(
             how to load a local copy instead.
 
     Examples:
-        >>> sae = load_sae("runs/sae_l7")                              # doctest: +SKIP
+        >>> sae7 = load_sae("smollm2-135m-instruct-res7")   # packaged, offline
+        >>> sae_site(sae7), sae7.cfg.d_sae
+        (HookSite(layer=7, point='resid_post'), 8192)
+
+        A folder `SAE.save_model` wrote loads the same way (`load_sae("runs/sae_l7")`), and so
+        does a sae-lens release with its id, which needs the Hugging Face hub (not run here:
+        no network in the tests):
+
         >>> sae = load_sae("gpt2-small-res-jb", sae_id="blocks.8.hook_resid_pre")  # doctest: +SKIP
     """
     if isinstance(name_or_path, SAE):
@@ -174,8 +181,8 @@ def sae_site(sae: SAE) -> HookSite:
             (an attention head's output).
 
     Examples:
-        >>> sae_site(sae)                                              # doctest: +SKIP
-        HookSite(layer=7, point='resid_post')
+        >>> sae_site(sae)
+        HookSite(layer=1, point='resid_post')
     """
     name = hook_name(sae)
     if name is None:
