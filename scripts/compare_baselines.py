@@ -26,7 +26,8 @@ from melbo_lens import (
     random_vectors,
     train_steering_vectors,
 )
-from melbo_lens.cli import bundled_prompts, prompt_set
+from melbo_lens.cli.options import prompt_set
+from melbo_lens.core.prompts import bundled_prompts
 from melbo_lens.core.segment import Segment
 from melbo_lens.methods.objectives import melbo_objective_per_prompt
 

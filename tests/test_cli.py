@@ -90,3 +90,17 @@ def test_version(capsys):
     assert info.value.code == 0
     assert capsys.readouterr().out.strip() == f"melbo-lens {melbo_lens.__version__}"
     assert melbo_lens.__version__ == "0.1.0"  # pyproject's version, from the install
+
+
+def test_the_planted_command_recorded_for_a_real_model_is_the_one_it_ran():
+    """On any model but the toy `evaluate planted` runs on the defaults, so the command
+    its page records says --defaults and leaves out the toy's site and step flags."""
+    from melbo_lens.cli import build_parser
+    from melbo_lens.cli.evaluate import _command
+
+    args = build_parser().parse_args(
+        ["evaluate", "planted", "--model", "smollm2-135m-backdoored", "--out", "o"]
+    )
+    real, toy = _command(args, toy=False), _command(args, toy=True)
+    assert "--defaults" in real and "--source" not in real and "--steps" not in real
+    assert "--defaults" not in toy and "--source 1" in toy

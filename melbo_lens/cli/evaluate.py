@@ -189,12 +189,13 @@ def _expected_settings(args: argparse.Namespace, methods: list[str], toy: bool, 
     }
 
 
-def _command(args: argparse.Namespace) -> str:
-    """The command line that reproduces this run (for the page)."""
+def _command(args: argparse.Namespace, toy: bool) -> str:
+    """The command line that reproduces this run (for the page). On any model but the toy
+    the run uses the defaults, so the toy's site, position and step flags are left out."""
     parts = ["melbo-lens evaluate planted", f"--model {args.model}", f"--seeds {args.seeds}",
              f"--first-seed {args.first_seed}", f"--n-vectors {args.n_vectors}",
              f"--methods {args.methods}", f"--max-new-tokens {args.max_new_tokens}"]  # fmt: skip
-    if args.defaults:
+    if args.defaults or not toy:
         parts.append("--defaults")
     else:
         parts += [f"--source {args.source}", f"--target {args.target}",
@@ -349,7 +350,7 @@ def _run_seeds(
         report = PlantedReport(runs, settings, part.behaviours)
         elapsed = seconds_before + time.perf_counter() - start
         out.mkdir(parents=True, exist_ok=True)  # after every seed: a stopped run resumes
-        data = report.to_dict() | {"seconds": round(elapsed, 1), "command": _command(args)}
+        data = report.to_dict() | {"seconds": round(elapsed, 1), "command": _command(args, toy)}
         atomic_write_text(path, json.dumps(data, indent=2))
     if report is None:
         report = PlantedReport(runs, settings or {}, list(TRIGGER_PHRASES))
@@ -360,7 +361,7 @@ def _run_seeds(
 
     figure = out / "planted.html"  # self-contained: plotly.js inlined, works offline
     planted_benchmark(report).write_html(figure, include_plotlyjs=True)
-    saved = report.to_dict() | {"command": _command(args)}
+    saved = report.to_dict() | {"command": _command(args, toy)}
     atomic_write_text(out / "planted.md", planted_page(saved))
     print(f"wrote {out / 'planted.json'}, {out / 'planted.md'} and {figure}")
     return 0
