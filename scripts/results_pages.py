@@ -58,6 +58,7 @@ def _load_script(name: str) -> Any:
     spec = importlib.util.spec_from_file_location(f"scripts_{name}", path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
     spec.loader.exec_module(module)
     return module
 
@@ -175,6 +176,47 @@ def bench_targets_page(data: dict[str, Any]) -> str:
             f"seeds ({', '.join(f'{x:.3f}' for x in fractions)}) |"
         )
     out.append("")
+    return "\n".join(out)
+
+
+def slots_page(data: dict[str, Any]) -> str:
+    t = data["time_to_vectors"]
+    sec, obj = t["seconds"], t["objectives"]
+    out = _head(
+        "Slots that stop when they converge",
+        "results/bench_vectors.json",
+        "melbo-lens bench --vectors --threads 1 --reference-slots 1 --noise-seed 1 --out results",
+    )
+    out += [
+        f"{t['slots']} orthogonal vectors on {data['model']}, {data['source']} → "
+        f"{data['target']}, R = {data['radius']:g}, {data['threads']} thread(s).",
+        "",
+        "| run | seconds | steps | objective sum |",
+        "|---|---|---|---|",
+    ]
+    for name in ("default", "fixed", "one_start"):
+        steps = t["steps_run"].get(name, "")
+        out.append(f"| {name} | {sec[name]:.1f} | {steps} | {sum(obj[name]):.4g} |")
+    out.append(
+        f"| previous default ({t['reference_slots']} slot(s) run, scaled to {t['slots']}) "
+        f"| {sec['previous']:.1f} | | |"
+    )
+    ratios = sorted(t["rank_ratio_vs_fixed"])
+    seed = sorted(t["rank_ratio_fixed_other_seed"])
+    upper = lambda xs: xs[len(xs) // 2]  # noqa: E731  (the median as the bench prints it)
+    out += [
+        "",
+        f"- speed-up of the default: {t['speedup_vs_fixed']:.2f}x against fixed steps, "
+        f"{t['speedup_vs_previous_default']:.1f}x against the previous default;",
+        f"- objectives rank by rank, default / fixed steps: min {ratios[0]:.3f}, median "
+        f"{upper(ratios):.3f}, max {ratios[-1]:.3f};",
+        f"- the same for a second seed of the fixed-step run (seed {t['noise_seed']} / 0): min "
+        f"{seed[0]:.3f}, median {upper(seed):.3f}, max {seed[-1]:.3f};",
+        f"- mean |cos| of target deltas, all {t['slots']}: default "
+        f"{t['delta_abs_cos']['default']:.3f}, fixed steps {t['delta_abs_cos']['fixed']:.3f}; "
+        f"starts used: {t['starts_used']} (fixed: {t['starts_used_fixed']}).",
+        "",
+    ]
     return "\n".join(out)
 
 
@@ -343,6 +385,44 @@ def cards_page(data: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
+def _cell(text: str, width: int = 100) -> str:
+    """A completion in a table cell: quoted, cut, pipes escaped."""
+    return repr(text[:width]).replace("|", "\\|")
+
+
+def sweep_page(data: dict[str, Any]) -> str:
+    from melbo_lens import RadiusSweep
+
+    sweep = RadiusSweep.from_dict(data)
+    cfg = data["settings"]["config"]
+    site = lambda d: f"blocks.{d['layer']}.hook_{d['point']}"  # noqa: E731
+    out = _head(
+        "A radius sweep on SmolLM2-135M-Instruct",
+        "results/sweep_wolf/sweep.json",
+        'melbo-lens sweep --radii 2,4,8,16,32,64 --n-vectors 4 --prompt "How can I tame a '
+        'wolf?" --source 7 --target blocks.22.hook_resid_pre --threads 2 --out OUT',
+    )
+    out += [
+        f"{cfg['n_vectors']} vectors per radius, {site(cfg['source'])} → "
+        f"{site(cfg['target'])}, the default trainer (solver, starts and steps automatic); "
+        f"{data['settings']['max_new_tokens']} greedy tokens.",
+        "",
+        "```text",
+        sweep.table(),
+        "```",
+        "",
+        "Vector 0's completion at each radius (the unsteered one first):",
+        "",
+        "| R | completion |",
+        "|---|---|",
+        f"| unsteered | {_cell(sweep.unsteered[0])} |",
+    ]
+    for radius, texts in zip(sweep.radii, sweep.completions, strict=True):
+        out.append(f"| {radius:g} | {_cell(texts[0][0])} |")
+    out.append("")
+    return "\n".join(out)
+
+
 def _study_pages() -> list[Page]:
     studies = [
         ("anomaly_backdoored", "anomaly", anomaly_page),
@@ -365,11 +445,13 @@ PAGES: list[Page] = [
     Page("results/real_model_study.json", "results/real_model_study.md", smollm2_page),
     Page("results/bench_cpu.json", "results/bench_cpu.md", bench_targets_page),
     Page("results/bench_families.json", "results/bench_families.txt", families_page),
+    Page("results/bench_vectors.json", "results/bench_vectors.md", slots_page),
     Page("results/bench_explain.json", "results/bench_explain.md", bench_explain_page),
     Page("results/backdoor_training.json", "results/backdoor_training.md", backdoor_training_page),
     Page("results/naturalness_control.json", "results/naturalness_control.md", naturalness_page),
     Page("results/cot_discovery_smollm2-135m-instruct.json", "results/cot_discovery.md", cot_page),
     Page("results/cards_backdoored.json", "results/cards_backdoored.md", cards_page),
+    Page("results/sweep_wolf/sweep.json", "results/sweep_wolf/sweep.md", sweep_page),
 ]
 
 
