@@ -23,6 +23,7 @@ from pathlib import Path
 import nbclient
 import nbformat
 import plotly.io as pio
+from nbconvert.preprocessors import CoalesceStreamsPreprocessor
 
 import melbo_lens
 from melbo_lens.core.io import atomic_write_text
@@ -69,6 +70,9 @@ def execute(src: Path, dst: Path, threads: int, command: str) -> float:
         client.execute()
     seconds = time.perf_counter() - start
     nb.cells.pop(0)  # the thread setting is the script's, not the tutorial's
+    # a progress bar is written line by line with carriage returns: keep what a notebook
+    # front end would show, its final state
+    CoalesceStreamsPreprocessor().preprocess(nb, {})
     static_figures(nb)
     nb.metadata["melbo_lens_execution"] = {
         "command": command,
