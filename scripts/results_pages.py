@@ -26,6 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from melbo_lens.core.io import atomic_write_text  # noqa: E402
+from melbo_lens.core.sites import HookSite  # noqa: E402
 from melbo_lens.workflows.anomaly_study import anomaly_page  # noqa: E402
 from melbo_lens.workflows.bench_families import families_table  # noqa: E402
 from melbo_lens.workflows.features_study import features_page  # noqa: E402
@@ -395,7 +396,6 @@ def sweep_page(data: dict[str, Any]) -> str:
 
     sweep = RadiusSweep.from_dict(data)
     cfg = data["settings"]["config"]
-    site = lambda d: f"blocks.{d['layer']}.hook_{d['point']}"  # noqa: E731
     out = _head(
         "A radius sweep on SmolLM2-135M-Instruct",
         "results/sweep_wolf/sweep.json",
@@ -403,8 +403,9 @@ def sweep_page(data: dict[str, Any]) -> str:
         'wolf?" --source 7 --target blocks.22.hook_resid_pre --threads 2 --out OUT',
     )
     out += [
-        f"{cfg['n_vectors']} vectors per radius, {site(cfg['source'])} → "
-        f"{site(cfg['target'])}, the default trainer (solver, starts and steps automatic); "
+        f"{cfg['n_vectors']} vectors per radius, {HookSite.from_dict(cfg['source']).name} → "
+        f"{HookSite.from_dict(cfg['target']).name}, the default trainer (solver, starts and "
+        "steps automatic); "
         f"{data['settings']['max_new_tokens']} greedy tokens.",
         "",
         "```text",

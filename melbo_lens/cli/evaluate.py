@@ -158,11 +158,17 @@ def check_resumable(saved: dict[str, Any], now: dict[str, Any], path: Path) -> N
         )
 
 
+def _uses_defaults(args: argparse.Namespace, toy: bool) -> bool:
+    """Whether the run chooses sites, positions, R and steps itself: always, except on the
+    toy without `--defaults`."""
+    return args.defaults or not toy
+
+
 def _expected_settings(args: argparse.Namespace, methods: list[str], toy: bool, model_name):
     """The settings `evaluate_planted` will record for this command, before any work."""
     from melbo_lens.models.toy import DEFAULT_RADIUS
 
-    defaults = args.defaults or not toy
+    defaults = _uses_defaults(args, toy)
     positions = _positions(args.positions)
     return {
         "model": model_name,
@@ -195,7 +201,7 @@ def _command(args: argparse.Namespace, toy: bool) -> str:
     parts = ["melbo-lens evaluate planted", f"--model {args.model}", f"--seeds {args.seeds}",
              f"--first-seed {args.first_seed}", f"--n-vectors {args.n_vectors}",
              f"--methods {args.methods}", f"--max-new-tokens {args.max_new_tokens}"]  # fmt: skip
-    if args.defaults or not toy:
+    if _uses_defaults(args, toy):
         parts.append("--defaults")
     else:
         parts += [f"--source {args.source}", f"--target {args.target}",
@@ -337,7 +343,7 @@ def _run_seeds(
             max_new_tokens=args.max_new_tokens,
             n_heldout=_heldout(args, toy),
             log=lambda line: print(line, flush=True),
-            defaults=args.defaults or not toy,
+            defaults=_uses_defaults(args, toy),
             adapter_radius=args.adapter_radius,
             adapter_options=_adapter_options(args),
         )
